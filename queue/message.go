@@ -1,0 +1,70 @@
+package queue
+
+import "time"
+
+// RcptState is the delivery state of one recipient of a message.
+type RcptState uint8
+
+const (
+	// Pending recipients are still to be delivered.
+	Pending RcptState = iota
+	// Delivered recipients were accepted by an upstream.
+	Delivered
+	// Failed recipients were refused permanently, or expired.
+	Failed
+)
+
+func (s RcptState) String() string {
+	switch s {
+	case Pending:
+		return "pending"
+	case Delivered:
+		return "delivered"
+	case Failed:
+		return "failed"
+	}
+	return "unknown"
+}
+
+// Recipient is one envelope recipient and what happened to it so far.
+type Recipient struct {
+	Addr     string    `json:"addr"`
+	State    RcptState `json:"state"`
+	Reply    string    `json:"reply,omitempty"`    // last upstream reply for this recipient
+	Upstream string    `json:"upstream,omitempty"` // upstream that gave Reply
+}
+
+// Message is a queued message's envelope and delivery state. The body is
+// stored apart from it and loaded only for delivery.
+type Message struct {
+	ID          string      `json:"id"`
+	From        string      `json:"from"` // envelope sender; "" is the null sender <>
+	Recipients  []Recipient `json:"rcpts"`
+	User        string      `json:"user,omitempty"`   // authenticated submitter, if any
+	MessageID   string      `json:"msg_id,omitempty"` // header Message-ID, for logs
+	Size        int64       `json:"size"`
+	Received    time.Time   `json:"received"` // when it was accepted
+	Attempts    int         `json:"attempts"`
+	LastAttempt time.Time   `json:"last_attempt,omitzero"`
+	NextAttempt time.Time   `json:"next_attempt"`
+	LastReply   string      `json:"last_reply,omitempty"`
+}
+
+// Pending returns the recipients that still wait for delivery.
+func (m *Message) Pending() []string {
+	var out []string
+	for _, r := range m.Recipients {
+		if r.State == Pending {
+			out = append(out, r.Addr)
+		}
+	}
+	return out
+}
+
+// Result is the outcome of one delivery attempt for one recipient.
+type Result struct {
+	Rcpt     string
+	State    RcptState // Pending means a temporary failure: retry later
+	Reply    string    // the upstream's reply, or the local error text
+	Upstream string
+}

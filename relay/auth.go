@@ -1,0 +1,188 @@
+package relay
+
+import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"golang.org/x/crypto/bcrypt"
+)
+
+// users is an immutable set of submitters, swapped whole on reload.
+type users struct {
+	byName map[string]*User
+}
+
+func newUsers(list []User) *users {
+	u := &users{byName: make(map[string]*User, len(list))}
+	for i := range list {
+		usr := list[i]
+		u.byName[usr.Name] = &usr
+	}
+	return u
+}
+
+// dummyHash is compared against when the user does not exist, so that a
+// login's timing does not tell which user names are valid.
+var dummyHash, _ = bcrypt.GenerateFromPassword([]byte("smarthost-no-such-user"), bcrypt.DefaultCost)
+
+// credentialCache remembers passwords that bcrypt already accepted, as
+// HMACs under a per-process key, so that a client which logs in for every
+// message does not pay bcrypt's cost each time. An entry is tied to the
+// hash it was verified against, so a changed hash invalidates it.
+type credentialCache struct {
+	key []byte
+	mu  sync.Mutex
+	m   map[string]cachedCredential
+}
+
+type cachedCredential struct {
+	hash string
+	mac  []byte
+}
+
+func newCredentialCache() *credentialCache {
+	key := make([]byte, 32)
+	rand.Read(key)
+	return &credentialCache{key: key, m: make(map[string]cachedCredential)}
+}
+
+func (c *credentialCache) mac(password string) []byte {
+	h := hmac.New(sha256.New, c.key)
+	h.Write([]byte(password))
+	return h.Sum(nil)
+}
+
+// check verifies password against u's bcrypt hash.
+func (c *credentialCache) check(u *User, password string) bool {
+	mac := c.mac(password)
+	c.mu.Lock()
+	e, ok := c.m[u.Name]
+	c.mu.Unlock()
+	if ok && e.hash == string(u.PasswordHash) && hmac.Equal(e.mac, mac) {
+		return true
+	}
+	if bcrypt.CompareHashAndPassword(u.PasswordHash, []byte(password)) != nil {
+		return false
+	}
+	c.mu.Lock()
+	if len(c.m) > 10000 {
+		clear(c.m)
+	}
+	c.m[u.Name] = cachedCredential{hash: string(u.PasswordHash), mac: mac}
+	c.mu.Unlock()
+	return true
+}
+
+// authLimiter counts failed logins per client address in a fixed window.
+// Once an address reaches the limit, all its logins are refused until the
+// window that started with its first failure has passed.
+type authLimiter struct {
+	limit  int
+	window time.Duration
+	now    func() time.Time
+
+	mu sync.Mutex
+	m  map[netip.Addr]*failures
+}
+
+type failures struct {
+	start time.Time
+	n     int
+}
+
+// maxTrackedAddrs bounds the limiter's memory under a distributed attack.
+const maxTrackedAddrs = 100000
+
+func newAuthLimiter(limit int, window time.Duration, now func() time.Time) *authLimiter {
+	if window <= 0 {
+		window = time.Minute
+	}
+	return &authLimiter{limit: limit, window: window, now: now, m: make(map[netip.Addr]*failures)}
+}
+
+// blocked reports whether ip has used up its failures for the window.
+func (l *authLimiter) blocked(ip netip.Addr) bool {
+	if l.limit <= 0 {
+		return false
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	f := l.m[ip]
+	if f == nil {
+		return false
+	}
+	if l.now().Sub(f.start) >= l.window {
+		delete(l.m, ip)
+		return false
+	}
+	return f.n >= l.limit
+}
+
+// fail records a failed login from ip.
+func (l *authLimiter) fail(ip netip.Addr) {
+	if l.limit <= 0 {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	f := l.m[ip]
+	if f == nil || now.Sub(f.start) >= l.window {
+		if len(l.m) >= maxTrackedAddrs {
+			l.prune(now)
+		}
+		f = &failures{start: now}
+		l.m[ip] = f
+	}
+	f.n++
+}
+
+// prune drops expired entries; if none expired, it drops everything rather
+// than grow without bound.
+func (l *authLimiter) prune(now time.Time) {
+	for ip, f := range l.m {
+		if now.Sub(f.start) >= l.window {
+			delete(l.m, ip)
+		}
+	}
+	if len(l.m) >= maxTrackedAddrs {
+		clear(l.m)
+	}
+}
+
+// loginServer is the server side of the obsolete but still common LOGIN
+// mechanism (draft-murchison-sasl-login): go-sasl ships only its client.
+// go-smtp does the base64 framing; this is just the two prompts.
+type loginServer struct {
+	step     int
+	username string
+	auth     func(username, password string) error
+}
+
+var _ sasl.Server = (*loginServer)(nil)
+
+func (a *loginServer) Next(response []byte) (challenge []byte, done bool, err error) {
+	switch a.step {
+	case 0:
+		a.step = 1
+		if response != nil { // initial response carries the user name
+			a.username = string(response)
+			a.step = 2
+			return []byte("Password:"), false, nil
+		}
+		return []byte("Username:"), false, nil
+	case 1:
+		a.username = string(response)
+		a.step = 2
+		return []byte("Password:"), false, nil
+	case 2:
+		a.step = 3
+		return nil, true, a.auth(a.username, string(response))
+	}
+	return nil, false, sasl.ErrUnexpectedClientResponse
+}

@@ -1,0 +1,179 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/mail"
+	"net/textproto"
+	"strings"
+	"time"
+)
+
+// headroom is reserved in front of a message read at the door, so that the
+// header fields added there (Received:, Message-ID:, Date:, DKIM-Signature:)
+// are prepended without copying the message.
+const headroom = 8 << 10
+
+// maxReceived is the hop count past which a message is taken for a loop
+// (RFC 5321 section 6.3; Postfix's hopcount_limit).
+const maxReceived = 50
+
+// readNormalized reads a message and converts every line ending to CRLF: a
+// bare LF or a bare CR becomes CRLF. A message stored this way cannot carry
+// an end-of-data sequence to the upstream other than the one the upstream
+// client writes itself (SMTP smuggling, CVE-2023-51764 and relatives). The
+// result starts after headroom unused bytes and ends with CRLF.
+func readNormalized(r io.Reader, sizeHint int) ([]byte, error) {
+	out := make([]byte, headroom, headroom+sizeHint+sizeHint/32+64)
+	chunk := make([]byte, 32<<10)
+	cr := false // the previous byte was a CR not yet written
+	for {
+		n, err := r.Read(chunk)
+		p := chunk[:n]
+		for len(p) > 0 {
+			if cr {
+				cr = false
+				out = append(out, '\r', '\n')
+				if p[0] == '\n' {
+					p = p[1:]
+					continue
+				}
+			}
+			i := bytes.IndexAny(p, "\r\n")
+			if i < 0 {
+				out = append(out, p...)
+				break
+			}
+			out = append(out, p[:i]...)
+			if p[i] == '\n' {
+				out = append(out, '\r', '\n')
+			} else {
+				cr = true
+			}
+			p = p[i+1:]
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	if cr || (len(out) > headroom && out[len(out)-1] != '\n') {
+		out = append(out, '\r', '\n')
+	}
+	return out, nil
+}
+
+// headerEnd finds where the header section of msg (CRLF-normalised) ends.
+// It returns the offset just after the last header field line, and whether
+// a blank line follows there. A line that is neither a field nor a
+// continuation ends the header section, as in Postfix: what follows is body.
+func headerEnd(msg []byte) (end int, blank bool) {
+	pos := 0
+	for pos < len(msg) {
+		eol := bytes.Index(msg[pos:], []byte("\r\n"))
+		if eol < 0 {
+			return pos, false
+		}
+		line := msg[pos : pos+eol]
+		switch {
+		case len(line) == 0:
+			return pos, true
+		case line[0] == ' ' || line[0] == '\t':
+			if pos == 0 {
+				return 0, false
+			}
+		case !isFieldLine(line):
+			return pos, false
+		}
+		pos += eol + 2
+	}
+	return pos, false
+}
+
+// isFieldLine reports whether line starts with a field name and a colon
+// (RFC 5322 section 2.2: printable ASCII except colon).
+func isFieldLine(line []byte) bool {
+	i := bytes.IndexByte(line, ':')
+	if i <= 0 {
+		return false
+	}
+	for _, c := range line[:i] {
+		if c < 33 || c > 126 {
+			return false
+		}
+	}
+	return true
+}
+
+// header is what the door needs to know of a message's header section.
+type header struct {
+	from      []*mail.Address // parsed From: addresses
+	fromCount int             // number of From: fields
+	fromErr   error
+	messageID string
+	hasDate   bool
+	received  int
+}
+
+// addrParser does not need display names, so it accepts any charset in
+// encoded words instead of failing on, say, koi8-r.
+var addrParser = mail.AddressParser{WordDecoder: &mime.WordDecoder{
+	CharsetReader: func(_ string, input io.Reader) (io.Reader, error) { return input, nil },
+}}
+
+var errBadHeader = errors.New("malformed header section")
+
+// parseHeader reads the fields of a header section that headerEnd found.
+func parseHeader(section []byte) (header, error) {
+	var h header
+	tr := textproto.NewReader(bufio.NewReader(io.MultiReader(bytes.NewReader(section), strings.NewReader("\r\n"))))
+	fields, err := tr.ReadMIMEHeader()
+	if err != nil {
+		return h, fmt.Errorf("%w: %v", errBadHeader, err)
+	}
+	froms := fields.Values("From")
+	h.fromCount = len(froms)
+	if len(froms) == 1 {
+		h.from, h.fromErr = addrParser.ParseList(froms[0])
+		if h.fromErr == nil && len(h.from) == 0 {
+			h.fromErr = errors.New("empty From:")
+		}
+	}
+	h.messageID = strings.TrimSpace(fields.Get("Message-Id"))
+	h.hasDate = fields.Get("Date") != ""
+	h.received = len(fields.Values("Received"))
+	return h, nil
+}
+
+// receivedField is the trace field of RFC 5321 section 4.4, with the
+// protocol names of RFC 3848.
+func receivedField(helo, clientIP, hostname, proto, id string, now time.Time) string {
+	return fmt.Sprintf("Received: from %s ([%s])\r\n\tby %s (smarthost) with %s id %s;\r\n\t%s\r\n",
+		sanitizeHelo(helo), clientIP, hostname, proto, id, now.Format(time.RFC1123Z))
+}
+
+// sanitizeHelo keeps a client's HELO name from injecting anything into the
+// Received: field: only the characters of a domain or address literal pass.
+func sanitizeHelo(s string) string {
+	if len(s) > 255 {
+		s = s[:255]
+	}
+	b := []byte(s)
+	for i, c := range b {
+		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
+			c == '.' || c == '-' || c == '_' || c == ':' || c == '[' || c == ']'
+		if !ok {
+			b[i] = '_'
+		}
+	}
+	if len(b) == 0 {
+		return "unknown"
+	}
+	return string(b)
+}

@@ -1,0 +1,58 @@
+package relay
+
+import (
+	"strings"
+	"unicode/utf8"
+)
+
+// SenderAllowed reports whether addr matches one of the allowed_from
+// patterns: an exact address, "*@domain" for a whole domain, or "*" for any
+// sender. Matching ignores case; the null sender matches only "*".
+func SenderAllowed(patterns []string, addr string) bool {
+	addr = strings.ToLower(addr)
+	domain := ""
+	if i := strings.LastIndexByte(addr, '@'); i >= 0 {
+		domain = addr[i+1:]
+	}
+	for _, p := range patterns {
+		p = strings.ToLower(p)
+		switch {
+		case p == "*":
+			return true
+		case addr == "":
+			// the null sender is never one of a user's addresses
+		case strings.HasPrefix(p, "*@"):
+			if domain != "" && domain == p[2:] {
+				return true
+			}
+		case p == addr:
+			return true
+		}
+	}
+	return false
+}
+
+// DomainOf returns the lower-cased domain of an address, or "".
+func DomainOf(addr string) string {
+	i := strings.LastIndexByte(addr, '@')
+	if i < 0 {
+		return ""
+	}
+	return strings.ToLower(addr[i+1:])
+}
+
+// validPath reports whether an envelope address is safe to store and to
+// copy into headers and upstream commands: valid UTF-8, no control
+// characters, no angle brackets, and a non-empty local part and domain.
+func validPath(addr string) bool {
+	if addr == "" || len(addr) > 320 || !utf8.ValidString(addr) {
+		return false
+	}
+	for _, r := range addr {
+		if r < 0x20 || r == 0x7f || r == '<' || r == '>' || r == ' ' {
+			return false
+		}
+	}
+	i := strings.LastIndexByte(addr, '@')
+	return i > 0 && i < len(addr)-1
+}

@@ -1,0 +1,373 @@
+// Package relay is both sides of the smarthost: the submission server that
+// authenticates clients, checks their senders and queues their messages,
+// and the upstream side that delivers queued messages to providers.
+package relay
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"smarthost/queue"
+)
+
+// Queue stores an accepted message durably; Put returns only once the
+// message is on disk.
+type Queue interface {
+	Put(ctx context.Context, m *queue.Message, body []byte) error
+}
+
+// Signer signs a message at the door. It returns header fields (each
+// ending in CRLF) to put in front of msg, or nil to leave it unsigned.
+type Signer interface {
+	Sign(fromDomain string, msg []byte) ([]byte, error)
+}
+
+// maxLineLength bounds one command line, and one line of message data.
+// RFC 5321 section 4.5.3.1.6 allows 1000 octets; real mail has longer lines
+// and upstreams accept them, so this is a memory bound, not a syntax rule.
+const maxLineLength = 64 << 10
+
+// Server is the submission side: it listens on every configured listener
+// and hands each accepted message to Queue.
+type Server struct {
+	Hostname  string
+	Listeners []Listener
+	TLSConfig *tls.Config // serving certificate for starttls and implicit listeners
+	Users     []User
+	Limits    Limits
+	Queue     Queue
+	Signer    Signer                 // optional DKIM signer
+	Routable  func(from string) bool // optional: refuse senders no route delivers
+	Logger    *slog.Logger
+	Now       func() time.Time
+
+	users    atomic.Pointer[users]
+	creds    *credentialCache
+	limiter  *authLimiter
+	slots    chan struct{} // one per open connection when MaxConnections > 0
+	shutting atomic.Bool
+
+	mu    sync.Mutex
+	bound []*boundListener
+	conns map[*trackedConn]struct{}
+	idle  chan struct{} // signalled whenever a connection closes
+}
+
+type boundListener struct {
+	cfg  Listener
+	raw  net.Listener
+	smtp *smtp.Server
+}
+
+// Listen binds every listener, so that their addresses are known (and a
+// port in use is reported) before Serve.
+func (s *Server) Listen() error {
+	if s.Logger == nil {
+		s.Logger = slog.Default()
+	}
+	if s.Now == nil {
+		s.Now = time.Now
+	}
+	s.SetUsers(s.Users)
+	s.creds = newCredentialCache()
+	window := s.Limits.AuthFailureWindow
+	if window == 0 {
+		window = time.Minute
+	}
+	s.limiter = newAuthLimiter(s.Limits.AuthFailuresPerIP, window, s.Now)
+	if s.Limits.MaxConnections > 0 {
+		s.slots = make(chan struct{}, s.Limits.MaxConnections)
+	}
+	s.conns = make(map[*trackedConn]struct{})
+	s.idle = make(chan struct{}, 1)
+
+	for _, lc := range s.Listeners {
+		if lc.TLS != TLSNone && s.TLSConfig == nil {
+			s.closeBound()
+			return fmt.Errorf("listener %s: tls %q needs a certificate", lc.Address, lc.TLS)
+		}
+		raw, err := net.Listen("tcp", lc.Address)
+		if err != nil {
+			s.closeBound()
+			return fmt.Errorf("listen %s: %w", lc.Address, err)
+		}
+		if lc.Name == "" {
+			lc.Name = raw.Addr().String()
+		}
+		bl := &boundListener{cfg: lc, raw: raw}
+		bl.smtp = s.newSMTPServer(bl)
+		s.bound = append(s.bound, bl)
+	}
+	return nil
+}
+
+func (s *Server) newSMTPServer(bl *boundListener) *smtp.Server {
+	srv := smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
+		return s.newSession(bl, c)
+	}))
+	srv.Domain = s.Hostname
+	srv.MaxMessageBytes = s.Limits.MaxMessageBytes
+	srv.MaxRecipients = s.Limits.MaxRecipients
+	srv.MaxLineLength = maxLineLength
+	srv.ReadTimeout = s.Limits.ReadTimeout
+	srv.WriteTimeout = s.Limits.ReadTimeout
+	srv.ErrorLog = smtpLogger{s.Logger}
+	if bl.cfg.TLS != TLSNone {
+		srv.TLSConfig = s.TLSConfig
+	}
+	// AUTH in plain text only where the listener admits trusted networks
+	// alone; configuration refuses it anywhere else.
+	srv.AllowInsecureAuth = bl.cfg.TLS == TLSNone && len(bl.cfg.TrustedNetworks) > 0
+	return srv
+}
+
+// SetUsers replaces the set of users; sessions that already logged in keep
+// the user they logged in as.
+func (s *Server) SetUsers(list []User) {
+	s.users.Store(newUsers(list))
+}
+
+// Addrs returns the bound address of each listener, in configuration order.
+func (s *Server) Addrs() []net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]net.Addr, len(s.bound))
+	for i, bl := range s.bound {
+		out[i] = bl.raw.Addr()
+	}
+	return out
+}
+
+// Serve accepts connections on every listener until Shutdown or Close.
+func (s *Server) Serve() error {
+	s.mu.Lock()
+	bound := s.bound
+	s.mu.Unlock()
+	if len(bound) == 0 {
+		return errors.New("relay: Serve called before Listen")
+	}
+	errc := make(chan error, len(bound))
+	for _, bl := range bound {
+		var ln net.Listener = &gate{Listener: bl.raw, srv: s, cfg: bl.cfg}
+		if bl.cfg.TLS == TLSImplicit {
+			ln = tls.NewListener(ln, s.TLSConfig)
+		}
+		go func() { errc <- bl.smtp.Serve(ln) }()
+	}
+	var first error
+	for range bound {
+		if err := <-errc; err != nil && first == nil && !s.shutting.Load() {
+			first = err
+		}
+	}
+	return first
+}
+
+// Shutdown stops accepting connections, tells idle clients 421 at once,
+// lets transactions in progress finish, and waits for every connection to
+// end or for ctx to expire; then it closes whatever is left.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.shutting.Store(true)
+	s.mu.Lock()
+	for _, bl := range s.bound {
+		bl.raw.Close()
+	}
+	s.mu.Unlock()
+	for {
+		s.mu.Lock()
+		open := 0
+		for tc := range s.conns {
+			open++
+			if !tc.busy() {
+				go tc.hangUp()
+			}
+		}
+		s.mu.Unlock()
+		if open == 0 {
+			break
+		}
+		select {
+		case <-s.idle:
+		case <-time.After(100 * time.Millisecond):
+		case <-ctx.Done():
+			s.Close()
+			return ctx.Err()
+		}
+	}
+	s.Close()
+	return nil
+}
+
+// Close closes every listener and connection at once.
+func (s *Server) Close() error {
+	s.shutting.Store(true)
+	s.mu.Lock()
+	bound := s.bound
+	s.mu.Unlock()
+	for _, bl := range bound {
+		bl.smtp.Close()
+	}
+	return nil
+}
+
+func (s *Server) closeBound() {
+	for _, bl := range s.bound {
+		bl.raw.Close()
+	}
+	s.bound = nil
+}
+
+func (s *Server) track(tc *trackedConn) {
+	s.mu.Lock()
+	s.conns[tc] = struct{}{}
+	s.mu.Unlock()
+}
+
+func (s *Server) forget(tc *trackedConn) {
+	s.mu.Lock()
+	delete(s.conns, tc)
+	s.mu.Unlock()
+	if s.slots != nil {
+		<-s.slots
+	}
+	select {
+	case s.idle <- struct{}{}:
+	default:
+	}
+}
+
+// gate admits connections to a listener: it enforces the listener's trusted
+// networks and the relay-wide connection limit before go-smtp sees them.
+type gate struct {
+	net.Listener
+	srv *Server
+	cfg Listener
+}
+
+func (g *gate) Accept() (net.Conn, error) {
+	for {
+		c, err := g.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		ip := remoteIP(c)
+		if !g.trusted(ip) {
+			g.srv.Logger.Info("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", "not in trusted_networks")
+			go g.refuse(c, "554 5.7.1 Access denied")
+			continue
+		}
+		if g.srv.slots != nil {
+			select {
+			case g.srv.slots <- struct{}{}:
+			default:
+				g.srv.Logger.Warn("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", "max_connections reached")
+				go g.refuse(c, "421 4.7.0 Too many connections, try again later")
+				continue
+			}
+		}
+		tc := &trackedConn{Conn: c, srv: g.srv, ip: ip}
+		g.srv.track(tc)
+		return tc, nil
+	}
+}
+
+func (g *gate) trusted(ip netip.Addr) bool {
+	if len(g.cfg.TrustedNetworks) == 0 {
+		return true
+	}
+	for _, p := range g.cfg.TrustedNetworks {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// refuse answers a connection that will not be served. On an implicit-TLS
+// listener the client expects a handshake, so it is just closed.
+func (g *gate) refuse(c net.Conn, reply string) {
+	defer c.Close()
+	if g.cfg.TLS == TLSImplicit {
+		return
+	}
+	c.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	fmt.Fprintf(c, "%s %s\r\n", reply[:3], g.srv.Hostname+" "+reply[4:])
+}
+
+func remoteIP(c net.Conn) netip.Addr {
+	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
+		return ap.Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
+// trackedConn is an admitted client connection. It lets the server close a
+// connection right after a final reply (421) and find idle sessions at
+// shutdown.
+type trackedConn struct {
+	net.Conn
+	srv *Server
+	ip  netip.Addr
+
+	wmu             sync.Mutex
+	closeAfterReply atomic.Bool
+	sess            atomic.Pointer[session]
+	closeOnce       sync.Once
+	hungUp          atomic.Bool
+}
+
+func (c *trackedConn) Write(b []byte) (int, error) {
+	c.wmu.Lock()
+	n, err := c.Conn.Write(b)
+	c.wmu.Unlock()
+	if c.closeAfterReply.Load() {
+		c.Close()
+	}
+	return n, err
+}
+
+func (c *trackedConn) Close() error {
+	err := net.ErrClosed
+	c.closeOnce.Do(func() {
+		err = c.Conn.Close()
+		c.srv.forget(c)
+	})
+	return err
+}
+
+// busy reports whether a transaction (MAIL … end of DATA) is in progress.
+func (c *trackedConn) busy() bool {
+	s := c.sess.Load()
+	return s != nil && s.inTransaction()
+}
+
+// hangUp tells an idle client that the service is going away, then closes.
+func (c *trackedConn) hangUp() {
+	if c.hungUp.Swap(true) {
+		return
+	}
+	if s := c.sess.Load(); s != nil {
+		if w := s.conn.Conn(); w != nil {
+			w.SetWriteDeadline(time.Now().Add(time.Second))
+			fmt.Fprintf(w, "421 4.3.2 %s Service shutting down\r\n", c.srv.Hostname)
+		}
+	}
+	c.Close()
+}
+
+// smtpLogger sends go-smtp's own messages (mostly clients that vanished)
+// to the debug level.
+type smtpLogger struct{ l *slog.Logger }
+
+func (l smtpLogger) Printf(format string, v ...any) { l.l.Debug(fmt.Sprintf(format, v...)) }
+func (l smtpLogger) Println(v ...any)               { l.l.Debug(fmt.Sprint(v...)) }

@@ -1,0 +1,67 @@
+package relay
+
+import (
+	"crypto/x509"
+	"net/netip"
+	"time"
+)
+
+// TLSMode says how a connection is protected.
+type TLSMode string
+
+const (
+	// TLSStartTLS upgrades a plain connection with STARTTLS (port 587).
+	TLSStartTLS TLSMode = "starttls"
+	// TLSImplicit speaks TLS from the first byte (port 465).
+	TLSImplicit TLSMode = "implicit"
+	// TLSNone is plain text: trusted networks and loopback only.
+	TLSNone TLSMode = "none"
+)
+
+// Listener describes one submission listener.
+type Listener struct {
+	Name    string // for logs; defaults to the address
+	Address string
+	TLS     TLSMode
+	// AuthRequired demands AUTH before MAIL. Without it, only clients in
+	// TrustedNetworks may submit, under any sender address.
+	AuthRequired    bool
+	TrustedNetworks []netip.Prefix
+}
+
+// User is a submitter allowed to AUTH.
+type User struct {
+	Name         string
+	PasswordHash []byte   // bcrypt
+	AllowedFrom  []string // "user@domain", "*@domain" or "*"
+}
+
+// Limits bound what one client may make the relay do.
+type Limits struct {
+	MaxMessageBytes   int64
+	MaxRecipients     int
+	MaxConnections    int
+	AuthFailuresPerIP int           // per AuthFailureWindow
+	AuthFailureWindow time.Duration // one minute unless a test shortens it
+	ReadTimeout       time.Duration // per command line and per read in DATA
+	DataTimeout       time.Duration // a whole DATA transfer
+}
+
+// Upstream is a provider that the relay hands messages to.
+type Upstream struct {
+	Name     string
+	Address  string // host:port
+	TLS      TLSMode
+	Username string // empty: no AUTH
+	Password string
+	// RootCAs verifies the upstream's certificate: system roots plus the
+	// configured ca_file. Nil means system roots only.
+	RootCAs        *x509.CertPool
+	MaxConnections int
+}
+
+// Route sends mail from a sender domain through upstreams, in order.
+type Route struct {
+	FromDomain string // "*" matches every other sender
+	Upstreams  []string
+}
