@@ -1,0 +1,1134 @@
+package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"net/mail"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	"golang.org/x/crypto/bcrypt"
+
+	"smarthost/relay"
+)
+
+// Config is a validated configuration: every part the binary builds gets
+// its typed piece from here, and nothing outside this package sees TOML.
+type Config struct {
+	Path      string     // file the configuration was read from
+	Hostname  string     // banner and EHLO name; default os.Hostname()
+	LogFormat string     // "text" (default) or "json"
+	LogLevel  slog.Level // default slog.LevelInfo
+	Queue     QueueConfig
+
+	// TLSCertFile and TLSKeyFile hold the serving certificate ([tls]).
+	// They are checked to load as a pair; the server re-reads them itself.
+	TLSCertFile, TLSKeyFile string
+
+	Listeners []relay.Listener
+	Limits    relay.Limits
+	Users     []relay.User
+	DKIM      []DKIMConfig
+	Upstreams []relay.Upstream
+	// RateLimits maps an upstream name to its rate_limit; upstreams
+	// without one are absent.
+	RateLimits map[string]Rate
+	Routes     []relay.Route
+
+	HTTPAddress   string // [http] address, default "127.0.0.1:9090"
+	AdminTokenEnv string // env var holding the /api bearer token; "" for none
+}
+
+// QueueConfig is the [queue] table.
+type QueueConfig struct {
+	Path     string        // bbolt file, default /var/lib/smarthost/queue.db
+	RetryMin time.Duration // first retry delay, default 1m
+	RetryMax time.Duration // cap of the doubling delay, default 1h
+	MaxAge   time.Duration // then the message bounces, default 120h
+	Bounce   bool          // send DSNs to the envelope sender, default true
+	Workers  int           // concurrent deliveries, default 16
+}
+
+// DKIMConfig is one [[dkim]] key. Only the file's presence is checked
+// here; the dkim package parses the key when the signer is built.
+type DKIMConfig struct {
+	Domain   string // lower-cased; chosen by the header From: domain
+	Selector string
+	KeyFile  string
+}
+
+// Rate is an upstream rate_limit: at most N messages per Per.
+type Rate struct {
+	N   int
+	Per time.Duration
+}
+
+// ConfigError is one problem in a configuration, naming its key, e.g.
+// Key "listen[0].tls".
+type ConfigError struct {
+	Key string // "" for a problem with the file as a whole
+	Msg string
+}
+
+func (e ConfigError) Error() string {
+	if e.Key == "" {
+		return e.Msg
+	}
+	return e.Key + ": " + e.Msg
+}
+
+// ConfigErrors is every problem found in one configuration.
+type ConfigErrors []ConfigError
+
+func (es ConfigErrors) Error() string {
+	lines := make([]string, len(es))
+	for i, e := range es {
+		lines[i] = e.Error()
+	}
+	return strings.Join(lines, "\n")
+}
+
+// Defaults for keys that may be left out.
+const (
+	defaultQueuePath      = "/var/lib/smarthost/queue.db"
+	defaultHTTPAddress    = "127.0.0.1:9090"
+	defaultWorkers        = 16
+	defaultMaxMessage     = 25 << 20
+	defaultMaxRecipients  = 100
+	defaultMaxConnections = 1000
+	defaultAuthFailures   = 5
+	defaultUpstreamConns  = 4
+)
+
+// LoadConfig reads the file at path and validates it with ParseConfig.
+func LoadConfig(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return ParseConfig(data, path)
+}
+
+// ParseConfig decodes and validates a configuration. When anything is
+// wrong the error is a ConfigErrors listing every problem found, each
+// naming its key; a TOML syntax error stops the parse and is reported
+// alone, with its line and column.
+func ParseConfig(data []byte, path string) (*Config, error) {
+	var root map[string]any
+	if _, err := toml.Decode(string(data), &root); err != nil {
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			return nil, ConfigErrors{{Msg: fmt.Sprintf("TOML syntax error at line %d, column %d: %s",
+				pe.Position.Line, pe.Position.Col, pe.Message)}}
+		}
+		return nil, ConfigErrors{{Msg: fmt.Sprintf("TOML: %v", err)}}
+	}
+	p := &configParser{}
+	cfg := p.config(newConfigTable(&p.errs, "", root))
+	cfg.Path = path
+	if len(p.errs) > 0 {
+		return nil, p.errs
+	}
+	return cfg, nil
+}
+
+// configParser collects problems while it builds a Config.
+type configParser struct {
+	errs ConfigErrors
+}
+
+func (p *configParser) errorf(key, format string, args ...any) {
+	p.errs = append(p.errs, ConfigError{Key: key, Msg: fmt.Sprintf(format, args...)})
+}
+
+func (p *configParser) config(root *configTable) *Config {
+	cfg := &Config{}
+
+	if h, ok := root.str("hostname"); ok {
+		if !validDomain(strings.ToLower(h)) {
+			root.errorf("hostname", "%q is not a domain name", h)
+		}
+		cfg.Hostname = h
+	} else if !root.has("hostname") {
+		h, err := os.Hostname()
+		switch {
+		case err != nil:
+			p.errorf("hostname", "not set and the system host name is unknown (%v)", err)
+		case !validDomain(strings.ToLower(h)):
+			p.errorf("hostname", "not set and the system host name %q is not a domain name", h)
+		}
+		cfg.Hostname = h
+	}
+
+	cfg.LogFormat = root.strDefault("log_format", "text")
+	if cfg.LogFormat != "text" && cfg.LogFormat != "json" {
+		root.errorf("log_format", `must be "text" or "json", not %q`, cfg.LogFormat)
+	}
+	switch lvl := root.strDefault("log_level", "info"); strings.ToLower(lvl) {
+	case "debug":
+		cfg.LogLevel = slog.LevelDebug
+	case "info":
+		cfg.LogLevel = slog.LevelInfo
+	case "warn":
+		cfg.LogLevel = slog.LevelWarn
+	case "error":
+		cfg.LogLevel = slog.LevelError
+	default:
+		root.errorf("log_level", `must be "debug", "info", "warn" or "error", not %q`, lvl)
+	}
+
+	cfg.Queue = p.queue(root.sub("queue"))
+	cfg.Listeners = p.listeners(root)
+	cfg.TLSCertFile, cfg.TLSKeyFile = p.servingTLS(root.sub("tls"), cfg.Listeners)
+	cfg.Limits = p.limits(root.sub("limits"))
+	cfg.DKIM = p.dkim(root)
+	cfg.Upstreams, cfg.RateLimits = p.upstreams(root)
+	cfg.Routes = p.routes(root, cfg.Upstreams)
+	users, froms := p.users(root)
+	cfg.Users = users
+	p.checkRoutable(froms, cfg.Routes)
+
+	http := root.sub("http")
+	cfg.HTTPAddress = http.strDefault("address", defaultHTTPAddress)
+	if err := checkHostPort(cfg.HTTPAddress, false); err != nil {
+		http.errorf("address", "%v", err)
+	}
+	if env, ok := http.str("admin_token_env"); ok {
+		// A named token that is missing would leave the admin API open or
+		// unusable; either way the operator meant something else.
+		if env == "" {
+			http.errorf("admin_token_env", "must name an environment variable")
+		} else if os.Getenv(env) == "" {
+			http.errorf("admin_token_env", "environment variable %s is not set or empty", env)
+		}
+		cfg.AdminTokenEnv = env
+	}
+	http.done()
+
+	root.done()
+	return cfg
+}
+
+func (p *configParser) queue(t *configTable) QueueConfig {
+	q := QueueConfig{
+		Path:     t.strDefault("path", defaultQueuePath),
+		RetryMin: t.duration("retry_min", time.Minute),
+		RetryMax: t.duration("retry_max", time.Hour),
+		MaxAge:   t.duration("max_age", 120*time.Hour),
+		Bounce:   t.boolean("bounce", true),
+		Workers:  t.integer("workers", defaultWorkers, 1),
+	}
+	if q.Path == "" {
+		t.errorf("path", "must not be empty")
+	}
+	if q.RetryMin > 0 && q.RetryMax > 0 && q.RetryMin > q.RetryMax {
+		t.errorf("retry_min", "%v is longer than retry_max %v", q.RetryMin, q.RetryMax)
+	}
+	t.done()
+	return q
+}
+
+func (p *configParser) limits(t *configTable) relay.Limits {
+	l := relay.Limits{
+		MaxMessageBytes:   t.size("max_message_size", defaultMaxMessage),
+		MaxRecipients:     t.integer("max_recipients", defaultMaxRecipients, 1),
+		MaxConnections:    t.integer("max_connections", defaultMaxConnections, 1),
+		AuthFailuresPerIP: t.integer("auth_failures_per_ip", defaultAuthFailures, 1),
+		AuthFailureWindow: time.Minute,
+		ReadTimeout:       t.duration("read_timeout", 5*time.Minute),
+		DataTimeout:       t.duration("data_timeout", 10*time.Minute),
+	}
+	t.done()
+	return l
+}
+
+// privateRanges are the networks that may be trusted without
+// allow_public_networks: loopback, RFC 1918, RFC 6598 shared address
+// space, link-local, and their IPv6 counterparts (RFC 4193 ULA).
+var privateRanges = []netip.Prefix{
+	netip.MustParsePrefix("127.0.0.0/8"),
+	netip.MustParsePrefix("10.0.0.0/8"),
+	netip.MustParsePrefix("172.16.0.0/12"),
+	netip.MustParsePrefix("192.168.0.0/16"),
+	netip.MustParsePrefix("100.64.0.0/10"),
+	netip.MustParsePrefix("169.254.0.0/16"),
+	netip.MustParsePrefix("::1/128"),
+	netip.MustParsePrefix("fc00::/7"),
+	netip.MustParsePrefix("fe80::/10"),
+}
+
+func isPrivate(p netip.Prefix) bool {
+	for _, r := range privateRanges {
+		if r.Bits() <= p.Bits() && r.Contains(p.Addr()) {
+			return true
+		}
+	}
+	return false
+}
+
+func (p *configParser) listeners(root *configTable) []relay.Listener {
+	tables := root.tables("listen")
+	if len(tables) == 0 && !root.has("listen") {
+		p.errorf("listen", "at least one [[listen]] is required")
+	}
+	var out []relay.Listener
+	names := map[string]string{}
+	addrs := map[string]string{}
+	for _, t := range tables {
+		l := relay.Listener{AuthRequired: true}
+		if a, ok := t.str("address"); ok {
+			if err := checkHostPort(a, false); err != nil {
+				t.errorf("address", "%v", err)
+			} else if prev, dup := addrs[a]; dup {
+				t.errorf("address", "%q is already used by %s", a, prev)
+			} else if !strings.HasSuffix(a, ":0") {
+				// Port 0 picks a free port, so it may repeat.
+				addrs[a] = t.path
+			}
+			l.Address = a
+		} else if !t.has("address") {
+			t.errorf("address", "required")
+		}
+		l.Name = t.strDefault("name", l.Address)
+		if l.Name != "" {
+			if prev, dup := names[l.Name]; dup && t.has("name") {
+				t.errorf("name", "%q is already used by %s", l.Name, prev)
+			} else {
+				names[l.Name] = t.path
+			}
+		}
+
+		tlsOK := true
+		switch mode := t.strDefault("tls", string(relay.TLSStartTLS)); relay.TLSMode(mode) {
+		case relay.TLSStartTLS, relay.TLSImplicit, relay.TLSNone:
+			l.TLS = relay.TLSMode(mode)
+		default:
+			t.errorf("tls", `must be "starttls", "implicit" or "none", not %q`, mode)
+			tlsOK = false
+		}
+		authOK := true
+		switch auth := t.strDefault("auth", "required"); auth {
+		case "required":
+			l.AuthRequired = true
+		case "none":
+			l.AuthRequired = false
+		default:
+			t.errorf("auth", `must be "required" or "none", not %q`, auth)
+			authOK = false
+		}
+
+		allowPublic := t.boolean("allow_public_networks", false)
+		nets, _ := t.strings("trusted_networks")
+		for i, s := range nets {
+			key := fmt.Sprintf("trusted_networks[%d]", i)
+			pfx, err := parseNetwork(s)
+			if err != nil {
+				t.errorf(key, "%v", err)
+				continue
+			}
+			if pfx.Bits() == 0 {
+				t.errorf(key, "%s trusts every address and would make an open relay", pfx)
+				continue
+			}
+			if !allowPublic && !isPrivate(pfx) {
+				t.errorf(key, "%s is not a private or loopback network; set allow_public_networks = true if you really mean it", pfx)
+				continue
+			}
+			l.TrustedNetworks = append(l.TrustedNetworks, pfx)
+		}
+		trusted := len(nets) > 0
+
+		// Never an open relay: without AUTH, only trusted networks submit.
+		if authOK && !l.AuthRequired && !trusted {
+			t.errorf("auth", `"none" without trusted_networks would make an open relay; set trusted_networks or auth = "required"`)
+		}
+		// AUTH PLAIN/LOGIN over plain text exposes passwords on the wire
+		// (RFC 4954 section 4); accept it only from trusted networks.
+		if tlsOK && authOK && l.TLS == relay.TLSNone && l.AuthRequired && !trusted {
+			t.errorf("tls", `"none" with auth = "required" sends passwords in plain text; use "starttls" or "implicit", or restrict the listener with trusted_networks`)
+		}
+		t.done()
+		out = append(out, l)
+	}
+	return out
+}
+
+// parseNetwork accepts a CIDR prefix or a bare IP address (a one-address
+// network). IPv4-mapped IPv6 forms are unmapped so that they compare with
+// the addresses clients connect from.
+func parseNetwork(s string) (netip.Prefix, error) {
+	var pfx netip.Prefix
+	if strings.Contains(s, "/") {
+		var err error
+		pfx, err = netip.ParsePrefix(s)
+		if err != nil {
+			return pfx, fmt.Errorf("%q is not a CIDR network or IP address", s)
+		}
+	} else {
+		addr, err := netip.ParseAddr(s)
+		if err != nil {
+			return pfx, fmt.Errorf("%q is not a CIDR network or IP address", s)
+		}
+		if addr.Zone() != "" {
+			return pfx, fmt.Errorf("%q: IPv6 zones are not allowed", s)
+		}
+		pfx = netip.PrefixFrom(addr, addr.BitLen())
+	}
+	if pfx.Addr().Is4In6() && pfx.Bits() >= 96 {
+		pfx = netip.PrefixFrom(pfx.Addr().Unmap(), pfx.Bits()-96)
+	}
+	return pfx.Masked(), nil
+}
+
+// servingTLS checks [tls]; the pair is required when a listener speaks TLS.
+func (p *configParser) servingTLS(t *configTable, listeners []relay.Listener) (certFile, keyFile string) {
+	var user string // first listener that needs the certificate
+	for i, l := range listeners {
+		if l.TLS == relay.TLSStartTLS || l.TLS == relay.TLSImplicit {
+			user = fmt.Sprintf("listen[%d] uses tls = %q", i, l.TLS)
+			break
+		}
+	}
+	certFile, certOK := t.str("cert_file")
+	keyFile, keyOK := t.str("key_file")
+	var certPEM, keyPEM []byte
+	if certOK {
+		certPEM = t.readFile("cert_file", certFile)
+	} else if user != "" && !t.has("cert_file") {
+		t.errorf("cert_file", "required: %s", user)
+	}
+	if keyOK {
+		keyPEM = t.readFile("key_file", keyFile)
+	} else if user != "" && !t.has("key_file") {
+		t.errorf("key_file", "required: %s", user)
+	}
+	if certPEM != nil && keyPEM != nil {
+		if _, err := tls.X509KeyPair(certPEM, keyPEM); err != nil {
+			t.errorf("cert_file", "does not load with key_file: %v", err)
+		}
+	}
+	t.done()
+	return certFile, keyFile
+}
+
+// allowedFrom is one valid allowed_from entry and where it came from.
+type allowedFrom struct {
+	t       *configTable
+	index   int
+	pattern string // normalised
+}
+
+func (p *configParser) users(root *configTable) ([]relay.User, []allowedFrom) {
+	tables := root.tables("user")
+	var out []relay.User
+	var froms []allowedFrom
+	seen := map[string]string{}
+	for _, t := range tables {
+		var u relay.User
+		if name, ok := t.str("name"); ok {
+			if name == "" {
+				t.errorf("name", "must not be empty")
+			} else if prev, dup := seen[name]; dup {
+				t.errorf("name", "%q is already used by %s", name, prev)
+			} else {
+				seen[name] = t.path
+			}
+			u.Name = name
+		} else if !t.has("name") {
+			t.errorf("name", "required")
+		}
+		if t.has("password") {
+			t.errorf("password", "plaintext passwords are not accepted; store a bcrypt hash from `smarthost passwd` in password_hash")
+		}
+		if h, ok := t.str("password_hash"); ok {
+			if _, err := bcrypt.Cost([]byte(h)); err != nil {
+				t.errorf("password_hash", "not a bcrypt hash; make one with `smarthost passwd`")
+			}
+			u.PasswordHash = []byte(h)
+		} else if !t.has("password_hash") {
+			t.errorf("password_hash", "required; make one with `smarthost passwd`")
+		}
+		from, _ := t.strings("allowed_from")
+		if t.missingList("allowed_from") {
+			t.errorf("allowed_from", `required: the sender addresses this user may use ("user@domain", "*@domain" or "*")`)
+		}
+		for i, pat := range from {
+			norm, err := normalizeSenderPattern(pat)
+			if err != nil {
+				t.errorf(fmt.Sprintf("allowed_from[%d]", i), "%v", err)
+				continue
+			}
+			u.AllowedFrom = append(u.AllowedFrom, norm)
+			froms = append(froms, allowedFrom{t: t, index: i, pattern: norm})
+		}
+		t.done()
+		out = append(out, u)
+	}
+	return out, froms
+}
+
+// normalizeSenderPattern checks an allowed_from entry and lower-cases its
+// domain; local parts keep their case (RFC 5321 section 2.4).
+func normalizeSenderPattern(pat string) (string, error) {
+	if pat == "*" {
+		return pat, nil
+	}
+	at := strings.LastIndexByte(pat, '@')
+	if at < 0 {
+		return "", fmt.Errorf(`%q: want "user@domain", "*@domain" or "*"`, pat)
+	}
+	local, domain := pat[:at], strings.ToLower(pat[at+1:])
+	if !validDomain(domain) {
+		return "", fmt.Errorf("%q: %q is not a domain name", pat, domain)
+	}
+	if local != "*" {
+		a, err := mail.ParseAddress(pat)
+		if err != nil || a.Address != pat {
+			return "", fmt.Errorf("%q is not a valid email address", pat)
+		}
+	}
+	return local + "@" + domain, nil
+}
+
+func (p *configParser) dkim(root *configTable) []DKIMConfig {
+	var out []DKIMConfig
+	seen := map[string]string{}
+	for _, t := range root.tables("dkim") {
+		var d DKIMConfig
+		if dom, ok := t.str("domain"); ok {
+			d.Domain = strings.ToLower(dom)
+			if !validDomain(d.Domain) {
+				t.errorf("domain", "%q is not a domain name", dom)
+			} else if prev, dup := seen[d.Domain]; dup {
+				t.errorf("domain", "%q already has a key in %s", d.Domain, prev)
+			} else {
+				seen[d.Domain] = t.path
+			}
+		} else if !t.has("domain") {
+			t.errorf("domain", "required")
+		}
+		if sel, ok := t.str("selector"); ok {
+			// The selector is a name under _domainkey (RFC 6376 section 3.1).
+			if !validDomain(strings.ToLower(sel)) {
+				t.errorf("selector", "%q is not a valid DNS label", sel)
+			}
+			d.Selector = sel
+		} else if !t.has("selector") {
+			t.errorf("selector", "required")
+		}
+		if f, ok := t.str("key_file"); ok {
+			// Only readability is checked here; the dkim package parses
+			// the key (RSA or Ed25519 PEM) when it builds the signer.
+			if data := t.readFile("key_file", f); data != nil && len(data) == 0 {
+				t.errorf("key_file", "%s is empty", f)
+			}
+			d.KeyFile = f
+		} else if !t.has("key_file") {
+			t.errorf("key_file", "required")
+		}
+		t.done()
+		out = append(out, d)
+	}
+	return out
+}
+
+func (p *configParser) upstreams(root *configTable) ([]relay.Upstream, map[string]Rate) {
+	tables := root.tables("upstream")
+	if len(tables) == 0 && !root.has("upstream") {
+		p.errorf("upstream", "at least one [[upstream]] is required")
+	}
+	var out []relay.Upstream
+	rates := map[string]Rate{}
+	seen := map[string]string{}
+	for _, t := range tables {
+		u := relay.Upstream{}
+		if name, ok := t.str("name"); ok {
+			if name == "" {
+				t.errorf("name", "must not be empty")
+			} else if prev, dup := seen[name]; dup {
+				t.errorf("name", "%q is already used by %s", name, prev)
+			} else {
+				seen[name] = t.path
+			}
+			u.Name = name
+		} else if !t.has("name") {
+			t.errorf("name", "required")
+		}
+		addrOK := false
+		if a, ok := t.str("address"); ok {
+			if err := checkHostPort(a, true); err != nil {
+				t.errorf("address", "%v", err)
+			} else {
+				addrOK = true
+			}
+			u.Address = a
+		} else if !t.has("address") {
+			t.errorf("address", "required (host:port)")
+		}
+		if mode, ok := t.str("tls"); ok {
+			switch relay.TLSMode(mode) {
+			case relay.TLSImplicit, relay.TLSStartTLS:
+				u.TLS = relay.TLSMode(mode)
+			case relay.TLSNone:
+				u.TLS = relay.TLSNone
+				// Plain text would expose the upstream password and the
+				// mail; allow it only to a server on this machine.
+				if addrOK && !isLoopbackHost(u.Address) {
+					t.errorf("tls", `"none" (loopback/test only) sends mail and password in plain text; %s is not a loopback address`, u.Address)
+				}
+			default:
+				t.errorf("tls", `must be "implicit", "starttls" or "none", not %q`, mode)
+			}
+		} else if !t.has("tls") {
+			t.errorf("tls", `required: "implicit" (port 465), "starttls" (port 587) or "none" (loopback only)`)
+		}
+
+		if t.has("password") {
+			t.errorf("password", "secrets never live in the config file; use password_env or password_file")
+		}
+		username, _ := t.str("username")
+		u.Username = username
+		env, hasEnv := t.str("password_env")
+		file, hasFile := t.str("password_file")
+		switch {
+		case username == "" && (hasEnv || hasFile):
+			key := "password_env"
+			if !hasEnv {
+				key = "password_file"
+			}
+			t.errorf(key, "set without username")
+		case username == "":
+		case hasEnv && hasFile:
+			t.errorf("password_file", "set only one of password_env and password_file")
+		case hasEnv:
+			if env == "" {
+				t.errorf("password_env", "must name an environment variable")
+			} else if u.Password = os.Getenv(env); u.Password == "" {
+				t.errorf("password_env", "environment variable %s is not set or empty", env)
+			}
+		case hasFile:
+			if data := t.readFile("password_file", file); data != nil {
+				u.Password = strings.TrimSuffix(strings.TrimSuffix(string(data), "\n"), "\r")
+				if u.Password == "" {
+					t.errorf("password_file", "%s is empty", file)
+				}
+			}
+		case !t.has("password_env") && !t.has("password_file"):
+			t.errorf("password_env", "username is set: give password_env or password_file")
+		}
+
+		if f, ok := t.str("ca_file"); ok {
+			u.RootCAs = t.caPool("ca_file", f)
+		}
+		u.MaxConnections = t.integer("max_connections", defaultUpstreamConns, 1)
+		if s, ok := t.str("rate_limit"); ok {
+			r, err := ParseRate(s)
+			if err != nil {
+				t.errorf("rate_limit", "%v", err)
+			} else if u.Name != "" {
+				rates[u.Name] = r
+			}
+		}
+		t.done()
+		out = append(out, u)
+	}
+	return out, rates
+}
+
+// caPool is the system roots plus the certificates in file, so that a
+// private CA adds trust without removing the public one.
+func (t *configTable) caPool(key, file string) *x509.CertPool {
+	data := t.readFile(key, file)
+	if data == nil {
+		return nil
+	}
+	var certs []*x509.Certificate
+	for rest := data; ; {
+		var block *pem.Block
+		block, rest = pem.Decode(rest)
+		if block == nil {
+			break
+		}
+		if block.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			t.errorf(key, "%s: %v", file, err)
+			return nil
+		}
+		certs = append(certs, c)
+	}
+	if len(certs) == 0 {
+		t.errorf(key, "%s holds no PEM certificate", file)
+		return nil
+	}
+	pool, err := x509.SystemCertPool()
+	if err != nil {
+		pool = x509.NewCertPool()
+	}
+	for _, c := range certs {
+		pool.AddCert(c)
+	}
+	return pool
+}
+
+func (p *configParser) routes(root *configTable, ups []relay.Upstream) []relay.Route {
+	tables := root.tables("route")
+	if len(tables) == 0 && !root.has("route") {
+		p.errorf("route", `at least one [[route]] is required (from_domain = "*" routes every sender)`)
+	}
+	known := map[string]bool{}
+	for _, u := range ups {
+		known[u.Name] = true
+	}
+	var out []relay.Route
+	seen := map[string]string{}
+	for _, t := range tables {
+		var r relay.Route
+		if d, ok := t.str("from_domain"); ok {
+			r.FromDomain = strings.ToLower(d)
+			if r.FromDomain != "*" && !validDomain(r.FromDomain) {
+				t.errorf("from_domain", `%q is neither "*" nor a domain name`, d)
+			} else if prev, dup := seen[r.FromDomain]; dup {
+				t.errorf("from_domain", "%q is already routed by %s", r.FromDomain, prev)
+			} else {
+				seen[r.FromDomain] = t.path
+			}
+		} else if !t.has("from_domain") {
+			t.errorf("from_domain", `required: a sender domain or "*"`)
+		}
+		names, _ := t.strings("upstreams")
+		if t.missingList("upstreams") {
+			t.errorf("upstreams", "required: the upstream names to try, in order")
+		}
+		for i, n := range names {
+			key := fmt.Sprintf("upstreams[%d]", i)
+			switch {
+			case !known[n]:
+				t.errorf(key, "no [[upstream]] is named %q", n)
+			case slices.Contains(r.Upstreams, n):
+				t.errorf(key, "%q is listed twice", n)
+			default:
+				r.Upstreams = append(r.Upstreams, n)
+			}
+		}
+		t.done()
+		out = append(out, r)
+	}
+	return out
+}
+
+// checkRoutable reports every allowed_from entry whose mail no route
+// would carry: such a user could submit mail that can never leave.
+func (p *configParser) checkRoutable(froms []allowedFrom, routes []relay.Route) {
+	routed := map[string]bool{}
+	for _, r := range routes {
+		routed[r.FromDomain] = true
+	}
+	if routed["*"] {
+		return
+	}
+	for _, f := range froms {
+		key := fmt.Sprintf("allowed_from[%d]", f.index)
+		if f.pattern == "*" {
+			f.t.errorf(key, `"*" needs a [[route]] with from_domain = "*"`)
+			continue
+		}
+		domain := f.pattern[strings.LastIndexByte(f.pattern, '@')+1:]
+		if !routed[domain] {
+			f.t.errorf(key, `no route for %s; add a [[route]] with from_domain = %q or "*"`, domain, domain)
+		}
+	}
+}
+
+// checkHostPort accepts "host:port" with a numeric port; the host may be
+// empty (all interfaces) unless needHost.
+func checkHostPort(s string, needHost bool) error {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port", s)
+	}
+	if needHost && host == "" {
+		return fmt.Errorf("%q has no host", s)
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || needHost && n == 0 {
+		return fmt.Errorf("%q: port %q is not a number from 1 to 65535", s, port)
+	}
+	return nil
+}
+
+func isLoopbackHost(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	addr, err := netip.ParseAddr(host)
+	return err == nil && addr.Unmap().IsLoopback()
+}
+
+// validDomain reports whether d is a lower-case ASCII domain name:
+// dot-separated labels of letters, digits and hyphens (RFC 1035 section
+// 2.3.1, relaxed by RFC 1123 to allow a leading digit).
+func validDomain(d string) bool {
+	if d == "" || len(d) > 253 {
+		return false
+	}
+	for label := range strings.SplitSeq(d, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for _, c := range []byte(label) {
+			if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// ParseSize parses a byte size: a non-negative integer with an optional
+// unit. KB, MB and GB are binary multiples (1024, 1024², 1024³), as are
+// their synonyms KiB, MiB and GiB; "B" or no unit means bytes. Units are
+// case-insensitive; fractions are not accepted.
+func ParseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	i := 0
+	for i < len(t) && '0' <= t[i] && t[i] <= '9' {
+		i++
+	}
+	if i == 0 {
+		return 0, fmt.Errorf("size %q: want a whole number of bytes with an optional unit (KB, MB, GB)", s)
+	}
+	n, err := strconv.ParseInt(t[:i], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("size %q: too large", s)
+	}
+	var mult int64
+	switch strings.ToUpper(strings.TrimSpace(t[i:])) {
+	case "", "B":
+		mult = 1
+	case "K", "KB", "KIB":
+		mult = 1 << 10
+	case "M", "MB", "MIB":
+		mult = 1 << 20
+	case "G", "GB", "GIB":
+		mult = 1 << 30
+	default:
+		return 0, fmt.Errorf("size %q: unknown unit %q (want B, KB, MB or GB)", s, strings.TrimSpace(t[i:]))
+	}
+	if n > math.MaxInt64/mult {
+		return 0, fmt.Errorf("size %q: too large", s)
+	}
+	return n * mult, nil
+}
+
+// ParseRate parses "N/duration", e.g. "2000/24h" or "10/1s"; a bare unit
+// ("300/h") means one of it. N and the duration must be positive.
+func ParseRate(s string) (Rate, error) {
+	num, per, ok := strings.Cut(strings.TrimSpace(s), "/")
+	if !ok {
+		return Rate{}, fmt.Errorf(`rate %q: want N/duration, e.g. "2000/24h"`, s)
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(num))
+	if err != nil || n <= 0 {
+		return Rate{}, fmt.Errorf("rate %q: %q is not a positive whole number", s, num)
+	}
+	per = strings.TrimSpace(per)
+	if per != "" && (per[0] < '0' || per[0] > '9') && per[0] != '.' {
+		per = "1" + per
+	}
+	d, err := time.ParseDuration(per)
+	if err != nil || d <= 0 {
+		return Rate{}, fmt.Errorf("rate %q: %q is not a positive duration such as 1s, 1h, 24h", s, per)
+	}
+	return Rate{N: n, Per: d}, nil
+}
+
+// configTable reads one TOML table. Each accessor marks its key as known and
+// records a ConfigError for a value of the wrong type or range, so one
+// pass reports every problem; done reports the keys nobody asked for.
+type configTable struct {
+	errs *ConfigErrors
+	path string // "listen[0]"; "" for the root table
+	m    map[string]any
+	used map[string]bool
+}
+
+func newConfigTable(errs *ConfigErrors, path string, m map[string]any) *configTable {
+	return &configTable{errs: errs, path: path, m: m, used: map[string]bool{}}
+}
+
+// key is the full name of a key of this table, as shown in errors.
+func (t *configTable) key(k string) string {
+	if t.path == "" {
+		return k
+	}
+	return t.path + "." + k
+}
+
+func (t *configTable) errorf(k, format string, args ...any) {
+	*t.errs = append(*t.errs, ConfigError{Key: t.key(k), Msg: fmt.Sprintf(format, args...)})
+}
+
+func (t *configTable) get(k string) (any, bool) {
+	t.used[k] = true
+	v, ok := t.m[k]
+	return v, ok
+}
+
+// has reports whether k is present, whatever its type.
+func (t *configTable) has(k string) bool {
+	_, ok := t.get(k)
+	return ok
+}
+
+func (t *configTable) typeError(k, want string, v any) {
+	t.errorf(k, "must be %s, not %s", want, tomlType(v))
+}
+
+// str returns the string at k; ok is false when k is absent or not a
+// string (the latter is recorded).
+func (t *configTable) str(k string) (string, bool) {
+	v, present := t.get(k)
+	if !present {
+		return "", false
+	}
+	s, ok := v.(string)
+	if !ok {
+		t.typeError(k, "a string", v)
+	}
+	return s, ok
+}
+
+func (t *configTable) strDefault(k, def string) string {
+	if s, ok := t.str(k); ok {
+		return s
+	}
+	return def
+}
+
+func (t *configTable) boolean(k string, def bool) bool {
+	v, present := t.get(k)
+	if !present {
+		return def
+	}
+	b, ok := v.(bool)
+	if !ok {
+		t.typeError(k, "true or false", v)
+		return def
+	}
+	return b
+}
+
+func (t *configTable) integer(k string, def, minimum int) int {
+	v, present := t.get(k)
+	if !present {
+		return def
+	}
+	n, ok := v.(int64)
+	if !ok {
+		t.typeError(k, "an integer", v)
+		return def
+	}
+	if n < int64(minimum) || n > math.MaxInt32 {
+		t.errorf(k, "%d is out of range (%d to %d)", n, minimum, math.MaxInt32)
+		return def
+	}
+	return int(n)
+}
+
+// duration reads a Go duration string ("90s", "1m", "120h"); it must be
+// positive.
+func (t *configTable) duration(k string, def time.Duration) time.Duration {
+	v, present := t.get(k)
+	if !present {
+		return def
+	}
+	s, ok := v.(string)
+	if !ok {
+		t.typeError(k, `a duration string such as "90s", "1m" or "120h"`, v)
+		return 0
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		t.errorf(k, `%q is not a duration such as "90s", "1m" or "120h"`, s)
+		return 0
+	}
+	if d <= 0 {
+		t.errorf(k, "%q must be positive", s)
+		return 0
+	}
+	return d
+}
+
+// size reads a byte size: a string for ParseSize or a plain integer.
+func (t *configTable) size(k string, def int64) int64 {
+	v, present := t.get(k)
+	if !present {
+		return def
+	}
+	var n int64
+	switch v := v.(type) {
+	case int64:
+		n = v
+	case string:
+		var err error
+		if n, err = ParseSize(v); err != nil {
+			t.errorf(k, "%v", err)
+			return 0
+		}
+	default:
+		t.typeError(k, `a size such as "25MB"`, v)
+		return 0
+	}
+	if n <= 0 {
+		t.errorf(k, "must be positive")
+		return 0
+	}
+	return n
+}
+
+// strings reads an array of strings; each bad element is reported under
+// its index and left out. ok is false when k is absent or not an array.
+func (t *configTable) strings(k string) ([]string, bool) {
+	v, present := t.get(k)
+	if !present {
+		return nil, false
+	}
+	arr, ok := v.([]any)
+	if !ok {
+		t.typeError(k, "an array of strings", v)
+		return nil, false
+	}
+	out := make([]string, 0, len(arr))
+	for i, e := range arr {
+		s, ok := e.(string)
+		if !ok {
+			t.errorf(fmt.Sprintf("%s[%d]", k, i), "must be a string, not %s", tomlType(e))
+			continue
+		}
+		out = append(out, s)
+	}
+	return out, true
+}
+
+// missingList reports whether k is absent or an empty array; a value of
+// another type has already been reported by the accessor.
+func (t *configTable) missingList(k string) bool {
+	v, present := t.get(k)
+	arr, isArr := v.([]any)
+	return !present || isArr && len(arr) == 0
+}
+
+// sub returns the table at k, empty when absent or of the wrong type.
+func (t *configTable) sub(k string) *configTable {
+	v, present := t.get(k)
+	m, ok := v.(map[string]any)
+	if present && !ok {
+		t.typeError(k, "a table", v)
+	}
+	return newConfigTable(t.errs, t.key(k), m)
+}
+
+// tables returns the array of tables at k ([[k]] or k = [{...}]).
+func (t *configTable) tables(k string) []*configTable {
+	v, present := t.get(k)
+	if !present {
+		return nil
+	}
+	var elems []any
+	switch v := v.(type) {
+	case []map[string]any:
+		for _, m := range v {
+			elems = append(elems, m)
+		}
+	case []any:
+		elems = v
+	default:
+		t.typeError(k, fmt.Sprintf("an array of tables ([[%s]])", k), v)
+		return nil
+	}
+	var out []*configTable
+	for i, e := range elems {
+		key := fmt.Sprintf("%s[%d]", k, i)
+		m, ok := e.(map[string]any)
+		if !ok {
+			t.errorf(key, "must be a table, not %s", tomlType(e))
+			continue
+		}
+		out = append(out, newConfigTable(t.errs, t.key(key), m))
+	}
+	return out
+}
+
+// readFile returns the contents of a file named by key k, or nil after
+// recording why it cannot be read.
+func (t *configTable) readFile(k, path string) []byte {
+	if path == "" {
+		t.errorf(k, "must not be empty")
+		return nil
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.errorf(k, "%v", err)
+		return nil
+	}
+	if data == nil {
+		data = []byte{}
+	}
+	return data
+}
+
+// done reports every key of the table that no accessor asked for, so
+// that typos do not pass silently.
+func (t *configTable) done() {
+	var unknown []string
+	for k := range t.m {
+		if !t.used[k] {
+			unknown = append(unknown, k)
+		}
+	}
+	slices.Sort(unknown)
+	for _, k := range unknown {
+		t.errorf(k, "unknown key")
+	}
+}
+
+// tomlType names the TOML type of a decoded value for error messages.
+func tomlType(v any) string {
+	switch v.(type) {
+	case string:
+		return "a string"
+	case int64:
+		return "an integer"
+	case float64:
+		return "a float"
+	case bool:
+		return "a boolean"
+	case []any:
+		return "an array"
+	case []map[string]any:
+		return "an array of tables"
+	case map[string]any:
+		return "a table"
+	case time.Time:
+		return "a date/time"
+	default:
+		return fmt.Sprintf("%T", v)
+	}
+}

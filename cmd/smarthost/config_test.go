@@ -1,0 +1,754 @@
+package main
+
+import (
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+
+	"smarthost/internal/testpki"
+	"smarthost/relay"
+)
+
+// testFiles are real files that configurations under test point at.
+type testFiles struct {
+	pki       *testpki.PKI
+	otherKey  string // a key that does not match pki.CertFile
+	dkimKey   string
+	pwFile    string // "s3cret\n"
+	emptyFile string
+	missing   string // a path that does not exist
+	hash      string // bcrypt of "pw", minimum cost for speed
+}
+
+func newTestFiles(t *testing.T) *testFiles {
+	t.Helper()
+	dir := t.TempDir()
+	f := &testFiles{pki: testpki.New(t), missing: filepath.Join(dir, "missing")}
+	_, _, f.otherKey = f.pki.Issue(t, "other", "other.test")
+
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.dkimKey = writeFile(t, dir, "dkim.key", string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})))
+	f.pwFile = writeFile(t, dir, "password", "s3cret\n")
+	f.emptyFile = writeFile(t, dir, "empty", "")
+	h, err := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.hash = string(h)
+	return f
+}
+
+func writeFile(t *testing.T, dir, name, data string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, []byte(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// expand fills the {{…}} placeholders of a test configuration.
+func (f *testFiles) expand(s string) string {
+	return strings.NewReplacer(
+		"{{CERT}}", f.pki.CertFile,
+		"{{KEY}}", f.pki.KeyFile,
+		"{{OTHERKEY}}", f.otherKey,
+		"{{CA}}", f.pki.CAFile,
+		"{{DKIM}}", f.dkimKey,
+		"{{PWFILE}}", f.pwFile,
+		"{{EMPTY}}", f.emptyFile,
+		"{{MISSING}}", f.missing,
+		"{{HASH}}", f.hash,
+	).Replace(s)
+}
+
+// baseSections is a small valid configuration, one string per section, so
+// that each test case replaces only the part it breaks.
+var baseSections = map[string]string{
+	"top": `hostname = "relay.test"`,
+	"tls": `[tls]
+cert_file = "{{CERT}}"
+key_file = "{{KEY}}"`,
+	"listen": `[[listen]]
+address = "127.0.0.1:0"
+tls = "starttls"
+auth = "required"`,
+	"user": `[[user]]
+name = "app"
+password_hash = "{{HASH}}"
+allowed_from = ["app@example.com"]`,
+	"upstream": `[[upstream]]
+name = "up"
+address = "127.0.0.1:2525"
+tls = "none"`,
+	"route": `[[route]]
+from_domain = "example.com"
+upstreams = ["up"]`,
+}
+
+var sectionOrder = []string{"top", "queue", "tls", "listen", "limits", "user", "dkim", "upstream", "route", "http"}
+
+func (f *testFiles) config(overrides map[string]string) string {
+	var b strings.Builder
+	for _, s := range sectionOrder {
+		text, ok := overrides[s]
+		if !ok {
+			text = baseSections[s]
+		}
+		b.WriteString(text)
+		b.WriteString("\n\n")
+	}
+	return f.expand(b.String())
+}
+
+func mustParse(t *testing.T, text string) *Config {
+	t.Helper()
+	cfg, err := ParseConfig([]byte(text), "test.toml")
+	if err != nil {
+		t.Fatalf("ParseConfig: %v\n%s", err, text)
+	}
+	return cfg
+}
+
+func parseErrors(t *testing.T, text string) ConfigErrors {
+	t.Helper()
+	cfg, err := ParseConfig([]byte(text), "test.toml")
+	if err == nil {
+		t.Fatalf("ParseConfig accepted:\n%s\ngot %+v", text, cfg)
+	}
+	if cfg != nil {
+		t.Errorf("ParseConfig returned a Config with an error")
+	}
+	var errs ConfigErrors
+	if !errors.As(err, &errs) {
+		t.Fatalf("error is %T, not ConfigErrors: %v", err, err)
+	}
+	return errs
+}
+
+// requireError fails unless errs holds an error for key whose message
+// contains msg.
+func requireError(t *testing.T, errs ConfigErrors, key, msg string) {
+	t.Helper()
+	for _, e := range errs {
+		if e.Key == key && strings.Contains(e.Msg, msg) {
+			return
+		}
+	}
+	t.Errorf("no error for key %q containing %q; got:\n%v", key, msg, errs)
+}
+
+func TestParseConfigMinimalDefaults(t *testing.T) {
+	f := newTestFiles(t)
+	text := f.expand(`
+[[listen]]
+address = "127.0.0.1:0"
+tls = "none"
+auth = "none"
+trusted_networks = ["127.0.0.0/8"]
+
+[[upstream]]
+name = "local"
+address = "localhost:2525"
+tls = "none"
+
+[[route]]
+from_domain = "*"
+upstreams = ["local"]
+`)
+	cfg := mustParse(t, text)
+	host, err := os.Hostname()
+	if err != nil {
+		t.Skip("no system host name")
+	}
+	want := &Config{
+		Path:      "test.toml",
+		Hostname:  host,
+		LogFormat: "text",
+		LogLevel:  slog.LevelInfo,
+		Queue: QueueConfig{
+			Path: "/var/lib/smarthost/queue.db", RetryMin: time.Minute, RetryMax: time.Hour,
+			MaxAge: 120 * time.Hour, Bounce: true, Workers: 16,
+		},
+		Listeners: []relay.Listener{{
+			Name: "127.0.0.1:0", Address: "127.0.0.1:0", TLS: relay.TLSNone,
+			TrustedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
+		}},
+		Limits: relay.Limits{
+			MaxMessageBytes: 25 << 20, MaxRecipients: 100, MaxConnections: 1000,
+			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
+			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute,
+		},
+		Upstreams:   []relay.Upstream{{Name: "local", Address: "localhost:2525", TLS: relay.TLSNone, MaxConnections: 4}},
+		RateLimits:  map[string]Rate{},
+		Routes:      []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
+		HTTPAddress: "127.0.0.1:9090",
+	}
+	if !reflect.DeepEqual(cfg, want) {
+		t.Errorf("got  %+v\nwant %+v", cfg, want)
+	}
+}
+
+func TestParseConfigFull(t *testing.T) {
+	f := newTestFiles(t)
+	t.Setenv("SMARTHOST_TEST_UP_PW", "from-env")
+	t.Setenv("SMARTHOST_TEST_ADMIN", "token")
+	text := f.expand(`
+hostname = "Relay.Example.com"
+log_format = "json"
+log_level = "DEBUG"
+
+[queue]
+path = "/tmp/q.db"
+retry_min = "1s"
+retry_max = "90m"
+max_age = "2h"
+bounce = false
+workers = 3
+
+[tls]
+cert_file = "{{CERT}}"
+key_file = "{{KEY}}"
+
+[[listen]]
+name = "sub"
+address = ":465"
+tls = "implicit"
+
+[[listen]]
+address = "[::1]:2525"
+tls = "none"
+auth = "none"
+trusted_networks = ["127.0.0.1", "::ffff:10.0.0.0/104", "192.168.1.7/24", "203.0.113.0/24"]
+allow_public_networks = true
+
+[limits]
+max_message_size = "512KB"
+max_recipients = 7
+max_connections = 9
+auth_failures_per_ip = 2
+read_timeout = "30s"
+data_timeout = "1m"
+
+[[user]]
+name = "billing"
+password_hash = "{{HASH}}"
+allowed_from = ["Billing@Example.COM", "*@Notify.example.com", "*"]
+
+[[dkim]]
+domain = "Example.com"
+selector = "s2026"
+key_file = "{{DKIM}}"
+
+[[upstream]]
+name = "primary"
+address = "smtp.example.net:465"
+tls = "implicit"
+username = "relay@example.com"
+password_env = "SMARTHOST_TEST_UP_PW"
+ca_file = "{{CA}}"
+max_connections = 2
+rate_limit = "10/1s"
+
+[[upstream]]
+name = "backup"
+address = "smtp.example.org:587"
+tls = "starttls"
+username = "relay"
+password_file = "{{PWFILE}}"
+
+[[route]]
+from_domain = "EXAMPLE.com"
+upstreams = ["primary", "backup"]
+
+[[route]]
+from_domain = "*"
+upstreams = ["backup"]
+
+[http]
+address = ":9091"
+admin_token_env = "SMARTHOST_TEST_ADMIN"
+`)
+	cfg := mustParse(t, text)
+
+	if cfg.Hostname != "Relay.Example.com" || cfg.LogFormat != "json" || cfg.LogLevel != slog.LevelDebug {
+		t.Errorf("top level: %q %q %v", cfg.Hostname, cfg.LogFormat, cfg.LogLevel)
+	}
+	wantQueue := QueueConfig{Path: "/tmp/q.db", RetryMin: time.Second, RetryMax: 90 * time.Minute, MaxAge: 2 * time.Hour, Bounce: false, Workers: 3}
+	if cfg.Queue != wantQueue {
+		t.Errorf("queue = %+v, want %+v", cfg.Queue, wantQueue)
+	}
+	if cfg.TLSCertFile != f.pki.CertFile || cfg.TLSKeyFile != f.pki.KeyFile {
+		t.Errorf("tls files = %q %q", cfg.TLSCertFile, cfg.TLSKeyFile)
+	}
+	wantListeners := []relay.Listener{
+		{Name: "sub", Address: ":465", TLS: relay.TLSImplicit, AuthRequired: true},
+		{Name: "[::1]:2525", Address: "[::1]:2525", TLS: relay.TLSNone, TrustedNetworks: []netip.Prefix{
+			netip.MustParsePrefix("127.0.0.1/32"),
+			netip.MustParsePrefix("10.0.0.0/8"),
+			netip.MustParsePrefix("192.168.1.0/24"),
+			netip.MustParsePrefix("203.0.113.0/24"),
+		}},
+	}
+	if !reflect.DeepEqual(cfg.Listeners, wantListeners) {
+		t.Errorf("listeners = %+v\nwant %+v", cfg.Listeners, wantListeners)
+	}
+	wantLimits := relay.Limits{MaxMessageBytes: 512 << 10, MaxRecipients: 7, MaxConnections: 9,
+		AuthFailuresPerIP: 2, AuthFailureWindow: time.Minute, ReadTimeout: 30 * time.Second, DataTimeout: time.Minute}
+	if cfg.Limits != wantLimits {
+		t.Errorf("limits = %+v, want %+v", cfg.Limits, wantLimits)
+	}
+	wantUsers := []relay.User{{Name: "billing", PasswordHash: []byte(f.hash),
+		AllowedFrom: []string{"Billing@example.com", "*@notify.example.com", "*"}}}
+	if !reflect.DeepEqual(cfg.Users, wantUsers) {
+		t.Errorf("users = %+v, want %+v", cfg.Users, wantUsers)
+	}
+	wantDKIM := []DKIMConfig{{Domain: "example.com", Selector: "s2026", KeyFile: f.dkimKey}}
+	if !reflect.DeepEqual(cfg.DKIM, wantDKIM) {
+		t.Errorf("dkim = %+v, want %+v", cfg.DKIM, wantDKIM)
+	}
+
+	if len(cfg.Upstreams) != 2 {
+		t.Fatalf("upstreams = %+v", cfg.Upstreams)
+	}
+	p, b := cfg.Upstreams[0], cfg.Upstreams[1]
+	if p.Name != "primary" || p.Address != "smtp.example.net:465" || p.TLS != relay.TLSImplicit ||
+		p.Username != "relay@example.com" || p.Password != "from-env" || p.MaxConnections != 2 {
+		t.Errorf("primary = %+v", p)
+	}
+	if p.RootCAs == nil {
+		t.Fatal("primary.RootCAs is nil with ca_file set")
+	}
+	// The pool must trust the test CA, so the test server certificate
+	// verifies against it.
+	leaf, err := x509.ParseCertificate(f.pki.Cert.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: p.RootCAs, DNSName: "localhost"}); err != nil {
+		t.Errorf("RootCAs does not trust ca_file: %v", err)
+	}
+	if b.Password != "s3cret" || b.RootCAs != nil || b.MaxConnections != 4 || b.TLS != relay.TLSStartTLS {
+		t.Errorf("backup = %+v", b)
+	}
+	wantRates := map[string]Rate{"primary": {N: 10, Per: time.Second}}
+	if !reflect.DeepEqual(cfg.RateLimits, wantRates) {
+		t.Errorf("rate limits = %+v", cfg.RateLimits)
+	}
+	wantRoutes := []relay.Route{
+		{FromDomain: "example.com", Upstreams: []string{"primary", "backup"}},
+		{FromDomain: "*", Upstreams: []string{"backup"}},
+	}
+	if !reflect.DeepEqual(cfg.Routes, wantRoutes) {
+		t.Errorf("routes = %+v", cfg.Routes)
+	}
+	if cfg.HTTPAddress != ":9091" || cfg.AdminTokenEnv != "SMARTHOST_TEST_ADMIN" {
+		t.Errorf("http = %q %q", cfg.HTTPAddress, cfg.AdminTokenEnv)
+	}
+}
+
+func TestParseConfigBaseIsValid(t *testing.T) {
+	f := newTestFiles(t)
+	mustParse(t, f.config(nil))
+}
+
+// TestParseConfigRules breaks one rule per case and checks that the error
+// names the exact key.
+func TestParseConfigRules(t *testing.T) {
+	f := newTestFiles(t)
+	t.Setenv("SMARTHOST_TEST_EMPTY", "")
+	t.Setenv("SMARTHOST_TEST_PW", "x")
+	tests := []struct {
+		name      string
+		overrides map[string]string
+		key, msg  string
+	}{
+		// top level
+		{"hostname not a domain", map[string]string{"top": `hostname = "bad host"`}, "hostname", "not a domain"},
+		{"hostname wrong type", map[string]string{"top": `hostname = 5`}, "hostname", "must be a string, not an integer"},
+		{"log_format", map[string]string{"top": `log_format = "xml"`}, "log_format", `"xml"`},
+		{"log_level", map[string]string{"top": `log_level = "loud"`}, "log_level", `"loud"`},
+		{"unknown top-level key", map[string]string{"top": `hostnmae = "x"`}, "hostnmae", "unknown key"},
+		{"section not a table", map[string]string{"queue": `queue = "fast"`}, "queue", "must be a table"},
+
+		// queue
+		{"bad duration", map[string]string{"queue": "[queue]\nretry_min = \"5 minutes\""}, "queue.retry_min", "not a duration"},
+		{"zero duration", map[string]string{"queue": "[queue]\nretry_max = \"0s\""}, "queue.retry_max", "positive"},
+		{"negative duration", map[string]string{"queue": "[queue]\nmax_age = \"-1h\""}, "queue.max_age", "positive"},
+		{"duration as number", map[string]string{"queue": "[queue]\nmax_age = 5"}, "queue.max_age", "duration string"},
+		{"retry_min over retry_max", map[string]string{"queue": "[queue]\nretry_min = \"2h\"\nretry_max = \"1h\""}, "queue.retry_min", "longer than retry_max"},
+		{"workers zero", map[string]string{"queue": "[queue]\nworkers = 0"}, "queue.workers", "out of range"},
+		{"bounce not bool", map[string]string{"queue": "[queue]\nbounce = \"yes\""}, "queue.bounce", "true or false"},
+		{"queue path empty", map[string]string{"queue": "[queue]\npath = \"\""}, "queue.path", "empty"},
+		{"unknown queue key", map[string]string{"queue": "[queue]\nretries = 3"}, "queue.retries", "unknown key"},
+
+		// listeners
+		{"no listener", map[string]string{"listen": ""}, "listen", "at least one"},
+		{"listen not an array", map[string]string{"listen": "[listen]\naddress = \":25\""}, "listen", "array of tables"},
+		{"listen address missing", map[string]string{"listen": "[[listen]]\ntls = \"starttls\""}, "listen[0].address", "required"},
+		{"listen address no port", map[string]string{"listen": "[[listen]]\naddress = \"587\""}, "listen[0].address", "host:port"},
+		{"listen port junk", map[string]string{"listen": "[[listen]]\naddress = \":smtp\""}, "listen[0].address", "port"},
+		{"listen tls junk", map[string]string{"listen": "[[listen]]\naddress = \":587\"\ntls = \"ssl\""}, "listen[0].tls", `"ssl"`},
+		{"listen auth junk", map[string]string{"listen": "[[listen]]\naddress = \":587\"\nauth = \"optional\""}, "listen[0].auth", `"optional"`},
+		{"listen unknown key", map[string]string{"listen": "[[listen]]\naddress = \":587\"\ntrusted_network = [\"10.0.0.0/8\"]"}, "listen[0].trusted_network", "unknown key"},
+		{"plain-text AUTH", map[string]string{"listen": "[[listen]]\naddress = \":25\"\ntls = \"none\""}, "listen[0].tls", "plain text"},
+		{"duplicate listener address", map[string]string{"listen": "[[listen]]\naddress = \":587\"\n[[listen]]\naddress = \":587\""}, "listen[1].address", "already used by listen[0]"},
+		{"duplicate listener name", map[string]string{"listen": "[[listen]]\nname = \"a\"\naddress = \":587\"\n[[listen]]\nname = \"a\"\naddress = \":465\""}, "listen[1].name", "already used"},
+		{"bad network", map[string]string{"listen": "[[listen]]\naddress = \":25\"\ntrusted_networks = [\"10.0.0.0/8\", \"10.0.0.0/33\"]"}, "listen[0].trusted_networks[1]", "not a CIDR"},
+		{"network not a string", map[string]string{"listen": "[[listen]]\naddress = \":25\"\ntrusted_networks = [\"10.0.0.0/8\", 10]"}, "listen[0].trusted_networks[1]", "must be a string"},
+		{"network host name", map[string]string{"listen": "[[listen]]\naddress = \":25\"\ntrusted_networks = [\"localhost\"]"}, "listen[0].trusted_networks[0]", "not a CIDR"},
+		{"network zone", map[string]string{"listen": "[[listen]]\naddress = \":25\"\ntrusted_networks = [\"fe80::1%eth0\"]"}, "listen[0].trusted_networks[0]", "zone"},
+
+		// [tls]
+		{"tls missing for starttls", map[string]string{"tls": ""}, "tls.cert_file", `listen[0] uses tls = "starttls"`},
+		{"tls key missing for starttls", map[string]string{"tls": "[tls]\ncert_file = \"{{CERT}}\""}, "tls.key_file", "required"},
+		{"tls cert unreadable", map[string]string{"tls": "[tls]\ncert_file = \"{{MISSING}}\"\nkey_file = \"{{KEY}}\""}, "tls.cert_file", "no such file"},
+		{"tls key unreadable", map[string]string{"tls": "[tls]\ncert_file = \"{{CERT}}\"\nkey_file = \"{{MISSING}}\""}, "tls.key_file", "no such file"},
+		{"tls pair mismatch", map[string]string{"tls": "[tls]\ncert_file = \"{{CERT}}\"\nkey_file = \"{{OTHERKEY}}\""}, "tls.cert_file", "does not load with key_file"},
+		{"tls cert not PEM", map[string]string{"tls": "[tls]\ncert_file = \"{{PWFILE}}\"\nkey_file = \"{{KEY}}\""}, "tls.cert_file", "does not load"},
+		{"tls unknown key", map[string]string{"tls": "[tls]\ncert_file = \"{{CERT}}\"\nkey_file = \"{{KEY}}\"\nca_file = \"x\""}, "tls.ca_file", "unknown key"},
+
+		// limits
+		{"size junk", map[string]string{"limits": "[limits]\nmax_message_size = \"25XB\""}, "limits.max_message_size", "unknown unit"},
+		{"size zero", map[string]string{"limits": "[limits]\nmax_message_size = 0"}, "limits.max_message_size", "positive"},
+		{"size float", map[string]string{"limits": "[limits]\nmax_message_size = 2.5"}, "limits.max_message_size", "not a float"},
+		{"recipients zero", map[string]string{"limits": "[limits]\nmax_recipients = 0"}, "limits.max_recipients", "out of range"},
+		{"connections negative", map[string]string{"limits": "[limits]\nmax_connections = -1"}, "limits.max_connections", "out of range"},
+		{"auth failures zero", map[string]string{"limits": "[limits]\nauth_failures_per_ip = 0"}, "limits.auth_failures_per_ip", "out of range"},
+		{"read timeout zero", map[string]string{"limits": "[limits]\nread_timeout = \"0\""}, "limits.read_timeout", "positive"},
+		{"data timeout junk", map[string]string{"limits": "[limits]\ndata_timeout = \"ten minutes\""}, "limits.data_timeout", "not a duration"},
+
+		// users
+		{"user name empty", map[string]string{"user": "[[user]]\nname = \"\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*@example.com\"]"}, "user[0].name", "empty"},
+		{"user name missing", map[string]string{"user": "[[user]]\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*@example.com\"]"}, "user[0].name", "required"},
+		{"user name duplicate", map[string]string{"user": baseSections["user"] + "\n" + baseSections["user"]}, "user[1].name", `"app" is already used by user[0]`},
+		{"plaintext password", map[string]string{"user": baseSections["user"] + "\npassword = \"hunter2\""}, "user[0].password", "smarthost passwd"},
+		{"hash not bcrypt", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"$2a$10$…\"\nallowed_from = [\"*@example.com\"]"}, "user[0].password_hash", "not a bcrypt hash"},
+		{"hash missing", map[string]string{"user": "[[user]]\nname = \"a\"\nallowed_from = [\"*@example.com\"]"}, "user[0].password_hash", "required"},
+		{"allowed_from missing", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\""}, "user[0].allowed_from", "required"},
+		{"allowed_from empty", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = []"}, "user[0].allowed_from", "required"},
+		{"allowed_from no at", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"example.com\"]"}, "user[0].allowed_from[0]", "want"},
+		{"allowed_from bad local", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*@example.com\", \"a b@example.com\"]"}, "user[0].allowed_from[1]", "not a valid email address"},
+		{"allowed_from bad domain", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"a@-x-.com\"]"}, "user[0].allowed_from[0]", "not a domain"},
+		{"allowed_from empty domain", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*@\"]"}, "user[0].allowed_from[0]", "not a domain"},
+		{"allowed_from unroutable", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"a@example.com\", \"*@Other.com\"]"}, "user[0].allowed_from[1]", `add a [[route]] with from_domain = "other.com" or "*"`},
+		{"allowed_from star unroutable", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*\"]"}, "user[0].allowed_from[0]", `from_domain = "*"`},
+
+		// dkim
+		{"dkim selector missing", map[string]string{"dkim": "[[dkim]]\ndomain = \"example.com\"\nkey_file = \"{{DKIM}}\""}, "dkim[0].selector", "required"},
+		{"dkim domain missing", map[string]string{"dkim": "[[dkim]]\nselector = \"s\"\nkey_file = \"{{DKIM}}\""}, "dkim[0].domain", "required"},
+		{"dkim key unreadable", map[string]string{"dkim": "[[dkim]]\ndomain = \"example.com\"\nselector = \"s\"\nkey_file = \"{{MISSING}}\""}, "dkim[0].key_file", "no such file"},
+		{"dkim key empty", map[string]string{"dkim": "[[dkim]]\ndomain = \"example.com\"\nselector = \"s\"\nkey_file = \"{{EMPTY}}\""}, "dkim[0].key_file", "empty"},
+		{"dkim domain duplicate", map[string]string{"dkim": "[[dkim]]\ndomain = \"example.com\"\nselector = \"s\"\nkey_file = \"{{DKIM}}\"\n[[dkim]]\ndomain = \"EXAMPLE.com\"\nselector = \"t\"\nkey_file = \"{{DKIM}}\""}, "dkim[1].domain", "already has a key"},
+
+		// upstreams
+		{"no upstream", map[string]string{"upstream": "", "route": "", "user": ""}, "upstream", "at least one"},
+		{"upstream name duplicate", map[string]string{"upstream": baseSections["upstream"] + "\n" + baseSections["upstream"]}, "upstream[1].name", "already used"},
+		{"upstream address no port", map[string]string{"upstream": "[[upstream]]\nname = \"up\"\naddress = \"smtp.example.com\"\ntls = \"implicit\""}, "upstream[0].address", "host:port"},
+		{"upstream address port zero", map[string]string{"upstream": "[[upstream]]\nname = \"up\"\naddress = \"smtp.example.com:0\"\ntls = \"implicit\""}, "upstream[0].address", "port"},
+		{"upstream tls missing", map[string]string{"upstream": "[[upstream]]\nname = \"up\"\naddress = \"smtp.example.com:465\""}, "upstream[0].tls", "required"},
+		{"upstream tls none remote", map[string]string{"upstream": "[[upstream]]\nname = \"up\"\naddress = \"smtp.example.com:25\"\ntls = \"none\""}, "upstream[0].tls", "loopback/test only"},
+		{"upstream tls none private IP", map[string]string{"upstream": "[[upstream]]\nname = \"up\"\naddress = \"10.0.0.1:25\"\ntls = \"none\""}, "upstream[0].tls", "loopback/test only"},
+		{"upstream password in TOML", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\"\npassword = \"p\"\npassword_env = \"SMARTHOST_TEST_PW\""}, "upstream[0].password", "never"},
+		{"username without secret", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\""}, "upstream[0].password_env", "password_env or password_file"},
+		{"both secrets", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\"\npassword_env = \"SMARTHOST_TEST_PW\"\npassword_file = \"{{PWFILE}}\""}, "upstream[0].password_file", "only one"},
+		{"password_env unset", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\"\npassword_env = \"SMARTHOST_TEST_UNSET_VARIABLE\""}, "upstream[0].password_env", "SMARTHOST_TEST_UNSET_VARIABLE is not set"},
+		{"password_env empty", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\"\npassword_env = \"SMARTHOST_TEST_EMPTY\""}, "upstream[0].password_env", "not set or empty"},
+		{"password_env without username", map[string]string{"upstream": baseSections["upstream"] + "\npassword_env = \"SMARTHOST_TEST_PW\""}, "upstream[0].password_env", "without username"},
+		{"password_file unreadable", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\"\npassword_file = \"{{MISSING}}\""}, "upstream[0].password_file", "no such file"},
+		{"password_file empty", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\"\npassword_file = \"{{EMPTY}}\""}, "upstream[0].password_file", "empty"},
+		{"ca_file without certificates", map[string]string{"upstream": baseSections["upstream"] + "\nca_file = \"{{KEY}}\""}, "upstream[0].ca_file", "no PEM certificate"},
+		{"ca_file unreadable", map[string]string{"upstream": baseSections["upstream"] + "\nca_file = \"{{MISSING}}\""}, "upstream[0].ca_file", "no such file"},
+		{"max_connections zero", map[string]string{"upstream": baseSections["upstream"] + "\nmax_connections = 0"}, "upstream[0].max_connections", "out of range"},
+		{"rate_limit junk", map[string]string{"upstream": baseSections["upstream"] + "\nrate_limit = \"fast\""}, "upstream[0].rate_limit", "N/duration"},
+
+		// routes
+		{"no route", map[string]string{"route": ""}, "route", "at least one"},
+		{"route unknown upstream", map[string]string{"route": "[[route]]\nfrom_domain = \"example.com\"\nupstreams = [\"up\", \"nope\"]"}, "route[0].upstreams[1]", `no [[upstream]] is named "nope"`},
+		{"route upstream twice", map[string]string{"route": "[[route]]\nfrom_domain = \"example.com\"\nupstreams = [\"up\", \"up\"]"}, "route[0].upstreams[1]", "twice"},
+		{"route upstreams empty", map[string]string{"route": "[[route]]\nfrom_domain = \"example.com\"\nupstreams = []"}, "route[0].upstreams", "required"},
+		{"route from_domain missing", map[string]string{"route": "[[route]]\nupstreams = [\"up\"]\n[[route]]\nfrom_domain = \"example.com\"\nupstreams = [\"up\"]"}, "route[0].from_domain", "required"},
+		{"route from_domain bad", map[string]string{"route": "[[route]]\nfrom_domain = \"*.example.com\"\nupstreams = [\"up\"]"}, "route[0].from_domain", "neither"},
+		{"route from_domain duplicate", map[string]string{"route": baseSections["route"] + "\n[[route]]\nfrom_domain = \"Example.COM\"\nupstreams = [\"up\"]"}, "route[1].from_domain", "already routed by route[0]"},
+
+		// http
+		{"http address", map[string]string{"http": "[http]\naddress = \"9090\""}, "http.address", "host:port"},
+		{"admin token unset", map[string]string{"http": "[http]\nadmin_token_env = \"SMARTHOST_TEST_UNSET_VARIABLE\""}, "http.admin_token_env", "not set"},
+		{"http unknown key", map[string]string{"http": "[http]\nlisten = \":9090\""}, "http.listen", "unknown key"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			errs := parseErrors(t, f.config(tt.overrides))
+			requireError(t, errs, tt.key, tt.msg)
+		})
+	}
+}
+
+// TestParseConfigReportsEveryProblem checks that one call reports all the
+// problems of a file, not only the first.
+func TestParseConfigReportsEveryProblem(t *testing.T) {
+	f := newTestFiles(t)
+	text := f.config(map[string]string{
+		"queue":  "[queue]\nretry_min = \"soon\"\nworkerz = 4",
+		"listen": "[[listen]]\naddress = \":25\"\ntls = \"none\"\nauth = \"none\"",
+		"route":  "[[route]]\nfrom_domain = \"example.com\"\nupstreams = [\"up\", \"missing\"]",
+	})
+	errs := parseErrors(t, text)
+	requireError(t, errs, "queue.retry_min", "not a duration")
+	requireError(t, errs, "queue.workerz", "unknown key")
+	requireError(t, errs, "listen[0].auth", "open relay")
+	requireError(t, errs, "route[0].upstreams[1]", `"missing"`)
+	if len(errs) != 4 {
+		t.Errorf("got %d errors, want 4:\n%v", len(errs), errs)
+	}
+	// Error joins one "key: message" line per problem.
+	lines := strings.Split(errs.Error(), "\n")
+	if len(lines) != 4 || !strings.HasPrefix(lines[0], "queue.retry_min: ") {
+		t.Errorf("Error() = %q", errs.Error())
+	}
+}
+
+func TestParseConfigSyntaxError(t *testing.T) {
+	errs := parseErrors(t, "hostname = \"a\"\n\nretry_min = 1m\nhostnmae = 1\n")
+	if len(errs) != 1 || errs[0].Key != "" || !strings.Contains(errs[0].Msg, "line 3") {
+		t.Errorf("errors = %v, want one syntax error on line 3", errs)
+	}
+}
+
+func TestLoadConfig(t *testing.T) {
+	f := newTestFiles(t)
+	path := writeFile(t, t.TempDir(), "config.toml", f.config(nil))
+	cfg, err := LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Path != path {
+		t.Errorf("Path = %q, want %q", cfg.Path, path)
+	}
+	if _, err := LoadConfig(f.missing); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("LoadConfig(missing) = %v, want ErrNotExist", err)
+	}
+}
+
+// TestOpenRelayRefused covers the listener combinations that could relay
+// for anyone, and the ones that are safe.
+func TestOpenRelayRefused(t *testing.T) {
+	f := newTestFiles(t)
+	tests := []struct {
+		name     string
+		listen   string
+		key, msg string // "" when the listener is accepted
+	}{
+		{"auth none without trusted_networks", `auth = "none"`, "listen[0].auth", "open relay"},
+		{"auth none with empty trusted_networks", "auth = \"none\"\ntrusted_networks = []", "listen[0].auth", "open relay"},
+		{"everything IPv4", "auth = \"none\"\ntrusted_networks = [\"0.0.0.0/0\"]", "listen[0].trusted_networks[0]", "every address"},
+		{"everything IPv4 despite override", "auth = \"none\"\ntrusted_networks = [\"0.0.0.0/0\"]\nallow_public_networks = true", "listen[0].trusted_networks[0]", "every address"},
+		{"everything IPv6 despite override", "auth = \"none\"\ntrusted_networks = [\"::/0\"]\nallow_public_networks = true", "listen[0].trusted_networks[0]", "every address"},
+		{"everything IPv4-mapped", "auth = \"none\"\ntrusted_networks = [\"::ffff:0.0.0.0/96\"]\nallow_public_networks = true", "listen[0].trusted_networks[0]", "every address"},
+		{"public CIDR", "auth = \"none\"\ntrusted_networks = [\"10.0.0.0/8\", \"198.51.100.0/24\"]", "listen[0].trusted_networks[1]", "allow_public_networks"},
+		{"public IP", "auth = \"none\"\ntrusted_networks = [\"8.8.8.8\"]", "listen[0].trusted_networks[0]", "allow_public_networks"},
+		{"private range too wide", "auth = \"none\"\ntrusted_networks = [\"10.0.0.0/7\"]", "listen[0].trusted_networks[0]", "allow_public_networks"},
+		{"public IPv6", "auth = \"none\"\ntrusted_networks = [\"2001:db8::/32\"]", "listen[0].trusted_networks[0]", "allow_public_networks"},
+		{"plain-text AUTH", `auth = "required"`, "listen[0].tls", "plain text"},
+
+		{"public CIDR with override", "auth = \"none\"\ntrusted_networks = [\"198.51.100.0/24\"]\nallow_public_networks = true", "", ""},
+		{"private ranges", "auth = \"none\"\ntrusted_networks = [\"127.0.0.0/8\", \"10.1.0.0/16\", \"172.16.0.0/12\", \"192.168.0.0/16\", \"100.64.0.0/10\", \"169.254.0.0/16\", \"::1\", \"fd00::/8\", \"fe80::/10\"]", "", ""},
+		{"plain-text AUTH from trusted networks", "auth = \"required\"\ntrusted_networks = [\"10.0.0.0/8\"]", "", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			text := f.config(map[string]string{
+				"listen": "[[listen]]\naddress = \":25\"\ntls = \"none\"\n" + tt.listen,
+			})
+			if tt.key == "" {
+				mustParse(t, text)
+				return
+			}
+			requireError(t, parseErrors(t, text), tt.key, tt.msg)
+		})
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	tests := []struct {
+		in   string
+		want int64
+		ok   bool
+	}{
+		{"25MB", 25 << 20, true},
+		{"512KB", 512 << 10, true},
+		{"1GB", 1 << 30, true},
+		{"1048576", 1048576, true},
+		{"0", 0, true},
+		{"10B", 10, true},
+		{"4KiB", 4096, true},
+		{"2MiB", 2 << 20, true},
+		{"3GiB", 3 << 30, true},
+		{"25mb", 25 << 20, true},
+		{" 25 MB ", 25 << 20, true},
+		{"8G", 8 << 30, true},
+		{"", 0, false},
+		{"MB", 0, false},
+		{"-1", 0, false},
+		{"-5MB", 0, false},
+		{"+5MB", 0, false},
+		{"1.5MB", 0, false},
+		{"25XB", 0, false},
+		{"25 M B", 0, false},
+		{"0x10", 0, false},
+		{"twenty", 0, false},
+		{"9223372036854775807", 9223372036854775807, true},
+		{"9223372036854775808", 0, false},
+		{"8589934592GB", 0, false},
+		{"9007199254740992KB", 0, false},
+	}
+	for _, tt := range tests {
+		got, err := ParseSize(tt.in)
+		if tt.ok && (err != nil || got != tt.want) {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", tt.in, got, err, tt.want)
+		}
+		if !tt.ok && err == nil {
+			t.Errorf("ParseSize(%q) = %d, want an error", tt.in, got)
+		}
+	}
+}
+
+func TestParseRate(t *testing.T) {
+	tests := []struct {
+		in   string
+		want Rate
+		ok   bool
+	}{
+		{"2000/24h", Rate{2000, 24 * time.Hour}, true},
+		{"10/1s", Rate{10, time.Second}, true},
+		{"300/1h", Rate{300, time.Hour}, true},
+		{"300/h", Rate{300, time.Hour}, true},
+		{"5/90m", Rate{5, 90 * time.Minute}, true},
+		{" 1 / 1m ", Rate{1, time.Minute}, true},
+		{"", Rate{}, false},
+		{"100", Rate{}, false},
+		{"/1h", Rate{}, false},
+		{"0/1h", Rate{}, false},
+		{"-1/1h", Rate{}, false},
+		{"1.5/1h", Rate{}, false},
+		{"10/", Rate{}, false},
+		{"10/0s", Rate{}, false},
+		{"10/-1s", Rate{}, false},
+		{"10/day", Rate{}, false},
+		{"10/1h/2", Rate{}, false},
+		{"ten/1h", Rate{}, false},
+	}
+	for _, tt := range tests {
+		got, err := ParseRate(tt.in)
+		if tt.ok && (err != nil || got != tt.want) {
+			t.Errorf("ParseRate(%q) = %+v, %v; want %+v", tt.in, got, err, tt.want)
+		}
+		if !tt.ok && err == nil {
+			t.Errorf("ParseRate(%q) = %+v, want an error", tt.in, got)
+		}
+	}
+}
+
+// exampleConfig returns config.toml.example with its file paths pointed at
+// test files and the environment variables it names set.
+func exampleConfig(t *testing.T, f *testFiles) string {
+	t.Helper()
+	data, err := os.ReadFile("../../config.toml.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("GMAIL_APP_PASSWORD", "app-password")
+	t.Setenv("SMARTHOST_ADMIN_TOKEN", "admin-token")
+	text := strings.NewReplacer(
+		"/etc/smarthost/tls.crt", f.pki.CertFile,
+		"/etc/smarthost/tls.key", f.pki.KeyFile,
+		"/etc/smarthost/dkim/example.com.key", f.dkimKey,
+		"/run/secrets/yandex", f.pwFile,
+		"/etc/ssl/private-ca.pem", f.pki.CAFile,
+	).Replace(string(data))
+	return text
+}
+
+// TestExampleConfig keeps config.toml.example in step with the parser.
+func TestExampleConfig(t *testing.T) {
+	f := newTestFiles(t)
+	text := exampleConfig(t, f)
+
+	t.Run("as shipped", func(t *testing.T) {
+		cfg := mustParse(t, text)
+		if cfg.Hostname != "relay.example.com" || len(cfg.Listeners) != 2 || len(cfg.Users) != 1 ||
+			len(cfg.DKIM) != 1 || len(cfg.Upstreams) != 2 || len(cfg.Routes) != 2 {
+			t.Errorf("unexpected shape: %+v", cfg)
+		}
+		if cfg.Upstreams[0].Password != "app-password" || cfg.Upstreams[1].Password != "s3cret" {
+			t.Errorf("upstream passwords not loaded")
+		}
+		if cfg.RateLimits["gmail"] != (Rate{2000, 24 * time.Hour}) {
+			t.Errorf("gmail rate = %+v", cfg.RateLimits["gmail"])
+		}
+		if cfg.Limits.MaxMessageBytes != 25<<20 {
+			t.Errorf("max message = %d", cfg.Limits.MaxMessageBytes)
+		}
+	})
+
+	// The commented-out keys are documentation too: switched on, they
+	// must still be valid.
+	t.Run("commented keys enabled", func(t *testing.T) {
+		re := regexp.MustCompile(`(?m)^# ([a-z_]+ *= )`)
+		enabled := re.ReplaceAllString(text, "$1")
+		if enabled == text {
+			t.Fatal("no commented-out keys found")
+		}
+		cfg := mustParse(t, enabled)
+		if cfg.AdminTokenEnv != "SMARTHOST_ADMIN_TOKEN" || cfg.Upstreams[0].RootCAs == nil ||
+			len(cfg.Listeners[0].TrustedNetworks) != 1 {
+			t.Errorf("commented keys not applied: %+v", cfg)
+		}
+	})
+
+	t.Run("documents every key", func(t *testing.T) {
+		keys := []string{
+			"hostname", "log_format", "log_level",
+			"path", "retry_min", "retry_max", "max_age", "bounce", "workers",
+			"cert_file", "key_file",
+			"name", "address", "tls", "auth", "trusted_networks", "allow_public_networks",
+			"max_message_size", "max_recipients", "max_connections", "auth_failures_per_ip", "read_timeout", "data_timeout",
+			"password_hash", "allowed_from",
+			"domain", "selector",
+			"username", "password_env", "password_file", "ca_file", "rate_limit",
+			"from_domain", "upstreams",
+			"admin_token_env",
+		}
+		for _, k := range keys {
+			if !regexp.MustCompile(`(?m)^(# )?`+k+` *= `).MatchString(text) && !strings.Contains(text, "or "+k+" = ") {
+				t.Errorf("config.toml.example does not document %s", k)
+			}
+		}
+		for _, section := range []string{"[queue]", "[tls]", "[[listen]]", "[limits]", "[[user]]", "[[dkim]]", "[[upstream]]", "[[route]]", "[http]"} {
+			if !slices.Contains(strings.Split(text, "\n"), section) && !strings.Contains(text, "\n"+section+" ") {
+				t.Errorf("config.toml.example has no %s", section)
+			}
+		}
+	})
+}
