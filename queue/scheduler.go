@@ -1,0 +1,411 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"runtime/debug"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// ErrSchedulerClosed is returned by Run after Shutdown or Close.
+var ErrSchedulerClosed = errors.New("queue: scheduler closed")
+
+// DeliverFunc delivers m's Pending recipients (m.Pending()) and returns one
+// Result per such recipient. A recipient without a Result stays Pending.
+// It must return soon after ctx is cancelled.
+type DeliverFunc func(ctx context.Context, m Message, body []byte) []Result
+
+// Scheduler claims due messages from Store and delivers them with Deliver,
+// at most Workers at a time, retrying with exponential backoff until every
+// recipient is delivered or failed, or MaxAge has passed. Set the fields,
+// then call Run; do not change them afterwards.
+type Scheduler struct {
+	Store   *Store
+	Deliver DeliverFunc
+	// Workers bounds concurrent deliveries. Default 16.
+	Workers int
+	// RetryMin is the delay after the first attempt; it doubles with each
+	// further attempt up to RetryMax. Defaults 1m and 1h.
+	RetryMin, RetryMax time.Duration
+	// MaxAge is how long a message may stay queued; after an attempt past
+	// it, the recipients still pending fail as expired. Default 120h.
+	MaxAge time.Duration
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+	// Jitter returns a value in [0,1) that spreads retries within ±25%.
+	// Default math/rand/v2.Float64.
+	Jitter func() float64
+	// Logger receives one line per delivery attempt. Default slog.Default().
+	Logger *slog.Logger
+	// OnDone, if set, is called once a message has no Pending recipient
+	// left, after it was removed from the store. Bounces hook in here.
+	OnDone func(m Message)
+
+	initOnce sync.Once
+	stop     chan struct{} // closed by Shutdown/Close
+	stopOnce sync.Once
+	loopDone chan struct{} // closed when Run's loop has returned
+	idle     chan struct{} // a worker finished: capacity or a message is free again
+	ctx      context.Context
+	cancel   context.CancelFunc // cancels in-flight deliveries
+	wg       sync.WaitGroup     // workers
+
+	mu       sync.Mutex
+	started  bool
+	stopped  bool
+	inflight map[string]struct{}
+
+	steps atomic.Int64 // scheduling passes; tests check the loop does not spin
+}
+
+const (
+	defaultWorkers  = 16
+	defaultRetryMin = time.Minute
+	defaultRetryMax = time.Hour
+	defaultMaxAge   = 120 * time.Hour
+
+	// storeErrorDelay spaces scheduling passes while the store fails.
+	storeErrorDelay = time.Second
+)
+
+func (s *Scheduler) init() {
+	s.initOnce.Do(func() {
+		if s.Workers <= 0 {
+			s.Workers = defaultWorkers
+		}
+		if s.RetryMin <= 0 {
+			s.RetryMin = defaultRetryMin
+		}
+		if s.RetryMax <= 0 {
+			s.RetryMax = defaultRetryMax
+		}
+		if s.RetryMax < s.RetryMin {
+			s.RetryMax = s.RetryMin
+		}
+		if s.MaxAge <= 0 {
+			s.MaxAge = defaultMaxAge
+		}
+		if s.Now == nil {
+			s.Now = time.Now
+		}
+		if s.Jitter == nil {
+			s.Jitter = rand.Float64
+		}
+		if s.Logger == nil {
+			s.Logger = slog.Default()
+		}
+		s.stop = make(chan struct{})
+		s.loopDone = make(chan struct{})
+		s.idle = make(chan struct{}, 1)
+		s.ctx, s.cancel = context.WithCancel(context.Background())
+		s.inflight = make(map[string]struct{})
+	})
+}
+
+// Backoff returns the delay before the next attempt after attempt number
+// attempt (1 for the first): retryMin·2^(attempt-1), capped at retryMax,
+// then scaled by 0.75+0.5·jitter, so a jitter in [0,1) keeps it within ±25%.
+func Backoff(attempt int, retryMin, retryMax time.Duration, jitter float64) time.Duration {
+	if retryMin <= 0 {
+		return 0
+	}
+	d := retryMin
+	for i := 1; i < attempt && d < retryMax; i++ {
+		if d > retryMax/2 {
+			d = retryMax // and avoid overflowing
+			break
+		}
+		d *= 2
+	}
+	d = min(d, retryMax)
+	jitter = min(max(jitter, 0), 1)
+	return time.Duration(float64(d) * (0.75 + 0.5*jitter))
+}
+
+// Run delivers queued messages until Shutdown or Close, then returns
+// ErrSchedulerClosed. Messages already due are started at once; the
+// others at their NextAttempt; a Put wakes it immediately.
+func (s *Scheduler) Run() error {
+	s.init()
+	s.mu.Lock()
+	if s.stopped {
+		s.mu.Unlock()
+		return ErrSchedulerClosed
+	}
+	if s.started {
+		s.mu.Unlock()
+		return errors.New("queue: scheduler already running")
+	}
+	s.started = true
+	s.mu.Unlock()
+	defer close(s.loopDone)
+
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	for {
+		wait := s.step()
+		if wait >= 0 {
+			timer.Reset(wait)
+		}
+		select {
+		case <-s.stop:
+			timer.Stop()
+			return ErrSchedulerClosed
+		case <-s.Store.wake:
+		case <-s.idle:
+		case <-timer.C:
+		}
+		timer.Stop()
+	}
+}
+
+// step claims what it can and starts workers. It returns how long to
+// sleep before the next pass, or -1 to wait for a Put or a worker.
+func (s *Scheduler) step() time.Duration {
+	s.steps.Add(1)
+	s.mu.Lock()
+	free := s.Workers - len(s.inflight)
+	busy := make(map[string]struct{}, len(s.inflight))
+	for id := range s.inflight {
+		busy[id] = struct{}{}
+	}
+	s.mu.Unlock()
+	if free <= 0 {
+		return -1
+	}
+
+	now := s.Now()
+	skip := func(id string) bool { _, ok := busy[id]; return ok }
+	next := func(attempts int) time.Time {
+		return now.Add(Backoff(attempts, s.RetryMin, s.RetryMax, s.Jitter()))
+	}
+	claimed, wake, bad, err := s.Store.claim(now, free, skip, next)
+	if err != nil {
+		s.Logger.Error("queue: claiming due messages failed", "err", err)
+		return storeErrorDelay
+	}
+	for _, id := range bad {
+		s.Logger.Error("queue: unreadable message left out of delivery", "queue_id", id)
+	}
+	for _, d := range claimed {
+		s.mu.Lock()
+		s.inflight[d.msg.ID] = struct{}{}
+		s.mu.Unlock()
+		s.wg.Add(1)
+		go s.work(d)
+	}
+	if len(claimed) == free || wake.IsZero() {
+		return -1
+	}
+	return max(wake.Sub(s.Now()), 0)
+}
+
+// work runs one attempt on a claimed message and records its outcome.
+func (s *Scheduler) work(d delivery) {
+	defer s.wg.Done()
+	id := d.msg.ID
+	defer func() {
+		s.mu.Lock()
+		delete(s.inflight, id)
+		s.mu.Unlock()
+		select {
+		case s.idle <- struct{}{}:
+		default:
+		}
+	}()
+
+	results := s.deliver(d.msg, d.body)
+	now := s.Now()
+	var out outcome
+	m, removed, err := s.Store.finish(id, func(m *Message) bool {
+		out = s.apply(m, results, now)
+		return out.done
+	})
+	if err != nil {
+		// The claim stays recorded: the message is retried at its
+		// NextAttempt and counted as recovered after a restart.
+		s.Logger.Error("queue: recording delivery outcome failed",
+			"queue_id", id, "msg_id", d.msg.MessageID, "err", err)
+		return
+	}
+	s.log(m, out)
+	if removed && s.OnDone != nil {
+		s.done(m)
+	}
+}
+
+// done calls OnDone; a panic there is logged, not fatal.
+func (s *Scheduler) done(m Message) {
+	defer func() {
+		if p := recover(); p != nil {
+			s.Logger.Error("queue: OnDone panicked", "queue_id", m.ID, "msg_id", m.MessageID,
+				"panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+		}
+	}()
+	s.OnDone(m)
+}
+
+// deliver calls Deliver, turning a panic into a temporary failure so that
+// one bad message cannot stop the process.
+func (s *Scheduler) deliver(m Message, body []byte) (results []Result) {
+	m.Recipients = slices.Clone(m.Recipients)
+	defer func() {
+		if p := recover(); p != nil {
+			s.Logger.Error("queue: delivery panicked", "queue_id", m.ID, "msg_id", m.MessageID,
+				"panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+			results = nil
+			for _, rcpt := range m.Pending() {
+				results = append(results, Result{Rcpt: rcpt, State: Pending, Reply: "local error: delivery failed unexpectedly"})
+			}
+		}
+	}()
+	return s.Deliver(s.ctx, m, body)
+}
+
+// outcome summarises one attempt for the log.
+type outcome struct {
+	state                       string // delivered, deferred, failed, expired
+	done                        bool   // no recipient pending: leave the queue
+	delivered, failed, deferred int    // recipients by result of this attempt
+}
+
+// apply records results on m and decides what happens to it next. It must
+// be deterministic: Store.finish may call it more than once.
+func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
+	var out outcome
+	used := make([]bool, len(m.Recipients))
+	lastPending, lastAny := "", ""
+	for _, r := range results {
+		for i := range m.Recipients {
+			rc := &m.Recipients[i]
+			if used[i] || rc.State != Pending || rc.Addr != r.Rcpt {
+				continue
+			}
+			used[i] = true
+			rc.State, rc.Reply, rc.Upstream = r.State, r.Reply, r.Upstream
+			switch r.State {
+			case Delivered:
+				out.delivered++
+			case Failed:
+				out.failed++
+			default:
+				rc.State = Pending
+				out.deferred++
+				if r.Reply != "" {
+					lastPending = r.Reply
+				}
+			}
+			if r.Reply != "" {
+				lastAny = r.Reply
+			}
+			break
+		}
+	}
+	// The reply that explains why the message is still queued is the most
+	// useful one to keep.
+	if lastPending != "" {
+		m.LastReply = lastPending
+	} else if lastAny != "" {
+		m.LastReply = lastAny
+	}
+
+	pending, failed := 0, 0
+	for _, rc := range m.Recipients {
+		switch rc.State {
+		case Pending:
+			pending++
+		case Failed:
+			failed++
+		}
+	}
+	switch {
+	case pending == 0 && failed == 0:
+		out.state, out.done = "delivered", true
+	case pending == 0:
+		out.state, out.done = "failed", true
+	case now.Sub(m.Received) >= s.MaxAge:
+		for i := range m.Recipients {
+			rc := &m.Recipients[i]
+			if rc.State != Pending {
+				continue
+			}
+			last := rc.Reply
+			if last == "" {
+				last = m.LastReply
+			}
+			rc.State = Failed
+			rc.Reply = fmt.Sprintf("expired after %s in queue; last reply: %s", s.MaxAge, last)
+		}
+		out.state, out.done = "expired", true
+	default:
+		out.state = "deferred"
+	}
+	return out
+}
+
+func (s *Scheduler) log(m Message, out outcome) {
+	attrs := []any{
+		"queue_id", m.ID, "msg_id", m.MessageID, "user", m.User,
+		"attempts", m.Attempts,
+		"delivered", out.delivered, "failed", out.failed, "deferred", out.deferred,
+	}
+	level := slog.LevelInfo
+	if out.state != "delivered" {
+		level = slog.LevelWarn
+	}
+	if !out.done {
+		attrs = append(attrs, "next_attempt", m.NextAttempt)
+	}
+	attrs = append(attrs, "reply", m.LastReply)
+	// The message is the outcome, so that "deferred" or "expired" is what an
+	// operator greps for.
+	s.Logger.Log(context.Background(), level, out.state, attrs...)
+}
+
+// Shutdown stops claiming messages and waits for in-flight deliveries to
+// finish. If ctx ends first, it cancels them, waits for their outcome to be
+// recorded (a cancelled recipient stays queued for a retry) and returns
+// ctx's error. Run returns ErrSchedulerClosed.
+func (s *Scheduler) Shutdown(ctx context.Context) error {
+	s.init()
+	s.mu.Lock()
+	s.stopped = true
+	started := s.started
+	s.mu.Unlock()
+	s.stopOnce.Do(func() { close(s.stop) })
+
+	done := make(chan struct{})
+	go func() {
+		if started {
+			<-s.loopDone // no worker starts after the loop has returned
+		}
+		s.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		s.cancel()
+		return nil
+	case <-ctx.Done():
+		s.cancel()
+		<-done
+		return ctx.Err()
+	}
+}
+
+// Close stops the scheduler at once: it cancels in-flight deliveries and
+// returns when their outcome is recorded.
+func (s *Scheduler) Close() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := s.Shutdown(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,549 @@
+package queue
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
+)
+
+// ErrNotFound is returned for a queue ID that is not in the store.
+var ErrNotFound = errors.New("queue: message not found")
+
+// ErrLocked is returned by Open when another process holds the file.
+var ErrLocked = errors.New("locked by another process")
+
+// Bucket names. Keys of dueBucket sort by time (big-endian UnixNano ‖ ID),
+// so the scheduler finds due messages with a cursor from the start.
+var (
+	metaBucket    = []byte("meta")    // "schema" → schemaVersion
+	msgsBucket    = []byte("msgs")    // ID → record (recordVersion ‖ JSON)
+	bodiesBucket  = []byte("bodies")  // ID → message bytes
+	dueBucket     = []byte("due")     // be64(NextAttempt) ‖ ID → empty
+	claimedBucket = []byte("claimed") // ID → empty, while an attempt is in progress
+)
+
+var schemaKey = []byte("schema")
+
+const (
+	schemaVersion = 1
+	recordVersion = 1
+)
+
+// Options tunes a Store. The zero value is usable.
+type Options struct {
+	// LockTimeout bounds the wait for bbolt's file lock, so a second
+	// process fails fast instead of hanging. Default 1s.
+	LockTimeout time.Duration
+	// MaxBatchDelay is the group-commit window: concurrent Puts arriving
+	// within it share one transaction and one fsync. Default 2ms.
+	MaxBatchDelay time.Duration
+}
+
+// Store is the bbolt-backed message store. Its methods are safe for
+// concurrent use.
+type Store struct {
+	db        *bolt.DB
+	path      string
+	recovered int
+
+	// wake tells the scheduler that a new message is due now. Buffered
+	// with capacity 1: one pending signal is enough to make it look.
+	wake chan struct{}
+}
+
+// record is what msgsBucket holds for a message.
+type record struct {
+	Message
+	// Claimed marks an attempt in progress. Found set at Open, it means the
+	// process stopped mid-delivery and the outcome of that attempt is unknown.
+	Claimed bool `json:"claimed,omitempty"`
+}
+
+// Open opens or creates the queue file at path.
+func Open(path string, opts Options) (*Store, error) {
+	if opts.LockTimeout <= 0 {
+		opts.LockTimeout = time.Second
+	}
+	if opts.MaxBatchDelay <= 0 {
+		opts.MaxBatchDelay = 2 * time.Millisecond
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("queue: create directory: %w", err)
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: opts.LockTimeout})
+	if errors.Is(err, berrors.ErrTimeout) {
+		return nil, fmt.Errorf("queue: %s is %w", path, ErrLocked)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("queue: open %s: %w", path, err)
+	}
+	db.MaxBatchDelay = opts.MaxBatchDelay
+
+	s := &Store{db: db, path: path, wake: make(chan struct{}, 1)}
+	if err := db.Update(s.prepare); err != nil {
+		db.Close()
+		return nil, storageError("open "+path, err)
+	}
+	return s, nil
+}
+
+// prepare creates the buckets, checks the schema version and clears the
+// claims left by a process that stopped mid-delivery, counting them.
+func (s *Store) prepare(tx *bolt.Tx) error {
+	for _, name := range [][]byte{metaBucket, msgsBucket, bodiesBucket, dueBucket, claimedBucket} {
+		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+			return err
+		}
+	}
+	meta := tx.Bucket(metaBucket)
+	switch v := meta.Get(schemaKey); {
+	case v == nil:
+		if err := meta.Put(schemaKey, []byte{schemaVersion}); err != nil {
+			return err
+		}
+	case len(v) != 1 || v[0] != schemaVersion:
+		return fmt.Errorf("unsupported schema version %x", v)
+	}
+
+	claimed := tx.Bucket(claimedBucket)
+	var ids [][]byte
+	if err := claimed.ForEach(func(k, _ []byte) error {
+		ids = append(ids, bytes.Clone(k))
+		return nil
+	}); err != nil {
+		return err
+	}
+	msgs := tx.Bucket(msgsBucket)
+	for _, id := range ids {
+		if err := claimed.Delete(id); err != nil {
+			return err
+		}
+		v := msgs.Get(id)
+		if v == nil {
+			continue
+		}
+		rec, err := decodeRecord(v)
+		if err != nil {
+			continue // left for an operator; claim() skips it too
+		}
+		rec.Claimed = false
+		if err := putRecord(msgs, rec); err != nil {
+			return err
+		}
+		s.recovered++
+	}
+	return nil
+}
+
+// Recovered returns how many messages Open found with an attempt in
+// progress: the previous process stopped while delivering them. Each is
+// retried when due and may reach its recipients twice (at-least-once).
+func (s *Store) Recovered() int { return s.recovered }
+
+// Close closes the file. It waits for transactions in progress.
+func (s *Store) Close() error {
+	if err := s.db.Close(); err != nil {
+		return fmt.Errorf("queue: close: %w", err)
+	}
+	return nil
+}
+
+// NewID returns a random queue ID: 16 lowercase hex characters.
+func NewID() string {
+	var b [8]byte
+	rand.Read(b[:]) // never fails; see crypto/rand.Read
+	return hex.EncodeToString(b[:])
+}
+
+// Put stores m and its body durably and makes the message due at once. It
+// fills in m.ID (if empty), m.Received (if zero), m.Size (if zero) and
+// m.NextAttempt, and sets every recipient Pending. It returns only after
+// the data is fsynced; concurrent Puts share one commit.
+func (s *Store) Put(ctx context.Context, m *Message, body []byte) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("queue: put: %w", err)
+	}
+	if len(m.Recipients) == 0 {
+		return errors.New("queue: put: message has no recipients")
+	}
+	// Everything random or clock-dependent is decided here, outside the
+	// transaction, because Batch may run the function more than once.
+	if m.ID == "" {
+		m.ID = NewID()
+	}
+	if m.Received.IsZero() {
+		m.Received = time.Now()
+	}
+	m.Received = m.Received.Round(0) // drop the monotonic reading: it is not stored
+	m.NextAttempt = m.Received
+	if m.Size == 0 {
+		m.Size = int64(len(body))
+	}
+	for i := range m.Recipients {
+		m.Recipients[i].State = Pending
+	}
+	v, err := encodeRecord(&record{Message: *m})
+	if err != nil {
+		return fmt.Errorf("queue: put: %w", err)
+	}
+	id := []byte(m.ID)
+	due := dueKey(m.NextAttempt, m.ID)
+
+	err = s.db.Batch(func(tx *bolt.Tx) error {
+		msgs := tx.Bucket(msgsBucket)
+		if msgs.Get(id) != nil {
+			return fmt.Errorf("message %s already exists", m.ID)
+		}
+		if err := msgs.Put(id, v); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bodiesBucket).Put(id, body); err != nil {
+			return err
+		}
+		return tx.Bucket(dueBucket).Put(due, nil)
+	})
+	if err != nil {
+		return storageError("put "+m.ID, err)
+	}
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// Get returns the message with the given queue ID, or ErrNotFound.
+func (s *Store) Get(id string) (*Message, error) {
+	var m *Message
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(msgsBucket).Get([]byte(id))
+		if v == nil {
+			return ErrNotFound
+		}
+		rec, err := decodeRecord(v)
+		if err != nil {
+			return err
+		}
+		m = &rec.Message
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("queue: get %s: %w", id, err)
+	}
+	return m, nil
+}
+
+// Body returns a copy of the stored message bytes, or ErrNotFound.
+func (s *Store) Body(id string) ([]byte, error) {
+	var body []byte
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bodiesBucket).Get([]byte(id))
+		if v == nil {
+			return ErrNotFound
+		}
+		body = bytes.Clone(v) // v is only valid inside the transaction
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("queue: body %s: %w", id, err)
+	}
+	return body, nil
+}
+
+// List returns every queued message, oldest first.
+func (s *Store) List() ([]Message, error) {
+	var out []Message
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(msgsBucket).ForEach(func(k, v []byte) error {
+			rec, err := decodeRecord(v)
+			if err != nil {
+				return fmt.Errorf("record %s: %w", k, err)
+			}
+			out = append(out, rec.Message)
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("queue: list: %w", err)
+	}
+	slices.SortFunc(out, func(a, b Message) int {
+		if c := a.Received.Compare(b.Received); c != 0 {
+			return c
+		}
+		return strings.Compare(a.ID, b.ID)
+	})
+	return out, nil
+}
+
+// Len returns the number of queued messages.
+func (s *Store) Len() (int, error) {
+	var n int
+	err := s.db.View(func(tx *bolt.Tx) error {
+		n = tx.Bucket(msgsBucket).Stats().KeyN
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("queue: len: %w", err)
+	}
+	return n, nil
+}
+
+// delivery is a claimed message with its body, ready for a worker.
+type delivery struct {
+	msg  Message
+	body []byte
+}
+
+// claim takes up to limit due messages (NextAttempt ≤ now) whose ID skip
+// does not reject, and records the attempt before any delivery starts:
+// Attempts+1, LastAttempt = now, NextAttempt = next(Attempts), Claimed.
+// It returns the claimed messages, the earliest NextAttempt among the
+// messages left (zero if none), and the IDs of unreadable records, which
+// it takes out of the due index so they are not retried in a loop.
+func (s *Store) claim(now time.Time, limit int, skip func(id string) bool, next func(attempts int) time.Time) (out []delivery, wake time.Time, bad []string, err error) {
+	now = now.Round(0)
+	// Look first in a read transaction: a pass that finds nothing to claim
+	// costs no write and no fsync.
+	err = s.db.View(func(tx *bolt.Tx) error {
+		due := tx.Bucket(dueBucket)
+		if len(dueHits(due, now, limit, skip)) == 0 {
+			wake = nextWake(due, skip, nil)
+			return errNothingDue
+		}
+		return nil
+	})
+	if errors.Is(err, errNothingDue) {
+		return nil, wake, nil, nil
+	}
+	if err != nil {
+		return nil, time.Time{}, nil, storageError("claim", err)
+	}
+
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		out, wake, bad = nil, time.Time{}, nil
+		msgs, bodies := tx.Bucket(msgsBucket), tx.Bucket(bodiesBucket)
+		due, claimed := tx.Bucket(dueBucket), tx.Bucket(claimedBucket)
+
+		hits := dueHits(due, now, limit, skip)
+		taken := make(map[string]bool, len(hits))
+		for _, h := range hits {
+			if err := due.Delete(h.key); err != nil {
+				return err
+			}
+			if h.id == "" {
+				continue // malformed key
+			}
+			id := []byte(h.id)
+			v, body := msgs.Get(id), bodies.Get(id)
+			if v == nil {
+				continue // stale index entry
+			}
+			rec, err := decodeRecord(v)
+			if err != nil || rec.ID != h.id || body == nil {
+				bad = append(bad, h.id)
+				continue
+			}
+			// The record's own index entry may differ from h.key if the
+			// index held a stale duplicate; keep exactly one entry.
+			if err := due.Delete(dueKey(rec.NextAttempt, rec.ID)); err != nil {
+				return err
+			}
+			rec.Attempts++
+			rec.LastAttempt = now
+			rec.NextAttempt = next(rec.Attempts).Round(0)
+			rec.Claimed = true
+			if err := putRecord(msgs, rec); err != nil {
+				return err
+			}
+			if err := due.Put(dueKey(rec.NextAttempt, rec.ID), nil); err != nil {
+				return err
+			}
+			if err := claimed.Put(id, nil); err != nil {
+				return err
+			}
+			out = append(out, delivery{msg: rec.Message, body: bytes.Clone(body)})
+			taken[h.id] = true
+		}
+		wake = nextWake(due, skip, taken)
+		return nil
+	})
+	if err != nil {
+		return nil, time.Time{}, nil, storageError("claim", err)
+	}
+	return out, wake, bad, nil
+}
+
+// errNothingDue ends claim's read-only look early.
+var errNothingDue = errors.New("nothing due")
+
+// dueHit is a due index entry; id is "" for a malformed key.
+type dueHit struct {
+	key []byte
+	id  string
+}
+
+// dueHits returns up to limit index entries due at now, in time order,
+// leaving out the IDs skip rejects. Keys are copied, so the caller may
+// change the bucket afterwards (a bbolt cursor must not be used across
+// Put or Delete).
+func dueHits(due *bolt.Bucket, now time.Time, limit int, skip func(id string) bool) []dueHit {
+	var hits []dueHit
+	c := due.Cursor()
+	for k, _ := c.First(); k != nil && len(hits) < limit; k, _ = c.Next() {
+		at, id, ok := parseDueKey(k)
+		if ok && at > now.UnixNano() {
+			break // keys sort by time: nothing later is due
+		}
+		if ok && skip(id) {
+			continue
+		}
+		hits = append(hits, dueHit{bytes.Clone(k), id})
+	}
+	return hits
+}
+
+// nextWake returns the due time of the earliest message neither skipped
+// nor just taken, or zero if there is none. Messages in progress are left
+// out: their worker wakes the scheduler when it finishes.
+func nextWake(due *bolt.Bucket, skip func(id string) bool, taken map[string]bool) time.Time {
+	c := due.Cursor()
+	for k, _ := c.First(); k != nil; k, _ = c.Next() {
+		at, id, ok := parseDueKey(k)
+		if ok && !taken[id] && !skip(id) {
+			return time.Unix(0, at)
+		}
+	}
+	return time.Time{}
+}
+
+// finish ends the attempt on message id: update changes the message (it may
+// run more than once, on a fresh copy each time) and reports whether the
+// message is done and leaves the queue. finish returns the message as
+// stored (or as it was when removed).
+func (s *Store) finish(id string, update func(m *Message) (remove bool)) (m Message, removed bool, err error) {
+	key := []byte(id)
+	err = s.db.Batch(func(tx *bolt.Tx) error {
+		msgs, due := tx.Bucket(msgsBucket), tx.Bucket(dueBucket)
+		v := msgs.Get(key)
+		if v == nil {
+			return ErrNotFound
+		}
+		rec, err := decodeRecord(v)
+		if err != nil {
+			return err
+		}
+		oldDue := dueKey(rec.NextAttempt, id)
+		rec.Claimed = false
+		removed = update(&rec.Message)
+		m = rec.Message
+		if err := tx.Bucket(claimedBucket).Delete(key); err != nil {
+			return err
+		}
+		if removed {
+			if err := msgs.Delete(key); err != nil {
+				return err
+			}
+			if err := tx.Bucket(bodiesBucket).Delete(key); err != nil {
+				return err
+			}
+			return due.Delete(oldDue)
+		}
+		if newDue := dueKey(rec.NextAttempt, id); !bytes.Equal(newDue, oldDue) {
+			if err := due.Delete(oldDue); err != nil {
+				return err
+			}
+			if err := due.Put(newDue, nil); err != nil {
+				return err
+			}
+		}
+		return putRecord(msgs, rec)
+	})
+	if err != nil {
+		return Message{}, false, storageError("finish "+id, err)
+	}
+	return m, removed, nil
+}
+
+func putRecord(b *bolt.Bucket, rec *record) error {
+	v, err := encodeRecord(rec)
+	if err != nil {
+		return err
+	}
+	return b.Put([]byte(rec.ID), v)
+}
+
+func encodeRecord(rec *record) ([]byte, error) {
+	j, err := json.Marshal(rec)
+	if err != nil {
+		return nil, fmt.Errorf("encode record: %w", err)
+	}
+	return append([]byte{recordVersion}, j...), nil
+}
+
+func decodeRecord(b []byte) (*record, error) {
+	if len(b) == 0 {
+		return nil, errors.New("decode record: empty")
+	}
+	if b[0] != recordVersion {
+		return nil, fmt.Errorf("decode record: unknown version %d", b[0])
+	}
+	var rec record
+	if err := json.Unmarshal(b[1:], &rec); err != nil {
+		return nil, fmt.Errorf("decode record: %w", err)
+	}
+	if rec.ID == "" {
+		return nil, errors.New("decode record: no id")
+	}
+	if len(rec.Recipients) == 0 {
+		return nil, errors.New("decode record: no recipients")
+	}
+	return &rec, nil
+}
+
+// decodeMessage decodes a stored record. It returns an error, never
+// panics, on any input; FuzzDecodeMessage holds it to that.
+func decodeMessage(b []byte) (*Message, error) {
+	rec, err := decodeRecord(b)
+	if err != nil {
+		return nil, err
+	}
+	return &rec.Message, nil
+}
+
+func dueKey(t time.Time, id string) []byte {
+	k := make([]byte, 8, 8+len(id))
+	binary.BigEndian.PutUint64(k, uint64(t.UnixNano()))
+	return append(k, id...)
+}
+
+func parseDueKey(k []byte) (unixNano int64, id string, ok bool) {
+	if len(k) <= 8 {
+		return 0, "", false
+	}
+	return int64(binary.BigEndian.Uint64(k[:8])), string(k[8:]), true
+}
+
+// storageError wraps err for op. bbolt loses the cause of a failed file
+// resize (it formats it with %s), so a full disk is recognised by its
+// text there and re-attached, keeping errors.Is(err, syscall.ENOSPC) true
+// for callers that answer 452 4.3.1 on a full disk.
+func storageError(op string, err error) error {
+	if !errors.Is(err, syscall.ENOSPC) && strings.Contains(err.Error(), syscall.ENOSPC.Error()) {
+		return fmt.Errorf("queue: %s: %w (%w)", op, syscall.ENOSPC, err)
+	}
+	return fmt.Errorf("queue: %s: %w", op, err)
+}
