@@ -320,9 +320,6 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 		return "", errStorage
 	}
 	attrs := []any{"queue_id", id, "msg_id", msgID, "from", from, "rcpts", len(rcpts), "size", len(body)}
-	if s.user != nil {
-		attrs = append(attrs, "user", s.user.Name)
-	}
 	if st, ok := s.conn.TLSConnectionState(); ok {
 		attrs = append(attrs, "tls", tls.VersionName(st.Version))
 	}

@@ -1,0 +1,210 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"smarthost/queue"
+	"smarthost/relay"
+)
+
+// shutdownTimeout bounds a graceful stop, under Kubernetes' 30 s grace.
+const shutdownTimeout = 25 * time.Second
+
+func runCheckConfig(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("check-config", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("config", defaultConfigPath(), "configuration file")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	cfg, err := LoadConfig(*path)
+	if err != nil {
+		printConfigErrors(stderr, *path, err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "%s: OK (%d listeners, %d users, %d upstreams, %d routes)\n",
+		cfg.Path, len(cfg.Listeners), len(cfg.Users), len(cfg.Upstreams), len(cfg.Routes))
+	return 0
+}
+
+func printConfigErrors(w io.Writer, path string, err error) {
+	var errs ConfigErrors
+	if errors.As(err, &errs) {
+		fmt.Fprintf(w, "%s: %d problem(s):\n", path, len(errs))
+		for _, e := range errs {
+			fmt.Fprintf(w, "  %s\n", e.Error())
+		}
+		return
+	}
+	fmt.Fprintf(w, "%s: %v\n", path, err)
+}
+
+func runServe(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("config", defaultConfigPath(), "configuration file")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	cfg, err := LoadConfig(*path)
+	if err != nil {
+		printConfigErrors(stderr, *path, err)
+		return 1
+	}
+	logger := newLogger(cfg.LogFormat, cfg.LogLevel, stderr)
+	inst, err := start(cfg, logger)
+	if err != nil {
+		logger.Error("start failed", "error", err)
+		return 1
+	}
+	logger.Info("smarthost started", "version", buildVersion(), "listeners", inst.addrs(), "queue", cfg.Queue.Path, "queued", inst.queued())
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	for {
+		select {
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				logger.Warn("SIGHUP received; configuration reload is not supported by this version, restart to apply changes")
+				continue
+			}
+			logger.Info("shutting down", "signal", sig.String())
+			ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+			err := inst.shutdown(ctx)
+			cancel()
+			if err != nil {
+				logger.Error("shutdown", "error", err)
+				return 1
+			}
+			logger.Info("stopped")
+			return 0
+		case err := <-inst.failed:
+			logger.Error("server failed", "error", err)
+			ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+			inst.shutdown(ctx)
+			cancel()
+			return 1
+		}
+	}
+}
+
+func newLogger(format string, level slog.Level, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: level}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// instance is a running relay: queue, scheduler and submission server.
+type instance struct {
+	log    *slog.Logger
+	store  *queue.Store
+	sched  *queue.Scheduler
+	srv    *relay.Server
+	failed chan error // a component stopped on its own
+	done   chan struct{}
+}
+
+// start opens the queue, starts delivery and binds the listeners.
+func start(cfg *Config, logger *slog.Logger) (*instance, error) {
+	var tlsConfig *tls.Config
+	if cfg.TLSCertFile != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLSCertFile, cfg.TLSKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("tls certificate: %w", err)
+		}
+		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	store, err := queue.Open(cfg.Queue.Path, queue.Options{})
+	if err != nil {
+		return nil, err
+	}
+	if n := store.Recovered(); n > 0 {
+		logger.Warn("resuming deliveries interrupted by a crash; these may be delivered twice", "messages", n)
+	}
+	deliverer := &relay.Deliverer{
+		Hostname:  cfg.Hostname,
+		Upstreams: cfg.Upstreams,
+		Routes:    cfg.Routes,
+		Logger:    logger,
+	}
+	sched := &queue.Scheduler{
+		Store:    store,
+		Deliver:  deliverer.Deliver,
+		Workers:  cfg.Queue.Workers,
+		RetryMin: cfg.Queue.RetryMin,
+		RetryMax: cfg.Queue.RetryMax,
+		MaxAge:   cfg.Queue.MaxAge,
+		Logger:   logger,
+	}
+	srv := &relay.Server{
+		Hostname:  cfg.Hostname,
+		Listeners: cfg.Listeners,
+		TLSConfig: tlsConfig,
+		Users:     cfg.Users,
+		Limits:    cfg.Limits,
+		Queue:     store,
+		Routable: func(from string) bool {
+			_, ok := deliverer.Route(from)
+			return ok
+		},
+		Logger: logger,
+	}
+	if err := srv.Listen(); err != nil {
+		store.Close()
+		return nil, err
+	}
+	inst := &instance{log: logger, store: store, sched: sched, srv: srv, failed: make(chan error, 2), done: make(chan struct{})}
+	go func() {
+		if err := sched.Run(); err != nil {
+			inst.failed <- fmt.Errorf("scheduler: %w", err)
+		}
+	}()
+	go func() {
+		if err := srv.Serve(); err != nil {
+			inst.failed <- fmt.Errorf("smtp: %w", err)
+		}
+	}()
+	return inst, nil
+}
+
+func (in *instance) addrs() []string {
+	var out []string
+	for _, a := range in.srv.Addrs() {
+		out = append(out, a.String())
+	}
+	return out
+}
+
+func (in *instance) queued() int {
+	n, _ := in.store.Len()
+	return n
+}
+
+// shutdown stops in the order of STYLE.md: listeners and transactions,
+// then deliveries (finished or left queued), then the database.
+func (in *instance) shutdown(ctx context.Context) error {
+	var errs []error
+	if err := in.srv.Shutdown(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("smtp: %w", err))
+	}
+	if err := in.sched.Shutdown(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("scheduler: %w", err))
+	}
+	if err := in.store.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("queue: %w", err))
+	}
+	return errors.Join(errs...)
+}
