@@ -1,0 +1,110 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestDemo runs `smarthost demo` as the README says, sends the test message
+// with the curl command line it prints, and finds the delivered message in
+// the folder it names.
+func TestDemo(t *testing.T) {
+	curl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Fatal("curl is needed for this test (make test installs it)")
+	}
+	dir := t.TempDir()
+	cmd := exec.Command(binary, "demo", "-listen", "127.0.0.1:0", "-dir", dir)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); close(exited) }()
+	defer func() {
+		cmd.Process.Signal(syscall.SIGKILL)
+		<-exited
+	}()
+
+	var curlLine, deliveredDir string
+	lines := make(chan string)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	timeout := time.After(60 * time.Second)
+	for deliveredDir == "" {
+		select {
+		case line, ok := <-lines:
+			if !ok {
+				t.Fatalf("demo output ended early; stderr:\n%s", stderr.String())
+			}
+			line = strings.TrimSpace(line)
+			if strings.HasPrefix(line, "curl ") {
+				curlLine = line
+			}
+			if rest, ok := strings.CutPrefix(line, "Delivered messages appear in "); ok {
+				deliveredDir = strings.TrimSuffix(rest, "/")
+			}
+		case <-timeout:
+			t.Fatalf("demo printed no instructions; stderr:\n%s", stderr.String())
+		}
+	}
+	go func() {
+		for range lines {
+		}
+	}()
+	if curlLine == "" {
+		t.Fatal("no curl command line printed")
+	}
+	out, err := exec.Command("sh", "-c", strings.Replace(curlLine, "curl ", curl+" --silent --show-error ", 1)).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s\n%v: %s\nstderr:\n%s", curlLine, err, out, stderr.String())
+	}
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		files, _ := filepath.Glob(filepath.Join(deliveredDir, "*.eml"))
+		if len(files) > 0 {
+			data, err := os.ReadFile(files[0])
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, want := range []string{"Subject: Hello from smarthost", "(smarthost) with ESMTPSA id ", "It works"} {
+				if !bytes.Contains(data, []byte(want)) {
+					t.Errorf("delivered message lacks %q:\n%s", want, data)
+				}
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing delivered to %s; stderr:\n%s", deliveredDir, stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-exited:
+		if waitErr != nil {
+			t.Errorf("demo exit: %v", waitErr)
+		}
+	case <-time.After(20 * time.Second):
+		t.Error("demo did not stop on SIGTERM")
+	}
+}

@@ -1,0 +1,405 @@
+// Package e2e runs the built smarthost binary as a subprocess against real
+// SMTP clients and go-smtp upstreams on loopback.
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/tls"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/textproto"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"text/template"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+	"golang.org/x/crypto/bcrypt"
+
+	"smarthost/internal/testpki"
+)
+
+// binary is the smarthost executable built once for all tests.
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "smarthost-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binary = filepath.Join(dir, "smarthost")
+	build := exec.Command("go", "build", "-race", "-o", binary, "../cmd/smarthost")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "building smarthost:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+const (
+	userName     = "e2e"
+	userPassword = "e2e-secret-password"
+	upUser       = "relay@example.com"
+	upPassword   = "upstream-app-password"
+	upPassEnv    = "E2E_UPSTREAM_PASSWORD"
+)
+
+// relayConfig fills config.tmpl.
+type relayConfig struct {
+	Dir          string
+	PKI          *testpki.PKI
+	UserHash     string
+	UpstreamAddr string
+	UpstreamTLS  string
+	RetryMin     string
+	Extra        string
+}
+
+var configTmpl = template.Must(template.New("config").Parse(`
+hostname = "relay.e2e"
+log_format = "json"
+log_level = "debug"
+
+[queue]
+path = "{{.Dir}}/queue.db"
+retry_min = "{{.RetryMin}}"
+retry_max = "2s"
+max_age = "1h"
+
+[tls]
+cert_file = "{{.PKI.CertFile}}"
+key_file = "{{.PKI.KeyFile}}"
+
+[[listen]]
+address = "127.0.0.1:0"
+tls = "starttls"
+auth = "required"
+
+[limits]
+max_message_size = "10MB"
+
+[[user]]
+name = "e2e"
+password_hash = "{{.UserHash}}"
+allowed_from = ["*@example.com"]
+
+[[upstream]]
+name = "up"
+address = "{{.UpstreamAddr}}"
+tls = "{{.UpstreamTLS}}"
+username = "relay@example.com"
+password_env = "E2E_UPSTREAM_PASSWORD"
+ca_file = "{{.PKI.CAFile}}"
+max_connections = 4
+
+[[route]]
+from_domain = "*"
+upstreams = ["up"]
+{{.Extra}}
+`))
+
+// writeConfig writes a configuration into a new directory and returns its path.
+func writeConfig(t *testing.T, rc relayConfig) string {
+	t.Helper()
+	if rc.Dir == "" {
+		rc.Dir = t.TempDir()
+	}
+	if rc.RetryMin == "" {
+		rc.RetryMin = "1s"
+	}
+	if rc.UpstreamTLS == "" {
+		rc.UpstreamTLS = "implicit"
+	}
+	hash, err := bcrypt.GenerateFromPassword([]byte(userPassword), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.UserHash = string(hash)
+	var buf bytes.Buffer
+	if err := configTmpl.Execute(&buf, rc); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(rc.Dir, "config.toml")
+	if err := os.WriteFile(path, buf.Bytes(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// relay is a running smarthost process.
+type relay struct {
+	t       *testing.T
+	cmd     *exec.Cmd
+	logPath string
+	addr    string // submission listener
+	exited  chan struct{}
+}
+
+// startRelay runs `smarthost serve` and waits until it listens.
+func startRelay(t *testing.T, configPath string) *relay {
+	t.Helper()
+	logPath := filepath.Join(filepath.Dir(configPath), fmt.Sprintf("relay-%d.log", time.Now().UnixNano()))
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(binary, "serve", "-config", configPath)
+	cmd.Env = append(os.Environ(), upPassEnv+"="+upPassword)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	logFile.Close()
+	r := &relay{t: t, cmd: cmd, logPath: logPath, exited: make(chan struct{})}
+	go func() { cmd.Wait(); close(r.exited) }()
+	t.Cleanup(func() {
+		r.kill()
+		if t.Failed() {
+			t.Logf("relay log %s:\n%s", logPath, tail(logPath, 60))
+		}
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if line := r.findLog("smarthost started"); line != nil {
+			addrs, _ := line["listeners"].([]any)
+			if len(addrs) > 0 {
+				r.addr = addrs[0].(string)
+				return r
+			}
+		}
+		select {
+		case <-r.exited:
+			t.Fatalf("relay exited at start:\n%s", tail(logPath, 40))
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	t.Fatalf("relay did not start:\n%s", tail(logPath, 40))
+	return nil
+}
+
+// findLog returns the last JSON log line whose msg is msg.
+func (r *relay) findLog(msg string) map[string]any {
+	var found map[string]any
+	for _, line := range r.logLines() {
+		if line["msg"] == msg {
+			found = line
+		}
+	}
+	return found
+}
+
+func (r *relay) logLines() []map[string]any {
+	data, err := os.ReadFile(r.logPath)
+	if err != nil {
+		return nil
+	}
+	var out []map[string]any
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var m map[string]any
+		if json.Unmarshal(sc.Bytes(), &m) == nil {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// waitLog waits for a log line with msg and the given attribute values.
+func (r *relay) waitLog(msg string, attrs map[string]string, timeout time.Duration) map[string]any {
+	r.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+	lines:
+		for _, line := range r.logLines() {
+			if line["msg"] != msg {
+				continue
+			}
+			for k, v := range attrs {
+				if fmt.Sprint(line[k]) != v {
+					continue lines
+				}
+			}
+			return line
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	r.t.Fatalf("no log %q %v within %s:\n%s", msg, attrs, timeout, tail(r.logPath, 40))
+	return nil
+}
+
+// kill ends the process with SIGKILL and waits for it.
+func (r *relay) kill() {
+	if r.cmd.Process != nil {
+		r.cmd.Process.Signal(syscall.SIGKILL)
+	}
+	<-r.exited
+}
+
+// stop sends SIGTERM and waits for a clean exit.
+func (r *relay) stop() {
+	r.t.Helper()
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-r.exited:
+	case <-time.After(30 * time.Second):
+		r.t.Fatal("relay did not stop after SIGTERM")
+	}
+	if code := r.cmd.ProcessState.ExitCode(); code != 0 {
+		r.t.Fatalf("relay exit code %d", code)
+	}
+}
+
+func tail(path string, n int) string {
+	data, _ := os.ReadFile(path)
+	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// submitter is an authenticated SMTP client of the relay.
+type submitter struct {
+	c *smtp.Client
+}
+
+func connect(t *testing.T, addr string, pki *testpki.PKI) *submitter {
+	t.Helper()
+	c, err := smtp.DialStartTLS(addr, pki.ClientTLS())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Auth(sasl.NewPlainClient("", userName, userPassword)); err != nil {
+		c.Close()
+		t.Fatal(err)
+	}
+	return &submitter{c: c}
+}
+
+var queuedAs = regexp.MustCompile(`^2\.0\.0 OK queued as ([0-9a-f]+)$`)
+
+// send submits one message and returns the queue ID from the 250 reply.
+func (s *submitter) send(from string, to []string, msg string) (string, error) {
+	if err := s.c.Mail(from, nil); err != nil {
+		return "", err
+	}
+	for _, r := range to {
+		if err := s.c.Rcpt(r, nil); err != nil {
+			return "", err
+		}
+	}
+	w, err := s.c.Data()
+	if err != nil {
+		return "", err
+	}
+	if _, err := io.WriteString(w, msg); err != nil {
+		return "", err
+	}
+	resp, err := w.CloseWithResponse()
+	if err != nil {
+		return "", err
+	}
+	m := queuedAs.FindStringSubmatch(resp.StatusText)
+	if m == nil {
+		return "", fmt.Errorf("unexpected 250 text %q", resp.StatusText)
+	}
+	return m[1], nil
+}
+
+func (s *submitter) close() { s.c.Quit(); s.c.Close() }
+
+// freeAddr returns a loopback address nothing listens on (for an upstream
+// that is down and later comes up there).
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// queueIDOf finds the relay's queue ID in the Received: field it added.
+var receivedID = regexp.MustCompile(`by relay\.e2e \(smarthost\) with ESMTPSA id ([0-9a-f]+);`)
+
+func queueIDOf(data []byte) string {
+	m := receivedID.FindSubmatch(data)
+	if m == nil {
+		return ""
+	}
+	return string(m[1])
+}
+
+// rawClient speaks SMTP line by line over an authenticated TLS session,
+// for tests that must control every byte.
+type rawClient struct {
+	t  *testing.T
+	tp *textproto.Conn
+	w  io.Writer
+}
+
+func dialRaw(t *testing.T, addr string, pki *testpki.PKI) *rawClient {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	c := &rawClient{t: t, tp: textproto.NewConn(conn), w: conn}
+	if code, msg := c.read(); code != 220 {
+		t.Fatalf("greeting %d %s", code, msg)
+	}
+	c.expect(250, "EHLO raw.test")
+	c.expect(220, "STARTTLS")
+	tc := tls.Client(conn, pki.ClientTLS())
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	c.tp, c.w = textproto.NewConn(tc), tc
+	c.expect(250, "EHLO raw.test")
+	c.expect(235, "AUTH PLAIN %s", base64.StdEncoding.EncodeToString([]byte("\x00"+userName+"\x00"+userPassword)))
+	return c
+}
+
+func (c *rawClient) read() (int, string) {
+	code, msg, err := c.tp.ReadResponse(0)
+	if err != nil && code == 0 {
+		return 0, err.Error()
+	}
+	return code, msg
+}
+
+func (c *rawClient) expect(want int, format string, args ...any) {
+	c.t.Helper()
+	if err := c.tp.PrintfLine(format, args...); err != nil {
+		c.t.Fatal(err)
+	}
+	if code, msg := c.read(); code != want {
+		c.t.Fatalf("%s: %d %s, want %d", fmt.Sprintf(format, args...), code, msg, want)
+	}
+}
+
+func (c *rawClient) write(s string) {
+	c.t.Helper()
+	if _, err := io.WriteString(c.w, s); err != nil {
+		c.t.Fatal(err)
+	}
+}
