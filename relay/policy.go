@@ -1,9 +1,6 @@
 package relay
 
-import (
-	"strings"
-	"unicode/utf8"
-)
+import "strings"
 
 // SenderAllowed reports whether addr matches one of the allowed_from
 // patterns: an exact address, "*@domain" for a whole domain, or "*" for any
@@ -42,14 +39,16 @@ func DomainOf(addr string) string {
 }
 
 // validPath reports whether an envelope address is safe to store and to
-// copy into headers and upstream commands: valid UTF-8, no control
-// characters, no angle brackets, and a non-empty local part and domain.
+// copy into headers and upstream commands: printable ASCII (the relay does
+// not offer SMTPUTF8, so RFC 6531 addresses cannot be passed on), no angle
+// brackets or spaces, and a non-empty local part and domain.
 func validPath(addr string) bool {
-	if addr == "" || len(addr) > 320 || !utf8.ValidString(addr) {
+	if addr == "" || len(addr) > 320 {
 		return false
 	}
-	for _, r := range addr {
-		if r < 0x20 || r == 0x7f || r == '<' || r == '>' || r == ' ' {
+	for i := 0; i < len(addr); i++ {
+		c := addr[i]
+		if c <= 0x20 || c >= 0x7f || c == '<' || c == '>' {
 			return false
 		}
 	}

@@ -390,7 +390,7 @@ func TestRefusals(t *testing.T) {
 		c := dial(t, env.addrs[0])
 		c.login(env.pki)
 		c.expect(250, "MAIL FROM:<app@example.com>")
-		for _, rcpt := range []string{"bob", "bob@", "\xff\xfe@example.net", "bob\x01@example.net"} {
+		for _, rcpt := range []string{"bob", "bob@", "\xff\xfe@example.net", "bob\x01@example.net", "josé@example.net"} {
 			if code, msg := c.cmd("RCPT TO:<%s>", rcpt); code/100 != 5 {
 				t.Errorf("RCPT %q: %d %s", rcpt, code, msg)
 			}

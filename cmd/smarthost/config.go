@@ -436,18 +436,7 @@ func (p *configParser) users(root *configTable) ([]relay.User, []allowedFrom) {
 	seen := map[string]string{}
 	for _, t := range tables {
 		var u relay.User
-		if name, ok := t.str("name"); ok {
-			if name == "" {
-				t.errorf("name", "must not be empty")
-			} else if prev, dup := seen[name]; dup {
-				t.errorf("name", "%q is already used by %s", name, prev)
-			} else {
-				seen[name] = t.path
-			}
-			u.Name = name
-		} else if !t.has("name") {
-			t.errorf("name", "required")
-		}
+		u.Name = t.uniqueName(seen)
 		if t.has("password") {
 			t.errorf("password", "plaintext passwords are not accepted; store a bcrypt hash from `smarthost passwd` in password_hash")
 		}
@@ -553,18 +542,7 @@ func (p *configParser) upstreams(root *configTable) ([]relay.Upstream, map[strin
 	seen := map[string]string{}
 	for _, t := range tables {
 		u := relay.Upstream{}
-		if name, ok := t.str("name"); ok {
-			if name == "" {
-				t.errorf("name", "must not be empty")
-			} else if prev, dup := seen[name]; dup {
-				t.errorf("name", "%q is already used by %s", name, prev)
-			} else {
-				seen[name] = t.path
-			}
-			u.Name = name
-		} else if !t.has("name") {
-			t.errorf("name", "required")
-		}
+		u.Name = t.uniqueName(seen)
 		addrOK := false
 		if a, ok := t.str("address"); ok {
 			if err := checkHostPort(a, true); err != nil {
@@ -903,6 +881,27 @@ func (t *configTable) typeError(k, want string, v any) {
 
 // str returns the string at k; ok is false when k is absent or not a
 // string (the latter is recorded).
+// uniqueName reads the required "name" key and checks it against the names
+// of the earlier tables of the same kind in seen.
+func (t *configTable) uniqueName(seen map[string]string) string {
+	name, ok := t.str("name")
+	switch {
+	case !ok:
+		if !t.has("name") {
+			t.errorf("name", "required")
+		}
+	case name == "":
+		t.errorf("name", "must not be empty")
+	default:
+		if prev, dup := seen[name]; dup {
+			t.errorf("name", "%q is already used by %s", name, prev)
+		} else {
+			seen[name] = t.path
+		}
+	}
+	return name
+}
+
 func (t *configTable) str(k string) (string, bool) {
 	v, present := t.get(k)
 	if !present {

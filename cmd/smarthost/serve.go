@@ -20,17 +20,27 @@ import (
 // shutdownTimeout bounds a graceful stop, under Kubernetes' 30 s grace.
 const shutdownTimeout = 25 * time.Second
 
-func runCheckConfig(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("check-config", flag.ContinueOnError)
+// loadFromFlags parses a command's -config flag and loads that file. On
+// failure it has reported the problems and returns the exit code.
+func loadFromFlags(command string, args []string, stderr io.Writer) (*Config, int) {
+	fs := flag.NewFlagSet(command, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	path := fs.String("config", defaultConfigPath(), "configuration file")
+	path := fs.String("config", defaultConfigPath(), "configuration file (env SMARTHOST_CONFIG)")
 	if err := fs.Parse(args); err != nil {
-		return 2
+		return nil, 2
 	}
 	cfg, err := LoadConfig(*path)
 	if err != nil {
 		printConfigErrors(stderr, *path, err)
-		return 1
+		return nil, 1
+	}
+	return cfg, 0
+}
+
+func runCheckConfig(args []string, stdout, stderr io.Writer) int {
+	cfg, code := loadFromFlags("check-config", args, stderr)
+	if cfg == nil {
+		return code
 	}
 	fmt.Fprintf(stdout, "%s: OK (%d listeners, %d users, %d upstreams, %d routes)\n",
 		cfg.Path, len(cfg.Listeners), len(cfg.Users), len(cfg.Upstreams), len(cfg.Routes))
@@ -50,16 +60,9 @@ func printConfigErrors(w io.Writer, path string, err error) {
 }
 
 func runServe(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	path := fs.String("config", defaultConfigPath(), "configuration file")
-	if err := fs.Parse(args); err != nil {
-		return 2
-	}
-	cfg, err := LoadConfig(*path)
-	if err != nil {
-		printConfigErrors(stderr, *path, err)
-		return 1
+	cfg, code := loadFromFlags("serve", args, stderr)
+	if cfg == nil {
+		return code
 	}
 	logger := newLogger(cfg.LogFormat, cfg.LogLevel, stderr)
 	inst, err := start(cfg, logger)
