@@ -3,6 +3,8 @@ package relay
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
@@ -17,8 +19,10 @@ import (
 	"testing"
 	"time"
 
+	msgauthdkim "github.com/emersion/go-msgauth/dkim"
 	"golang.org/x/crypto/bcrypt"
 
+	"smarthost/dkim"
 	"smarthost/internal/testpki"
 	"smarthost/queue"
 )
@@ -634,5 +638,42 @@ func TestShutdown(t *testing.T) {
 	}
 	if len(env.q.all()) != 1 {
 		t.Fatal("message not queued")
+	}
+}
+
+func TestSignedAtDoor(t *testing.T) {
+	_, key, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := dkim.Key{Domain: "example.com", Selector: "door", Signer: key}
+	signer, err := dkim.New([]dkim.Key{k}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := startServer(t, func(s *Server) { s.Signer = signer })
+	c := dial(t, env.addrs[0])
+	c.login(env.pki)
+	// Bare LFs in the body: signing happens after normalisation, so the
+	// signature covers the bytes that will be sent.
+	if code, msg := c.send("app@example.com", []string{"bob@example.net"}, "From: app@example.com\nSubject: signed\n\nbare\nlines\r\n"); code != 250 {
+		t.Fatalf("%d %s", code, msg)
+	}
+	if code, msg := c.send("x@notify.example.com", []string{"bob@example.net"}, "From: x@notify.example.com\r\n\r\nno key\r\n"); code != 250 {
+		t.Fatalf("%d %s", code, msg)
+	}
+	got := env.q.all()
+	if !bytes.HasPrefix(got[0].body, []byte("DKIM-Signature: ")) {
+		t.Fatalf("not signed first:\n%s", got[0].body)
+	}
+	record, _ := dkim.RecordValue(key.Public())
+	vs, err := msgauthdkim.VerifyWithOptions(bytes.NewReader(got[0].body), &msgauthdkim.VerifyOptions{
+		LookupTXT: func(string) ([]string, error) { return []string{record}, nil },
+	})
+	if err != nil || len(vs) != 1 || vs[0].Err != nil || vs[0].Domain != "example.com" {
+		t.Fatalf("verification: %v %+v", err, vs)
+	}
+	if bytes.Contains(got[1].body, []byte("DKIM-Signature")) {
+		t.Error("message without a key for its From: domain was signed")
 	}
 }

@@ -292,13 +292,17 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 	d := door{buf: buf, start: headroom}
 	d.prepend(fields)
 
+	signed := false
 	if s.srv.Signer != nil {
+		// Signed once, here, over the final bytes: the stored message is
+		// what every attempt sends, so a retry never re-signs.
 		sig, err := s.srv.Signer.Sign(DomainOf(headerFrom), d.bytes())
 		if err != nil {
 			s.log.Error("signing failed", "queue_id", id, "error", err)
 			return "", errInternal
 		}
 		d.prepend(sig)
+		signed = len(sig) > 0
 	}
 	body := d.bytes()
 
@@ -319,7 +323,7 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 		s.log.Error("queue write failed", "queue_id", id, "error", err)
 		return "", errStorage
 	}
-	attrs := []any{"queue_id", id, "msg_id", msgID, "from", from, "rcpts", len(rcpts), "size", len(body)}
+	attrs := []any{"queue_id", id, "msg_id", msgID, "from", from, "rcpts", len(rcpts), "size", len(body), "dkim_signed", signed}
 	if st, ok := s.conn.TLSConnectionState(); ok {
 		attrs = append(attrs, "tls", tls.VersionName(st.Version))
 	}
