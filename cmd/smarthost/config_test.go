@@ -1,8 +1,11 @@
 package main
 
 import (
-	"crypto/ed25519"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
@@ -19,6 +22,7 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
+	"smarthost/dkim"
 	"smarthost/internal/testpki"
 	"smarthost/relay"
 )
@@ -27,7 +31,11 @@ import (
 type testFiles struct {
 	pki       *testpki.PKI
 	otherKey  string // a key that does not match pki.CertFile
-	dkimKey   string
+	dkimKey   string // Ed25519, PKCS#8
+	dkimRSA   string // RSA-1024, PKCS#8
+	dkimPKCS1 string // the same RSA key, PKCS#1
+	dkimECDSA string // a P-256 key: a type DKIM does not sign with
+	dkimSmall string // RSA-768, under the minimum
 	pwFile    string // "s3cret\n"
 	emptyFile string
 	missing   string // a path that does not exist
@@ -40,15 +48,30 @@ func newTestFiles(t *testing.T) *testFiles {
 	f := &testFiles{pki: testpki.New(t), missing: filepath.Join(dir, "missing")}
 	_, _, f.otherKey = f.pki.Issue(t, "other", "other.test")
 
-	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	ed, err := dkim.GenerateKey("ed25519", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	der, err := x509.MarshalPKCS8PrivateKey(priv)
+	f.dkimKey = writeKey(t, dir, "dkim-ed25519.key", ed)
+	// 1024 bits, the minimum, keeps key generation fast under -race.
+	rsaKey, err := dkim.GenerateKey("rsa", 1024)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.dkimKey = writeFile(t, dir, "dkim.key", string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})))
+	f.dkimRSA = writeKey(t, dir, "dkim-rsa.key", rsaKey)
+	f.dkimPKCS1 = writeFile(t, dir, "dkim-rsa-pkcs1.key", string(pem.EncodeToMemory(&pem.Block{
+		Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(rsaKey.(*rsa.PrivateKey)),
+	})))
+	ec, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.dkimECDSA = writeKey(t, dir, "dkim-ecdsa.key", ec)
+	// Go refuses to generate RSA keys under 1024 bits; this one was made
+	// with openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:768.
+	if f.dkimSmall, err = filepath.Abs("testdata/rsa-768.key"); err != nil {
+		t.Fatal(err)
+	}
 	f.pwFile = writeFile(t, dir, "password", "s3cret\n")
 	f.emptyFile = writeFile(t, dir, "empty", "")
 	h, err := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.MinCost)
@@ -57,6 +80,16 @@ func newTestFiles(t *testing.T) *testFiles {
 	}
 	f.hash = string(h)
 	return f
+}
+
+// writeKey writes k as PKCS#8 PEM.
+func writeKey(t *testing.T, dir, name string, k crypto.Signer) string {
+	t.Helper()
+	data, err := dkim.MarshalKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return writeFile(t, dir, name, string(data))
 }
 
 func writeFile(t *testing.T, dir, name, data string) string {
@@ -76,6 +109,10 @@ func (f *testFiles) expand(s string) string {
 		"{{OTHERKEY}}", f.otherKey,
 		"{{CA}}", f.pki.CAFile,
 		"{{DKIM}}", f.dkimKey,
+		"{{DKIMRSA}}", f.dkimRSA,
+		"{{DKIMPKCS1}}", f.dkimPKCS1,
+		"{{DKIMECDSA}}", f.dkimECDSA,
+		"{{DKIMSMALL}}", f.dkimSmall,
 		"{{PWFILE}}", f.pwFile,
 		"{{EMPTY}}", f.emptyFile,
 		"{{MISSING}}", f.missing,
@@ -259,7 +296,22 @@ allowed_from = ["Billing@Example.COM", "*@Notify.example.com", "*"]
 [[dkim]]
 domain = "Example.com"
 selector = "s2026"
+key_file = "{{DKIMRSA}}"
+
+[[dkim]]
+domain = "example.com."
+selector = "Ed2026"
 key_file = "{{DKIM}}"
+headers = ["From", "To", "Subject", "list-unsubscribe"]
+canonicalization = "simple"
+expiration = "168h"
+subdomains = true
+
+[[dkim]]
+domain = "example.org"
+selector = "old.keys"
+key_file = "{{DKIMPKCS1}}"
+canonicalization = "simple/relaxed"
 
 [[upstream]]
 name = "primary"
@@ -324,10 +376,17 @@ admin_token_env = "SMARTHOST_TEST_ADMIN"
 	if !reflect.DeepEqual(cfg.Users, wantUsers) {
 		t.Errorf("users = %+v, want %+v", cfg.Users, wantUsers)
 	}
-	wantDKIM := []DKIMConfig{{Domain: "example.com", Selector: "s2026", KeyFile: f.dkimKey}}
-	if !reflect.DeepEqual(cfg.DKIM, wantDKIM) {
-		t.Errorf("dkim = %+v, want %+v", cfg.DKIM, wantDKIM)
+	wantDKIM := []dkim.Key{
+		{Domain: "example.com", Selector: "s2026", Signer: loadKey(t, f.dkimRSA),
+			HeaderCanonicalization: "relaxed", BodyCanonicalization: "relaxed"},
+		{Domain: "example.com", Selector: "Ed2026", Signer: loadKey(t, f.dkimKey),
+			Headers:                []string{"From", "To", "Subject", "list-unsubscribe"},
+			HeaderCanonicalization: "simple", BodyCanonicalization: "simple",
+			Expiration: 168 * time.Hour, Subdomains: true},
+		{Domain: "example.org", Selector: "old.keys", Signer: loadKey(t, f.dkimPKCS1),
+			HeaderCanonicalization: "simple", BodyCanonicalization: "relaxed"},
 	}
+	requireKeys(t, cfg.DKIM, wantDKIM)
 
 	if len(cfg.Upstreams) != 2 {
 		t.Fatalf("upstreams = %+v", cfg.Upstreams)
@@ -365,6 +424,34 @@ admin_token_env = "SMARTHOST_TEST_ADMIN"
 	}
 	if cfg.HTTPAddress != ":9091" || cfg.AdminTokenEnv != "SMARTHOST_TEST_ADMIN" {
 		t.Errorf("http = %q %q", cfg.HTTPAddress, cfg.AdminTokenEnv)
+	}
+}
+
+func loadKey(t *testing.T, path string) crypto.Signer {
+	t.Helper()
+	k, err := dkim.LoadKey(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// requireKeys compares keys field by field, the private keys with Equal.
+func requireKeys(t *testing.T, got, want []dkim.Key) {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("got %d DKIM keys, want %d: %+v", len(got), len(want), got)
+	}
+	for i := range want {
+		g, w := got[i], want[i]
+		eq, ok := g.Signer.(interface{ Equal(crypto.PrivateKey) bool })
+		if g.Signer == nil || !ok || !eq.Equal(w.Signer) {
+			t.Errorf("dkim[%d].Signer is not the key of the file", i)
+		}
+		g.Signer, w.Signer = nil, nil
+		if !reflect.DeepEqual(g, w) {
+			t.Errorf("dkim[%d] = %+v\nwant    %+v", i, g, w)
+		}
 	}
 }
 
@@ -454,13 +541,6 @@ func TestParseConfigRules(t *testing.T) {
 		{"allowed_from empty domain", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*@\"]"}, "user[0].allowed_from[0]", "not a domain"},
 		{"allowed_from unroutable", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"a@example.com\", \"*@Other.com\"]"}, "user[0].allowed_from[1]", `add a [[route]] with from_domain = "other.com" or "*"`},
 		{"allowed_from star unroutable", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*\"]"}, "user[0].allowed_from[0]", `from_domain = "*"`},
-
-		// dkim
-		{"dkim selector missing", map[string]string{"dkim": "[[dkim]]\ndomain = \"example.com\"\nkey_file = \"{{DKIM}}\""}, "dkim[0].selector", "required"},
-		{"dkim domain missing", map[string]string{"dkim": "[[dkim]]\nselector = \"s\"\nkey_file = \"{{DKIM}}\""}, "dkim[0].domain", "required"},
-		{"dkim key unreadable", map[string]string{"dkim": "[[dkim]]\ndomain = \"example.com\"\nselector = \"s\"\nkey_file = \"{{MISSING}}\""}, "dkim[0].key_file", "no such file"},
-		{"dkim key empty", map[string]string{"dkim": "[[dkim]]\ndomain = \"example.com\"\nselector = \"s\"\nkey_file = \"{{EMPTY}}\""}, "dkim[0].key_file", "empty"},
-		{"dkim domain duplicate", map[string]string{"dkim": "[[dkim]]\ndomain = \"example.com\"\nselector = \"s\"\nkey_file = \"{{DKIM}}\"\n[[dkim]]\ndomain = \"EXAMPLE.com\"\nselector = \"t\"\nkey_file = \"{{DKIM}}\""}, "dkim[1].domain", "already has a key"},
 
 		// upstreams
 		{"no upstream", map[string]string{"upstream": "", "route": "", "user": ""}, "upstream", "at least one"},
@@ -683,7 +763,8 @@ func exampleConfig(t *testing.T, f *testFiles) string {
 	text := strings.NewReplacer(
 		"/etc/smarthost/tls.crt", f.pki.CertFile,
 		"/etc/smarthost/tls.key", f.pki.KeyFile,
-		"/etc/smarthost/dkim/example.com.key", f.dkimKey,
+		"/etc/smarthost/dkim/example.com.key", f.dkimRSA,
+		"/etc/smarthost/dkim/example.com.ed25519.key", f.dkimKey,
 		"/run/secrets/yandex", f.pwFile,
 		"/etc/ssl/private-ca.pem", f.pki.CAFile,
 	).Replace(string(data))
@@ -698,7 +779,7 @@ func TestExampleConfig(t *testing.T) {
 	t.Run("as shipped", func(t *testing.T) {
 		cfg := mustParse(t, text)
 		if cfg.Hostname != "relay.example.com" || len(cfg.Listeners) != 2 || len(cfg.Users) != 1 ||
-			len(cfg.DKIM) != 1 || len(cfg.Upstreams) != 2 || len(cfg.Routes) != 2 {
+			len(cfg.DKIM) != 2 || len(cfg.Upstreams) != 2 || len(cfg.Routes) != 2 {
 			t.Errorf("unexpected shape: %+v", cfg)
 		}
 		if cfg.Upstreams[0].Password != "app-password" || cfg.Upstreams[1].Password != "s3cret" {
@@ -725,6 +806,33 @@ func TestExampleConfig(t *testing.T) {
 			len(cfg.Listeners[0].TrustedNetworks) != 1 {
 			t.Errorf("commented keys not applied: %+v", cfg)
 		}
+		if k := cfg.DKIM[0]; k.Headers == nil || k.Expiration == 0 || !k.Subdomains {
+			t.Errorf("commented [[dkim]] keys not applied: %+v", k)
+		}
+	})
+
+	t.Run("as shipped dkim", func(t *testing.T) {
+		cfg := mustParse(t, text)
+		want := []dkim.Key{
+			{Domain: "example.com", Selector: "s2026", Signer: loadKey(t, f.dkimRSA),
+				HeaderCanonicalization: "relaxed", BodyCanonicalization: "relaxed"},
+			{Domain: "example.com", Selector: "ed2026", Signer: loadKey(t, f.dkimKey),
+				HeaderCanonicalization: "relaxed", BodyCanonicalization: "relaxed"},
+		}
+		requireKeys(t, cfg.DKIM, want)
+	})
+
+	// The default header set is documented field by field.
+	t.Run("documents the default headers", func(t *testing.T) {
+		var comments []string
+		for _, line := range strings.Split(text, "\n") {
+			if _, c, ok := strings.Cut(line, "#"); ok {
+				comments = append(comments, strings.TrimSpace(c))
+			}
+		}
+		if !strings.Contains(strings.Join(comments, " "), "The default set is "+strings.Join(dkim.DefaultHeaders, ", ")+".") {
+			t.Errorf("config.toml.example does not list the default headers %q", dkim.DefaultHeaders)
+		}
 	})
 
 	t.Run("documents every key", func(t *testing.T) {
@@ -735,7 +843,7 @@ func TestExampleConfig(t *testing.T) {
 			"name", "address", "tls", "auth", "trusted_networks", "allow_public_networks",
 			"max_message_size", "max_recipients", "max_connections", "auth_failures_per_ip", "read_timeout", "data_timeout",
 			"password_hash", "allowed_from",
-			"domain", "selector",
+			"domain", "selector", "headers", "canonicalization", "expiration", "subdomains",
 			"username", "password_env", "password_file", "ca_file", "rate_limit",
 			"from_domain", "upstreams",
 			"admin_token_env",
@@ -749,6 +857,133 @@ func TestExampleConfig(t *testing.T) {
 			if !slices.Contains(strings.Split(text, "\n"), section) && !strings.Contains(text, "\n"+section+" ") {
 				t.Errorf("config.toml.example has no %s", section)
 			}
+		}
+	})
+}
+
+// dkimEntry is a valid [[dkim]] table with extra lines appended.
+func dkimEntry(extra string) string {
+	return "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"{{DKIMRSA}}\"\n" + extra
+}
+
+// TestParseConfigDKIMRules breaks one [[dkim]] rule per case and checks
+// that the error names the exact key and, for key files, the problem.
+func TestParseConfigDKIMRules(t *testing.T) {
+	f := newTestFiles(t)
+	keyFile := func(path string) string {
+		return "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"" + path + "\""
+	}
+	tests := []struct {
+		name     string
+		dkim     string
+		key, msg string // msg may hold {{…}} placeholders
+	}{
+		{"domain missing", "[[dkim]]\nselector = \"s1\"\nkey_file = \"{{DKIMRSA}}\"", "dkim[0].domain", "required"},
+		{"domain invalid", "[[dkim]]\ndomain = \"exa mple.com\"\nselector = \"s1\"\nkey_file = \"{{DKIMRSA}}\"", "dkim[0].domain", "not a domain name"},
+		{"domain wildcard", "[[dkim]]\ndomain = \"*.example.com\"\nselector = \"s1\"\nkey_file = \"{{DKIMRSA}}\"", "dkim[0].domain", "not a domain name"},
+		{"domain wrong type", "[[dkim]]\ndomain = 1\nselector = \"s1\"\nkey_file = \"{{DKIMRSA}}\"", "dkim[0].domain", "must be a string"},
+		{"selector missing", "[[dkim]]\ndomain = \"example.com\"\nkey_file = \"{{DKIMRSA}}\"", "dkim[0].selector", "required"},
+		{"selector underscore", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s_1\"\nkey_file = \"{{DKIMRSA}}\"", "dkim[0].selector", "not a valid DNS label"},
+		{"selector empty label", "[[dkim]]\ndomain = \"example.com\"\nselector = \"a..b\"\nkey_file = \"{{DKIMRSA}}\"", "dkim[0].selector", "not a valid DNS label"},
+		{"domain and selector duplicate", dkimEntry("") + "[[dkim]]\ndomain = \"EXAMPLE.com\"\nselector = \"S1\"\nkey_file = \"{{DKIM}}\"", "dkim[1].selector", "already used by dkim[0]"},
+
+		{"key_file missing", "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"", "dkim[0].key_file", "required"},
+		{"key_file empty path", keyFile(""), "dkim[0].key_file", "must not be empty"},
+		{"key_file does not exist", keyFile("{{MISSING}}"), "dkim[0].key_file", "{{MISSING}}: no such file"},
+		{"key_file unreadable", keyFile("{{DIR}}"), "dkim[0].key_file", "is a directory"},
+		{"key_file empty", keyFile("{{EMPTY}}"), "dkim[0].key_file", "{{EMPTY}}: no PEM block"},
+		{"key_file not PEM", keyFile("{{PWFILE}}"), "dkim[0].key_file", "{{PWFILE}}: no PEM block"},
+		{"key_file a certificate", keyFile("{{CERT}}"), "dkim[0].key_file", `"CERTIFICATE" is not a private key`},
+		{"key_file ECDSA", keyFile("{{DKIMECDSA}}"), "dkim[0].key_file", "{{DKIMECDSA}}: unsupported key type *ecdsa.PublicKey"},
+		{"key_file RSA under 1024 bits", keyFile("{{DKIMSMALL}}"), "dkim[0].key_file", "{{DKIMSMALL}}: RSA key has 768 bits, at least 1024"},
+
+		{"headers without From", dkimEntry(`headers = ["To", "Subject"]`), "dkim[0].headers", "must include From"},
+		{"headers empty", dkimEntry(`headers = []`), "dkim[0].headers", "must include From"},
+		{"headers bad name", dkimEntry(`headers = ["From", "X Bad"]`), "dkim[0].headers[1]", `"X Bad" is not a header field name`},
+		{"headers colon", dkimEntry(`headers = ["From:"]`), "dkim[0].headers[0]", "not a header field name"},
+		{"headers not an array", dkimEntry(`headers = "From"`), "dkim[0].headers", "must be an array of strings"},
+		{"headers element type", dkimEntry(`headers = ["From", 3]`), "dkim[0].headers[1]", "must be a string"},
+		{"canonicalization unknown", dkimEntry(`canonicalization = "relaxed/strict"`), "dkim[0].canonicalization", `"relaxed/strict": want`},
+		{"canonicalization empty", dkimEntry(`canonicalization = ""`), "dkim[0].canonicalization", "want"},
+		{"canonicalization half", dkimEntry(`canonicalization = "relaxed/"`), "dkim[0].canonicalization", "want"},
+		{"canonicalization upper case", dkimEntry(`canonicalization = "Relaxed"`), "dkim[0].canonicalization", "want"},
+		{"expiration zero", dkimEntry(`expiration = "0s"`), "dkim[0].expiration", "must be positive"},
+		{"expiration negative", dkimEntry(`expiration = "-1h"`), "dkim[0].expiration", "must be positive"},
+		{"expiration junk", dkimEntry(`expiration = "a week"`), "dkim[0].expiration", "not a duration"},
+		{"expiration within max_age", dkimEntry(`expiration = "24h"`), "dkim[0].expiration", "must be longer than queue.max_age (120h0m0s)"},
+		{"subdomains wrong type", dkimEntry(`subdomains = "yes"`), "dkim[0].subdomains", "true or false"},
+		{"unknown key", dkimEntry(`algorithm = "rsa"`), "dkim[0].algorithm", "unknown key"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			text := strings.ReplaceAll(f.config(map[string]string{"dkim": tt.dkim}), "{{DIR}}", t.TempDir())
+			errs := parseErrors(t, text)
+			requireError(t, errs, tt.key, f.expand(tt.msg))
+		})
+	}
+}
+
+// TestParseConfigDKIMAccepted covers the [[dkim]] forms that must load:
+// both key encodings and types, every canonicalization, and several keys
+// for one domain.
+func TestParseConfigDKIMAccepted(t *testing.T) {
+	f := newTestFiles(t)
+	for _, tt := range []struct {
+		value        string
+		header, body string
+	}{
+		{"relaxed/relaxed", "relaxed", "relaxed"},
+		{"relaxed/simple", "relaxed", "simple"},
+		{"simple/relaxed", "simple", "relaxed"},
+		{"simple/simple", "simple", "simple"},
+		// One name is the header algorithm; the body is simple (RFC 6376
+		// section 3.5, c= tag).
+		{"relaxed", "relaxed", "simple"},
+		{"simple", "simple", "simple"},
+	} {
+		t.Run("canonicalization "+tt.value, func(t *testing.T) {
+			cfg := mustParse(t, f.config(map[string]string{"dkim": dkimEntry(`canonicalization = "` + tt.value + `"`)}))
+			if k := cfg.DKIM[0]; k.HeaderCanonicalization != tt.header || k.BodyCanonicalization != tt.body {
+				t.Errorf("%q gave %s/%s, want %s/%s", tt.value, k.HeaderCanonicalization, k.BodyCanonicalization, tt.header, tt.body)
+			}
+		})
+	}
+
+	t.Run("defaults", func(t *testing.T) {
+		cfg := mustParse(t, f.config(map[string]string{"dkim": dkimEntry("")}))
+		want := []dkim.Key{{Domain: "example.com", Selector: "s1", Signer: loadKey(t, f.dkimRSA),
+			HeaderCanonicalization: "relaxed", BodyCanonicalization: "relaxed"}}
+		requireKeys(t, cfg.DKIM, want)
+	})
+
+	// RSA beside Ed25519, and an old and a new selector during a
+	// rotation: four keys, one domain.
+	t.Run("several keys for one domain", func(t *testing.T) {
+		var entries strings.Builder
+		for _, e := range []struct{ sel, file string }{
+			{"rsa2025", "{{DKIMPKCS1}}"}, {"ed2025", "{{DKIM}}"}, {"rsa2026", "{{DKIMRSA}}"}, {"ed2026", "{{DKIM}}"},
+		} {
+			entries.WriteString("[[dkim]]\ndomain = \"example.com\"\nselector = \"" + e.sel + "\"\nkey_file = \"" + e.file + "\"\n")
+		}
+		cfg := mustParse(t, f.config(map[string]string{"dkim": entries.String()}))
+		if len(cfg.DKIM) != 4 {
+			t.Fatalf("got %d keys, want 4", len(cfg.DKIM))
+		}
+		// The set must build a signer that signs with all four.
+		s, err := dkim.New(cfg.DKIM, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := len(s.KeysFor("example.com")); got != 4 {
+			t.Errorf("signer has %d keys for example.com, want 4", got)
+		}
+	})
+
+	t.Run("same selector in two domains", func(t *testing.T) {
+		text := f.config(map[string]string{"dkim": dkimEntry("") +
+			"[[dkim]]\ndomain = \"example.org\"\nselector = \"s1\"\nkey_file = \"{{DKIM}}\""})
+		if cfg := mustParse(t, text); len(cfg.DKIM) != 2 {
+			t.Errorf("got %d keys, want 2", len(cfg.DKIM))
 		}
 	})
 }

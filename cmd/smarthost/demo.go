@@ -25,6 +25,7 @@ import (
 	"github.com/emersion/go-smtp"
 	"golang.org/x/crypto/bcrypt"
 
+	"smarthost/dkim"
 	"smarthost/relay"
 )
 
@@ -76,6 +77,10 @@ func demo(ctx context.Context, listen, dir string, logger *slog.Logger, stdout i
 	if err != nil {
 		return err
 	}
+	dkimKey, dkimFile, dkimZone, err := writeDemoDKIMKey(dir)
+	if err != nil {
+		return err
+	}
 	password := randomHex(8)
 	hash, err := bcrypt.GenerateFromPassword([]byte(password), bcrypt.DefaultCost)
 	if err != nil {
@@ -103,6 +108,7 @@ func demo(ctx context.Context, listen, dir string, logger *slog.Logger, stdout i
 		Users:     []relay.User{{Name: "demo", PasswordHash: hash, AllowedFrom: []string{"*@example.com"}}},
 		Upstreams: []relay.Upstream{{Name: "local", Address: up.addr, TLS: relay.TLSNone, MaxConnections: 4}},
 		Routes:    []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
+		DKIM:      []dkim.Key{dkimKey},
 	}
 	inst, err := start(cfg, logger)
 	if err != nil {
@@ -126,6 +132,10 @@ func demo(ctx context.Context, listen, dir string, logger *slog.Logger, stdout i
   senders     *@example.com
   upstream    %[4]s  built in: writes each delivered message to a file
   queue       %[5]s
+  dkim key    %[8]s
+
+DKIM: messages from *@example.com are signed (d=%[9]s, s=%[10]s); the record to publish:
+  %[11]s
 
 Send a test message:
 
@@ -136,7 +146,8 @@ or with swaks:
   swaks --server %[1]s --tls --tls-ca-path %[2]s --auth PLAIN --auth-user demo --auth-password '%[3]s' --from demo@example.com --to friend@example.net
 
 Delivered messages appear in %[7]s/
-`, addr, certFile, password, up.addr, cfg.Queue.Path, sample, deliveredDir)
+`, addr, certFile, password, up.addr, cfg.Queue.Path, sample, deliveredDir,
+		dkimFile, dkimKey.Domain, dkimKey.Selector, dkimZone)
 
 	<-ctx.Done()
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
@@ -148,6 +159,31 @@ func randomHex(n int) string {
 	b := make([]byte, n)
 	rand.Read(b)
 	return hex.EncodeToString(b)
+}
+
+// writeDemoDKIMKey writes a fresh RSA-2048 signing key for example.com
+// into dir and returns it with its file and the zone line that would
+// publish it.
+func writeDemoDKIMKey(dir string) (key dkim.Key, file, zone string, err error) {
+	signer, err := dkim.GenerateKey("rsa", 2048)
+	if err != nil {
+		return key, "", "", err
+	}
+	pemData, err := dkim.MarshalKey(signer)
+	if err != nil {
+		return key, "", "", err
+	}
+	key = dkim.Key{Domain: "example.com", Selector: "demo", Signer: signer}
+	zone, err = dkim.ZoneRecord(key.Domain, key.Selector, signer.Public())
+	if err != nil {
+		return key, "", "", err
+	}
+	file = filepath.Join(dir, "dkim-example.com.key")
+	// A folder reused with -dir gets a new key, like its new certificate.
+	if err := writeKeyFile(file, pemData, true); err != nil {
+		return key, "", "", err
+	}
+	return key, file, zone, nil
 }
 
 // writeSelfSigned writes a certificate for localhost and 127.0.0.1 with

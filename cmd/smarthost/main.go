@@ -21,6 +21,10 @@ Usage:
                                         run a self-contained demo on loopback
   smarthost check-config [-config PATH] validate a configuration, list every problem
   smarthost passwd [-cost N]            read a password, print its bcrypt hash
+  smarthost dkim keygen -domain D -selector S [-algo rsa|ed25519] [-bits 2048] -out FILE [-force]
+                                        write a DKIM key, print the DNS TXT record to publish
+  smarthost dkim check -domain D -selector S -key FILE [-record "v=DKIM1; …"]
+                                        tell whether the published record matches the key
   smarthost version                     print the version
 
 The configuration path defaults to $SMARTHOST_CONFIG, else /etc/smarthost/config.toml.
@@ -44,6 +48,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return runCheckConfig(args[1:], stdout, stderr)
 	case "passwd":
 		return runPasswd(args[1:], stdin, stdout, stderr)
+	case "dkim":
+		return runDKIM(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, "smarthost", buildVersion())
 		return 0

@@ -10,9 +10,11 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
 	"syscall"
 	"time"
 
+	"smarthost/dkim"
 	"smarthost/queue"
 	"smarthost/relay"
 )
@@ -42,8 +44,8 @@ func runCheckConfig(args []string, stdout, stderr io.Writer) int {
 	if cfg == nil {
 		return code
 	}
-	fmt.Fprintf(stdout, "%s: OK (%d listeners, %d users, %d upstreams, %d routes)\n",
-		cfg.Path, len(cfg.Listeners), len(cfg.Users), len(cfg.Upstreams), len(cfg.Routes))
+	fmt.Fprintf(stdout, "%s: OK (%d listeners, %d users, %d DKIM keys, %d upstreams, %d routes)\n",
+		cfg.Path, len(cfg.Listeners), len(cfg.Users), len(cfg.DKIM), len(cfg.Upstreams), len(cfg.Routes))
 	return 0
 }
 
@@ -130,6 +132,19 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		}
 		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
+	// A nil *dkim.Signer in the relay.Signer interface would not be nil:
+	// the field stays unset when there are no keys.
+	var signer relay.Signer
+	if len(cfg.DKIM) > 0 {
+		s, err := dkim.New(cfg.DKIM, nil)
+		if err != nil {
+			return nil, fmt.Errorf("dkim: %w", err)
+		}
+		signer = s
+		logger.Info("DKIM signing on", "keys", len(cfg.DKIM), "domains", dkimDomains(cfg.DKIM))
+	} else {
+		logger.Info("DKIM signing off: no [[dkim]] keys; messages are relayed unsigned")
+	}
 	store, err := queue.Open(cfg.Queue.Path, queue.Options{})
 	if err != nil {
 		return nil, err
@@ -159,6 +174,7 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		Users:     cfg.Users,
 		Limits:    cfg.Limits,
 		Queue:     store,
+		Signer:    signer,
 		Routable: func(from string) bool {
 			_, ok := deliverer.Route(from)
 			return ok
@@ -194,6 +210,24 @@ func (in *instance) addrs() []string {
 func (in *instance) queued() int {
 	n, _ := in.store.Len()
 	return n
+}
+
+// dkimDomains names what each key signs for, in configuration order:
+// "example.com" and, with subdomains, "*.example.com" too.
+func dkimDomains(keys []dkim.Key) []string {
+	var out []string
+	for _, k := range keys {
+		names := []string{k.Domain}
+		if k.Subdomains {
+			names = append(names, "*."+k.Domain)
+		}
+		for _, n := range names {
+			if !slices.Contains(out, n) {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
 }
 
 // shutdown stops in the order of STYLE.md: listeners and transactions,
