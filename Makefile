@@ -1,5 +1,7 @@
-# Test peers: "command:debian-package" pairs installed when missing.
-TEST_PEERS := curl:curl
+# Test peers installed from Debian when missing: "command:package" pairs,
+# and Python modules for Debian's /usr/bin/python3 as "module:package".
+TEST_PEERS := curl:curl python3:python3
+TEST_PYTHON_MODULES := dkim:python3-dkim nacl:python3-nacl
 
 .PHONY: test test-deps build demo
 
@@ -13,6 +15,9 @@ test-deps:
 	@missing=""; \
 	for pair in $(TEST_PEERS); do \
 		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	for pair in $(TEST_PYTHON_MODULES); do \
+		/usr/bin/python3 -c "import $${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \

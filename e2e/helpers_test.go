@@ -66,6 +66,8 @@ type relayConfig struct {
 	UpstreamAddr string
 	UpstreamTLS  string
 	RetryMin     string
+	MaxSize      string   // default "10MB"
+	AllowedFrom  []string // default *@example.com
 	Extra        string
 }
 
@@ -90,12 +92,12 @@ tls = "starttls"
 auth = "required"
 
 [limits]
-max_message_size = "10MB"
+max_message_size = "{{.MaxSize}}"
 
 [[user]]
 name = "e2e"
 password_hash = "{{.UserHash}}"
-allowed_from = ["*@example.com"]
+allowed_from = [{{range $i, $a := .AllowedFrom}}{{if $i}}, {{end}}"{{$a}}"{{end}}]
 
 [[upstream]]
 name = "up"
@@ -120,6 +122,12 @@ func writeConfig(t *testing.T, rc relayConfig) string {
 	}
 	if rc.RetryMin == "" {
 		rc.RetryMin = "1s"
+	}
+	if rc.MaxSize == "" {
+		rc.MaxSize = "10MB"
+	}
+	if len(rc.AllowedFrom) == 0 {
+		rc.AllowedFrom = []string{"*@example.com"}
 	}
 	if rc.UpstreamTLS == "" {
 		rc.UpstreamTLS = "implicit"
