@@ -3,13 +3,17 @@ package e2e
 import (
 	"bufio"
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	msgauth "github.com/emersion/go-msgauth/dkim"
 )
 
 // TestDemo runs `smarthost demo` as the README says, sends the test message
@@ -39,7 +43,7 @@ func TestDemo(t *testing.T) {
 		<-exited
 	}()
 
-	var curlLine, deliveredDir string
+	var curlLine, deliveredDir, zoneLine string
 	lines := make(chan string)
 	go func() {
 		sc := bufio.NewScanner(stdout)
@@ -58,6 +62,9 @@ func TestDemo(t *testing.T) {
 			line = strings.TrimSpace(line)
 			if strings.HasPrefix(line, "curl ") {
 				curlLine = line
+			}
+			if strings.HasPrefix(line, "demo._domainkey.example.com. IN TXT ") {
+				zoneLine = line
 			}
 			if rest, ok := strings.CutPrefix(line, "Delivered messages appear in "); ok {
 				deliveredDir = strings.TrimSuffix(rest, "/")
@@ -90,6 +97,22 @@ func TestDemo(t *testing.T) {
 				if !bytes.Contains(data, []byte(want)) {
 					t.Errorf("delivered message lacks %q:\n%s", want, data)
 				}
+			}
+			// The message verifies against the record the demo printed.
+			var record strings.Builder
+			for _, m := range regexp.MustCompile(`"([^"]*)"`).FindAllStringSubmatch(zoneLine, -1) {
+				record.WriteString(m[1])
+			}
+			vs, err := msgauth.VerifyWithOptions(bytes.NewReader(data), &msgauth.VerifyOptions{
+				LookupTXT: func(name string) ([]string, error) {
+					if name != "demo._domainkey.example.com" {
+						return nil, fmt.Errorf("unexpected lookup %s", name)
+					}
+					return []string{record.String()}, nil
+				},
+			})
+			if err != nil || len(vs) != 1 || vs[0].Err != nil || vs[0].Domain != "example.com" {
+				t.Errorf("demo signature against the printed record %q: %v %+v", zoneLine, err, vs)
 			}
 			break
 		}
