@@ -48,6 +48,13 @@ type Message struct {
 	LastAttempt time.Time   `json:"last_attempt,omitzero"`
 	NextAttempt time.Time   `json:"next_attempt"`
 	LastReply   string      `json:"last_reply,omitempty"`
+	// DSN marks a delivery status notification: it is routed by its
+	// recipient's domain and never bounced itself (RFC 3461 section 6.2).
+	DSN bool `json:"dsn,omitempty"`
+	// Held keeps the message out of delivery until it is released.
+	Held bool `json:"held,omitempty"`
+	// Warned records that a delay warning was sent for the message.
+	Warned bool `json:"warned,omitempty"`
 }
 
 // Pending returns the recipients that still wait for delivery.
@@ -67,4 +74,7 @@ type Result struct {
 	State    RcptState // Pending means a temporary failure: retry later
 	Reply    string    // the upstream's reply, or the local error text
 	Upstream string
+	// NotBefore, on a Pending result, asks for no retry before that time
+	// (an upstream's rate limit); it does not count as a failure.
+	NotBefore time.Time
 }

@@ -58,6 +58,18 @@ type Upstream struct {
 	// configured ca_file. Nil means system roots only.
 	RootCAs        *x509.CertPool
 	MaxConnections int
+	// RateLimit paces messages through the upstream; zero means none.
+	RateLimit Rate
+	// DSNFrom is the envelope sender for bounces sent through this
+	// upstream, for providers that refuse the null sender from an
+	// authenticated login; "" sends them from <>.
+	DSNFrom string
+}
+
+// Rate is at most N messages in any window of Per.
+type Rate struct {
+	N   int
+	Per time.Duration
 }
 
 // Route sends mail from a sender domain through upstreams, in order.
