@@ -1,5 +1,6 @@
 # Test peers installed from Debian when missing: "command:package" pairs,
-# and Python modules for Debian's /usr/bin/python3 as "module:package".
+# and Python modules for Debian's /usr/bin/python3 as "module:package"
+# (checked with -I, so that our own dkim/ folder does not pass for dkimpy).
 TEST_PEERS := curl:curl python3:python3
 TEST_PYTHON_MODULES := dkim:python3-dkim nacl:python3-nacl
 
@@ -17,7 +18,7 @@ test-deps:
 		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
 	for pair in $(TEST_PYTHON_MODULES); do \
-		/usr/bin/python3 -c "import $${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+		/usr/bin/python3 -I -c "import $${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \

@@ -28,7 +28,7 @@ const python = "/usr/bin/python3"
 // reaches the upstream carries signatures that both go-msgauth and dkimpy
 // verify, and that one changed body byte breaks them.
 func TestDKIMEndToEnd(t *testing.T) {
-	if out, err := exec.Command(python, "-c", "import dkim, nacl").CombinedOutput(); err != nil {
+	if out, err := exec.Command(python, "-I", "-c", "import dkim, nacl").CombinedOutput(); err != nil {
 		t.Fatalf("dkimpy is needed (make test installs python3-dkim and python3-nacl): %v %s", err, out)
 	}
 	dir := t.TempDir()
