@@ -55,6 +55,14 @@ type Message struct {
 	Held bool `json:"held,omitempty"`
 	// Warned records that a delay warning was sent for the message.
 	Warned bool `json:"warned,omitempty"`
+	// Paced counts the attempts, among Attempts, that were deferred only
+	// by an upstream's rate limit (every pending Result had NotBefore).
+	// They do not grow the retry backoff.
+	Paced int `json:"paced,omitempty"`
+	// InFlight reports, in what Store.Get and Store.List return, that a
+	// delivery attempt is in progress. It is not stored: the store derives
+	// it from its claims.
+	InFlight bool `json:"in_flight,omitempty"`
 }
 
 // Pending returns the recipients that still wait for delivery.

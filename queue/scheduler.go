@@ -21,6 +21,34 @@ var ErrSchedulerClosed = errors.New("queue: scheduler closed")
 // It must return soon after ctx is cancelled.
 type DeliverFunc func(ctx context.Context, m Message, body []byte) []Result
 
+// BounceKind says why a DSN is asked for.
+type BounceKind int
+
+const (
+	// BounceFailed asks for a DSN about recipients that failed for good:
+	// refused permanently by an upstream, or expired at MaxAge.
+	BounceFailed BounceKind = iota + 1
+	// BounceDelayed asks for a delay warning about recipients still
+	// pending after DelayWarning.
+	BounceDelayed
+)
+
+func (k BounceKind) String() string {
+	switch k {
+	case BounceFailed:
+		return "failed"
+	case BounceDelayed:
+		return "delayed"
+	}
+	return "unknown"
+}
+
+// BounceFunc builds a DSN for m about rcpts: the recipients that just
+// failed, or for BounceDelayed those still pending, with their last reply.
+// m is the message with this attempt's outcome applied; body is its
+// content. It returns nil to send none.
+type BounceFunc func(kind BounceKind, m Message, rcpts []Recipient, body []byte) (*Message, []byte)
+
 // Scheduler claims due messages from Store and delivers them with Deliver,
 // at most Workers at a time, retrying with exponential backoff until every
 // recipient is delivered or failed, or MaxAge has passed. Set the fields,
@@ -44,8 +72,19 @@ type Scheduler struct {
 	// Logger receives one line per delivery attempt. Default slog.Default().
 	Logger *slog.Logger
 	// OnDone, if set, is called once a message has no Pending recipient
-	// left, after it was removed from the store. Bounces hook in here.
+	// left, after it was removed from the store.
 	OnDone func(m Message)
+	// Bounce, if set, builds the DSNs: at the end of an attempt in which
+	// recipients failed for good (one DSN about them all), and for a delay
+	// warning. The DSN is stored in the transaction that records the
+	// attempt, so a crash neither loses nor repeats it. It is never asked
+	// for a null sender or for a DSN (RFC 3461 section 6.2), and whatever
+	// it returns is marked DSN.
+	Bounce BounceFunc
+	// DelayWarning, if positive, is the age after which an attempt that
+	// leaves recipients pending asks Bounce for one BounceDelayed warning
+	// per message. 0 turns warnings off.
+	DelayWarning time.Duration
 
 	initOnce sync.Once
 	stop     chan struct{} // closed by Shutdown/Close
@@ -206,7 +245,8 @@ func (s *Scheduler) step() time.Duration {
 	return max(wake.Sub(s.Now()), 0)
 }
 
-// work runs one attempt on a claimed message and records its outcome.
+// work runs one attempt on a claimed message and records its outcome,
+// together with the DSNs that the outcome calls for.
 func (s *Scheduler) work(d delivery) {
 	defer s.wg.Done()
 	id := d.msg.ID
@@ -221,11 +261,23 @@ func (s *Scheduler) work(d delivery) {
 	}()
 
 	results := s.deliver(d.msg, d.body)
-	now := s.Now()
-	var out outcome
-	m, removed, err := s.Store.finish(id, func(m *Message) bool {
-		out = s.apply(m, results, now)
-		return out.done
+	now := s.Now().Round(0)
+
+	// Work the outcome out on a copy first, to build the DSNs outside the
+	// transaction; inside it, apply gives the same outcome again, since
+	// only this worker changes the recipients of a claimed message.
+	preview := d.msg
+	preview.Recipients = slices.Clone(d.msg.Recipients)
+	out := s.apply(&preview, results, now)
+	dsns, warned := s.bounces(preview, out, d.body, now)
+
+	var final outcome
+	f, err := s.Store.finish(id, func(m *Message) (bool, []delivery) {
+		final = s.apply(m, results, now)
+		if warned {
+			m.Warned = true
+		}
+		return final.done, dsns
 	})
 	if err != nil {
 		// The claim stays recorded: the message is retried at its
@@ -234,10 +286,81 @@ func (s *Scheduler) work(d delivery) {
 			"queue_id", id, "msg_id", d.msg.MessageID, "err", err)
 		return
 	}
-	s.log(m, out)
-	if removed && s.OnDone != nil {
-		s.done(m)
+	if f.gone {
+		s.Logger.Info("queue: message deleted during delivery; outcome dropped",
+			"queue_id", id, "msg_id", d.msg.MessageID)
+		return
 	}
+	s.log(f.msg, final)
+	for _, n := range dsns {
+		s.Logger.Info("queue: dsn queued", "queue_id", n.msg.ID, "for_queue_id", id,
+			"msg_id", d.msg.MessageID, "rcpts", len(n.msg.Recipients))
+	}
+	if len(dsns) > 0 {
+		s.Store.notify() // send it now, not at the next pass
+	}
+	if f.removed && s.OnDone != nil {
+		s.done(f.msg)
+	}
+}
+
+// bounces asks Bounce for the DSNs that the outcome out of an attempt on
+// m calls for, and readies them for storing. warned reports that a delay
+// warning was asked for, so that it is asked for once only, even when
+// Bounce returned none.
+func (s *Scheduler) bounces(m Message, out outcome, body []byte, now time.Time) (dsns []delivery, warned bool) {
+	// Never a DSN about a null sender's message or about a DSN: there is
+	// nobody to send it to, and it could loop (RFC 3461 section 6.2).
+	if s.Bounce == nil || m.From == "" || m.DSN {
+		return nil, false
+	}
+	if len(out.newlyFailed) > 0 {
+		if n, ok := s.bounce(BounceFailed, m, out.newlyFailed, body, now); ok {
+			dsns = append(dsns, n)
+		}
+	}
+	if !out.done && s.DelayWarning > 0 && !m.Warned && now.Sub(m.Received) >= s.DelayWarning {
+		warned = true
+		if n, ok := s.bounce(BounceDelayed, m, out.pending, body, now); ok {
+			dsns = append(dsns, n)
+		}
+	}
+	return dsns, warned
+}
+
+// bounce calls Bounce and makes what it returns a queued DSN, due now. A
+// panic in Bounce is logged and sends no DSN.
+func (s *Scheduler) bounce(kind BounceKind, m Message, rcpts []Recipient, body []byte, now time.Time) (n delivery, ok bool) {
+	defer func() {
+		if p := recover(); p != nil {
+			s.Logger.Error("queue: building a DSN panicked", "queue_id", m.ID, "msg_id", m.MessageID,
+				"kind", kind.String(), "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+			ok = false
+		}
+	}()
+	dsn, dsnBody := s.Bounce(kind, m, slices.Clone(rcpts), body)
+	if dsn == nil {
+		return delivery{}, false
+	}
+	if len(dsn.Recipients) == 0 {
+		s.Logger.Error("queue: DSN without recipients dropped", "queue_id", m.ID, "msg_id", m.MessageID, "kind", kind.String())
+		return delivery{}, false
+	}
+	d := *dsn
+	d.Recipients = slices.Clone(dsn.Recipients)
+	if d.ID == "" {
+		d.ID = NewID()
+	}
+	d.Received, d.NextAttempt = now, now
+	d.DSN = true
+	d.Size = int64(len(dsnBody))
+	d.Attempts, d.Paced, d.LastAttempt, d.LastReply = 0, 0, time.Time{}, ""
+	d.Held, d.Warned, d.InFlight = false, false, false
+	for i := range d.Recipients {
+		d.Recipients[i].State = Pending
+		d.Recipients[i].Reply, d.Recipients[i].Upstream = "", ""
+	}
+	return delivery{msg: d, body: slices.Clone(dsnBody)}, true
 }
 
 // done calls OnDone; a panic there is logged, not fatal.
@@ -268,19 +391,31 @@ func (s *Scheduler) deliver(m Message, body []byte) (results []Result) {
 	return s.Deliver(s.ctx, m, body)
 }
 
-// outcome summarises one attempt for the log.
+// outcome summarises one attempt.
 type outcome struct {
-	state                       string // delivered, deferred, failed, expired
+	state                       string // delivered, deferred, paced, failed, expired
 	done                        bool   // no recipient pending: leave the queue
 	delivered, failed, deferred int    // recipients by result of this attempt
+	// newlyFailed are the recipients that became Failed in this attempt
+	// (refused, or expired); pending those still Pending after it.
+	newlyFailed, pending []Recipient
 }
 
 // apply records results on m and decides what happens to it next. It must
 // be deterministic: Store.finish may call it more than once.
+//
+// A Pending result may carry NotBefore, an upstream's rate limit. When
+// every recipient left pending by the attempt has one, the attempt failed
+// only for pacing: it is counted in Paced, which keeps the backoff from
+// growing (claim computes it from Attempts − Paced), and the next attempt
+// is at the latest NotBefore, sooner or later than the backoff. Otherwise
+// a NotBefore later than the backoff's NextAttempt replaces it.
 func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 	var out outcome
 	used := make([]bool, len(m.Recipients))
 	lastPending, lastAny := "", ""
+	paced, unpaced := 0, 0
+	var notBefore time.Time
 	for _, r := range results {
 		for i := range m.Recipients {
 			rc := &m.Recipients[i]
@@ -294,17 +429,31 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 				out.delivered++
 			case Failed:
 				out.failed++
+				out.newlyFailed = append(out.newlyFailed, *rc)
 			default:
 				rc.State = Pending
 				out.deferred++
 				if r.Reply != "" {
 					lastPending = r.Reply
 				}
+				if r.NotBefore.IsZero() {
+					unpaced++
+				} else {
+					paced++
+					if r.NotBefore.After(notBefore) {
+						notBefore = r.NotBefore.Round(0)
+					}
+				}
 			}
 			if r.Reply != "" {
 				lastAny = r.Reply
 			}
 			break
+		}
+	}
+	for i, rc := range m.Recipients {
+		if rc.State == Pending && !used[i] {
+			unpaced++ // no result at all: not a rate limit
 		}
 	}
 	// The reply that explains why the message is still queued is the most
@@ -330,6 +479,8 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 	case pending == 0:
 		out.state, out.done = "failed", true
 	case now.Sub(m.Received) >= s.MaxAge:
+		// Pacing does not stop the clock: a message never leaves the queue
+		// later than MaxAge.
 		for i := range m.Recipients {
 			rc := &m.Recipients[i]
 			if rc.State != Pending {
@@ -341,10 +492,28 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 			}
 			rc.State = Failed
 			rc.Reply = fmt.Sprintf("expired after %s in queue; last reply: %s", s.MaxAge, last)
+			out.newlyFailed = append(out.newlyFailed, *rc)
 		}
 		out.state, out.done = "expired", true
+	case paced > 0 && unpaced == 0:
+		m.Paced++
+		m.NextAttempt = notBefore
+		if m.NextAttempt.Before(now) {
+			m.NextAttempt = now
+		}
+		out.state = "paced"
 	default:
+		if notBefore.After(m.NextAttempt) {
+			m.NextAttempt = notBefore
+		}
 		out.state = "deferred"
+	}
+	if !out.done {
+		for _, rc := range m.Recipients {
+			if rc.State == Pending {
+				out.pending = append(out.pending, rc)
+			}
+		}
 	}
 	return out
 }
@@ -355,9 +524,9 @@ func (s *Scheduler) log(m Message, out outcome) {
 		"attempts", m.Attempts,
 		"delivered", out.delivered, "failed", out.failed, "deferred", out.deferred,
 	}
-	level := slog.LevelInfo
-	if out.state != "delivered" {
-		level = slog.LevelWarn
+	level := slog.LevelWarn
+	if out.state == "delivered" || out.state == "paced" {
+		level = slog.LevelInfo // waiting for an upstream's pace is normal
 	}
 	if !out.done {
 		attrs = append(attrs, "next_attempt", m.NextAttempt)

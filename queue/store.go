@@ -26,6 +26,10 @@ var ErrNotFound = errors.New("queue: message not found")
 // ErrLocked is returned by Open when another process holds the file.
 var ErrLocked = errors.New("locked by another process")
 
+// ErrHeld is returned by Retry for a message that is on hold: it must be
+// released first.
+var ErrHeld = errors.New("queue: message is on hold")
+
 // Bucket names. Keys of dueBucket sort by time (big-endian UnixNano ‖ ID),
 // so the scheduler finds due messages with a cursor from the start.
 var (
@@ -51,6 +55,9 @@ type Options struct {
 	// MaxBatchDelay is the group-commit window: concurrent Puts arriving
 	// within it share one transaction and one fsync. Default 2ms.
 	MaxBatchDelay time.Duration
+	// Now is the clock for Received in Put and for "due now" in the
+	// administrative operations. Default time.Now.
+	Now func() time.Time
 }
 
 // Store is the bbolt-backed message store. Its methods are safe for
@@ -59,6 +66,7 @@ type Store struct {
 	db        *bolt.DB
 	path      string
 	recovered int
+	now       func() time.Time
 
 	// wake tells the scheduler that a new message is due now. Buffered
 	// with capacity 1: one pending signal is enough to make it look.
@@ -93,7 +101,10 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 	db.MaxBatchDelay = opts.MaxBatchDelay
 
-	s := &Store{db: db, path: path, wake: make(chan struct{}, 1)}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	s := &Store{db: db, path: path, now: opts.Now, wake: make(chan struct{}, 1)}
 	if err := db.Update(s.prepare); err != nil {
 		db.Close()
 		return nil, storageError("open "+path, err)
@@ -186,7 +197,7 @@ func (s *Store) Put(ctx context.Context, m *Message, body []byte) error {
 		m.ID = NewID()
 	}
 	if m.Received.IsZero() {
-		m.Received = time.Now()
+		m.Received = s.now()
 	}
 	m.Received = m.Received.Round(0) // drop the monotonic reading: it is not stored
 	m.NextAttempt = m.Received
@@ -219,18 +230,25 @@ func (s *Store) Put(ctx context.Context, m *Message, body []byte) error {
 	if err != nil {
 		return storageError("put "+m.ID, err)
 	}
+	s.notify()
+	return nil
+}
+
+// notify tells the scheduler that a message may be due now.
+func (s *Store) notify() {
 	select {
 	case s.wake <- struct{}{}:
 	default:
 	}
-	return nil
 }
 
 // Get returns the message with the given queue ID, or ErrNotFound.
+// InFlight tells whether a delivery attempt is in progress.
 func (s *Store) Get(id string) (*Message, error) {
 	var m *Message
 	err := s.db.View(func(tx *bolt.Tx) error {
-		v := tx.Bucket(msgsBucket).Get([]byte(id))
+		key := []byte(id)
+		v := tx.Bucket(msgsBucket).Get(key)
 		if v == nil {
 			return ErrNotFound
 		}
@@ -239,6 +257,7 @@ func (s *Store) Get(id string) (*Message, error) {
 			return err
 		}
 		m = &rec.Message
+		m.InFlight = tx.Bucket(claimedBucket).Get(key) != nil
 		return nil
 	})
 	if err != nil {
@@ -264,15 +283,18 @@ func (s *Store) Body(id string) ([]byte, error) {
 	return body, nil
 }
 
-// List returns every queued message, oldest first.
+// List returns every queued message, oldest first. InFlight tells which
+// have a delivery attempt in progress.
 func (s *Store) List() ([]Message, error) {
 	var out []Message
 	err := s.db.View(func(tx *bolt.Tx) error {
+		claimed := tx.Bucket(claimedBucket)
 		return tx.Bucket(msgsBucket).ForEach(func(k, v []byte) error {
 			rec, err := decodeRecord(v)
 			if err != nil {
 				return fmt.Errorf("record %s: %w", k, err)
 			}
+			rec.InFlight = claimed.Get(k) != nil
 			out = append(out, rec.Message)
 			return nil
 		})
@@ -310,7 +332,8 @@ type delivery struct {
 
 // claim takes up to limit due messages (NextAttempt ≤ now) whose ID skip
 // does not reject, and records the attempt before any delivery starts:
-// Attempts+1, LastAttempt = now, NextAttempt = next(Attempts), Claimed.
+// Attempts+1, LastAttempt = now, NextAttempt = next(Attempts − Paced),
+// Claimed. Attempts deferred only by a rate limit do not grow the backoff.
 // It returns the claimed messages, the earliest NextAttempt among the
 // messages left (zero if none), and the IDs of unreadable records, which
 // it takes out of the due index so they are not retried in a loop.
@@ -357,6 +380,13 @@ func (s *Store) claim(now time.Time, limit int, skip func(id string) bool, next 
 				bad = append(bad, h.id)
 				continue
 			}
+			if rec.Held {
+				// A held message has no index entry; this one was stale.
+				if err := due.Delete(dueKey(rec.NextAttempt, rec.ID)); err != nil {
+					return err
+				}
+				continue
+			}
 			// The record's own index entry may differ from h.key if the
 			// index held a stale duplicate; keep exactly one entry.
 			if err := due.Delete(dueKey(rec.NextAttempt, rec.ID)); err != nil {
@@ -364,7 +394,7 @@ func (s *Store) claim(now time.Time, limit int, skip func(id string) bool, next 
 			}
 			rec.Attempts++
 			rec.LastAttempt = now
-			rec.NextAttempt = next(rec.Attempts).Round(0)
+			rec.NextAttempt = next(rec.Attempts - rec.Paced).Round(0)
 			rec.Claimed = true
 			if err := putRecord(msgs, rec); err != nil {
 				return err
@@ -430,17 +460,31 @@ func nextWake(due *bolt.Bucket, skip func(id string) bool, taken map[string]bool
 	return time.Time{}
 }
 
-// finish ends the attempt on message id: update changes the message (it may
-// run more than once, on a fresh copy each time) and reports whether the
-// message is done and leaves the queue. finish returns the message as
-// stored (or as it was when removed).
-func (s *Store) finish(id string, update func(m *Message) (remove bool)) (m Message, removed bool, err error) {
+// finished is what finish did with an attempt's outcome.
+type finished struct {
+	msg     Message // as stored, or as it was when removed
+	removed bool    // no recipient pending: the message left the queue
+	gone    bool    // deleted during the attempt: nothing was stored
+}
+
+// finish ends the attempt on message id in one transaction. update changes
+// the message (it may run more than once, on a fresh copy each time) and
+// returns whether the message is done and leaves the queue, and the new
+// messages (DSNs, with ID, Received and NextAttempt set) to store in the
+// same transaction, so that a crash keeps the outcome and its DSNs
+// together or neither. If the message was deleted during the attempt,
+// finish stores nothing and reports gone: a deleted message is never
+// brought back, nor bounced.
+func (s *Store) finish(id string, update func(m *Message) (remove bool, add []delivery)) (finished, error) {
 	key := []byte(id)
-	err = s.db.Batch(func(tx *bolt.Tx) error {
-		msgs, due := tx.Bucket(msgsBucket), tx.Bucket(dueBucket)
+	var f finished
+	err := s.db.Batch(func(tx *bolt.Tx) error {
+		f = finished{}
+		msgs, bodies, due := tx.Bucket(msgsBucket), tx.Bucket(bodiesBucket), tx.Bucket(dueBucket)
 		v := msgs.Get(key)
 		if v == nil {
-			return ErrNotFound
+			f.gone = true
+			return nil
 		}
 		rec, err := decodeRecord(v)
 		if err != nil {
@@ -448,34 +492,47 @@ func (s *Store) finish(id string, update func(m *Message) (remove bool)) (m Mess
 		}
 		oldDue := dueKey(rec.NextAttempt, id)
 		rec.Claimed = false
-		removed = update(&rec.Message)
-		m = rec.Message
+		remove, add := update(&rec.Message)
+		f.msg, f.removed = rec.Message, remove
 		if err := tx.Bucket(claimedBucket).Delete(key); err != nil {
 			return err
 		}
-		if removed {
+		for _, n := range add {
+			nid := []byte(n.msg.ID)
+			if msgs.Get(nid) != nil {
+				return fmt.Errorf("message %s already exists", n.msg.ID)
+			}
+			if err := putRecord(msgs, &record{Message: n.msg}); err != nil {
+				return err
+			}
+			if err := bodies.Put(nid, n.body); err != nil {
+				return err
+			}
+			if err := due.Put(dueKey(n.msg.NextAttempt, n.msg.ID), nil); err != nil {
+				return err
+			}
+		}
+		if err := due.Delete(oldDue); err != nil {
+			return err
+		}
+		if remove {
 			if err := msgs.Delete(key); err != nil {
 				return err
 			}
-			if err := tx.Bucket(bodiesBucket).Delete(key); err != nil {
-				return err
-			}
-			return due.Delete(oldDue)
+			return bodies.Delete(key)
 		}
-		if newDue := dueKey(rec.NextAttempt, id); !bytes.Equal(newDue, oldDue) {
-			if err := due.Delete(oldDue); err != nil {
-				return err
-			}
-			if err := due.Put(newDue, nil); err != nil {
+		// A message put on hold during the attempt stays out of the index.
+		if !rec.Held {
+			if err := due.Put(dueKey(rec.NextAttempt, id), nil); err != nil {
 				return err
 			}
 		}
 		return putRecord(msgs, rec)
 	})
 	if err != nil {
-		return Message{}, false, storageError("finish "+id, err)
+		return finished{}, storageError("finish "+id, err)
 	}
-	return m, removed, nil
+	return f, nil
 }
 
 func putRecord(b *bolt.Bucket, rec *record) error {
@@ -487,7 +544,9 @@ func putRecord(b *bolt.Bucket, rec *record) error {
 }
 
 func encodeRecord(rec *record) ([]byte, error) {
-	j, err := json.Marshal(rec)
+	r := *rec
+	r.InFlight = false // derived from claimedBucket, never stored
+	j, err := json.Marshal(&r)
 	if err != nil {
 		return nil, fmt.Errorf("encode record: %w", err)
 	}
@@ -508,6 +567,7 @@ func decodeRecord(b []byte) (*record, error) {
 	if rec.ID == "" {
 		return nil, errors.New("decode record: no id")
 	}
+	rec.InFlight = false // only ever derived from claimedBucket
 	if len(rec.Recipients) == 0 {
 		return nil, errors.New("decode record: no recipients")
 	}
