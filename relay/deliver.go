@@ -20,13 +20,16 @@ import (
 
 // Deliverer is the upstream side: it hands queued messages to the upstream
 // providers of the sender's route, in order, and reports per recipient what
-// happened. Set the fields before the first Deliver and do not change them
-// afterwards; Deliver may be called concurrently.
+// happened. It keeps connections open for reuse, leaves out upstreams that
+// keep failing, and paces each upstream under its RateLimit. Set the fields
+// before the first Deliver and do not change them afterwards; Deliver may
+// be called concurrently. Close releases the idle connections.
 type Deliverer struct {
 	Hostname  string // EHLO name; default "localhost"
 	Upstreams []Upstream
 	// Routes choose upstreams by the envelope sender's domain; FromDomain
-	// "*" takes every other sender, the null sender <> included.
+	// "*" takes every other sender, the null sender <> included. A DSN is
+	// routed by its recipient's domain instead (see Deliver).
 	Routes []Route
 	// Dial opens connections; default (&net.Dialer{}).DialContext.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -35,57 +38,136 @@ type Deliverer struct {
 	// DataTimeout bounds sending the message and the reply after the final
 	// dot; default 10m.
 	DataTimeout time.Duration
-	Logger      *slog.Logger // default slog.Default()
+	// DownAfter is how many connection-level failures in a row (connect,
+	// TLS, greeting, EHLO, 421, a connection lost in a session) mark an
+	// upstream down; default 3. A refused AUTH (530, 534, 535) marks it
+	// down at once: that is our configuration, and retrying cannot help.
+	DownAfter int
+	// DownFor is how long a down upstream is left out before one delivery
+	// probes it; it doubles each time the probe fails, up to MaxDownFor.
+	// Defaults 30s and 5m.
+	DownFor    time.Duration
+	MaxDownFor time.Duration
+	// IdleTimeout closes an upstream connection that has carried no
+	// message for that long; default 30s.
+	IdleTimeout time.Duration
+	// MaxRateWait is the longest a delivery waits for a slot under an
+	// upstream's RateLimit; when a slot is further away, the upstream is
+	// left out of this attempt rather than holding a worker. Default 5s.
+	MaxRateWait time.Duration
+	// Now is the clock for health and rate limits; default time.Now.
+	Now    func() time.Time
+	Logger *slog.Logger // default slog.Default()
 
-	mu    sync.Mutex
-	slots map[string]chan struct{} // per upstream name: one token per open connection
+	mu     sync.Mutex
+	states map[string]*upstreamState // by upstream name
+	closed bool                      // Close was called: keep no idle connections
 }
-
-const defaultMaxConnections = 4
 
 // Deliver delivers m's pending recipients and returns one Result per
 // pending recipient, in the order of m.Pending(). It matches
 // queue.DeliverFunc.
+//
+// The route's upstreams are tried in order; the recipients that one leaves
+// pending with a temporary failure go on to the next. Delivered and failed
+// (5xx) recipients are final. Recipients whose message was sent but whose
+// reply after the final dot never came stay pending for a later attempt
+// instead: the upstream may have taken the message, and sending it through
+// another at once would likely deliver it twice. A recipient that no
+// upstream could try stays pending: when some were at their rate limit,
+// with NotBefore set to when the first of them is available again; when
+// all were down, without it, to be retried with backoff.
+//
+// A DSN (m.DSN) is routed by the domain of its recipient, the original
+// sender, and sent from the upstream's DSNFrom, or from the null sender
+// (RFC 3461 section 6.2, RFC 5321 section 4.5.5).
 func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body []byte) []queue.Result {
 	rcpts := m.Pending()
 	if len(rcpts) == 0 {
 		return nil
 	}
-	route, ok := d.Route(m.From)
+	route, ok := d.routeFor(m)
 	if !ok {
 		// The submission side refuses such senders; a route may come back
 		// with a reload, so this is not the message's fault.
 		reply := "no route for sender domain"
-		d.logAttempt(ctx, m, "", 0, nil, reply, errors.New(reply))
+		d.logAttempt(ctx, m, "", 0, len(rcpts), nil, reply, errors.New(reply))
 		return allResults(rcpts, queue.Pending, reply, "")
 	}
-	var (
-		lastReply    = "no upstream in route"
-		lastUpstream string
-	)
+	results := allResults(rcpts, queue.Pending, "no upstream in route", "")
+	tried := make([]bool, len(rcpts)) // an upstream answered for it, or failed trying
+	todo := make([]int, len(rcpts))   // indexes of the recipients still to try
+	for i := range todo {
+		todo[i] = i
+	}
+	var skips []skip
 	for _, name := range route.Upstreams {
-		up, ok := d.upstream(name)
-		if !ok {
-			lastReply, lastUpstream = "unknown upstream", name
-			d.logAttempt(ctx, m, name, 0, nil, lastReply, errors.New(lastReply))
-			continue
-		}
-		start := time.Now()
-		results, err := d.deliverVia(ctx, up, m.From, rcpts, body)
-		if err != nil && ctx.Err() != nil {
-			err = &stageError{stage: "interrupted", err: context.Cause(ctx)}
-		}
-		reply := summaryReply(results, err)
-		d.logAttempt(ctx, m, up.Name, time.Since(start), results, reply, err)
-		if results != nil {
-			return results
-		}
-		lastReply, lastUpstream = reply, up.Name
-		if ctx.Err() != nil {
+		if len(todo) == 0 {
 			break
 		}
+		if ctx.Err() != nil {
+			reply := replyText(&stageError{stage: "interrupted", err: context.Cause(ctx)})
+			for _, i := range todo {
+				if !tried[i] {
+					results[i] = queue.Result{Rcpt: rcpts[i], State: queue.Pending, Reply: reply}
+				}
+			}
+			return results
+		}
+		up, ok := d.upstream(name)
+		if !ok {
+			reply := "unknown upstream"
+			d.logAttempt(ctx, m, name, 0, len(todo), nil, reply, errors.New(reply))
+			for _, i := range todo {
+				results[i] = queue.Result{Rcpt: rcpts[i], State: queue.Pending, Reply: reply, Upstream: name}
+				tried[i] = true
+			}
+			continue
+		}
+		sub := make([]string, len(todo))
+		for j, i := range todo {
+			sub[j] = rcpts[i]
+		}
+		from := m.From
+		if m.DSN {
+			from = up.DSNFrom
+		}
+		start := time.Now()
+		a := d.try(ctx, up, from, sub, body)
+		if a.skip != nil {
+			d.logger().LogAttrs(ctx, slog.LevelDebug, "upstream left out",
+				slog.String("queue_id", m.ID), slog.String("upstream", up.Name), slog.String("reason", a.skip.reply))
+			skips = append(skips, *a.skip)
+			continue
+		}
+		d.logAttempt(ctx, m, up.Name, time.Since(start), len(sub), a.results, summaryReply(a.results, a.err), a.err)
+		var next []int
+		for j, i := range todo {
+			results[i], tried[i] = a.results[j], true
+			if a.results[j].State == queue.Pending && a.failover[j] {
+				next = append(next, i)
+			}
+		}
+		todo = next
 	}
-	return allResults(rcpts, queue.Pending, lastReply, lastUpstream)
+	if len(skips) > 0 {
+		for _, i := range todo {
+			if !tried[i] {
+				results[i] = skipResult(rcpts[i], skips)
+			}
+		}
+	}
+	return results
+}
+
+// routeFor returns the route for m: by the envelope sender's domain, or
+// for a DSN by its recipient's, since the DSN goes back to the original
+// sender through the route that sender's own mail takes.
+func (d *Deliverer) routeFor(m queue.Message) (Route, bool) {
+	if m.DSN && len(m.Recipients) > 0 {
+		return d.Route(m.Recipients[0].Addr)
+	}
+	return d.Route(m.From)
 }
 
 // Route returns the route for an envelope sender: the one for its domain,
@@ -119,62 +201,155 @@ func (d *Deliverer) upstream(name string) (*Upstream, bool) {
 	return nil, false
 }
 
-// deliverVia tries one upstream. It returns nil results and the reason when
-// the upstream could not take the message at all, so that the next one may;
-// otherwise one Result per recipient, and an error if the session broke.
-func (d *Deliverer) deliverVia(ctx context.Context, up *Upstream, from string, rcpts []string, body []byte) ([]queue.Result, error) {
-	release, err := d.acquire(ctx, up)
-	if err != nil {
-		return nil, &stageError{stage: "interrupted", err: err}
-	}
-	defer release()
-	uc, err := d.connect(ctx, up)
-	if err != nil {
-		return nil, err
-	}
-	results, err := d.transact(uc, from, rcpts, body)
-	// After a reply, even a refusal, the session can still be ended politely.
-	uc.close(err == nil || isSMTPError(err))
-	return results, err
+// skip is an upstream left out of a delivery without being tried.
+type skip struct {
+	upstream string
+	reply    string
+	until    time.Time // when it may be tried again; zero: unknown, soon
+	down     bool      // left out for its health, not its rate limit
 }
 
-// acquire takes one of the upstream's MaxConnections slots, waiting while
-// all are in use.
-func (d *Deliverer) acquire(ctx context.Context, up *Upstream) (release func(), err error) {
-	d.mu.Lock()
-	if d.slots == nil {
-		d.slots = make(map[string]chan struct{})
-	}
-	slots, ok := d.slots[up.Name]
-	if !ok {
-		n := up.MaxConnections
-		if n <= 0 {
-			n = defaultMaxConnections
+// skipResult is the result for a recipient that no upstream tried: the
+// reason of the upstream available first, and when that is unless every
+// upstream is down.
+func skipResult(rcpt string, skips []skip) queue.Result {
+	first, allDown := skips[0], true
+	for _, s := range skips {
+		allDown = allDown && s.down
+		if s.until.Before(first.until) {
+			first = s
 		}
-		slots = make(chan struct{}, n)
-		d.slots[up.Name] = slots
 	}
-	d.mu.Unlock()
-	select {
-	case slots <- struct{}{}:
-		return func() { <-slots }, nil
-	case <-ctx.Done():
-		return nil, context.Cause(ctx)
+	if allDown {
+		// An outage, not pacing: the message is deferred with backoff like
+		// any failed attempt, and skips the down upstreams cheaply.
+		return queue.Result{Rcpt: rcpt, State: queue.Pending, Reply: "all upstreams down", Upstream: first.upstream}
 	}
+	return queue.Result{Rcpt: rcpt, State: queue.Pending, Reply: first.reply, Upstream: first.upstream, NotBefore: first.until}
 }
+
+// attempt is what one upstream did with a set of recipients.
+type attempt struct {
+	results []queue.Result // one per recipient, in order
+	// failover marks the pending results that another upstream may try at
+	// once.
+	failover []bool
+	err      error // why the session broke, if it did
+	skip     *skip // the upstream was left out: no results
+}
+
+// probeRetry is how soon a delivery that found its upstream being probed
+// comes back.
+const probeRetry = 2 * time.Second
+
+// try delivers to rcpts through up, or leaves up out when it is down or its
+// rate limit is further away than MaxRateWait.
+func (d *Deliverer) try(ctx context.Context, up *Upstream, from string, rcpts []string, body []byte) attempt {
+	d.mu.Lock()
+	st := d.state(up)
+	probe, until, ok := d.admit(st, d.now())
+	d.mu.Unlock()
+	if !ok {
+		if until.IsZero() {
+			// Another delivery is probing it: come back once that has
+			// told whether it is up, without counting a failure.
+			return attempt{skip: &skip{upstream: up.Name, reply: "upstream " + up.Name + " is being probed", until: d.now().Add(probeRetry)}}
+		}
+		return attempt{skip: &skip{upstream: up.Name, reply: "upstream " + up.Name + " is down", until: until, down: true}}
+	}
+	release, until, err := d.takeRateSlot(ctx, st, up)
+	if err != nil || release == nil {
+		d.report(st, up.Name, probe, healthNone, "")
+		if err != nil {
+			return failAll(rcpts, up.Name, err)
+		}
+		return attempt{skip: &skip{upstream: up.Name, reply: "rate limit of " + up.Name + " reached", until: until}}
+	}
+	d.mu.Lock()
+	st.attempts++
+	d.mu.Unlock()
+
+	uc, err := d.getConn(ctx, st, up)
+	if err != nil {
+		release(false)
+		ev := healthFailed
+		var se *stageError
+		switch {
+		case ctx.Err() != nil:
+			ev, err = healthNone, &stageError{stage: "interrupted", err: context.Cause(ctx)}
+		case errors.As(err, &se) && se.stage == "auth" && authRefused(se.err):
+			ev = healthMisconfigured
+		}
+		d.report(st, up.Name, probe, ev, replyText(err))
+		return failAll(rcpts, up.Name, err)
+	}
+	tx := d.transact(uc, from, rcpts, body)
+	release(tx.dataSent)
+	d.putConn(st, uc, tx.err == nil && tx.reusable, tx.canQuit)
+	if tx.err != nil && uc.closed {
+		// The delivery's context closed the connection: not the
+		// upstream's failure.
+		ierr := &stageError{stage: "interrupted", err: context.Cause(ctx)}
+		for i, r := range tx.results {
+			if r.State == queue.Pending && r.Reply == replyText(tx.err) {
+				tx.results[i].Reply = replyText(ierr)
+			}
+		}
+		tx.err, tx.health = ierr, healthNone
+	}
+	d.report(st, up.Name, probe, tx.health, tx.healthReason)
+	return attempt{results: tx.results, failover: tx.failover, err: tx.err}
+}
+
+// failAll is the attempt for a session that never reached a transaction:
+// every recipient pending, free to go to the next upstream.
+func failAll(rcpts []string, upstream string, err error) attempt {
+	a := attempt{
+		results:  allResults(rcpts, queue.Pending, replyText(err), upstream),
+		failover: make([]bool, len(rcpts)),
+		err:      err,
+	}
+	for i := range a.failover {
+		a.failover[i] = true
+	}
+	return a
+}
+
+// authRefused reports whether an AUTH failure is our misconfiguration:
+// the credentials refused (535), the mechanism too weak (534), encryption
+// or authentication required (538, 530), or no mechanism we can use.
+func authRefused(err error) bool {
+	var se *smtp.SMTPError
+	if errors.As(err, &se) {
+		switch se.Code {
+		case 530, 534, 535, 538:
+			return true
+		}
+		return false
+	}
+	// authenticate's own errors: AUTH not offered, or no usable mechanism.
+	return errors.Is(err, errNoAuth)
+}
+
+// errNoAuth is an upstream that offers no AUTH mechanism we can use while
+// credentials are configured for it.
+var errNoAuth = errors.New("no usable AUTH")
 
 // upstreamConn is an open, greeted and authenticated upstream connection.
 type upstreamConn struct {
 	upstream string // name, for results
 	client   *smtp.Client
 	raw      net.Conn // below TLS, for deadlines
-	// stopCancel detaches the connection from the context, which closes
-	// it when cancelled; false if that has already happened.
-	stopCancel func() bool
+	// stop detaches the connection from the context of the delivery using
+	// it (see attach); nil when detached.
+	stop      func() bool
+	closed    bool        // closed by a delivery's context
+	idleTimer *time.Timer // while idle: closes it after IdleTimeout
 }
 
 // connect dials up and prepares a session: TLS as configured, EHLO, AUTH.
-// Any failure here is the upstream's or ours, never the message's.
+// The connection is attached to ctx. Any failure here is the upstream's or
+// ours, never the message's.
 func (d *Deliverer) connect(ctx context.Context, up *Upstream) (*upstreamConn, error) {
 	cctx, cancel := context.WithTimeout(ctx, d.commandTimeout())
 	defer cancel()
@@ -186,11 +361,10 @@ func (d *Deliverer) connect(ctx context.Context, up *Upstream) (*upstreamConn, e
 	if err != nil {
 		return nil, &stageError{stage: "connect", err: err}
 	}
-	// go-smtp's client does not take a context: closing the connection is
-	// what interrupts a command in progress.
-	stop := context.AfterFunc(ctx, func() { _ = raw.Close() })
+	uc := &upstreamConn{upstream: up.Name, raw: raw}
+	uc.attach(ctx)
 	fail := func(stage string, err error) (*upstreamConn, error) {
-		stop()
+		uc.detach()
 		_ = raw.Close()
 		return nil, &stageError{stage: stage, err: err}
 	}
@@ -231,7 +405,7 @@ func (d *Deliverer) connect(ctx context.Context, up *Upstream) (*upstreamConn, e
 		}
 		return fail("hello", err)
 	}
-	uc := &upstreamConn{upstream: up.Name, client: c, raw: raw, stopCancel: stop}
+	uc.client = c
 	if up.Username != "" {
 		if err := authenticate(c, up); err != nil {
 			uc.close(isSMTPError(err))
@@ -252,48 +426,98 @@ func authenticate(c *smtp.Client, up *Upstream) error {
 		return c.Auth(sasl.NewLoginClient(up.Username, up.Password))
 	}
 	if ok, mechs := c.Extension("AUTH"); ok {
-		return fmt.Errorf("no supported AUTH mechanism offered (%s)", mechs)
+		return fmt.Errorf("%w: offered %s", errNoAuth, mechs)
 	}
-	return errors.New("AUTH not offered")
+	return fmt.Errorf("%w: not offered", errNoAuth)
 }
 
-// close ends the session with QUIT when the connection is still in a state
-// to answer, else just closes it.
-func (uc *upstreamConn) close(quit bool) {
-	uc.stopCancel()
-	if quit {
-		if err := uc.client.Quit(); err == nil {
-			return
-		}
-	}
-	_ = uc.client.Close()
+// txOutcome is what one mail transaction did.
+type txOutcome struct {
+	results []queue.Result // one per recipient, in order
+	// failover marks the pending results that another upstream may try at
+	// once.
+	failover []bool
+	err      error // the session broke; the connection is unusable
+	reusable bool  // the connection may carry another transaction
+	canQuit  bool  // the upstream can still answer QUIT
+	dataSent bool  // the final dot went out: the message counts for the rate limit
+	health   healthEvent
+	// healthReason is the failure that health reports, if any.
+	healthReason string
+}
+
+// set records a recipient's result; a temporary failure may go to the
+// next upstream unless the caller says otherwise.
+func (o *txOutcome) set(i int, rcpt, upstream string, state queue.RcptState, reply string) {
+	o.results[i] = queue.Result{Rcpt: rcpt, State: state, Reply: reply, Upstream: upstream}
+	o.failover[i] = state == queue.Pending
 }
 
 // transact runs one mail transaction (RFC 5321 section 3.3) on an open
-// connection. It returns nil results when the upstream refused the
-// transaction as a whole in a way that another upstream may not (4xx to
-// MAIL, or a connection failure), with the reason; otherwise one Result per
-// recipient, and a non-nil error if the connection is no longer usable.
-// A caller that keeps the connection for another transaction must RSET
-// first when not every recipient was tried through DATA.
-func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body []byte) ([]queue.Result, error) {
+// connection and returns one result per recipient. A 5xx to MAIL fails
+// every recipient, a 5xx to RCPT that recipient, a 5xx to DATA or after the
+// final dot every accepted one; 4xx leaves them pending for the next
+// upstream, except when the reply after the final dot never came.
+func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body []byte) txOutcome {
 	c := uc.client
+	upName := uc.upstream
+	out := txOutcome{results: make([]queue.Result, len(rcpts)), failover: make([]bool, len(rcpts))}
+	set := func(idx []int, state queue.RcptState, reply string) {
+		for _, i := range idx {
+			out.set(i, rcpts[i], upName, state, reply)
+		}
+	}
+	// broken ends the transaction on a lost connection: the recipients idx
+	// stay pending, free to fail over unless the message may have been
+	// taken.
+	broken := func(stage string, err error, idx []int, failover bool) txOutcome {
+		err = &stageError{stage: stage, err: err}
+		out.err, out.reusable, out.canQuit = err, false, false
+		out.health, out.healthReason = healthFailed, replyText(err)
+		set(idx, queue.Pending, replyText(err))
+		for _, i := range idx {
+			out.failover[i] = failover
+		}
+		return out
+	}
+	// refused handles an SMTP reply that refuses a step for recipients idx.
+	refused := func(se *smtp.SMTPError, idx []int) txOutcome {
+		set(idx, stateFor(se), formatReply(se))
+		out.reusable, out.canQuit = true, true
+		if se.Code == 421 {
+			// RFC 5321 section 3.8: the upstream is closing the connection.
+			out.reusable, out.canQuit = false, false
+			out.health, out.healthReason = healthFailed, formatReply(se)
+		}
+		return out
+	}
+	all := make([]int, len(rcpts))
+	for i := range all {
+		all[i] = i
+	}
+
 	opts := &smtp.MailOptions{Size: int64(len(body)), UTF8: !isASCII(from)}
 	for _, r := range rcpts {
 		opts.UTF8 = opts.UTF8 || !isASCII(r)
 	}
-	upName := uc.upstream
 	if err := c.Mail(from, opts); err != nil {
 		var se *smtp.SMTPError
-		// 530 is "authentication required" (RFC 4954 section 6): our
-		// configuration, not the message.
-		if errors.As(err, &se) && se.Code/100 == 5 && se.Code != 530 {
-			return allResults(rcpts, queue.Failed, formatReply(se), upName), nil
+		if !errors.As(err, &se) {
+			return broken("mail", err, all, true)
 		}
-		return nil, &stageError{stage: "mail", err: err}
+		if se.Code == 530 {
+			// Authentication required (RFC 4954 section 6): our
+			// configuration, not the message's.
+			set(all, queue.Pending, formatReply(se))
+			out.canQuit = true
+			out.health, out.healthReason = healthMisconfigured, formatReply(se)
+			return out
+		}
+		out.health = healthOK
+		return refused(se, all)
 	}
+	out.health = healthOK
 
-	results := make([]queue.Result, len(rcpts))
 	var accepted []int
 	for i, r := range rcpts {
 		err := c.Rcpt(r, nil)
@@ -305,66 +529,56 @@ func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body
 		if !errors.As(err, &se) {
 			// Without a connection nothing more is decided: the accepted
 			// recipients and the rest stay pending.
-			err = &stageError{stage: "rcpt", err: err}
-			for j := range rcpts {
-				if j >= i || results[j].Rcpt == "" {
-					results[j] = queue.Result{Rcpt: rcpts[j], State: queue.Pending, Reply: replyText(err), Upstream: upName}
-				}
-			}
-			return results, err
+			return broken("rcpt", err, append(accepted, all[i:]...), true)
 		}
-		results[i] = queue.Result{Rcpt: r, State: stateFor(se), Reply: formatReply(se), Upstream: upName}
+		if se.Code == 421 {
+			return refused(se, append(accepted, all[i:]...))
+		}
+		set([]int{i}, stateFor(se), formatReply(se))
 	}
 	if len(accepted) == 0 {
-		return results, nil
-	}
-	decide := func(state queue.RcptState, reply string) {
-		for _, i := range accepted {
-			results[i] = queue.Result{Rcpt: rcpts[i], State: state, Reply: reply, Upstream: upName}
-		}
+		out.reusable, out.canQuit = true, true
+		return out
 	}
 
 	// From DATA on the upstream may take the message: cancellation no
 	// longer closes the connection, since a message cut off half-way is
 	// worse than a late one. Deadlines still bound every step.
-	if !uc.stopCancel() {
-		err := &stageError{stage: "interrupted", err: errors.New("cancelled before DATA")}
-		decide(queue.Pending, replyText(err))
-		return results, err
+	if !uc.detach() {
+		broken("interrupted", errors.New("cancelled before DATA"), accepted, true)
+		out.health, out.healthReason = healthNone, ""
+		return out
 	}
 	w, err := c.Data()
 	if err != nil {
 		var se *smtp.SMTPError
 		if errors.As(err, &se) {
-			decide(stateFor(se), formatReply(se))
-			return results, nil
+			return refused(se, accepted)
 		}
-		err = &stageError{stage: "data", err: err}
-		decide(queue.Pending, replyText(err))
-		return results, err
+		return broken("data", err, accepted, true)
 	}
 	// The client sets no deadline while the message is written.
 	_ = uc.raw.SetDeadline(time.Now().Add(d.dataTimeout()))
 	if _, err := w.Write(body); err != nil {
-		err = &stageError{stage: "data", err: err}
-		decide(queue.Pending, replyText(err))
-		return results, err
+		// The final dot has not gone out: the upstream cannot have taken
+		// the message.
+		return broken("data", err, accepted, true)
 	}
 	resp, err := w.CloseWithResponse()
+	out.dataSent = true
 	if err != nil {
 		var se *smtp.SMTPError
 		if errors.As(err, &se) {
-			decide(stateFor(se), formatReply(se))
-			return results, nil
+			return refused(se, accepted)
 		}
-		// The upstream may or may not have taken it; retrying risks a
-		// duplicate, giving up risks a loss: retry.
-		err = &stageError{stage: "end of data", err: err}
-		decide(queue.Pending, replyText(err))
-		return results, err
+		// The upstream may or may not have taken it (RFC 1047). Another
+		// upstream now would likely make a duplicate; giving up risks a
+		// loss: retry later.
+		return broken("end of data", err, accepted, false)
 	}
-	decide(queue.Delivered, "250 "+oneLine(resp.StatusText))
-	return results, nil
+	set(accepted, queue.Delivered, "250 "+oneLine(resp.StatusText))
+	out.reusable, out.canQuit = true, true
+	return out
 }
 
 func (d *Deliverer) hostname() string {
@@ -388,6 +602,13 @@ func (d *Deliverer) dataTimeout() time.Duration {
 	return d.DataTimeout
 }
 
+func (d *Deliverer) now() time.Time {
+	if d.Now == nil {
+		return time.Now()
+	}
+	return d.Now()
+}
+
 func (d *Deliverer) logger() *slog.Logger {
 	if d.Logger == nil {
 		return slog.Default()
@@ -395,10 +616,10 @@ func (d *Deliverer) logger() *slog.Logger {
 	return d.Logger
 }
 
-// logAttempt writes the one line per attempt per upstream. An attempt that
-// failed short of a reply to the message is a warning: it points at the
-// upstream, the network or our configuration.
-func (d *Deliverer) logAttempt(ctx context.Context, m queue.Message, upstream string, took time.Duration, results []queue.Result, reply string, err error) {
+// logAttempt writes the one line per attempt per upstream, for n
+// recipients. An attempt that broke or decided nothing is a warning: it
+// points at the upstream, the network or our configuration.
+func (d *Deliverer) logAttempt(ctx context.Context, m queue.Message, upstream string, took time.Duration, n int, results []queue.Result, reply string, err error) {
 	var delivered, deferred, failed int
 	for _, r := range results {
 		switch r.State {
@@ -410,12 +631,12 @@ func (d *Deliverer) logAttempt(ctx context.Context, m queue.Message, upstream st
 			deferred++
 		}
 	}
-	level := slog.LevelInfo
-	if err != nil {
-		level = slog.LevelWarn
-	}
 	if results == nil {
-		deferred = len(m.Pending())
+		deferred = n
+	}
+	level := slog.LevelInfo
+	if err != nil || delivered+failed == 0 {
+		level = slog.LevelWarn
 	}
 	attrs := []slog.Attr{
 		slog.String("queue_id", m.ID),

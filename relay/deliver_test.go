@@ -64,17 +64,17 @@ func newDeliverer(t *testing.T, ups ...Upstream) *deliverEnv {
 			t.Logf("deliverer log:\n%s", lb.String())
 		}
 	})
-	return &deliverEnv{
-		d: &Deliverer{
-			Hostname:       "relay.test",
-			Upstreams:      ups,
-			Routes:         []Route{{FromDomain: "*", Upstreams: names}},
-			CommandTimeout: 10 * time.Second,
-			DataTimeout:    10 * time.Second,
-			Logger:         slog.New(slog.NewTextHandler(lb, nil)),
-		},
-		log: lb,
+	d := &Deliverer{
+		Hostname:       "relay.test",
+		Upstreams:      ups,
+		Routes:         []Route{{FromDomain: "*", Upstreams: names}},
+		CommandTimeout: 10 * time.Second,
+		DataTimeout:    10 * time.Second,
+		Logger:         slog.New(slog.NewTextHandler(lb, nil)),
 	}
+	// Registered after the upstreams started, so it runs before they stop.
+	t.Cleanup(d.Close)
+	return &deliverEnv{d: d, log: lb}
 }
 
 func plainUpstream(name string, s *smtptest.Server) Upstream {
@@ -405,8 +405,9 @@ func TestDeliverMaxConnections(t *testing.T) {
 	if got := s.MaxConcurrent(); got > 2 {
 		t.Errorf("upstream saw %d connections at once, want at most 2", got)
 	}
-	if got := s.Connections(); got != n {
-		t.Errorf("%d connections, want %d", got, n)
+	// Connections are reused: one per slot at most.
+	if got := s.Connections(); got > 2 {
+		t.Errorf("%d connections, want at most 2", got)
 	}
 }
 
@@ -429,8 +430,17 @@ func TestDeliverCancelledWhileWaiting(t *testing.T) {
 	<-entered // the only connection slot is taken
 
 	ctx, cancel := context.WithCancel(context.Background())
+	second := make(chan []queue.Result)
+	go func() {
+		second <- env.d.Deliver(ctx, testMessage("app@example.com", "y@example.net"), []byte(deliverBody))
+	}()
+	waitFor(t, 5*time.Second, "second delivery not waiting for the connection", func() bool {
+		env.d.mu.Lock()
+		defer env.d.mu.Unlock()
+		return env.d.states["a"].pool.freed != nil // a waiter asked to be woken
+	})
 	cancel()
-	res := env.d.Deliver(ctx, testMessage("app@example.com", "y@example.net"), []byte(deliverBody))
+	res := <-second
 	if len(res) != 1 || res[0].State != queue.Pending || !strings.HasPrefix(res[0].Reply, "interrupted: ") {
 		t.Errorf("cancelled delivery: %+v", res)
 	}
@@ -526,5 +536,170 @@ func TestRoute(t *testing.T) {
 		if r, ok := d.Route(from); ok {
 			t.Errorf("Route(%q) = %v without a \"*\" route", from, r)
 		}
+	}
+}
+
+// stateOf returns the named upstream's state from UpstreamStates.
+func stateOf(t *testing.T, d *Deliverer, name string) UpstreamState {
+	t.Helper()
+	for _, s := range d.UpstreamStates() {
+		if s.Name == name {
+			return s
+		}
+	}
+	t.Fatalf("no state for upstream %q in %+v", name, d.UpstreamStates())
+	return UpstreamState{}
+}
+
+func TestDeliverAuthRefusedMarksDown(t *testing.T) {
+	pki := testpki.New(t)
+	a := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: "changed"})
+	b := smtptest.Start(t, smtptest.Options{})
+	env := newDeliverer(t,
+		Upstream{Name: "a", Address: a.Addr(), TLS: TLSImplicit, RootCAs: pki.CAPool, Username: upUser, Password: upPass},
+		plainUpstream("b", b))
+
+	res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
+	checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "b")
+	st := stateOf(t, env.d, "a")
+	if st.Up || !strings.HasPrefix(st.LastError, "535 ") || st.DownUntil.IsZero() || st.Failures != 1 {
+		t.Errorf("after a refused AUTH, state of a: %+v", st)
+	}
+	if !stateOf(t, env.d, "b").Up {
+		t.Errorf("b reported down")
+	}
+	logs := env.log.String()
+	if !strings.Contains(logs, `msg="upstream down" upstream=a reason="535 `) {
+		t.Errorf("no down line for a:\n%s", logs)
+	}
+
+	conns := a.Connections()
+	res = deliver(t, env.d, testMessage("app@example.com", "y@example.net"), deliverBody)
+	checkResult(t, res[0], "y@example.net", queue.Delivered, "250 ", "b")
+	if got := a.Connections(); got != conns {
+		t.Errorf("a down, yet connected to: %d connections, was %d", got, conns)
+	}
+	if got := len(a.AuthAttempts()); got != 1 {
+		t.Errorf("%d AUTH attempts on a, want 1", got)
+	}
+	if got := len(b.WaitMessages(t, 2, 5*time.Second)); got != 2 {
+		t.Errorf("b got %d messages", got)
+	}
+}
+
+func TestDeliverRecipientFailover(t *testing.T) {
+	t.Run("temporary", func(t *testing.T) {
+		a := smtptest.Start(t, smtptest.Options{RcptReply: func(to string) *smtp.SMTPError {
+			if to == "busy@example.net" {
+				return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 7, 1}, Message: "Try again later"}
+			}
+			return nil
+		}})
+		b := smtptest.Start(t, smtptest.Options{})
+		env := newDeliverer(t, plainUpstream("a", a), plainUpstream("b", b))
+		res := deliver(t, env.d, testMessage("app@example.com", "x@example.net", "busy@example.net", "y@example.net"), deliverBody)
+		checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "a")
+		checkResult(t, res[1], "busy@example.net", queue.Delivered, "250 ", "b")
+		checkResult(t, res[2], "y@example.net", queue.Delivered, "250 ", "a")
+		if got := a.WaitMessages(t, 1, 5*time.Second); len(got) != 1 || strings.Join(got[0].To, " ") != "x@example.net y@example.net" {
+			t.Errorf("a got %+v", got)
+		}
+		if got := b.WaitMessages(t, 1, 5*time.Second); len(got) != 1 || strings.Join(got[0].To, " ") != "busy@example.net" {
+			t.Errorf("b got %+v", got)
+		}
+		// A 4xx about a recipient says nothing about the upstream's health.
+		if st := stateOf(t, env.d, "a"); !st.Up || st.Failures != 0 {
+			t.Errorf("state of a: %+v", st)
+		}
+	})
+	t.Run("permanent", func(t *testing.T) {
+		a := smtptest.Start(t, smtptest.Options{RcptReply: func(to string) *smtp.SMTPError {
+			if to == "gone@example.net" {
+				return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "No such user"}
+			}
+			return nil
+		}})
+		b := smtptest.Start(t, smtptest.Options{})
+		env := newDeliverer(t, plainUpstream("a", a), plainUpstream("b", b))
+		res := deliver(t, env.d, testMessage("app@example.com", "x@example.net", "gone@example.net"), deliverBody)
+		checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "a")
+		checkResult(t, res[1], "gone@example.net", queue.Failed, "550 5.1.1 No such user", "a")
+		if b.Connections() != 0 {
+			t.Errorf("b was tried for a permanent failure")
+		}
+	})
+	t.Run("all refused for now", func(t *testing.T) {
+		// Each upstream defers one recipient; what neither takes stays
+		// pending with the last reply.
+		a := smtptest.Start(t, smtptest.Options{RcptReply: reply(452, smtp.EnhancedCode{4, 2, 2}, "Mailbox full")})
+		b := smtptest.Start(t, smtptest.Options{RcptReply: reply(450, smtp.EnhancedCode{4, 2, 1}, "Busy")})
+		env := newDeliverer(t, plainUpstream("a", a), plainUpstream("b", b))
+		res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
+		checkResult(t, res[0], "x@example.net", queue.Pending, "450 4.2.1 Busy", "b")
+		if !res[0].NotBefore.IsZero() {
+			t.Errorf("NotBefore set for an ordinary deferral: %v", res[0].NotBefore)
+		}
+	})
+}
+
+func TestDeliverNoFailoverAfterDot(t *testing.T) {
+	tests := []struct {
+		name  string
+		reply *smtp.SMTPError
+		state queue.RcptState
+		via   string
+		text  string
+	}{
+		// The upstream may have taken it: do not send it elsewhere now.
+		{"connection lost", smtptest.Drop, queue.Pending, "a", "end of data: "},
+		// A reply is an answer: 4xx goes on, 5xx is final.
+		{"4xx", &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "Try later"}, queue.Delivered, "b", "250 "},
+		{"5xx", &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "Spam"}, queue.Failed, "a", "554 5.7.1 Spam"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := smtptest.Start(t, smtptest.Options{DataReply: func(string, []string, []byte) *smtp.SMTPError { return tt.reply }})
+			b := smtptest.Start(t, smtptest.Options{})
+			env := newDeliverer(t, plainUpstream("a", a), plainUpstream("b", b))
+			res := deliver(t, env.d, testMessage("app@example.com", "x@example.net", "y@example.net"), deliverBody)
+			checkResult(t, res[0], "x@example.net", tt.state, tt.text, tt.via)
+			checkResult(t, res[1], "y@example.net", tt.state, tt.text, tt.via)
+			if tried := b.Connections() > 0; tried != (tt.via == "b") {
+				t.Errorf("b tried: %v", tried)
+			}
+		})
+	}
+}
+
+func TestDeliverDSNRouting(t *testing.T) {
+	up1 := smtptest.Start(t, smtptest.Options{})
+	up2 := smtptest.Start(t, smtptest.Options{})
+	env := newDeliverer(t, plainUpstream("up1", up1), plainUpstream("up2", up2))
+	env.d.Routes = []Route{
+		{FromDomain: "b.example", Upstreams: []string{"up2"}},
+		{FromDomain: "*", Upstreams: []string{"up1"}},
+	}
+	dsn := testMessage("", "sender@b.example")
+	dsn.DSN = true
+
+	// A DSN goes by its recipient's domain, from <>.
+	res := deliver(t, env.d, dsn, deliverBody)
+	checkResult(t, res[0], "sender@b.example", queue.Delivered, "250 ", "up2")
+	if got := up2.WaitMessages(t, 1, 5*time.Second)[0]; got.From != "" {
+		t.Errorf("DSN sent from %q, want <>", got.From)
+	}
+	// A message from <> that is not a DSN goes by its sender, as any other.
+	res = deliver(t, env.d, testMessage("", "sender@b.example"), deliverBody)
+	checkResult(t, res[0], "sender@b.example", queue.Delivered, "250 ", "up1")
+
+	// The upstream may demand a sender of its own.
+	env.d.Upstreams[1].DSNFrom = "bounces@b.example"
+	res = deliver(t, env.d, dsn, deliverBody)
+	checkResult(t, res[0], "sender@b.example", queue.Delivered, "250 ", "up2")
+	if got := up2.WaitMessages(t, 2, 5*time.Second)[1]; got.From != "bounces@b.example" {
+		t.Errorf("DSN sent from %q, want bounces@b.example", got.From)
+	}
+	if n := len(up1.Messages()); n != 1 {
+		t.Errorf("up1 got %d messages, want 1", n)
 	}
 }

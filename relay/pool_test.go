@@ -1,0 +1,255 @@
+package relay
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"smarthost/internal/smtptest"
+	"smarthost/queue"
+)
+
+// connTracker is a Deliverer.Dial that counts the connections the
+// deliverer has open.
+type connTracker struct {
+	mu   sync.Mutex
+	open int
+}
+
+func (ct *connTracker) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	ct.mu.Lock()
+	ct.open++
+	ct.mu.Unlock()
+	return &countedConn{Conn: c, ct: ct}, nil
+}
+
+func (ct *connTracker) Open() int {
+	ct.mu.Lock()
+	defer ct.mu.Unlock()
+	return ct.open
+}
+
+type countedConn struct {
+	net.Conn
+	ct   *connTracker
+	once sync.Once
+}
+
+func (c *countedConn) Close() error {
+	c.once.Do(func() {
+		c.ct.mu.Lock()
+		c.ct.open--
+		c.ct.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+// waitFor polls cond until it holds or timeout passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %v: %s", timeout, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestPoolReuse(t *testing.T) {
+	s := smtptest.Start(t, smtptest.Options{})
+	up := plainUpstream("a", s)
+	up.MaxConnections = 2
+	env := newDeliverer(t, up)
+
+	const (
+		n       = 200
+		workers = 16
+	)
+	var wg sync.WaitGroup
+	results := make([][]queue.Result, n)
+	next := make(chan int)
+	for range workers {
+		wg.Go(func() {
+			for i := range next {
+				m := testMessage("app@example.com", fmt.Sprintf("r%d@example.net", i))
+				results[i] = env.d.Deliver(context.Background(), m, []byte(deliverBody))
+			}
+		})
+	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	for i, res := range results {
+		if len(res) != 1 || res[0].State != queue.Delivered {
+			t.Errorf("message %d: %+v", i, res)
+		}
+	}
+	if got := len(s.WaitMessages(t, n, 10*time.Second)); got != n {
+		t.Errorf("%d messages upstream, want %d", got, n)
+	}
+	if got := s.MaxConcurrent(); got > 2 {
+		t.Errorf("upstream saw %d connections at once, want at most 2", got)
+	}
+	if got := s.Connections(); got > 10 {
+		t.Errorf("%d connections for %d messages, want at most 10", got, n)
+	}
+	st := stateOf(t, env.d, "a")
+	if st.Attempts != n || st.Dials != uint64(s.Connections()) || st.OpenConnections > 2 || st.Failures != 0 {
+		t.Errorf("state %+v", st)
+	}
+}
+
+func TestPoolSequentialReuse(t *testing.T) {
+	s := smtptest.Start(t, smtptest.Options{
+		Username: upUser, Password: upPass,
+		RcptReply: reply(550, smtp.EnhancedCode{5, 1, 1}, "No such user"),
+	})
+	up := plainUpstream("a", s)
+	up.Username, up.Password = upUser, upPass
+	env := newDeliverer(t, up)
+	// A refused transaction leaves the session at MAIL: RSET clears it
+	// before the next one.
+	res := deliver(t, env.d, testMessage("app@example.com", "gone@example.net"), deliverBody)
+	checkResult(t, res[0], "gone@example.net", queue.Failed, "550 ", "a")
+	s.SetRcptReply(nil)
+	for i := range 3 {
+		rcpt := fmt.Sprintf("r%d@example.net", i)
+		res := deliver(t, env.d, testMessage("other@example.com", rcpt), deliverBody)
+		checkResult(t, res[0], rcpt, queue.Delivered, "250 ", "a")
+	}
+	got := s.WaitMessages(t, 3, 5*time.Second)
+	for _, m := range got {
+		if m.ConnID != 1 || m.From != "other@example.com" || len(m.To) != 1 || m.AuthUser != upUser {
+			t.Errorf("message %+v, want one recipient over connection 1, authenticated", m)
+		}
+	}
+	if s.Connections() != 1 || len(s.AuthAttempts()) != 1 {
+		t.Errorf("%d connections and %d AUTH, want 1 of each", s.Connections(), len(s.AuthAttempts()))
+	}
+}
+
+func TestPoolIdleTimeout(t *testing.T) {
+	s := smtptest.Start(t, smtptest.Options{})
+	env := newDeliverer(t, plainUpstream("a", s))
+	ct := &connTracker{}
+	env.d.Dial = ct.dial
+	env.d.IdleTimeout = 50 * time.Millisecond
+
+	res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
+	checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "a")
+	waitFor(t, 5*time.Second, "idle connection still open", func() bool {
+		return ct.Open() == 0 && stateOf(t, env.d, "a").OpenConnections == 0
+	})
+	res = deliver(t, env.d, testMessage("app@example.com", "y@example.net"), deliverBody)
+	checkResult(t, res[0], "y@example.net", queue.Delivered, "250 ", "a")
+	if got := s.Connections(); got != 2 {
+		t.Errorf("%d connections, want a new one after the idle timeout", got)
+	}
+}
+
+func TestPoolClose(t *testing.T) {
+	s := smtptest.Start(t, smtptest.Options{})
+	up := plainUpstream("a", s)
+	up.MaxConnections = 3
+	env := newDeliverer(t, up)
+	ct := &connTracker{}
+	env.d.Dial = ct.dial
+
+	// Three deliveries at once leave three idle connections.
+	entered := make(chan struct{}, 3)
+	proceed := make(chan struct{})
+	s.SetDataReply(func(string, []string, []byte) *smtp.SMTPError {
+		entered <- struct{}{}
+		<-proceed
+		return nil
+	})
+	var wg sync.WaitGroup
+	for i := range 3 {
+		wg.Go(func() {
+			env.d.Deliver(context.Background(), testMessage("app@example.com", fmt.Sprintf("r%d@example.net", i)), []byte(deliverBody))
+		})
+	}
+	for range 3 {
+		<-entered
+	}
+	close(proceed)
+	wg.Wait()
+	if st := stateOf(t, env.d, "a"); st.IdleConnections != 3 || ct.Open() != 3 {
+		t.Fatalf("before Close: %d open, state %+v", ct.Open(), st)
+	}
+	env.d.Close()
+	if st := stateOf(t, env.d, "a"); st.OpenConnections != 0 || ct.Open() != 0 {
+		t.Errorf("after Close: %d open, state %+v", ct.Open(), st)
+	}
+	// Deliver still works, without keeping the connection.
+	s.SetDataReply(nil)
+	res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
+	checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "a")
+	if ct.Open() != 0 {
+		t.Errorf("%d connections kept after Close", ct.Open())
+	}
+}
+
+func TestPoolStaleConnection(t *testing.T) {
+	s := smtptest.Start(t, smtptest.Options{})
+	env := newDeliverer(t, plainUpstream("a", s))
+	res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
+	checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "a")
+
+	// The upstream restarts: the idle connection is dead.
+	s.Close()
+	s2 := smtptest.Start(t, smtptest.Options{Addr: s.Addr()})
+	res = deliver(t, env.d, testMessage("app@example.com", "y@example.net"), deliverBody)
+	checkResult(t, res[0], "y@example.net", queue.Delivered, "250 ", "a")
+	if got := s2.WaitMessages(t, 1, 5*time.Second); got[0].To[0] != "y@example.net" {
+		t.Errorf("restarted upstream got %+v", got)
+	}
+	// Not the upstream's failure.
+	if st := stateOf(t, env.d, "a"); !st.Up || st.Failures != 0 || st.Dials != 2 || st.OpenConnections != 1 {
+		t.Errorf("state %+v", st)
+	}
+}
+
+func TestPoolBrokenConnectionNotReused(t *testing.T) {
+	tests := []struct {
+		name string
+		opts smtptest.Options
+	}{
+		{"dropped after data", smtptest.Options{DataReply: func(string, []string, []byte) *smtp.SMTPError { return smtptest.Drop }}},
+		{"421 to rcpt", smtptest.Options{RcptReply: func(string) *smtp.SMTPError { return busy }}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := smtptest.Start(t, tt.opts)
+			env := newDeliverer(t, plainUpstream("a", s))
+			ct := &connTracker{}
+			env.d.Dial = ct.dial
+			res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
+			if res[0].State != queue.Pending {
+				t.Fatalf("first delivery: %+v", res)
+			}
+			if ct.Open() != 0 {
+				t.Errorf("broken connection kept open")
+			}
+			s.SetDataReply(nil)
+			s.SetRcptReply(nil)
+			res = deliver(t, env.d, testMessage("app@example.com", "y@example.net"), deliverBody)
+			checkResult(t, res[0], "y@example.net", queue.Delivered, "250 ", "a")
+			if got := s.WaitMessages(t, 1, 5*time.Second); got[0].ConnID != 2 {
+				t.Errorf("delivered over connection %d, want a new one", got[0].ConnID)
+			}
+		})
+	}
+}
