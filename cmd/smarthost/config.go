@@ -42,12 +42,9 @@ type Config struct {
 	Listeners []relay.Listener
 	Limits    relay.Limits
 	Users     []relay.User
-	DKIM      []dkim.Key // loaded and checked; one Key per [[dkim]]
-	Upstreams []relay.Upstream
-	// RateLimits maps an upstream name to its rate_limit; upstreams
-	// without one are absent.
-	RateLimits map[string]Rate
-	Routes     []relay.Route
+	DKIM      []dkim.Key       // loaded and checked; one Key per [[dkim]]
+	Upstreams []relay.Upstream // with rate_limit and dsn_from
+	Routes    []relay.Route
 
 	HTTPAddress   string // [http] address, default "127.0.0.1:9090"
 	AdminTokenEnv string // env var holding the /api bearer token; "" for none
@@ -60,13 +57,10 @@ type QueueConfig struct {
 	RetryMax time.Duration // cap of the doubling delay, default 1h
 	MaxAge   time.Duration // then the message bounces, default 120h
 	Bounce   bool          // send DSNs to the envelope sender, default true
-	Workers  int           // concurrent deliveries, default 16
-}
-
-// Rate is an upstream rate_limit: at most N messages per Per.
-type Rate struct {
-	N   int
-	Per time.Duration
+	// DelayWarning is the queue time after which the sender is warned
+	// that a message is delayed (once); 0, the default, sends none.
+	DelayWarning time.Duration
+	Workers      int // concurrent deliveries, default 16
 }
 
 // ConfigError is one problem in a configuration, naming its key, e.g.
@@ -188,7 +182,7 @@ func (p *configParser) config(root *configTable) *Config {
 	cfg.TLSCertFile, cfg.TLSKeyFile = p.servingTLS(root.sub("tls"), cfg.Listeners)
 	cfg.Limits = p.limits(root.sub("limits"))
 	cfg.DKIM = p.dkim(root, cfg.Queue.MaxAge)
-	cfg.Upstreams, cfg.RateLimits = p.upstreams(root)
+	cfg.Upstreams = p.upstreams(root)
 	cfg.Routes = p.routes(root, cfg.Upstreams)
 	users, froms := p.users(root)
 	cfg.Users = users
@@ -222,13 +216,24 @@ func (p *configParser) queue(t *configTable) QueueConfig {
 		RetryMax: t.duration("retry_max", time.Hour),
 		MaxAge:   t.duration("max_age", 120*time.Hour),
 		Bounce:   t.boolean("bounce", true),
-		Workers:  t.integer("workers", defaultWorkers, 1),
+		// Off unless asked for: a warning is one more message the sender
+		// did not expect.
+		DelayWarning: t.duration("delay_warning", 0),
+		Workers:      t.integer("workers", defaultWorkers, 1),
 	}
 	if q.Path == "" {
 		t.errorf("path", "must not be empty")
 	}
 	if q.RetryMin > 0 && q.RetryMax > 0 && q.RetryMin > q.RetryMax {
 		t.errorf("retry_min", "%v is longer than retry_max %v", q.RetryMin, q.RetryMax)
+	}
+	if q.DelayWarning > 0 && q.MaxAge > 0 && q.DelayWarning >= q.MaxAge {
+		// The message would expire into a bounce before the warning.
+		t.errorf("delay_warning", "%v must be shorter than max_age %v", q.DelayWarning, q.MaxAge)
+	}
+	if q.DelayWarning > 0 && !q.Bounce {
+		// The warning is a DSN too; saying nothing would hide that it is off.
+		t.errorf("delay_warning", "needs bounce = true: delay warnings are DSNs")
 	}
 	t.done()
 	return q
@@ -623,13 +628,12 @@ func parseCanonicalization(c string) (header, body string, err error) {
 	return header, body, nil
 }
 
-func (p *configParser) upstreams(root *configTable) ([]relay.Upstream, map[string]Rate) {
+func (p *configParser) upstreams(root *configTable) []relay.Upstream {
 	tables := root.tables("upstream")
 	if len(tables) == 0 && !root.has("upstream") {
 		p.errorf("upstream", "at least one [[upstream]] is required")
 	}
 	var out []relay.Upstream
-	rates := map[string]Rate{}
 	seen := map[string]string{}
 	for _, t := range tables {
 		u := relay.Upstream{}
@@ -705,14 +709,48 @@ func (p *configParser) upstreams(root *configTable) ([]relay.Upstream, map[strin
 			r, err := ParseRate(s)
 			if err != nil {
 				t.errorf("rate_limit", "%v", err)
-			} else if u.Name != "" {
-				rates[u.Name] = r
+			} else {
+				u.RateLimit = r
+			}
+		}
+		if a, ok := t.str("dsn_from"); ok {
+			if err := checkMailbox(a); err != nil {
+				t.errorf("dsn_from", "%v", err)
+			} else {
+				u.DSNFrom = a
 			}
 		}
 		t.done()
 		out = append(out, u)
 	}
-	return out, rates
+	return out
+}
+
+// checkMailbox accepts a plain address "local@domain" such as an upstream
+// login may send from: no display name, no angle brackets, an ASCII
+// domain name.
+func checkMailbox(a string) error {
+	at := strings.LastIndexByte(a, '@')
+	if at <= 0 {
+		return fmt.Errorf("%q is not an address such as \"bounces@example.com\"", a)
+	}
+	if a[:at] == "*" {
+		return fmt.Errorf("%q is a pattern; give one address", a)
+	}
+	if domain := strings.ToLower(a[at+1:]); !validDomain(domain) {
+		return fmt.Errorf("%q: %q is not a domain name", a, domain)
+	}
+	if pa, err := mail.ParseAddress(a); err != nil || pa.Address != a {
+		return fmt.Errorf("%q is not a valid email address", a)
+	}
+	// It goes out in MAIL FROM, and the relay does not speak SMTPUTF8
+	// (RFC 6531).
+	for _, c := range []byte(a) {
+		if c >= 0x80 {
+			return fmt.Errorf("%q is not an ASCII address", a)
+		}
+	}
+	return nil
 }
 
 // caPool is the system roots plus the certificates in file, so that a
@@ -908,14 +946,14 @@ func ParseSize(s string) (int64, error) {
 
 // ParseRate parses "N/duration", e.g. "2000/24h" or "10/1s"; a bare unit
 // ("300/h") means one of it. N and the duration must be positive.
-func ParseRate(s string) (Rate, error) {
+func ParseRate(s string) (relay.Rate, error) {
 	num, per, ok := strings.Cut(strings.TrimSpace(s), "/")
 	if !ok {
-		return Rate{}, fmt.Errorf(`rate %q: want N/duration, e.g. "2000/24h"`, s)
+		return relay.Rate{}, fmt.Errorf(`rate %q: want N/duration, e.g. "2000/24h"`, s)
 	}
 	n, err := strconv.Atoi(strings.TrimSpace(num))
 	if err != nil || n <= 0 {
-		return Rate{}, fmt.Errorf("rate %q: %q is not a positive whole number", s, num)
+		return relay.Rate{}, fmt.Errorf("rate %q: %q is not a positive whole number", s, num)
 	}
 	per = strings.TrimSpace(per)
 	if per != "" && (per[0] < '0' || per[0] > '9') && per[0] != '.' {
@@ -923,9 +961,9 @@ func ParseRate(s string) (Rate, error) {
 	}
 	d, err := time.ParseDuration(per)
 	if err != nil || d <= 0 {
-		return Rate{}, fmt.Errorf("rate %q: %q is not a positive duration such as 1s, 1h, 24h", s, per)
+		return relay.Rate{}, fmt.Errorf("rate %q: %q is not a positive duration such as 1s, 1h, 24h", s, per)
 	}
-	return Rate{N: n, Per: d}, nil
+	return relay.Rate{N: n, Per: d}, nil
 }
 
 // configTable reads one TOML table. Each accessor marks its key as known and

@@ -238,7 +238,6 @@ upstreams = ["local"]
 			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute,
 		},
 		Upstreams:   []relay.Upstream{{Name: "local", Address: "localhost:2525", TLS: relay.TLSNone, MaxConnections: 4}},
-		RateLimits:  map[string]Rate{},
 		Routes:      []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
 		HTTPAddress: "127.0.0.1:9090",
 	}
@@ -322,6 +321,7 @@ password_env = "SMARTHOST_TEST_UP_PW"
 ca_file = "{{CA}}"
 max_connections = 2
 rate_limit = "10/1s"
+dsn_from = "Bounces@Example.com"
 
 [[upstream]]
 name = "backup"
@@ -411,9 +411,11 @@ admin_token_env = "SMARTHOST_TEST_ADMIN"
 	if b.Password != "s3cret" || b.RootCAs != nil || b.MaxConnections != 4 || b.TLS != relay.TLSStartTLS {
 		t.Errorf("backup = %+v", b)
 	}
-	wantRates := map[string]Rate{"primary": {N: 10, Per: time.Second}}
-	if !reflect.DeepEqual(cfg.RateLimits, wantRates) {
-		t.Errorf("rate limits = %+v", cfg.RateLimits)
+	if p.RateLimit != (relay.Rate{N: 10, Per: time.Second}) || p.DSNFrom != "Bounces@Example.com" {
+		t.Errorf("primary rate_limit, dsn_from = %+v, %q", p.RateLimit, p.DSNFrom)
+	}
+	if b.RateLimit != (relay.Rate{}) || b.DSNFrom != "" {
+		t.Errorf("backup rate_limit, dsn_from = %+v, %q; want none", b.RateLimit, b.DSNFrom)
 	}
 	wantRoutes := []relay.Route{
 		{FromDomain: "example.com", Upstreams: []string{"primary", "backup"}},
@@ -455,6 +457,17 @@ func requireKeys(t *testing.T, got, want []dkim.Key) {
 	}
 }
 
+func TestParseConfigDelayWarning(t *testing.T) {
+	f := newTestFiles(t)
+	if cfg := mustParse(t, f.config(nil)); cfg.Queue.DelayWarning != 0 {
+		t.Errorf("default delay_warning = %v, want 0 (off)", cfg.Queue.DelayWarning)
+	}
+	cfg := mustParse(t, f.config(map[string]string{"queue": "[queue]\nmax_age = \"6h\"\ndelay_warning = \"4h\""}))
+	if cfg.Queue.DelayWarning != 4*time.Hour || !cfg.Queue.Bounce {
+		t.Errorf("queue = %+v, want a 4h delay warning with bounces on", cfg.Queue)
+	}
+}
+
 func TestParseConfigBaseIsValid(t *testing.T) {
 	f := newTestFiles(t)
 	mustParse(t, f.config(nil))
@@ -486,6 +499,11 @@ func TestParseConfigRules(t *testing.T) {
 		{"duration as number", map[string]string{"queue": "[queue]\nmax_age = 5"}, "queue.max_age", "duration string"},
 		{"retry_min over retry_max", map[string]string{"queue": "[queue]\nretry_min = \"2h\"\nretry_max = \"1h\""}, "queue.retry_min", "longer than retry_max"},
 		{"workers zero", map[string]string{"queue": "[queue]\nworkers = 0"}, "queue.workers", "out of range"},
+		{"delay_warning junk", map[string]string{"queue": "[queue]\ndelay_warning = \"4 hours\""}, "queue.delay_warning", "not a duration"},
+		{"delay_warning zero", map[string]string{"queue": "[queue]\ndelay_warning = \"0s\""}, "queue.delay_warning", "positive"},
+		{"delay_warning at max_age", map[string]string{"queue": "[queue]\nmax_age = \"4h\"\ndelay_warning = \"4h\""}, "queue.delay_warning", "shorter than max_age 4h0m0s"},
+		{"delay_warning over default max_age", map[string]string{"queue": "[queue]\ndelay_warning = \"200h\""}, "queue.delay_warning", "shorter than max_age 120h0m0s"},
+		{"delay_warning without bounce", map[string]string{"queue": "[queue]\nbounce = false\ndelay_warning = \"4h\""}, "queue.delay_warning", "needs bounce = true"},
 		{"bounce not bool", map[string]string{"queue": "[queue]\nbounce = \"yes\""}, "queue.bounce", "true or false"},
 		{"queue path empty", map[string]string{"queue": "[queue]\npath = \"\""}, "queue.path", "empty"},
 		{"unknown queue key", map[string]string{"queue": "[queue]\nretries = 3"}, "queue.retries", "unknown key"},
@@ -561,6 +579,15 @@ func TestParseConfigRules(t *testing.T) {
 		{"ca_file without certificates", map[string]string{"upstream": baseSections["upstream"] + "\nca_file = \"{{KEY}}\""}, "upstream[0].ca_file", "no PEM certificate"},
 		{"ca_file unreadable", map[string]string{"upstream": baseSections["upstream"] + "\nca_file = \"{{MISSING}}\""}, "upstream[0].ca_file", "no such file"},
 		{"max_connections zero", map[string]string{"upstream": baseSections["upstream"] + "\nmax_connections = 0"}, "upstream[0].max_connections", "out of range"},
+		{"dsn_from no at", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"bounces\""}, "upstream[0].dsn_from", "not an address"},
+		{"dsn_from display name", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"Bounces <b@example.com>\""}, "upstream[0].dsn_from", "not a domain name"},
+		{"dsn_from angle brackets", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"<b@example.com>\""}, "upstream[0].dsn_from", "not a domain name"},
+		{"dsn_from bad local", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"a b@example.com\""}, "upstream[0].dsn_from", "not a valid email address"},
+		{"dsn_from bad domain", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"b@example..com\""}, "upstream[0].dsn_from", "not a domain name"},
+		{"dsn_from wildcard", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"*@example.com\""}, "upstream[0].dsn_from", "is a pattern"},
+		{"dsn_from non-ASCII", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"bücher@example.com\""}, "upstream[0].dsn_from", "not an ASCII address"},
+		{"dsn_from empty", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"\""}, "upstream[0].dsn_from", "not an address"},
+		{"dsn_from wrong type", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = true"}, "upstream[0].dsn_from", "must be a string"},
 		{"rate_limit junk", map[string]string{"upstream": baseSections["upstream"] + "\nrate_limit = \"fast\""}, "upstream[0].rate_limit", "N/duration"},
 
 		// routes
@@ -717,27 +744,27 @@ func TestParseSize(t *testing.T) {
 func TestParseRate(t *testing.T) {
 	tests := []struct {
 		in   string
-		want Rate
+		want relay.Rate
 		ok   bool
 	}{
-		{"2000/24h", Rate{2000, 24 * time.Hour}, true},
-		{"10/1s", Rate{10, time.Second}, true},
-		{"300/1h", Rate{300, time.Hour}, true},
-		{"300/h", Rate{300, time.Hour}, true},
-		{"5/90m", Rate{5, 90 * time.Minute}, true},
-		{" 1 / 1m ", Rate{1, time.Minute}, true},
-		{"", Rate{}, false},
-		{"100", Rate{}, false},
-		{"/1h", Rate{}, false},
-		{"0/1h", Rate{}, false},
-		{"-1/1h", Rate{}, false},
-		{"1.5/1h", Rate{}, false},
-		{"10/", Rate{}, false},
-		{"10/0s", Rate{}, false},
-		{"10/-1s", Rate{}, false},
-		{"10/day", Rate{}, false},
-		{"10/1h/2", Rate{}, false},
-		{"ten/1h", Rate{}, false},
+		{"2000/24h", relay.Rate{N: 2000, Per: 24 * time.Hour}, true},
+		{"10/1s", relay.Rate{N: 10, Per: time.Second}, true},
+		{"300/1h", relay.Rate{N: 300, Per: time.Hour}, true},
+		{"300/h", relay.Rate{N: 300, Per: time.Hour}, true},
+		{"5/90m", relay.Rate{N: 5, Per: 90 * time.Minute}, true},
+		{" 1 / 1m ", relay.Rate{N: 1, Per: time.Minute}, true},
+		{"", relay.Rate{}, false},
+		{"100", relay.Rate{}, false},
+		{"/1h", relay.Rate{}, false},
+		{"0/1h", relay.Rate{}, false},
+		{"-1/1h", relay.Rate{}, false},
+		{"1.5/1h", relay.Rate{}, false},
+		{"10/", relay.Rate{}, false},
+		{"10/0s", relay.Rate{}, false},
+		{"10/-1s", relay.Rate{}, false},
+		{"10/day", relay.Rate{}, false},
+		{"10/1h/2", relay.Rate{}, false},
+		{"ten/1h", relay.Rate{}, false},
 	}
 	for _, tt := range tests {
 		got, err := ParseRate(tt.in)
@@ -785,8 +812,12 @@ func TestExampleConfig(t *testing.T) {
 		if cfg.Upstreams[0].Password != "app-password" || cfg.Upstreams[1].Password != "s3cret" {
 			t.Errorf("upstream passwords not loaded")
 		}
-		if cfg.RateLimits["gmail"] != (Rate{2000, 24 * time.Hour}) {
-			t.Errorf("gmail rate = %+v", cfg.RateLimits["gmail"])
+		if cfg.Upstreams[0].RateLimit != (relay.Rate{N: 2000, Per: 24 * time.Hour}) ||
+			cfg.Upstreams[1].RateLimit != (relay.Rate{N: 300, Per: time.Hour}) {
+			t.Errorf("rate limits = %+v, %+v", cfg.Upstreams[0].RateLimit, cfg.Upstreams[1].RateLimit)
+		}
+		if cfg.Queue.DelayWarning != 0 || !cfg.Queue.Bounce || cfg.Upstreams[0].DSNFrom != "" {
+			t.Errorf("delay warning %v, bounce %v, dsn_from %q: want the defaults", cfg.Queue.DelayWarning, cfg.Queue.Bounce, cfg.Upstreams[0].DSNFrom)
 		}
 		if cfg.Limits.MaxMessageBytes != 25<<20 {
 			t.Errorf("max message = %d", cfg.Limits.MaxMessageBytes)
@@ -803,7 +834,7 @@ func TestExampleConfig(t *testing.T) {
 		}
 		cfg := mustParse(t, enabled)
 		if cfg.AdminTokenEnv != "SMARTHOST_ADMIN_TOKEN" || cfg.Upstreams[0].RootCAs == nil ||
-			len(cfg.Listeners[0].TrustedNetworks) != 1 {
+			len(cfg.Listeners[0].TrustedNetworks) != 1 || cfg.Queue.DelayWarning == 0 || cfg.Upstreams[0].DSNFrom == "" {
 			t.Errorf("commented keys not applied: %+v", cfg)
 		}
 		if k := cfg.DKIM[0]; k.Headers == nil || k.Expiration == 0 || !k.Subdomains {
@@ -838,13 +869,13 @@ func TestExampleConfig(t *testing.T) {
 	t.Run("documents every key", func(t *testing.T) {
 		keys := []string{
 			"hostname", "log_format", "log_level",
-			"path", "retry_min", "retry_max", "max_age", "bounce", "workers",
+			"path", "retry_min", "retry_max", "max_age", "bounce", "delay_warning", "workers",
 			"cert_file", "key_file",
 			"name", "address", "tls", "auth", "trusted_networks", "allow_public_networks",
 			"max_message_size", "max_recipients", "max_connections", "auth_failures_per_ip", "read_timeout", "data_timeout",
 			"password_hash", "allowed_from",
 			"domain", "selector", "headers", "canonicalization", "expiration", "subdomains",
-			"username", "password_env", "password_file", "ca_file", "rate_limit",
+			"username", "password_env", "password_file", "ca_file", "rate_limit", "dsn_from",
 			"from_domain", "upstreams",
 			"admin_token_env",
 		}

@@ -36,6 +36,7 @@ func runDemo(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	listen := fs.String("listen", "127.0.0.1:2587", "submission address (loopback)")
+	httpAddr := fs.String("http", "127.0.0.1:9091", "HTTP address for /healthz, /readyz and the admin API (loopback)")
 	dir := fs.String("dir", "", "working folder (default: a new temporary folder)")
 	verbose := fs.Bool("v", false, "log at debug level")
 	if err := fs.Parse(args); err != nil {
@@ -57,14 +58,14 @@ func runDemo(args []string, stdout, stderr io.Writer) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := demo(ctx, *listen, *dir, logger, stdout); err != nil {
+	if err := demo(ctx, *listen, *httpAddr, *dir, logger, stdout); err != nil {
 		fmt.Fprintln(stderr, "demo:", err)
 		return 1
 	}
 	return 0
 }
 
-func demo(ctx context.Context, listen, dir string, logger *slog.Logger, stdout io.Writer) error {
+func demo(ctx context.Context, listen, httpAddr, dir string, logger *slog.Logger, stdout io.Writer) error {
 	dir, err := filepath.Abs(dir)
 	if err != nil {
 		return err
@@ -105,16 +106,18 @@ func demo(ctx context.Context, listen, dir string, logger *slog.Logger, stdout i
 			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
 			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute,
 		},
-		Users:     []relay.User{{Name: "demo", PasswordHash: hash, AllowedFrom: []string{"*@example.com"}}},
-		Upstreams: []relay.Upstream{{Name: "local", Address: up.addr, TLS: relay.TLSNone, MaxConnections: 4}},
-		Routes:    []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
-		DKIM:      []dkim.Key{dkimKey},
+		Users:       []relay.User{{Name: "demo", PasswordHash: hash, AllowedFrom: []string{"*@example.com"}}},
+		Upstreams:   []relay.Upstream{{Name: "local", Address: up.addr, TLS: relay.TLSNone, MaxConnections: 4}},
+		Routes:      []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
+		DKIM:        []dkim.Key{dkimKey},
+		HTTPAddress: httpAddr, // no admin token: loopback clients only
 	}
 	inst, err := start(cfg, logger)
 	if err != nil {
 		return err
 	}
 	addr := inst.addrs()[0]
+	apiURL := "http://" + inst.httpAddr()
 
 	sample := filepath.Join(dir, "hello.eml")
 	msg := "From: Demo <demo@example.com>\r\nTo: Friend <friend@example.net>\r\nSubject: Hello from smarthost\r\n\r\nIt works: this message went through smarthost's queue to its upstream.\r\n"
@@ -132,6 +135,7 @@ func demo(ctx context.Context, listen, dir string, logger *slog.Logger, stdout i
   senders     *@example.com
   upstream    %[4]s  built in: writes each delivered message to a file
   queue       %[5]s
+  admin API   %[12]s  (smarthost queue -server %[12]s list)
   dkim key    %[8]s
 
 DKIM: messages from *@example.com are signed (d=%[9]s, s=%[10]s); the record to publish:
@@ -147,7 +151,7 @@ or with swaks:
 
 Delivered messages appear in %[7]s/
 `, addr, certFile, password, up.addr, cfg.Queue.Path, sample, deliveredDir,
-		dkimFile, dkimKey.Domain, dkimKey.Selector, dkimZone)
+		dkimFile, dkimKey.Domain, dkimKey.Selector, dkimZone, apiURL)
 
 	<-ctx.Done()
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)

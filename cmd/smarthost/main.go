@@ -17,7 +17,7 @@ const usage = `smarthost — an outbound-only mail submission relay
 
 Usage:
   smarthost serve [-config PATH]        run the relay
-  smarthost demo [-listen ADDR] [-dir DIR]
+  smarthost demo [-listen ADDR] [-http ADDR] [-dir DIR]
                                         run a self-contained demo on loopback
   smarthost check-config [-config PATH] validate a configuration, list every problem
   smarthost passwd [-cost N]            read a password, print its bcrypt hash
@@ -25,6 +25,8 @@ Usage:
                                         write a DKIM key, print the DNS TXT record to publish
   smarthost dkim check -domain D -selector S -key FILE [-record "v=DKIM1; …"]
                                         tell whether the published record matches the key
+  smarthost queue [-server URL] [-config PATH] [-json] list|show ID|retry ID|hold ID|release ID|delete ID|flush
+                                        inspect and manage the running server's queue
   smarthost version                     print the version
 
 The configuration path defaults to $SMARTHOST_CONFIG, else /etc/smarthost/config.toml.
@@ -50,6 +52,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return runPasswd(args[1:], stdin, stdout, stderr)
 	case "dkim":
 		return runDKIM(args[1:], stdout, stderr)
+	case "queue":
+		return runQueue(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, "smarthost", buildVersion())
 		return 0

@@ -8,13 +8,17 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"slices"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"smarthost/dkim"
+	"smarthost/metrics"
 	"smarthost/queue"
 	"smarthost/relay"
 )
@@ -67,16 +71,18 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	logger := newLogger(cfg.LogFormat, cfg.LogLevel, stderr)
+	// Signals are caught from before the start, so that one sent as soon
+	// as the start is logged is handled rather than fatal.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
 	inst, err := start(cfg, logger)
 	if err != nil {
 		logger.Error("start failed", "error", err)
 		return 1
 	}
-	logger.Info("smarthost started", "version", buildVersion(), "listeners", inst.addrs(), "queue", cfg.Queue.Path, "queued", inst.queued())
-
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	defer signal.Stop(sigs)
+	logger.Info("smarthost started", "version", buildVersion(), "listeners", inst.addrs(), "http", inst.httpAddr(),
+		"queue", cfg.Queue.Path, "queued", inst.queued())
 	for {
 		select {
 		case sig := <-sigs:
@@ -112,17 +118,21 @@ func newLogger(format string, level slog.Level, w io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, opts))
 }
 
-// instance is a running relay: queue, scheduler and submission server.
+// instance is a running relay: queue, scheduler, delivery, the
+// submission server and the HTTP listener.
 type instance struct {
-	log    *slog.Logger
-	store  *queue.Store
-	sched  *queue.Scheduler
-	srv    *relay.Server
-	failed chan error // a component stopped on its own
-	done   chan struct{}
+	log       *slog.Logger
+	store     *queue.Store
+	sched     *queue.Scheduler
+	deliverer *relay.Deliverer
+	srv       *relay.Server
+	http      *metrics.Server
+	ready     atomic.Bool // /readyz: everything is up and not shutting down
+	failed    chan error  // a component stopped on its own
 }
 
-// start opens the queue, starts delivery and binds the listeners.
+// start opens the queue, binds the HTTP and SMTP listeners and starts
+// delivery.
 func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 	var tlsConfig *tls.Config
 	if cfg.TLSCertFile != "" {
@@ -156,17 +166,54 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		Hostname:  cfg.Hostname,
 		Upstreams: cfg.Upstreams,
 		Routes:    cfg.Routes,
-		Logger:    logger,
+		// An upstream marked down stays skipped on the operator's retry
+		// timing, so that it never holds mail back much longer than the
+		// queue's own backoff would.
+		DownFor:    min(cfg.Queue.RetryMin, 30*time.Second),
+		MaxDownFor: min(cfg.Queue.RetryMax, 5*time.Minute),
+		Logger:     logger,
 	}
 	sched := &queue.Scheduler{
-		Store:    store,
-		Deliver:  deliverer.Deliver,
-		Workers:  cfg.Queue.Workers,
-		RetryMin: cfg.Queue.RetryMin,
-		RetryMax: cfg.Queue.RetryMax,
-		MaxAge:   cfg.Queue.MaxAge,
-		Logger:   logger,
+		Store:        store,
+		Deliver:      deliverer.Deliver,
+		Workers:      cfg.Queue.Workers,
+		RetryMin:     cfg.Queue.RetryMin,
+		RetryMax:     cfg.Queue.RetryMax,
+		MaxAge:       cfg.Queue.MaxAge,
+		DelayWarning: cfg.Queue.DelayWarning,
+		Logger:       logger,
 	}
+	if cfg.Queue.Bounce {
+		b := &relay.Bouncer{Hostname: cfg.Hostname, MaxAge: cfg.Queue.MaxAge}
+		sched.Bounce = b.Bounce
+	} else {
+		logger.Info("bounces off ([queue] bounce = false): senders are not told about failed or expired mail")
+	}
+	inst := &instance{log: logger, store: store, sched: sched, deliverer: deliverer, failed: make(chan error, 3)}
+
+	token := ""
+	if cfg.AdminTokenEnv != "" {
+		token = os.Getenv(cfg.AdminTokenEnv)
+	}
+	inst.http = &metrics.Server{
+		Address: cfg.HTTPAddress,
+		Ready:   inst.ready.Load,
+		API: &metrics.API{
+			Queue:     adminQueue{store, deliverer},
+			Upstreams: deliverer.UpstreamStates,
+			Token:     token,
+			Logger:    logger,
+		},
+		Logger: logger,
+	}
+	if err := inst.http.Listen(); err != nil {
+		store.Close()
+		return nil, fmt.Errorf("[http] address: %w", err)
+	}
+	if token == "" && !isLoopbackListen(inst.http.Addr()) {
+		logger.Warn("the admin API answers only loopback clients: no [http] admin_token_env is set", "http", inst.http.Addr().String())
+	}
+
 	srv := &relay.Server{
 		Hostname:  cfg.Hostname,
 		Listeners: cfg.Listeners,
@@ -182,10 +229,11 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		Logger: logger,
 	}
 	if err := srv.Listen(); err != nil {
+		inst.http.Close()
 		store.Close()
 		return nil, err
 	}
-	inst := &instance{log: logger, store: store, sched: sched, srv: srv, failed: make(chan error, 2), done: make(chan struct{})}
+	inst.srv = srv
 	go func() {
 		if err := sched.Run(); err != nil {
 			inst.failed <- fmt.Errorf("scheduler: %w", err)
@@ -196,7 +244,24 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 			inst.failed <- fmt.Errorf("smtp: %w", err)
 		}
 	}()
+	go func() {
+		if err := inst.http.Serve(); err != nil {
+			inst.failed <- err
+		}
+	}()
+	inst.ready.Store(true)
 	return inst, nil
+}
+
+// isLoopbackListen reports whether a bound address is on loopback only.
+func isLoopbackListen(a net.Addr) bool {
+	ap, err := netip.ParseAddrPort(a.String())
+	return err == nil && ap.Addr().Unmap().IsLoopback()
+}
+
+// httpAddr is the bound address of the HTTP listener, port 0 resolved.
+func (in *instance) httpAddr() string {
+	return in.http.Addr().String()
 }
 
 func (in *instance) addrs() []string {
@@ -231,17 +296,44 @@ func dkimDomains(keys []dkim.Key) []string {
 }
 
 // shutdown stops in the order of STYLE.md: listeners and transactions,
-// then deliveries (finished or left queued), then the database.
+// then deliveries (finished or left queued), then the database. /readyz
+// turns 503 first and keeps answering while SMTP transactions finish.
 func (in *instance) shutdown(ctx context.Context) error {
+	in.ready.Store(false)
 	var errs []error
 	if err := in.srv.Shutdown(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("smtp: %w", err))
 	}
+	// The admin API stops before the queue it changes.
+	if err := in.http.Shutdown(ctx); err != nil {
+		in.http.Close()
+		errs = append(errs, fmt.Errorf("http: %w", err))
+	}
 	if err := in.sched.Shutdown(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("scheduler: %w", err))
 	}
+	// Idle upstream connections are closed once no delivery can use them.
+	in.deliverer.Close()
 	if err := in.store.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("queue: %w", err))
 	}
 	return errors.Join(errs...)
+}
+
+// adminQueue is the queue as the admin API sees it: a flush or a retry
+// also lets down upstreams be probed at once, since the operator wants the
+// mail to go now.
+type adminQueue struct {
+	*queue.Store
+	deliverer *relay.Deliverer
+}
+
+func (a adminQueue) Flush() (int, error) {
+	a.deliverer.ProbeNow()
+	return a.Store.Flush()
+}
+
+func (a adminQueue) Retry(id string) error {
+	a.deliverer.ProbeNow()
+	return a.Store.Retry(id)
 }

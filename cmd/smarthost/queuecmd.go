@@ -1,0 +1,488 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/BurntSushi/toml"
+
+	"smarthost/metrics"
+)
+
+const queueUsage = `usage: smarthost queue [-server URL] [-config PATH] [-json] COMMAND
+
+Commands (they talk to the running server's admin API):
+  list          every queued message: ID, age, sender, recipients with their
+                state, attempts, next attempt, last reply, flags
+  show ID       every detail of one message, with each recipient's reply
+  retry ID      make the message due now
+  hold ID       keep the message out of delivery until release
+  release ID    let a held message be delivered again, now
+  delete ID     remove the message; no bounce is sent
+  flush         make every message that is not held due now
+
+-server defaults to the [http] address of the configuration (-config, default
+$SMARTHOST_CONFIG, else /etc/smarthost/config.toml), else http://127.0.0.1:9090.
+The bearer token is read from the variable named by [http] admin_token_env,
+else from $SMARTHOST_ADMIN_TOKEN.
+`
+
+// defaultTokenEnv holds the admin token when the configuration names none.
+const defaultTokenEnv = "SMARTHOST_ADMIN_TOKEN"
+
+// defaultServerURL is used when there is no configuration file.
+const defaultServerURL = "http://" + defaultHTTPAddress
+
+// queueCommands maps each subcommand to whether it takes a message ID.
+var queueCommands = map[string]bool{
+	"list": false, "flush": false,
+	"show": true, "retry": true, "hold": true, "release": true, "delete": true,
+}
+
+func runQueue(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("queue", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, queueUsage) }
+	server := fs.String("server", "", "admin API base URL (default: from the configuration's [http] address)")
+	configPath := fs.String("config", defaultConfigPath(), "configuration file to read [http] from (env SMARTHOST_CONFIG)")
+	asJSON := fs.Bool("json", false, "print the API's JSON")
+	// Flags may also follow the command ("list -json"): parse again after
+	// each positional argument.
+	var words []string
+	for rest := args; ; {
+		if err := fs.Parse(rest); err != nil {
+			return 2
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		words = append(words, fs.Arg(0))
+		rest = fs.Args()[1:]
+	}
+	if len(words) == 0 {
+		fmt.Fprint(stderr, queueUsage)
+		return 2
+	}
+	cmd, ids := words[0], words[1:]
+	needsID, known := queueCommands[cmd]
+	switch {
+	case !known:
+		fmt.Fprintf(stderr, "smarthost queue: unknown command %q\n\n%s", cmd, queueUsage)
+		return 2
+	case needsID && len(ids) != 1:
+		fmt.Fprintf(stderr, "smarthost queue %s: want one message ID\n", cmd)
+		return 2
+	case !needsID && len(ids) != 0:
+		fmt.Fprintf(stderr, "smarthost queue %s: takes no arguments\n", cmd)
+		return 2
+	}
+
+	c, err := newQueueClient(*server, *configPath)
+	if err != nil {
+		fmt.Fprintln(stderr, "smarthost queue:", err)
+		return 1
+	}
+	if err := c.run(cmd, ids, *asJSON, stdout); err != nil {
+		fmt.Fprintln(stderr, "smarthost queue:", err)
+		return 1
+	}
+	return 0
+}
+
+// queueClient talks to the admin API of a running server.
+type queueClient struct {
+	base     string // "http://127.0.0.1:9090", no trailing slash
+	token    string
+	tokenEnv string // where token came from, for error messages
+	http     *http.Client
+	now      func() time.Time
+}
+
+// adminConfig is the part of the configuration file that the queue
+// command reads. Only [http] is decoded, and leniently: the rest may need
+// secrets that an administrator's shell does not have.
+type adminConfig struct {
+	HTTP struct {
+		Address       string `toml:"address"`
+		AdminTokenEnv string `toml:"admin_token_env"`
+	} `toml:"http"`
+}
+
+// newQueueClient finds the server and the token: an explicit server URL
+// wins over the configuration's [http] address, and a configuration file
+// that does not exist leaves the defaults.
+func newQueueClient(server, configPath string) (*queueClient, error) {
+	var cfg adminConfig
+	data, err := os.ReadFile(configPath)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		return nil, fmt.Errorf("read config: %w", err)
+	default:
+		if _, err := toml.Decode(string(data), &cfg); err != nil {
+			return nil, fmt.Errorf("config %s: [http]: %w", configPath, err)
+		}
+	}
+
+	c := &queueClient{tokenEnv: defaultTokenEnv, http: &http.Client{Timeout: 30 * time.Second}, now: time.Now}
+	if cfg.HTTP.AdminTokenEnv != "" {
+		c.tokenEnv = cfg.HTTP.AdminTokenEnv
+	}
+	c.token = os.Getenv(c.tokenEnv)
+
+	switch {
+	case server != "":
+		base, err := parseServerURL(server)
+		if err != nil {
+			return nil, err
+		}
+		c.base = base
+	case cfg.HTTP.Address != "":
+		base, err := httpAddressURL(cfg.HTTP.Address)
+		if err != nil {
+			return nil, fmt.Errorf("config %s: [http] address: %w", configPath, err)
+		}
+		c.base = base
+	default:
+		c.base = defaultServerURL
+	}
+	return c, nil
+}
+
+// parseServerURL accepts "http://host:port", "https://…" or a bare
+// "host:port".
+func parseServerURL(s string) (string, error) {
+	if !strings.Contains(s, "://") {
+		s = "http://" + s
+	}
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return "", fmt.Errorf("-server %q: want a URL such as http://127.0.0.1:9090", s)
+	}
+	return strings.TrimSuffix(u.String(), "/"), nil
+}
+
+// httpAddressURL turns a listen address into the URL to reach it on this
+// machine: an empty or unspecified host (all interfaces) is reached on
+// loopback.
+func httpAddressURL(addr string) (string, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", fmt.Errorf("%q is not host:port", addr)
+	}
+	switch host {
+	case "", "0.0.0.0":
+		host = "127.0.0.1"
+	case "::":
+		host = "::1"
+	}
+	return "http://" + net.JoinHostPort(host, port), nil
+}
+
+func (c *queueClient) run(cmd string, ids []string, asJSON bool, stdout io.Writer) error {
+	var method, path string
+	switch cmd {
+	case "list":
+		method, path = http.MethodGet, "/api/queue"
+	case "flush":
+		method, path = http.MethodPost, "/api/queue/flush"
+	case "show":
+		method, path = http.MethodGet, "/api/queue/"+url.PathEscape(ids[0])
+	case "delete":
+		method, path = http.MethodDelete, "/api/queue/"+url.PathEscape(ids[0])
+	default: // retry, hold, release
+		method, path = http.MethodPost, "/api/queue/"+url.PathEscape(ids[0])+"/"+cmd
+	}
+	body, err := c.call(method, path)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		var out bytes.Buffer
+		if err := json.Indent(&out, bytes.TrimSpace(body), "", "  "); err != nil {
+			return fmt.Errorf("server sent invalid JSON: %w", err)
+		}
+		out.WriteByte('\n')
+		_, err := out.WriteTo(stdout)
+		return err
+	}
+	switch cmd {
+	case "list":
+		var msgs []metrics.MessageInfo
+		if err := json.Unmarshal(body, &msgs); err != nil {
+			return fmt.Errorf("server sent an unexpected answer: %w", err)
+		}
+		printQueueList(stdout, msgs, c.now())
+	case "show":
+		var m metrics.MessageInfo
+		if err := json.Unmarshal(body, &m); err != nil {
+			return fmt.Errorf("server sent an unexpected answer: %w", err)
+		}
+		printQueueMessage(stdout, m, c.now())
+	default:
+		var res metrics.ActionResult
+		if err := json.Unmarshal(body, &res); err != nil {
+			return fmt.Errorf("server sent an unexpected answer: %w", err)
+		}
+		fmt.Fprintln(stdout, actionLine(res))
+	}
+	return nil
+}
+
+// call sends one request and returns the body of a 2xx answer; any other
+// answer becomes an error that says what to do about it.
+func (c *queueClient) call(method, path string) ([]byte, error) {
+	req, err := http.NewRequest(method, c.base+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Accept", "application/json")
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach smarthost at %s (is it running? set -server or [http] address): %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", method, c.base+path, err)
+	}
+	if resp.StatusCode/100 == 2 {
+		return body, nil
+	}
+	var apiErr metrics.APIError
+	msg := strings.TrimSpace(string(body))
+	if json.Unmarshal(body, &apiErr) == nil && apiErr.Error != "" {
+		msg = apiErr.Error
+	}
+	switch resp.StatusCode {
+	case http.StatusUnauthorized:
+		if c.token == "" {
+			return nil, fmt.Errorf("unauthorized: set $%s to the server's admin token", c.tokenEnv)
+		}
+		return nil, fmt.Errorf("unauthorized: the server refused the token in $%s", c.tokenEnv)
+	case http.StatusForbidden:
+		return nil, fmt.Errorf("forbidden: %s", msg)
+	}
+	if msg == "" {
+		msg = http.StatusText(resp.StatusCode)
+	}
+	return nil, fmt.Errorf("%s (HTTP %d)", msg, resp.StatusCode)
+}
+
+func actionLine(r metrics.ActionResult) string {
+	switch r.Action {
+	case "retry":
+		return r.ID + ": due now"
+	case "hold":
+		return r.ID + ": held"
+	case "release":
+		return r.ID + ": released"
+	case "delete":
+		return r.ID + ": deleted"
+	case "flush":
+		return fmt.Sprintf("flush: %d %s due now", r.Messages, plural(r.Messages, "message", "messages"))
+	}
+	return fmt.Sprintf("%s %s: done", r.Action, r.ID)
+}
+
+// printQueueList writes a table of msgs, oldest first as the server sends
+// them. Times are shown relative to now, this machine's clock, like the
+// absolute times in show.
+func printQueueList(w io.Writer, msgs []metrics.MessageInfo, now time.Time) {
+	if len(msgs) == 0 {
+		fmt.Fprintln(w, "queue is empty")
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tAGE\tFROM\tRCPTS\tATTEMPTS\tNEXT\tLAST REPLY\tFLAGS")
+	held, inFlight := 0, 0
+	for _, m := range msgs {
+		if m.Held {
+			held++
+		}
+		if m.InFlight {
+			inFlight++
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n",
+			m.ID, shortDuration(now.Sub(m.Received)), sender(m.From), rcptSummary(m.Recipients),
+			m.Attempts, nextAttempt(m, now), oneLine(m.LastReply, 60), flags(m))
+	}
+	tw.Flush()
+	total := fmt.Sprintf("%d %s", len(msgs), plural(len(msgs), "message", "messages"))
+	var notes []string
+	if held > 0 {
+		notes = append(notes, fmt.Sprintf("%d held", held))
+	}
+	if inFlight > 0 {
+		notes = append(notes, fmt.Sprintf("%d in flight", inFlight))
+	}
+	if len(notes) > 0 {
+		total += " (" + strings.Join(notes, ", ") + ")"
+	}
+	fmt.Fprintln(w, total)
+}
+
+// printQueueMessage writes every field of m and each recipient's state.
+func printQueueMessage(w io.Writer, m metrics.MessageInfo, now time.Time) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
+	row("ID", m.ID)
+	row("Received", fmt.Sprintf("%s (%s ago)", timestamp(m.Received), shortDuration(now.Sub(m.Received))))
+	row("From", sender(m.From))
+	if m.User != "" {
+		row("User", m.User)
+	}
+	if m.MessageID != "" {
+		row("Message-ID", m.MessageID)
+	}
+	row("Size", fmt.Sprintf("%d bytes", m.Size))
+	row("Attempts", fmt.Sprint(m.Attempts))
+	if !m.LastAttempt.IsZero() {
+		row("Last attempt", fmt.Sprintf("%s (%s ago)", timestamp(m.LastAttempt), shortDuration(now.Sub(m.LastAttempt))))
+	}
+	next := timestamp(m.NextAttempt)
+	if rel := nextAttempt(m, now); rel != "" {
+		next += " (" + rel + ")"
+	}
+	row("Next attempt", next)
+	if m.LastReply != "" {
+		row("Last reply", oneLine(m.LastReply, 0))
+	}
+	row("Flags", flags(m))
+	tw.Flush()
+
+	fmt.Fprintln(w, "Recipients:")
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	for _, r := range m.Recipients {
+		if r.Reply == "" {
+			fmt.Fprintf(tw, "  %s\t%s\n", r.Addr, r.State)
+			continue
+		}
+		reply := oneLine(r.Reply, 0)
+		if r.Upstream != "" {
+			reply = "via " + r.Upstream + ": " + reply
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\n", r.Addr, r.State, reply)
+	}
+	tw.Flush()
+}
+
+func sender(from string) string {
+	if from == "" {
+		return "<>"
+	}
+	return from
+}
+
+// rcptSummary shows a few recipients with their states, and counts by
+// state for more.
+func rcptSummary(rs []metrics.RecipientInfo) string {
+	if len(rs) <= 2 {
+		parts := make([]string, len(rs))
+		for i, r := range rs {
+			parts[i] = r.Addr + ":" + r.State
+		}
+		return strings.Join(parts, " ")
+	}
+	counts := map[string]int{}
+	for _, r := range rs {
+		counts[r.State]++
+	}
+	var parts []string
+	for _, s := range []string{"pending", "delivered", "failed"} {
+		if counts[s] > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", counts[s], s))
+			delete(counts, s)
+		}
+	}
+	for s, n := range counts { // states this version does not know
+		parts = append(parts, fmt.Sprintf("%d %s", n, s))
+	}
+	return fmt.Sprintf("%d: %s", len(rs), strings.Join(parts, ", "))
+}
+
+// nextAttempt says when the message will be tried again.
+func nextAttempt(m metrics.MessageInfo, now time.Time) string {
+	switch {
+	case m.InFlight:
+		return "in flight"
+	case m.Held:
+		return "held"
+	case !m.NextAttempt.After(now):
+		return "now"
+	}
+	return "in " + shortDuration(m.NextAttempt.Sub(now))
+}
+
+func flags(m metrics.MessageInfo) string {
+	var out []string
+	if m.Held {
+		out = append(out, "held")
+	}
+	if m.InFlight {
+		out = append(out, "in-flight")
+	}
+	if m.DSN {
+		out = append(out, "dsn")
+	}
+	if len(out) == 0 {
+		return "-"
+	}
+	return strings.Join(out, ",")
+}
+
+// shortDuration shows d in its two largest units, truncated: "42s",
+// "4m12s", "2h5m", "3d4h".
+func shortDuration(d time.Duration) string {
+	d = max(d, 0)
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds", int(d.Seconds()))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm%ds", int(d.Minutes()), int(d.Seconds())%60)
+	case d < 24*time.Hour:
+		return fmt.Sprintf("%dh%dm", int(d.Hours()), int(d.Minutes())%60)
+	}
+	return fmt.Sprintf("%dd%dh", int(d.Hours())/24, int(d.Hours())%24)
+}
+
+func timestamp(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.Local().Format("2006-01-02 15:04:05 MST")
+}
+
+// oneLine folds a multi-line SMTP reply onto one line and, with limit > 0,
+// shortens it to limit characters.
+func oneLine(s string, limit int) string {
+	s = strings.Join(strings.Fields(s), " ")
+	if limit > 0 && len([]rune(s)) > limit {
+		s = string([]rune(s)[:limit-1]) + "…"
+	}
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
+}

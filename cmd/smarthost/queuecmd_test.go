@@ -1,0 +1,462 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"log/slog"
+	"net"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"smarthost/metrics"
+	"smarthost/queue"
+)
+
+// adminServer is a queue with an admin API in front of it, as a running
+// server has, but without a scheduler, so that messages stay as the test
+// put them.
+type adminServer struct {
+	store *queue.Store
+	url   string
+	dir   string // holds config.toml, which names nothing by default
+	ids   []string
+}
+
+// newAdminServer serves the API over a store holding three messages: one
+// to three recipients, one from the null sender (held), one plain.
+func newAdminServer(t *testing.T, token string) *adminServer {
+	t.Helper()
+	// The shell running the tests must not leak a token into them.
+	t.Setenv("SMARTHOST_ADMIN_TOKEN", "")
+	dir := t.TempDir()
+	store, err := queue.Open(filepath.Join(dir, "queue.db"), queue.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	s := &adminServer{store: store, dir: dir}
+	msgs := []*queue.Message{
+		{From: "billing@example.com", User: "billing-app", MessageID: "<1@example.com>",
+			Received:   time.Now().Add(-2 * time.Hour),
+			Recipients: []queue.Recipient{{Addr: "a@example.net"}, {Addr: "b@example.net"}, {Addr: "c@example.org"}}},
+		{From: "", DSN: true, Received: time.Now().Add(-time.Hour),
+			Recipients: []queue.Recipient{{Addr: "billing@example.com"}}},
+		{From: "cron@example.com", Recipients: []queue.Recipient{{Addr: "ops@example.net"}}},
+	}
+	for _, m := range msgs {
+		if err := store.Put(context.Background(), m, []byte("Subject: test\r\n\r\nbody\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		s.ids = append(s.ids, m.ID)
+	}
+	if err := store.Hold(s.ids[1]); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(&metrics.API{Queue: store, Token: token, Logger: slog.New(slog.DiscardHandler)})
+	t.Cleanup(srv.Close)
+	s.url = srv.URL
+	s.writeConfig(t, "")
+	return s
+}
+
+func (s *adminServer) configPath() string { return filepath.Join(s.dir, "config.toml") }
+
+func (s *adminServer) writeConfig(t *testing.T, text string) {
+	t.Helper()
+	if err := os.WriteFile(s.configPath(), []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// queueCmd runs `smarthost queue -config <s's config> -server <s> args…`.
+func (s *adminServer) queueCmd(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	return runCmd(t, append([]string{"queue", "-config", s.configPath(), "-server", s.url}, args...)...)
+}
+
+// mustQueue runs a queue command that must succeed and returns its output.
+func (s *adminServer) mustQueue(t *testing.T, args ...string) string {
+	t.Helper()
+	code, stdout, stderr := s.queueCmd(t, args...)
+	if code != 0 {
+		t.Fatalf("queue %v: exit %d\nstdout:\n%s\nstderr:\n%s", args, code, stdout, stderr)
+	}
+	if stderr != "" {
+		t.Errorf("queue %v: stderr %q", args, stderr)
+	}
+	return stdout
+}
+
+func (s *adminServer) get(t *testing.T, id string) *queue.Message {
+	t.Helper()
+	m, err := s.store.Get(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func TestQueueList(t *testing.T) {
+	s := newAdminServer(t, "")
+	out := s.mustQueue(t, "list")
+	lines := strings.Split(strings.TrimRight(out, "\n"), "\n")
+	if len(lines) != 5 {
+		t.Fatalf("want a header, 3 rows and a total:\n%s", out)
+	}
+	if !regexp.MustCompile(`^ID +AGE +FROM +RCPTS +ATTEMPTS +NEXT +LAST REPLY +FLAGS$`).MatchString(lines[0]) {
+		t.Errorf("header = %q", lines[0])
+	}
+	rows := []*regexp.Regexp{
+		regexp.MustCompile(`^` + s.ids[0] + ` +2h0m +billing@example\.com +3: 3 pending +0 +now +- +-$`),
+		regexp.MustCompile(`^` + s.ids[1] + ` +1h0m +<> +billing@example\.com:pending +0 +held +- +held,dsn$`),
+		regexp.MustCompile(`^` + s.ids[2] + ` +\d+s +cron@example\.com +ops@example\.net:pending +0 +now +- +-$`),
+	}
+	for i, re := range rows {
+		if !re.MatchString(lines[i+1]) {
+			t.Errorf("row %d = %q, want %s", i, lines[i+1], re)
+		}
+	}
+	if lines[4] != "3 messages (1 held)" {
+		t.Errorf("total = %q", lines[4])
+	}
+}
+
+func TestQueueListEmpty(t *testing.T) {
+	s := newAdminServer(t, "")
+	for _, id := range s.ids {
+		if err := s.store.Delete(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out := s.mustQueue(t, "list"); out != "queue is empty\n" {
+		t.Errorf("out = %q", out)
+	}
+	if out := s.mustQueue(t, "-json", "list"); out != "[]\n" {
+		t.Errorf("-json out = %q", out)
+	}
+}
+
+func TestQueueListJSON(t *testing.T) {
+	s := newAdminServer(t, "")
+	// -json may come before or after the command.
+	for _, args := range [][]string{{"-json", "list"}, {"list", "-json"}} {
+		var got []map[string]any
+		out := s.mustQueue(t, args...)
+		if err := json.Unmarshal([]byte(out), &got); err != nil {
+			t.Fatalf("%v: not JSON: %v\n%s", args, err, out)
+		}
+		if len(got) != 3 {
+			t.Fatalf("%v: %d messages", args, len(got))
+		}
+		for i, m := range got {
+			if m["id"] != s.ids[i] {
+				t.Errorf("%v: [%d].id = %v, want %s", args, i, m["id"], s.ids[i])
+			}
+		}
+		if got[1]["held"] != true || got[1]["from"] != "" || got[0]["age"].(float64) < 7200 {
+			t.Errorf("%v: fields = %v", args, got)
+		}
+	}
+}
+
+func TestQueueShow(t *testing.T) {
+	s := newAdminServer(t, "")
+	out := s.mustQueue(t, "show", s.ids[0])
+	for _, re := range []string{
+		`(?m)^ID: +` + s.ids[0] + `$`,
+		`(?m)^Received: +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ \(2h0m ago\)$`,
+		`(?m)^From: +billing@example\.com$`,
+		`(?m)^User: +billing-app$`,
+		`(?m)^Message-ID: +<1@example\.com>$`,
+		`(?m)^Size: +\d+ bytes$`,
+		`(?m)^Attempts: +0$`,
+		`(?m)^Next attempt: +.* \(now\)$`,
+		`(?m)^Flags: +-$`,
+		`(?m)^Recipients:\n  a@example\.net +pending\n  b@example\.net +pending\n  c@example\.org +pending\n`,
+	} {
+		if !regexp.MustCompile(re).MatchString(out) {
+			t.Errorf("show output does not match %s:\n%s", re, out)
+		}
+	}
+
+	out = s.mustQueue(t, "show", s.ids[1])
+	if !regexp.MustCompile(`(?m)^From: +<>$`).MatchString(out) || !regexp.MustCompile(`(?m)^Flags: +held, ?dsn$|^Flags: +held,dsn$`).MatchString(out) {
+		t.Errorf("show of the held DSN:\n%s", out)
+	}
+
+	var got map[string]any
+	if err := json.Unmarshal([]byte(s.mustQueue(t, "-json", "show", s.ids[0])), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got["id"] != s.ids[0] || len(got["recipients"].([]any)) != 3 {
+		t.Errorf("-json show = %v", got)
+	}
+}
+
+func TestQueueActions(t *testing.T) {
+	s := newAdminServer(t, "")
+	id := s.ids[2]
+
+	if out := s.mustQueue(t, "hold", id); out != id+": held\n" {
+		t.Errorf("hold: %q", out)
+	}
+	if !s.get(t, id).Held {
+		t.Error("not held after hold")
+	}
+	code, _, stderr := s.queueCmd(t, "retry", id)
+	if code != 1 || !strings.Contains(stderr, "is held; release it first") {
+		t.Errorf("retry of a held message: exit %d, stderr %q", code, stderr)
+	}
+	if out := s.mustQueue(t, "release", id); out != id+": released\n" {
+		t.Errorf("release: %q", out)
+	}
+	if s.get(t, id).Held {
+		t.Error("held after release")
+	}
+	if out := s.mustQueue(t, "retry", id); out != id+": due now\n" {
+		t.Errorf("retry: %q", out)
+	}
+	// Two messages are not held.
+	if out := s.mustQueue(t, "flush"); out != "flush: 2 messages due now\n" {
+		t.Errorf("flush: %q", out)
+	}
+	if out := s.mustQueue(t, "delete", id); out != id+": deleted\n" {
+		t.Errorf("delete: %q", out)
+	}
+	if _, err := s.store.Get(id); err == nil {
+		t.Error("message still queued after delete")
+	}
+
+	var res metrics.ActionResult
+	if err := json.Unmarshal([]byte(s.mustQueue(t, "-json", "hold", s.ids[0])), &res); err != nil {
+		t.Fatal(err)
+	}
+	if res != (metrics.ActionResult{Action: "hold", ID: s.ids[0], Messages: 1}) {
+		t.Errorf("-json hold = %+v", res)
+	}
+	res = metrics.ActionResult{}
+	if err := json.Unmarshal([]byte(s.mustQueue(t, "-json", "flush")), &res); err != nil {
+		t.Fatal(err)
+	}
+	if res != (metrics.ActionResult{Action: "flush", Messages: 0}) {
+		t.Errorf("-json flush = %+v (both remaining messages are held)", res)
+	}
+
+	for _, cmd := range []string{"show", "retry", "hold", "release", "delete"} {
+		code, stdout, stderr := s.queueCmd(t, cmd, id)
+		if code != 1 || stdout != "" || stderr != "smarthost queue: no queued message "+id+" (HTTP 404)\n" {
+			t.Errorf("%s of a deleted message: exit %d, stdout %q, stderr %q", cmd, code, stdout, stderr)
+		}
+	}
+}
+
+func TestQueueToken(t *testing.T) {
+	s := newAdminServer(t, "the-token")
+
+	code, stdout, stderr := s.queueCmd(t, "list")
+	if code != 1 || stdout != "" || stderr != "smarthost queue: unauthorized: set $SMARTHOST_ADMIN_TOKEN to the server's admin token\n" {
+		t.Errorf("no token: exit %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+	t.Setenv("SMARTHOST_ADMIN_TOKEN", "wrong")
+	code, _, stderr = s.queueCmd(t, "flush")
+	if code != 1 || !strings.Contains(stderr, "unauthorized: the server refused the token in $SMARTHOST_ADMIN_TOKEN") {
+		t.Errorf("wrong token: exit %d, stderr %q", code, stderr)
+	}
+	t.Setenv("SMARTHOST_ADMIN_TOKEN", "the-token")
+	if out := s.mustQueue(t, "list"); !strings.Contains(out, s.ids[0]) {
+		t.Errorf("with the token: %q", out)
+	}
+
+	// The configuration names another variable: that one is used, and
+	// SMARTHOST_ADMIN_TOKEN no longer is.
+	s.writeConfig(t, "[http]\nadmin_token_env = \"RELAY_API_TOKEN\"\n")
+	t.Setenv("RELAY_API_TOKEN", "")
+	code, _, stderr = s.queueCmd(t, "list")
+	if code != 1 || !strings.Contains(stderr, "unauthorized: set $RELAY_API_TOKEN") {
+		t.Errorf("token variable from the config: exit %d, stderr %q", code, stderr)
+	}
+	t.Setenv("RELAY_API_TOKEN", "the-token")
+	s.mustQueue(t, "list")
+}
+
+// TestQueueServerFromConfig finds the server through the configuration's
+// [http] address, reading that table alone: the rest of the file may need
+// secrets that the administrator's shell does not have.
+func TestQueueServerFromConfig(t *testing.T) {
+	s := newAdminServer(t, "")
+	addr := strings.TrimPrefix(s.url, "http://")
+	s.writeConfig(t, `
+hostname = "relay.example.com"
+
+[[upstream]]
+name = "gmail"
+address = "smtp.gmail.com:465"
+tls = "implicit"
+username = "relay@example.com"
+password_env = "SMARTHOST_TEST_UNSET_VARIABLE"
+
+[http]
+address = "`+addr+`"
+`)
+	code, stdout, stderr := runCmd(t, "queue", "-config", s.configPath(), "list")
+	if code != 0 || !strings.Contains(stdout, s.ids[0]) {
+		t.Errorf("exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+	// SMARTHOST_CONFIG is the default -config, as for serve.
+	t.Setenv("SMARTHOST_CONFIG", s.configPath())
+	code, stdout, stderr = runCmd(t, "queue", "list")
+	if code != 0 || !strings.Contains(stdout, s.ids[0]) {
+		t.Errorf("with $SMARTHOST_CONFIG: exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+
+	s.writeConfig(t, "[http]\naddress = 9090\n")
+	code, _, stderr = runCmd(t, "queue", "-config", s.configPath(), "list")
+	if code != 1 || !strings.Contains(stderr, "[http]") {
+		t.Errorf("bad [http] address: exit %d, stderr %q", code, stderr)
+	}
+}
+
+func TestQueueClientDefaults(t *testing.T) {
+	t.Setenv("SMARTHOST_ADMIN_TOKEN", "tok")
+	missing := filepath.Join(t.TempDir(), "no-such-config.toml")
+	c, err := newQueueClient("", missing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.base != "http://127.0.0.1:9090" || c.token != "tok" || c.tokenEnv != "SMARTHOST_ADMIN_TOKEN" {
+		t.Errorf("without a config: base %q, token %q from %s", c.base, c.token, c.tokenEnv)
+	}
+
+	dir := t.TempDir()
+	if _, err := newQueueClient("", dir); err == nil || !strings.Contains(err.Error(), "read config") {
+		t.Errorf("config path is a directory: err = %v", err)
+	}
+	bad := filepath.Join(dir, "bad.toml")
+	os.WriteFile(bad, []byte("[http\n"), 0o644)
+	if _, err := newQueueClient("", bad); err == nil {
+		t.Error("a config that is not TOML was accepted")
+	}
+}
+
+func TestHTTPAddressURL(t *testing.T) {
+	tests := []struct{ addr, want string }{
+		{"127.0.0.1:9090", "http://127.0.0.1:9090"},
+		{":9090", "http://127.0.0.1:9090"},
+		{"0.0.0.0:9091", "http://127.0.0.1:9091"},
+		{"[::]:9090", "http://[::1]:9090"},
+		{"[::1]:9090", "http://[::1]:9090"},
+		{"relay.internal:80", "http://relay.internal:80"},
+		{"9090", ""},
+	}
+	for _, tt := range tests {
+		got, err := httpAddressURL(tt.addr)
+		if (err != nil) != (tt.want == "") || got != tt.want {
+			t.Errorf("httpAddressURL(%q) = %q, %v; want %q", tt.addr, got, err, tt.want)
+		}
+	}
+}
+
+func TestParseServerURL(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"http://127.0.0.1:9090", "http://127.0.0.1:9090"},
+		{"http://127.0.0.1:9090/", "http://127.0.0.1:9090"},
+		{"127.0.0.1:9090", "http://127.0.0.1:9090"},
+		{"https://relay.example.com:8443", "https://relay.example.com:8443"},
+		{"ftp://relay.example.com", ""},
+		{"http://", ""},
+	}
+	for _, tt := range tests {
+		got, err := parseServerURL(tt.in)
+		if (err != nil) != (tt.want == "") || got != tt.want {
+			t.Errorf("parseServerURL(%q) = %q, %v; want %q", tt.in, got, err, tt.want)
+		}
+	}
+}
+
+func TestQueueUsage(t *testing.T) {
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "none.toml")
+	tests := [][]string{
+		{},
+		{"bogus"},
+		{"show"},
+		{"retry"},
+		{"hold", "a", "b"},
+		{"list", "extra"},
+		{"flush", "now"},
+		{"-nosuchflag", "list"},
+	}
+	for _, args := range tests {
+		code, stdout, stderr := runCmd(t, append([]string{"queue", "-config", cfg}, args...)...)
+		if code != 2 || stdout != "" || stderr == "" {
+			t.Errorf("queue %v: exit %d, stdout %q, stderr %q; want exit 2 with a message", args, code, stdout, stderr)
+		}
+	}
+}
+
+func TestQueueServerDown(t *testing.T) {
+	// A port that was just free: nothing listens there.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	code, _, stderr := runCmd(t, "queue", "-config", filepath.Join(t.TempDir(), "none.toml"), "-server", addr, "list")
+	if code != 1 || !strings.Contains(stderr, "cannot reach smarthost at http://"+addr) {
+		t.Errorf("exit %d, stderr %q", code, stderr)
+	}
+}
+
+func TestShortDuration(t *testing.T) {
+	tests := []struct {
+		d    time.Duration
+		want string
+	}{
+		{-time.Second, "0s"},
+		{0, "0s"},
+		{42*time.Second + 900*time.Millisecond, "42s"},
+		{4*time.Minute + 12*time.Second, "4m12s"},
+		{2*time.Hour + 5*time.Minute + 59*time.Second, "2h5m"},
+		{3*24*time.Hour + 4*time.Hour + 30*time.Minute, "3d4h"},
+	}
+	for _, tt := range tests {
+		if got := shortDuration(tt.d); got != tt.want {
+			t.Errorf("shortDuration(%v) = %q, want %q", tt.d, got, tt.want)
+		}
+	}
+}
+
+func TestRcptSummary(t *testing.T) {
+	r := func(addr, state string) metrics.RecipientInfo { return metrics.RecipientInfo{Addr: addr, State: state} }
+	tests := []struct {
+		rs   []metrics.RecipientInfo
+		want string
+	}{
+		{[]metrics.RecipientInfo{r("a@x.org", "pending")}, "a@x.org:pending"},
+		{[]metrics.RecipientInfo{r("a@x.org", "delivered"), r("b@x.org", "failed")}, "a@x.org:delivered b@x.org:failed"},
+		{[]metrics.RecipientInfo{r("a@x", "failed"), r("b@x", "pending"), r("c@x", "delivered"), r("d@x", "pending")}, "4: 2 pending, 1 delivered, 1 failed"},
+	}
+	for _, tt := range tests {
+		if got := rcptSummary(tt.rs); got != tt.want {
+			t.Errorf("rcptSummary = %q, want %q", got, tt.want)
+		}
+	}
+}
+
+func TestOneLine(t *testing.T) {
+	if got := oneLine("550-5.1.1 No such\r\n550 5.1.1 user", 0); got != "550-5.1.1 No such 550 5.1.1 user" {
+		t.Errorf("folded = %q", got)
+	}
+	if got := oneLine("abcdefghij", 5); got != "abcd…" {
+		t.Errorf("shortened = %q", got)
+	}
+	if got := oneLine("", 5); got != "-" {
+		t.Errorf("empty = %q", got)
+	}
+}

@@ -1,0 +1,300 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"smarthost/internal/smtptest"
+	"smarthost/queue"
+)
+
+// logBuffer collects a server's log while it runs.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// find returns the first JSON log line whose msg is msg, or nil.
+func (b *logBuffer) find(msg string) map[string]any {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	sc := bufio.NewScanner(bytes.NewReader(b.buf.Bytes()))
+	for sc.Scan() {
+		var line map[string]any
+		if json.Unmarshal(sc.Bytes(), &line) == nil && line["msg"] == msg {
+			return line
+		}
+	}
+	return nil
+}
+
+func (b *logBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// serveConfig writes a configuration for a relay on loopback: a plain
+// listener for 127.0.0.0/8 without AUTH, one upstream at upstream, and
+// the HTTP listener on port 0 with a bearer token in
+// $SMARTHOST_TEST_ADMIN.
+func serveConfig(t *testing.T, upstream, extra string) string {
+	t.Helper()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "config.toml")
+	text := fmt.Sprintf(`hostname = "relay.test"
+log_format = "json"
+
+[queue]
+path = %q
+retry_min = "1h"
+retry_max = "2h"
+
+[[listen]]
+address = "127.0.0.1:0"
+tls = "none"
+auth = "none"
+trusted_networks = ["127.0.0.0/8"]
+
+[[upstream]]
+name = "up"
+address = %q
+tls = "none"
+
+[[route]]
+from_domain = "*"
+upstreams = ["up"]
+
+[http]
+address = "127.0.0.1:0"
+admin_token_env = "SMARTHOST_TEST_ADMIN"
+%s`, filepath.Join(dir, "queue.db"), upstream, extra)
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// TestServeHTTP runs `serve` in process: the start log names the bound
+// HTTP address, the probes and the token-protected API answer there,
+// `smarthost queue` manages a message that the upstream defers, and
+// SIGTERM stops it all.
+func TestServeHTTP(t *testing.T) {
+	up := smtptest.Start(t, smtptest.Options{
+		RcptReply: func(string) *smtp.SMTPError {
+			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 7, 1}, Message: "Greylisted, try later"}
+		},
+	})
+	t.Setenv("SMARTHOST_TEST_ADMIN", "serve-token")
+	config := serveConfig(t, up.Addr(), "")
+
+	var logs logBuffer
+	exited := make(chan int, 1)
+	go func() { exited <- runServe([]string{"-config", config}, io.Discard, &logs) }()
+	stopped := false
+	t.Cleanup(func() {
+		if !stopped {
+			syscall.Kill(os.Getpid(), syscall.SIGTERM)
+			<-exited
+		}
+	})
+
+	var started map[string]any
+	for deadline := time.Now().Add(10 * time.Second); started == nil; {
+		if started = logs.find("smarthost started"); started != nil {
+			break
+		}
+		select {
+		case code := <-exited:
+			stopped = true
+			t.Fatalf("serve exited with %d:\n%s", code, logs.String())
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no start logged:\n%s", logs.String())
+		}
+	}
+	listeners, _ := started["listeners"].([]any)
+	httpAddr, _ := started["http"].(string)
+	if len(listeners) != 1 || strings.HasSuffix(listeners[0].(string), ":0") ||
+		!strings.HasPrefix(httpAddr, "127.0.0.1:") || strings.HasSuffix(httpAddr, ":0") {
+		t.Fatalf("start line: listeners %v, http %q", started["listeners"], started["http"])
+	}
+	base := "http://" + httpAddr
+
+	for _, p := range []string{"/healthz", "/readyz"} {
+		resp, err := http.Get(base + p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Errorf("%s = %d", p, resp.StatusCode)
+		}
+	}
+	resp, err := http.Get(base + "/api/queue")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 401 {
+		t.Errorf("/api/queue without the token = %d, want 401", resp.StatusCode)
+	}
+
+	c, err := smtp.Dial(listeners[0].(string))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SendMail("app@example.com", []string{"friend@example.net"},
+		strings.NewReader("From: app@example.com\r\nSubject: hi\r\n\r\nhello\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	c.Quit()
+
+	// The CLI takes the token's variable from the same configuration.
+	queueCmd := func(args ...string) string {
+		t.Helper()
+		code, stdout, stderr := runCmd(t, append([]string{"queue", "-config", config, "-server", base}, args...)...)
+		if code != 0 {
+			t.Fatalf("queue %v: exit %d: %s", args, code, stderr)
+		}
+		return stdout
+	}
+	var msgs []map[string]any
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if err := json.Unmarshal([]byte(queueCmd("-json", "list")), &msgs); err != nil {
+			t.Fatal(err)
+		}
+		// Deferred by the upstream, with its reply, and waiting for retry_min.
+		if len(msgs) == 1 && msgs[0]["attempts"] == 1.0 && msgs[0]["in_flight"] == false &&
+			strings.Contains(fmt.Sprint(msgs[0]["last_reply"]), "Greylisted") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("message not deferred: %v\n%s", msgs, logs.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	id := msgs[0]["id"].(string)
+	if out := queueCmd("list"); !strings.Contains(out, id) || !strings.Contains(out, "friend@example.net:pending") {
+		t.Errorf("list:\n%s", out)
+	}
+	queueCmd("retry", id)
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if err := json.Unmarshal([]byte(queueCmd("-json", "list")), &msgs); err != nil {
+			t.Fatal(err)
+		}
+		if len(msgs) == 1 && msgs[0]["attempts"] == 2.0 && msgs[0]["in_flight"] == false {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("retry did not lead to a second attempt: %v", msgs)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	queueCmd("delete", id)
+	if out := queueCmd("list"); out != "queue is empty\n" {
+		t.Errorf("after delete: %q", out)
+	}
+
+	syscall.Kill(os.Getpid(), syscall.SIGTERM)
+	select {
+	case code := <-exited:
+		stopped = true
+		if code != 0 {
+			t.Errorf("serve exited with %d:\n%s", code, logs.String())
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("serve did not stop on SIGTERM")
+	}
+	if _, err := http.Get(base + "/healthz"); err == nil {
+		t.Error("HTTP listener still answers after shutdown")
+	}
+}
+
+// TestStartHTTPPortInUse: a taken [http] address fails the start with a
+// message naming the key, and leaves neither the queue locked nor the SMTP
+// listener bound.
+func TestStartHTTPPortInUse(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	t.Setenv("SMARTHOST_TEST_ADMIN", "x")
+	cfg, err := LoadConfig(serveConfig(t, "127.0.0.1:2525", ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.HTTPAddress = ln.Addr().String()
+	inst, err := start(cfg, slog.New(slog.DiscardHandler))
+	if err == nil {
+		inst.shutdown(t.Context())
+		t.Fatal("start succeeded with the HTTP port in use")
+	}
+	if msg := err.Error(); !strings.Contains(msg, "[http] address: listen tcp "+cfg.HTTPAddress) || !strings.Contains(msg, "address already in use") {
+		t.Errorf("error = %q", msg)
+	}
+	store, err := queue.Open(cfg.Queue.Path, queue.Options{LockTimeout: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatalf("queue left locked: %v", err)
+	}
+	store.Close()
+}
+
+// TestStartWiring checks what start hands the scheduler from [queue].
+func TestStartWiring(t *testing.T) {
+	t.Setenv("SMARTHOST_TEST_ADMIN", "x")
+	for _, tt := range []struct {
+		name, queue  string
+		bounce       bool
+		delayWarning time.Duration
+	}{
+		{"bounces on by default", "", true, 0},
+		{"delay warning", "delay_warning = \"30m\"\n", true, 30 * time.Minute},
+		{"bounces off", "bounce = false\n", false, 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			path := serveConfig(t, "127.0.0.1:2525", "")
+			data, _ := os.ReadFile(path)
+			text := strings.Replace(string(data), "retry_max = \"2h\"\n", "retry_max = \"2h\"\n"+tt.queue, 1)
+			cfg, err := ParseConfig([]byte(text), path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			inst, err := start(cfg, slog.New(slog.DiscardHandler))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer inst.shutdown(t.Context())
+			if (inst.sched.Bounce != nil) != tt.bounce || inst.sched.DelayWarning != tt.delayWarning {
+				t.Errorf("scheduler: bounce hook set %v, delay warning %v; want %v, %v",
+					inst.sched.Bounce != nil, inst.sched.DelayWarning, tt.bounce, tt.delayWarning)
+			}
+			if !inst.ready.Load() {
+				t.Error("not ready after start")
+			}
+		})
+	}
+}
