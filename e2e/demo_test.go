@@ -25,7 +25,7 @@ func TestDemo(t *testing.T) {
 		t.Fatal("curl is needed for this test (make test installs it)")
 	}
 	dir := t.TempDir()
-	cmd := exec.Command(binary, "demo", "-listen", "127.0.0.1:0", "-dir", dir)
+	cmd := exec.Command(binary, "demo", "-listen", "127.0.0.1:0", "-http", "127.0.0.1:0", "-dir", dir)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

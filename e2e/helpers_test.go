@@ -56,6 +56,8 @@ const (
 	upUser       = "relay@example.com"
 	upPassword   = "upstream-app-password"
 	upPassEnv    = "E2E_UPSTREAM_PASSWORD"
+	adminToken   = "e2e-admin-token"
+	adminEnv     = "E2E_ADMIN_TOKEN"
 )
 
 // relayConfig fills config.tmpl.
@@ -66,8 +68,13 @@ type relayConfig struct {
 	UpstreamAddr string
 	UpstreamTLS  string
 	RetryMin     string
+	RetryMax     string   // default "2s"
 	MaxSize      string   // default "10MB"
+	MaxAge       string   // default "1h"
+	MaxConns     int      // upstream max_connections, default 4
 	AllowedFrom  []string // default *@example.com
+	QueueExtra   string   // lines added to [queue]
+	UpExtra      string   // lines added to the [[upstream]]
 	Extra        string
 }
 
@@ -79,8 +86,9 @@ log_level = "debug"
 [queue]
 path = "{{.Dir}}/queue.db"
 retry_min = "{{.RetryMin}}"
-retry_max = "2s"
-max_age = "1h"
+retry_max = "{{.RetryMax}}"
+max_age = "{{.MaxAge}}"
+{{.QueueExtra}}
 
 [tls]
 cert_file = "{{.PKI.CertFile}}"
@@ -106,11 +114,16 @@ tls = "{{.UpstreamTLS}}"
 username = "relay@example.com"
 password_env = "E2E_UPSTREAM_PASSWORD"
 ca_file = "{{.PKI.CAFile}}"
-max_connections = 4
+max_connections = {{.MaxConns}}
+{{.UpExtra}}
 
 [[route]]
 from_domain = "*"
 upstreams = ["up"]
+
+[http]
+address = "127.0.0.1:0"
+admin_token_env = "E2E_ADMIN_TOKEN"
 {{.Extra}}
 `))
 
@@ -122,6 +135,15 @@ func writeConfig(t *testing.T, rc relayConfig) string {
 	}
 	if rc.RetryMin == "" {
 		rc.RetryMin = "1s"
+	}
+	if rc.RetryMax == "" {
+		rc.RetryMax = "2s"
+	}
+	if rc.MaxAge == "" {
+		rc.MaxAge = "1h"
+	}
+	if rc.MaxConns == 0 {
+		rc.MaxConns = 4
 	}
 	if rc.MaxSize == "" {
 		rc.MaxSize = "10MB"
@@ -153,7 +175,9 @@ type relay struct {
 	t       *testing.T
 	cmd     *exec.Cmd
 	logPath string
-	addr    string // submission listener
+	addr    string   // first submission listener
+	addrs   []string // every submission listener
+	http    string   // admin API base URL
 	exited  chan struct{}
 }
 
@@ -166,7 +190,7 @@ func startRelay(t *testing.T, configPath string) *relay {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(binary, "serve", "-config", configPath)
-	cmd.Env = append(os.Environ(), upPassEnv+"="+upPassword)
+	cmd.Env = append(os.Environ(), upPassEnv+"="+upPassword, adminEnv+"="+adminToken)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -185,7 +209,13 @@ func startRelay(t *testing.T, configPath string) *relay {
 		if line := r.findLog("smarthost started"); line != nil {
 			addrs, _ := line["listeners"].([]any)
 			if len(addrs) > 0 {
-				r.addr = addrs[0].(string)
+				for _, a := range addrs {
+					r.addrs = append(r.addrs, a.(string))
+				}
+				r.addr = r.addrs[0]
+				if h, ok := line["http"].(string); ok {
+					r.http = "http://" + h
+				}
 				return r
 			}
 		}

@@ -235,11 +235,12 @@ auth = "none"
 	}
 
 	badKey := writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: "127.0.0.1:2525", RetryMin: "soon", Extra: `
-[http]
-adress = "127.0.0.1:9090"
+[[route]]
+from_domain = "other.example"
+upstream = ["up"]
 `})
 	out, err = runBinary(t, "check-config", "-config", badKey)
-	if err == nil || !strings.Contains(out, "queue.retry_min") || !strings.Contains(out, "http.adress") {
+	if err == nil || !strings.Contains(out, "queue.retry_min") || !strings.Contains(out, "route[1].upstream") {
 		t.Fatalf("bad keys not both named (err %v):\n%s", err, out)
 	}
 }
@@ -247,7 +248,7 @@ adress = "127.0.0.1:9090"
 func runBinary(t *testing.T, args ...string) (string, error) {
 	t.Helper()
 	cmd := exec.Command(binary, args...)
-	cmd.Env = append(os.Environ(), upPassEnv+"="+upPassword)
+	cmd.Env = append(os.Environ(), upPassEnv+"="+upPassword, adminEnv+"="+adminToken)
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
