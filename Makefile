@@ -1,7 +1,9 @@
 # Test peers installed from Debian when missing: "command:package" pairs,
 # and Python modules for Debian's /usr/bin/python3 as "module:package"
 # (checked with -I, so that our own dkim/ folder does not pass for dkimpy).
-TEST_PEERS := curl:curl python3:python3
+# promtool comes with Debian's prometheus package; its server is not used
+# (where policy-rc.d allows services, the package may start it).
+TEST_PEERS := curl:curl python3:python3 promtool:prometheus
 TEST_PYTHON_MODULES := dkim:python3-dkim nacl:python3-nacl
 
 .PHONY: test test-deps build demo

@@ -17,19 +17,32 @@ import (
 // is dropped (see Scheduler) and the message does not come back.
 func (s *Store) Delete(id string) error {
 	key := []byte(id)
+	var gone Message // what the observer is told about
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		msgs, due := tx.Bucket(msgsBucket), tx.Bucket(dueBucket)
 		v := msgs.Get(key)
 		if v == nil {
 			return ErrNotFound
 		}
-		if rec, err := decodeRecord(v); err == nil && rec.ID == id {
+		rec, err := decodeRecord(v)
+		if err != nil || rec.ID != id {
+			// An unreadable record is what an operator deletes most: its
+			// index entries cannot be computed, so look for them.
+			rec = nil
+			gone = Message{ID: id}
+			if err := deleteDueEntries(due, id); err != nil {
+				return err
+			}
+		} else {
+			gone = rec.Message
 			if err := due.Delete(dueKey(rec.NextAttempt, id)); err != nil {
 				return err
 			}
-		} else if err := deleteDueEntries(due, id); err != nil {
-			// An unreadable record is what an operator deletes most: its
-			// index entry cannot be computed, so look for it.
+		}
+		if err := deleteReceived(tx, id, rec); err != nil {
+			return err
+		}
+		if err := addCounts(tx, -1, -b2i(rec != nil && rec.Held)); err != nil {
 			return err
 		}
 		if err := msgs.Delete(key); err != nil {
@@ -42,6 +55,9 @@ func (s *Store) Delete(id string) error {
 	})
 	if err != nil {
 		return storageError("delete "+id, err)
+	}
+	if s.observer != nil {
+		s.observer.Finished(gone, OutcomeDeleted)
 	}
 	return nil
 }
@@ -134,9 +150,12 @@ func (s *Store) modify(op, id string, change func(rec *record, inFlight bool) (b
 		if err != nil {
 			return err
 		}
-		oldDue := dueKey(rec.NextAttempt, id)
+		oldDue, wasHeld := dueKey(rec.NextAttempt, id), rec.Held
 		changed, err := change(rec, tx.Bucket(claimedBucket).Get(key) != nil)
 		if err != nil || !changed {
+			return err
+		}
+		if err := addCounts(tx, 0, heldDelta(wasHeld, rec.Held)); err != nil {
 			return err
 		}
 		if err := due.Delete(oldDue); err != nil {

@@ -360,7 +360,7 @@ func (s *Scheduler) bounce(kind BounceKind, m Message, rcpts []Recipient, body [
 		d.Recipients[i].State = Pending
 		d.Recipients[i].Reply, d.Recipients[i].Upstream = "", ""
 	}
-	return delivery{msg: d, body: slices.Clone(dsnBody)}, true
+	return delivery{msg: d, body: slices.Clone(dsnBody), kind: kind}, true
 }
 
 // done calls OnDone; a panic there is logged, not fatal.

@@ -38,9 +38,17 @@ var (
 	bodiesBucket  = []byte("bodies")  // ID → message bytes
 	dueBucket     = []byte("due")     // be64(NextAttempt) ‖ ID → empty
 	claimedBucket = []byte("claimed") // ID → empty, while an attempt is in progress
+	// receivedBucket indexes every message by when it was received, for
+	// the age of the oldest one: be64(Received) ‖ ID → empty.
+	receivedBucket = []byte("received")
 )
 
-var schemaKey = []byte("schema")
+var (
+	schemaKey = []byte("schema")
+	// countsKey holds the number of messages and of held messages,
+	// be64 ‖ be64, changed in the transaction of every change they count.
+	countsKey = []byte("counts")
+)
 
 const (
 	schemaVersion = 1
@@ -58,6 +66,9 @@ type Options struct {
 	// Now is the clock for Received in Put and for "due now" in the
 	// administrative operations. Default time.Now.
 	Now func() time.Time
+	// Observer, if set, is told when messages leave the queue and when
+	// DSNs are stored.
+	Observer Observer
 }
 
 // Store is the bbolt-backed message store. Its methods are safe for
@@ -67,6 +78,7 @@ type Store struct {
 	path      string
 	recovered int
 	now       func() time.Time
+	observer  Observer
 
 	// wake tells the scheduler that a new message is due now. Buffered
 	// with capacity 1: one pending signal is enough to make it look.
@@ -104,7 +116,7 @@ func Open(path string, opts Options) (*Store, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	s := &Store{db: db, path: path, now: opts.Now, wake: make(chan struct{}, 1)}
+	s := &Store{db: db, path: path, now: opts.Now, observer: opts.Observer, wake: make(chan struct{}, 1)}
 	if err := db.Update(s.prepare); err != nil {
 		db.Close()
 		return nil, storageError("open "+path, err)
@@ -115,7 +127,7 @@ func Open(path string, opts Options) (*Store, error) {
 // prepare creates the buckets, checks the schema version and clears the
 // claims left by a process that stopped mid-delivery, counting them.
 func (s *Store) prepare(tx *bolt.Tx) error {
-	for _, name := range [][]byte{metaBucket, msgsBucket, bodiesBucket, dueBucket, claimedBucket} {
+	for _, name := range [][]byte{metaBucket, msgsBucket, bodiesBucket, dueBucket, claimedBucket, receivedBucket} {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return err
 		}
@@ -128,6 +140,11 @@ func (s *Store) prepare(tx *bolt.Tx) error {
 		}
 	case len(v) != 1 || v[0] != schemaVersion:
 		return fmt.Errorf("unsupported schema version %x", v)
+	}
+	if meta.Get(countsKey) == nil {
+		if err := indexCounts(tx); err != nil {
+			return err
+		}
 	}
 
 	claimed := tx.Bucket(claimedBucket)
@@ -223,6 +240,12 @@ func (s *Store) Put(ctx context.Context, m *Message, body []byte) error {
 			return err
 		}
 		if err := tx.Bucket(bodiesBucket).Put(id, body); err != nil {
+			return err
+		}
+		if err := tx.Bucket(receivedBucket).Put(receivedKey(m.Received, m.ID), nil); err != nil {
+			return err
+		}
+		if err := addCounts(tx, 1, 0); err != nil {
 			return err
 		}
 		return tx.Bucket(dueBucket).Put(due, nil)
@@ -328,6 +351,7 @@ func (s *Store) Len() (int, error) {
 type delivery struct {
 	msg  Message
 	body []byte
+	kind BounceKind // for a DSN to store: what it reports
 }
 
 // claim takes up to limit due messages (NextAttempt ≤ now) whose ID skip
@@ -477,9 +501,12 @@ type finished struct {
 // brought back, nor bounced.
 func (s *Store) finish(id string, update func(m *Message) (remove bool, add []delivery)) (finished, error) {
 	key := []byte(id)
-	var f finished
+	var (
+		f     finished
+		added []delivery // the DSNs stored, for the observer
+	)
 	err := s.db.Batch(func(tx *bolt.Tx) error {
-		f = finished{}
+		f, added = finished{}, nil
 		msgs, bodies, due := tx.Bucket(msgsBucket), tx.Bucket(bodiesBucket), tx.Bucket(dueBucket)
 		v := msgs.Get(key)
 		if v == nil {
@@ -491,9 +518,10 @@ func (s *Store) finish(id string, update func(m *Message) (remove bool, add []de
 			return err
 		}
 		oldDue := dueKey(rec.NextAttempt, id)
+		oldReceived := receivedKey(rec.Received, id)
 		rec.Claimed = false
 		remove, add := update(&rec.Message)
-		f.msg, f.removed = rec.Message, remove
+		f.msg, f.removed, added = rec.Message, remove, add
 		if err := tx.Bucket(claimedBucket).Delete(key); err != nil {
 			return err
 		}
@@ -511,11 +539,23 @@ func (s *Store) finish(id string, update func(m *Message) (remove bool, add []de
 			if err := due.Put(dueKey(n.msg.NextAttempt, n.msg.ID), nil); err != nil {
 				return err
 			}
+			if err := tx.Bucket(receivedBucket).Put(receivedKey(n.msg.Received, n.msg.ID), nil); err != nil {
+				return err
+			}
+		}
+		if err := addCounts(tx, int64(len(add)), 0); err != nil {
+			return err
 		}
 		if err := due.Delete(oldDue); err != nil {
 			return err
 		}
 		if remove {
+			if err := tx.Bucket(receivedBucket).Delete(oldReceived); err != nil {
+				return err
+			}
+			if err := addCounts(tx, -1, -b2i(rec.Held)); err != nil {
+				return err
+			}
 			if err := msgs.Delete(key); err != nil {
 				return err
 			}
@@ -531,6 +571,14 @@ func (s *Store) finish(id string, update func(m *Message) (remove bool, add []de
 	})
 	if err != nil {
 		return finished{}, storageError("finish "+id, err)
+	}
+	if s.observer != nil && !f.gone {
+		for _, n := range added {
+			s.observer.DSNQueued(n.kind)
+		}
+		if f.removed {
+			s.observer.Finished(f.msg, outcomeOf(f.msg))
+		}
 	}
 	return f, nil
 }

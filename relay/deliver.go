@@ -58,6 +58,8 @@ type Deliverer struct {
 	// Now is the clock for health and rate limits; default time.Now.
 	Now    func() time.Time
 	Logger *slog.Logger // default slog.Default()
+	// Observer, if set, is told about every upstream transaction and skip.
+	Observer DeliveryObserver
 
 	mu     sync.Mutex
 	states map[string]*upstreamState // by upstream name
@@ -137,10 +139,15 @@ func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body []byte) [
 		if a.skip != nil {
 			d.logger().LogAttrs(ctx, slog.LevelDebug, "upstream left out",
 				slog.String("queue_id", m.ID), slog.String("upstream", up.Name), slog.String("reason", a.skip.reply))
+			if d.Observer != nil {
+				d.Observer.Skipped(up.Name)
+			}
 			skips = append(skips, *a.skip)
 			continue
 		}
-		d.logAttempt(ctx, m, up.Name, time.Since(start), len(sub), a.results, summaryReply(a.results, a.err), a.err)
+		took := time.Since(start)
+		d.logAttempt(ctx, m, up.Name, took, len(sub), a.results, summaryReply(a.results, a.err), a.err)
+		d.observe(m, up.Name, took, a.results)
 		var next []int
 		for j, i := range todo {
 			results[i], tried[i] = a.results[j], true
@@ -614,6 +621,27 @@ func (d *Deliverer) logger() *slog.Logger {
 		return slog.Default()
 	}
 	return d.Logger
+}
+
+// observe tells the Observer about one upstream transaction for m.
+func (d *Deliverer) observe(m queue.Message, upstream string, took time.Duration, results []queue.Result) {
+	if d.Observer == nil {
+		return
+	}
+	result := ResultDeferred
+	for _, r := range results {
+		if r.State == queue.Delivered {
+			result = ResultDelivered
+			break
+		}
+		if r.State == queue.Failed {
+			result = ResultFailed
+		}
+	}
+	d.Observer.Transaction(upstream, result, took)
+	if result == ResultDelivered && !m.DSN {
+		d.Observer.Delivered(upstream, d.now().Sub(m.Received))
+	}
 }
 
 // logAttempt writes the one line per attempt per upstream, for n

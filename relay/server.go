@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -46,12 +47,19 @@ type Server struct {
 	Users     []User
 	Limits    Limits
 	Queue     Queue
-	Signer    Signer                 // optional DKIM signer
+	Signer    Signer                 // optional DKIM signer; SetSigner replaces it
 	Routable  func(from string) bool // optional: refuse senders no route delivers
 	Logger    *slog.Logger
 	Now       func() time.Time
+	// Observer, if set, is told about connections, messages and
+	// refusals, for metrics. Set it before Listen.
+	Observer Observer
+	// ProxyHeaderTimeout bounds how long a connection from a listener's
+	// ProxyTrusted sources may take to send its PROXY header; default 5s.
+	ProxyHeaderTimeout time.Duration
 
 	users    atomic.Pointer[users]
+	signer   atomic.Pointer[signerBox]
 	creds    *credentialCache
 	limiter  *authLimiter
 	slots    chan struct{} // one per open connection when MaxConnections > 0
@@ -79,6 +87,7 @@ func (s *Server) Listen() error {
 		s.Now = time.Now
 	}
 	s.SetUsers(s.Users)
+	s.SetSigner(s.Signer)
 	s.creds = newCredentialCache()
 	window := s.Limits.AuthFailureWindow
 	if window == 0 {
@@ -137,6 +146,23 @@ func (s *Server) SetUsers(list []User) {
 	s.users.Store(newUsers(list))
 }
 
+// SetSigner replaces the DKIM signer; nil turns signing off. A message
+// is signed by the signer current when its DATA ends.
+func (s *Server) SetSigner(sig Signer) {
+	s.signer.Store(&signerBox{sig})
+}
+
+// currentSigner is the signer set last, nil for none.
+func (s *Server) currentSigner() Signer {
+	if b := s.signer.Load(); b != nil {
+		return b.Signer
+	}
+	return nil
+}
+
+// signerBox lets an interface value, nil included, live in an atomic.Pointer.
+type signerBox struct{ Signer }
+
 // Addrs returns the bound address of each listener, in configuration order.
 func (s *Server) Addrs() []net.Addr {
 	s.mu.Lock()
@@ -158,7 +184,11 @@ func (s *Server) Serve() error {
 	}
 	errc := make(chan error, len(bound))
 	for _, bl := range bound {
-		var ln net.Listener = &gate{Listener: bl.raw, srv: s, cfg: bl.cfg}
+		var base net.Listener = bl.raw
+		if bl.cfg.ProxyProtocol {
+			base = s.newProxyListener(bl)
+		}
+		var ln net.Listener = &gate{Listener: base, srv: s, cfg: bl.cfg}
 		if bl.cfg.TLS == TLSImplicit {
 			ln = tls.NewListener(ln, s.TLSConfig)
 		}
@@ -263,6 +293,7 @@ func (g *gate) Accept() (net.Conn, error) {
 		ip := remoteIP(c)
 		if !g.trusted(ip) {
 			g.srv.Logger.Info("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", "not in trusted_networks")
+			g.srv.observer().ConnectionRefused(g.cfg.Name, "untrusted_network")
 			go g.refuse(c, "554 5.7.1 Access denied")
 			continue
 		}
@@ -271,12 +302,14 @@ func (g *gate) Accept() (net.Conn, error) {
 			case g.srv.slots <- struct{}{}:
 			default:
 				g.srv.Logger.Warn("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", "max_connections reached")
+				g.srv.observer().ConnectionRefused(g.cfg.Name, "max_connections")
 				go g.refuse(c, "421 4.7.0 Too many connections, try again later")
 				continue
 			}
 		}
-		tc := &trackedConn{Conn: c, srv: g.srv, ip: ip}
+		tc := &trackedConn{Conn: c, srv: g.srv, ip: ip, listener: g.cfg.Name}
 		g.srv.track(tc)
+		g.srv.observer().ConnectionOpened(g.cfg.Name)
 		return tc, nil
 	}
 }
@@ -301,7 +334,11 @@ func (g *gate) refuse(c net.Conn, reply string) {
 		return
 	}
 	c.SetWriteDeadline(time.Now().Add(2 * time.Second))
-	fmt.Fprintf(c, "%s %s\r\n", reply[:3], g.srv.Hostname+" "+reply[4:])
+	// "554 5.7.1 Access denied" becomes "554 5.7.1 <hostname> Access denied":
+	// the enhanced code right after the reply code (RFC 2034 section 4).
+	code, rest, _ := strings.Cut(reply, " ")
+	enhanced, text, _ := strings.Cut(rest, " ")
+	fmt.Fprintf(c, "%s %s %s %s\r\n", code, enhanced, g.srv.Hostname, text)
 }
 
 func remoteIP(c net.Conn) netip.Addr {
@@ -316,8 +353,9 @@ func remoteIP(c net.Conn) netip.Addr {
 // shutdown.
 type trackedConn struct {
 	net.Conn
-	srv *Server
-	ip  netip.Addr
+	srv      *Server
+	ip       netip.Addr
+	listener string // Listener.Name, for the Observer
 
 	wmu             sync.Mutex
 	closeAfterReply atomic.Bool
@@ -341,6 +379,7 @@ func (c *trackedConn) Close() error {
 	c.closeOnce.Do(func() {
 		err = c.Conn.Close()
 		c.srv.forget(c)
+		c.srv.observer().ConnectionClosed(c.listener)
 	})
 	return err
 }

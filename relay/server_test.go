@@ -478,7 +478,7 @@ func TestMaxConnections(t *testing.T) {
 	env := startServer(t, func(s *Server) { s.Limits.MaxConnections = 2 })
 	a, b := dial(t, env.addrs[0]), dial(t, env.addrs[0])
 	c := dialFrom(t, env.addrs[0], "")
-	if code, msg := c.read(); code != 421 || !strings.HasPrefix(msg, "relay.test 4.7.0") {
+	if code, msg := c.read(); code != 421 || msg != "4.7.0 relay.test Too many connections, try again later" {
 		t.Fatalf("third connection: %d %s", code, msg)
 	}
 	a.expect(221, "QUIT")

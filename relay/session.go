@@ -46,6 +46,7 @@ func (s *Server) newSession(bl *boundListener, c *smtp.Conn) (smtp.Session, erro
 	}
 	if s.shutting.Load() {
 		tc.closeAfterReply.Store(true)
+		s.observer().Rejected(bl.cfg.Name, "shutting_down")
 		return nil, errShuttingDown
 	}
 	sess := &session{srv: s, lis: bl, conn: c, tc: tc, ip: tc.ip}
@@ -75,6 +76,7 @@ func (s *session) reject(reason string, err *smtp.SMTPError, attrs ...any) error
 		attrs = append(attrs, "user", s.user.Name)
 	}
 	s.log.Info("rejected", attrs...)
+	s.observeReject(reason)
 	return err
 }
 
@@ -134,6 +136,7 @@ func (s *session) login(username, password string) error {
 func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if s.srv.shutting.Load() {
 		s.tc.closeAfterReply.Store(true)
+		s.srv.observer().Rejected(s.lis.cfg.Name, "shutting_down")
 		return errShuttingDown
 	}
 	if s.lis.cfg.AuthRequired && s.user == nil {
@@ -293,12 +296,13 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 	d.prepend(fields)
 
 	signed := false
-	if s.srv.Signer != nil {
+	if signer := s.srv.currentSigner(); signer != nil {
 		// Signed once, here, over the final bytes: the stored message is
 		// what every attempt sends, so a retry never re-signs.
-		sig, err := s.srv.Signer.Sign(DomainOf(headerFrom), d.bytes())
+		sig, err := signer.Sign(DomainOf(headerFrom), d.bytes())
 		if err != nil {
 			s.log.Error("signing failed", "queue_id", id, "error", err)
+			s.srv.observer().Rejected(s.lis.cfg.Name, "internal")
 			return "", errInternal
 		}
 		d.prepend(sig)
@@ -321,6 +325,7 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 	}
 	if err := s.srv.Queue.Put(context.Background(), m, body); err != nil {
 		s.log.Error("queue write failed", "queue_id", id, "error", err)
+		s.srv.observer().Rejected(s.lis.cfg.Name, "storage")
 		return "", errStorage
 	}
 	attrs := []any{"queue_id", id, "msg_id", msgID, "from", from, "rcpts", len(rcpts), "size", len(body), "dkim_signed", signed}
@@ -328,6 +333,7 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 		attrs = append(attrs, "tls", tls.VersionName(st.Version))
 	}
 	s.log.Info("accepted", attrs...)
+	s.srv.observer().Accepted(s.lis.cfg.Name, len(body), signed)
 	return id, nil
 }
 

@@ -27,6 +27,14 @@ type Listener struct {
 	// TrustedNetworks may submit, under any sender address.
 	AuthRequired    bool
 	TrustedNetworks []netip.Prefix
+	// ProxyProtocol makes the listener read a PROXY protocol header (v1
+	// or v2) from connections whose source is in ProxyTrusted: a load
+	// balancer's, which must send one. Such a client is then seen with the
+	// address the header gives, by TrustedNetworks, the auth-failure limit,
+	// logs and Received:. Connections from other sources are served as
+	// themselves, and refused if they send a header.
+	ProxyProtocol bool
+	ProxyTrusted  []netip.Prefix
 }
 
 // User is a submitter allowed to AUTH.

@@ -48,6 +48,11 @@ type Config struct {
 
 	HTTPAddress   string // [http] address, default "127.0.0.1:9090"
 	AdminTokenEnv string // env var holding the /api bearer token; "" for none
+
+	// ShutdownTimeout bounds a graceful stop: transactions in progress
+	// and deliveries in flight get this long to finish. Default 25s, under
+	// Kubernetes' 30 s grace period.
+	ShutdownTimeout time.Duration
 }
 
 // QueueConfig is the [queue] table.
@@ -177,6 +182,7 @@ func (p *configParser) config(root *configTable) *Config {
 		root.errorf("log_level", `must be "debug", "info", "warn" or "error", not %q`, lvl)
 	}
 
+	cfg.ShutdownTimeout = root.duration("shutdown_timeout", shutdownTimeout)
 	cfg.Queue = p.queue(root.sub("queue"))
 	cfg.Listeners = p.listeners(root)
 	cfg.TLSCertFile, cfg.TLSKeyFile = p.servingTLS(root.sub("tls"), cfg.Listeners)
@@ -348,6 +354,7 @@ func (p *configParser) listeners(root *configTable) []relay.Listener {
 			l.TrustedNetworks = append(l.TrustedNetworks, pfx)
 		}
 		trusted := len(nets) > 0
+		l.ProxyProtocol, l.ProxyTrusted = p.proxy(t)
 
 		// Never an open relay: without AUTH, only trusted networks submit.
 		if authOK && !l.AuthRequired && !trusted {
@@ -362,6 +369,35 @@ func (p *configParser) listeners(root *configTable) []relay.Listener {
 		out = append(out, l)
 	}
 	return out
+}
+
+// proxy reads a listener's proxy_protocol and proxy_trusted. Any range may
+// be trusted, since these are the operator's load balancers, but not every
+// address: then any client could claim to be any other.
+func (p *configParser) proxy(t *configTable) (bool, []netip.Prefix) {
+	on := t.boolean("proxy_protocol", false)
+	nets, listed := t.strings("proxy_trusted")
+	var out []netip.Prefix
+	for i, s := range nets {
+		key := fmt.Sprintf("proxy_trusted[%d]", i)
+		pfx, err := parseNetwork(s)
+		if err != nil {
+			t.errorf(key, "%v", err)
+			continue
+		}
+		if pfx.Bits() == 0 {
+			t.errorf(key, "%s trusts every address to send a PROXY header: any client could claim any address", pfx)
+			continue
+		}
+		out = append(out, pfx)
+	}
+	switch {
+	case on && t.missingList("proxy_trusted"):
+		t.errorf("proxy_trusted", "required with proxy_protocol = true: the addresses of the load balancers that send PROXY headers")
+	case !on && listed:
+		t.errorf("proxy_trusted", "set without proxy_protocol = true")
+	}
+	return on, out
 }
 
 // parseNetwork accepts a CIDR prefix or a bare IP address (a one-address

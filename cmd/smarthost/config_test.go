@@ -237,9 +237,10 @@ upstreams = ["local"]
 			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
 			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute,
 		},
-		Upstreams:   []relay.Upstream{{Name: "local", Address: "localhost:2525", TLS: relay.TLSNone, MaxConnections: 4}},
-		Routes:      []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
-		HTTPAddress: "127.0.0.1:9090",
+		Upstreams:       []relay.Upstream{{Name: "local", Address: "localhost:2525", TLS: relay.TLSNone, MaxConnections: 4}},
+		Routes:          []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
+		HTTPAddress:     "127.0.0.1:9090",
+		ShutdownTimeout: 25 * time.Second,
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Errorf("got  %+v\nwant %+v", cfg, want)
@@ -878,6 +879,7 @@ func TestExampleConfig(t *testing.T) {
 			"username", "password_env", "password_file", "ca_file", "rate_limit", "dsn_from",
 			"from_domain", "upstreams",
 			"admin_token_env",
+			"shutdown_timeout", "proxy_protocol", "proxy_trusted",
 		}
 		for _, k := range keys {
 			if !regexp.MustCompile(`(?m)^(# )?`+k+` *= `).MatchString(text) && !strings.Contains(text, "or "+k+" = ") {
@@ -1017,4 +1019,58 @@ func TestParseConfigDKIMAccepted(t *testing.T) {
 			t.Errorf("got %d keys, want 2", len(cfg.DKIM))
 		}
 	})
+}
+
+// TestParseConfigOperations covers shutdown_timeout and the PROXY
+// protocol keys of a listener.
+func TestParseConfigOperations(t *testing.T) {
+	f := newTestFiles(t)
+	cfg := mustParse(t, f.config(map[string]string{
+		"top": "hostname = \"relay.test\"\nshutdown_timeout = \"5s\"",
+		"listen": `[[listen]]
+address = "127.0.0.1:0"
+tls = "none"
+auth = "none"
+trusted_networks = ["10.1.2.0/24"]
+proxy_protocol = true
+proxy_trusted = ["127.0.0.1", "203.0.113.0/24", "2001:db8::/32"]`,
+	}))
+	if cfg.ShutdownTimeout != 5*time.Second {
+		t.Errorf("shutdown_timeout = %v", cfg.ShutdownTimeout)
+	}
+	l := cfg.Listeners[0]
+	want := []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32"), netip.MustParsePrefix("203.0.113.0/24"), netip.MustParsePrefix("2001:db8::/32")}
+	if !l.ProxyProtocol || !reflect.DeepEqual(l.ProxyTrusted, want) {
+		t.Errorf("listener: proxy_protocol %v, proxy_trusted %v", l.ProxyProtocol, l.ProxyTrusted)
+	}
+
+	base := mustParse(t, f.config(nil))
+	if base.ShutdownTimeout != 25*time.Second || base.Listeners[0].ProxyProtocol || base.Listeners[0].ProxyTrusted != nil {
+		t.Errorf("defaults: shutdown_timeout %v, listener %+v", base.ShutdownTimeout, base.Listeners[0])
+	}
+
+	listen := func(extra string) map[string]string {
+		return map[string]string{"listen": "[[listen]]\naddress = \"127.0.0.1:0\"\n" + extra}
+	}
+	for _, tt := range []struct {
+		name      string
+		overrides map[string]string
+		key, msg  string
+	}{
+		{"shutdown_timeout zero", map[string]string{"top": "shutdown_timeout = \"0s\""}, "shutdown_timeout", "positive"},
+		{"shutdown_timeout junk", map[string]string{"top": "shutdown_timeout = \"soon\""}, "shutdown_timeout", "not a duration"},
+		{"shutdown_timeout number", map[string]string{"top": "shutdown_timeout = 25"}, "shutdown_timeout", "duration string"},
+		{"proxy_protocol without proxy_trusted", listen("proxy_protocol = true"), "listen[0].proxy_trusted", "required with proxy_protocol"},
+		{"proxy_protocol with empty proxy_trusted", listen("proxy_protocol = true\nproxy_trusted = []"), "listen[0].proxy_trusted", "required with proxy_protocol"},
+		{"proxy_trusted without proxy_protocol", listen("proxy_trusted = [\"10.0.0.1\"]"), "listen[0].proxy_trusted", "without proxy_protocol = true"},
+		{"proxy_trusted everything", listen("proxy_protocol = true\nproxy_trusted = [\"0.0.0.0/0\"]"), "listen[0].proxy_trusted[0]", "trusts every address"},
+		{"proxy_trusted everything v6", listen("proxy_protocol = true\nproxy_trusted = [\"10.0.0.1\", \"::/0\"]"), "listen[0].proxy_trusted[1]", "trusts every address"},
+		{"proxy_trusted junk", listen("proxy_protocol = true\nproxy_trusted = [\"balancer\"]"), "listen[0].proxy_trusted[0]", "not a CIDR"},
+		{"proxy_trusted not a list", listen("proxy_protocol = true\nproxy_trusted = \"10.0.0.1\""), "listen[0].proxy_trusted", "array of strings"},
+		{"proxy_protocol not bool", listen("proxy_protocol = \"v2\""), "listen[0].proxy_protocol", "true or false"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			requireError(t, parseErrors(t, f.config(tt.overrides)), tt.key, tt.msg)
+		})
+	}
 }

@@ -13,9 +13,12 @@ import (
 	"os"
 	"os/signal"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"smarthost/dkim"
 	"smarthost/metrics"
@@ -23,7 +26,8 @@ import (
 	"smarthost/relay"
 )
 
-// shutdownTimeout bounds a graceful stop, under Kubernetes' 30 s grace.
+// shutdownTimeout is the default of shutdown_timeout, which bounds a
+// graceful stop: under Kubernetes' 30 s grace period.
 const shutdownTimeout = 25 * time.Second
 
 // loadFromFlags parses a command's -config flag and loads that file. On
@@ -87,11 +91,12 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		select {
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				logger.Warn("SIGHUP received; configuration reload is not supported by this version, restart to apply changes")
+				inst.reload(cfg.Path)
 				continue
 			}
-			logger.Info("shutting down", "signal", sig.String())
-			ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+			timeout := inst.shutdownTimeout()
+			logger.Info("shutting down", "signal", sig.String(), "timeout", timeout.String())
+			ctx, cancel := context.WithTimeout(context.Background(), timeout)
 			err := inst.shutdown(ctx)
 			cancel()
 			if err != nil {
@@ -102,7 +107,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 			return 0
 		case err := <-inst.failed:
 			logger.Error("server failed", "error", err)
-			ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+			ctx, cancel := context.WithTimeout(context.Background(), inst.shutdownTimeout())
 			inst.shutdown(ctx)
 			cancel()
 			return 1
@@ -121,48 +126,44 @@ func newLogger(format string, level slog.Level, w io.Writer) *slog.Logger {
 // instance is a running relay: queue, scheduler, delivery, the
 // submission server and the HTTP listener.
 type instance struct {
-	log       *slog.Logger
-	store     *queue.Store
-	sched     *queue.Scheduler
-	deliverer *relay.Deliverer
-	srv       *relay.Server
-	http      *metrics.Server
-	ready     atomic.Bool // /readyz: everything is up and not shutting down
-	failed    chan error  // a component stopped on its own
+	log   *slog.Logger
+	store *queue.Store
+	sched *queue.Scheduler
+	// delivery is the current Deliverer; a reload replaces it. Use
+	// deliverer() rather than keeping one.
+	delivery atomic.Pointer[relay.Deliverer]
+	certs    *relay.CertReloader // nil without [tls]
+	srv      *relay.Server
+	http     *metrics.Server
+	ready    atomic.Bool // /readyz: everything is up and not shutting down
+	failed   chan error  // a component stopped on its own
+
+	reloadMu sync.Mutex // one reload at a time; guards cfg
+	cfg      *Config    // in effect: the last one reloaded, with the values that need a restart kept
+	// onReload, if set, is told the outcome of every reload, nil for
+	// success, for the smarthost_config_reloads_total and
+	// smarthost_config_last_reload_success_timestamp_seconds metrics.
+	onReload func(err error)
 }
 
-// start opens the queue, binds the HTTP and SMTP listeners and starts
-// delivery.
-func start(cfg *Config, logger *slog.Logger) (*instance, error) {
-	var tlsConfig *tls.Config
-	if cfg.TLSCertFile != "" {
-		cert, err := tls.LoadX509KeyPair(cfg.TLSCertFile, cfg.TLSKeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("tls certificate: %w", err)
-		}
-		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+// deliverer returns the Deliverer in use.
+func (in *instance) deliverer() *relay.Deliverer {
+	return in.delivery.Load()
+}
+
+// shutdownTimeout is the configured shutdown_timeout.
+func (in *instance) shutdownTimeout() time.Duration {
+	in.reloadMu.Lock()
+	defer in.reloadMu.Unlock()
+	if in.cfg == nil || in.cfg.ShutdownTimeout <= 0 {
+		return shutdownTimeout
 	}
-	// A nil *dkim.Signer in the relay.Signer interface would not be nil:
-	// the field stays unset when there are no keys.
-	var signer relay.Signer
-	if len(cfg.DKIM) > 0 {
-		s, err := dkim.New(cfg.DKIM, nil)
-		if err != nil {
-			return nil, fmt.Errorf("dkim: %w", err)
-		}
-		signer = s
-		logger.Info("DKIM signing on", "keys", len(cfg.DKIM), "domains", dkimDomains(cfg.DKIM))
-	} else {
-		logger.Info("DKIM signing off: no [[dkim]] keys; messages are relayed unsigned")
-	}
-	store, err := queue.Open(cfg.Queue.Path, queue.Options{})
-	if err != nil {
-		return nil, err
-	}
-	if n := store.Recovered(); n > 0 {
-		logger.Warn("resuming deliveries interrupted by a crash; these may be delivered twice", "messages", n)
-	}
-	deliverer := &relay.Deliverer{
+	return in.cfg.ShutdownTimeout
+}
+
+// newDeliverer builds the upstream side from a configuration.
+func newDeliverer(cfg *Config, logger *slog.Logger) *relay.Deliverer {
+	return &relay.Deliverer{
 		Hostname:  cfg.Hostname,
 		Upstreams: cfg.Upstreams,
 		Routes:    cfg.Routes,
@@ -173,9 +174,72 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		MaxDownFor: min(cfg.Queue.RetryMax, 5*time.Minute),
 		Logger:     logger,
 	}
+}
+
+// newSigner builds the DKIM signer of a configuration: nil, not a nil
+// *dkim.Signer, when there are no keys, since that in the relay.Signer
+// interface would not be nil.
+func newSigner(cfg *Config) (relay.Signer, error) {
+	if len(cfg.DKIM) == 0 {
+		return nil, nil
+	}
+	s, err := dkim.New(cfg.DKIM, nil)
+	if err != nil {
+		return nil, fmt.Errorf("dkim: %w", err)
+	}
+	return s, nil
+}
+
+// start opens the queue, binds the HTTP and SMTP listeners and starts
+// delivery.
+func start(cfg *Config, logger *slog.Logger) (*instance, error) {
+	var tlsConfig *tls.Config
+	var certs *relay.CertReloader
+	if cfg.TLSCertFile != "" {
+		// Read through GetCertificate, so that a renewed certificate is
+		// served to new clients without a restart.
+		var err error
+		if certs, err = relay.NewCertReloader(cfg.TLSCertFile, cfg.TLSKeyFile); err != nil {
+			return nil, err
+		}
+		certs.Logger = logger
+		tlsConfig = &tls.Config{GetCertificate: certs.GetCertificate, MinVersion: tls.VersionTLS12}
+	}
+	signer, err := newSigner(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if signer != nil {
+		logger.Info("DKIM signing on", "keys", len(cfg.DKIM), "domains", dkimDomains(cfg.DKIM))
+	} else {
+		logger.Info("DKIM signing off: no [[dkim]] keys; messages are relayed unsigned")
+	}
+	// One registry per instance, not Prometheus' global one: every part
+	// reports to m, and /metrics serves reg.
+	reg := prometheus.NewRegistry()
+	m := metrics.New(reg)
+	m.SetVersion(buildVersion())
+	m.InitLabels(listenerNames(cfg.Listeners), upstreamNames(cfg.Upstreams))
+	store, err := queue.Open(cfg.Queue.Path, queue.Options{Observer: m})
+	if err != nil {
+		return nil, err
+	}
+	m.SetQueue(store)
+	if n := store.Recovered(); n > 0 {
+		logger.Warn("resuming deliveries interrupted by a crash; these may be delivered twice", "messages", n)
+	}
+	deliverer := newDeliverer(cfg, logger)
+	deliverer.Observer = m // a reload hands it on to the next Deliverer
+	inst := &instance{log: logger, store: store, certs: certs, cfg: cfg, failed: make(chan error, 3)}
+	inst.delivery.Store(deliverer)
+	inst.onReload = m.ConfigReloaded
+	m.SetUpstreams(func() []relay.UpstreamState { return inst.deliverer().UpstreamStates() })
 	sched := &queue.Scheduler{
-		Store:        store,
-		Deliver:      deliverer.Deliver,
+		Store: store,
+		// Through the instance: a reload swaps the Deliverer.
+		Deliver: func(ctx context.Context, m queue.Message, body []byte) []queue.Result {
+			return inst.deliverer().Deliver(ctx, m, body)
+		},
 		Workers:      cfg.Queue.Workers,
 		RetryMin:     cfg.Queue.RetryMin,
 		RetryMax:     cfg.Queue.RetryMax,
@@ -189,7 +253,7 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 	} else {
 		logger.Info("bounces off ([queue] bounce = false): senders are not told about failed or expired mail")
 	}
-	inst := &instance{log: logger, store: store, sched: sched, deliverer: deliverer, failed: make(chan error, 3)}
+	inst.sched = sched
 
 	token := ""
 	if cfg.AdminTokenEnv != "" {
@@ -199,12 +263,15 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		Address: cfg.HTTPAddress,
 		Ready:   inst.ready.Load,
 		API: &metrics.API{
-			Queue:     adminQueue{store, deliverer},
-			Upstreams: deliverer.UpstreamStates,
-			Token:     token,
-			Logger:    logger,
+			Queue: adminQueue{store, inst},
+			Upstreams: func() []relay.UpstreamState {
+				return inst.deliverer().UpstreamStates()
+			},
+			Token:  token,
+			Logger: logger,
 		},
-		Logger: logger,
+		Metrics: metrics.Handler(reg, logger),
+		Logger:  logger,
 	}
 	if err := inst.http.Listen(); err != nil {
 		store.Close()
@@ -223,10 +290,11 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		Queue:     store,
 		Signer:    signer,
 		Routable: func(from string) bool {
-			_, ok := deliverer.Route(from)
+			_, ok := inst.deliverer().Route(from)
 			return ok
 		},
-		Logger: logger,
+		Logger:   logger,
+		Observer: m,
 	}
 	if err := srv.Listen(); err != nil {
 		inst.http.Close()
@@ -249,8 +317,29 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 			inst.failed <- err
 		}
 	}()
+	if certs != nil {
+		certs.Start()
+	}
 	inst.ready.Store(true)
 	return inst, nil
+}
+
+// listenerNames and upstreamNames are the label values the metrics start
+// with.
+func listenerNames(ls []relay.Listener) []string {
+	out := make([]string, len(ls))
+	for i, l := range ls {
+		out[i] = l.Name
+	}
+	return out
+}
+
+func upstreamNames(ups []relay.Upstream) []string {
+	out := make([]string, len(ups))
+	for i, u := range ups {
+		out[i] = u.Name
+	}
+	return out
 }
 
 // isLoopbackListen reports whether a bound address is on loopback only.
@@ -297,23 +386,32 @@ func dkimDomains(keys []dkim.Key) []string {
 
 // shutdown stops in the order of STYLE.md: listeners and transactions,
 // then deliveries (finished or left queued), then the database. /readyz
-// turns 503 first and keeps answering while SMTP transactions finish.
+// turns 503 first and keeps answering while SMTP transactions finish;
+// deliveries go on meanwhile, so a message accepted during the drain may
+// leave before the exit. When ctx ends, the connections still open are
+// closed and the deliveries in flight interrupted, their messages kept
+// for the next start: that is the deadline working, not a failure.
 func (in *instance) shutdown(ctx context.Context) error {
 	in.ready.Store(false)
 	var errs []error
 	if err := in.srv.Shutdown(ctx); err != nil {
-		errs = append(errs, fmt.Errorf("smtp: %w", err))
+		in.log.Warn("shutdown_timeout reached: closed the SMTP connections still open; their messages were not accepted")
 	}
-	// The admin API stops before the queue it changes.
-	if err := in.http.Shutdown(ctx); err != nil {
+	// The admin API stops before the queue it changes. Its requests are
+	// short, and it gets a moment even after the deadline.
+	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+	if err := in.http.Shutdown(hctx); err != nil {
 		in.http.Close()
-		errs = append(errs, fmt.Errorf("http: %w", err))
 	}
+	cancel()
 	if err := in.sched.Shutdown(ctx); err != nil {
-		errs = append(errs, fmt.Errorf("scheduler: %w", err))
+		in.log.Warn("shutdown_timeout reached: interrupted the deliveries in flight; their messages stay queued")
+	}
+	if in.certs != nil {
+		in.certs.Close()
 	}
 	// Idle upstream connections are closed once no delivery can use them.
-	in.deliverer.Close()
+	in.deliverer().Close()
 	if err := in.store.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("queue: %w", err))
 	}
@@ -325,15 +423,15 @@ func (in *instance) shutdown(ctx context.Context) error {
 // mail to go now.
 type adminQueue struct {
 	*queue.Store
-	deliverer *relay.Deliverer
+	inst *instance
 }
 
 func (a adminQueue) Flush() (int, error) {
-	a.deliverer.ProbeNow()
+	a.inst.deliverer().ProbeNow()
 	return a.Store.Flush()
 }
 
 func (a adminQueue) Retry(id string) error {
-	a.deliverer.ProbeNow()
+	a.inst.deliverer().ProbeNow()
 	return a.Store.Retry(id)
 }

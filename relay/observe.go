@@ -1,0 +1,83 @@
+package relay
+
+import "time"
+
+// Observer is told what the submission side does, for metrics. listener is
+// the Listener's Name; reasons are the fixed words the logs use
+// ("sender_not_allowed", "untrusted_network", …), never an address. Calls
+// come from the connections' goroutines: they must be quick and safe for
+// concurrent use.
+type Observer interface {
+	// ConnectionOpened: a connection was admitted. Each is followed by one
+	// ConnectionClosed.
+	ConnectionOpened(listener string)
+	ConnectionClosed(listener string)
+	// ConnectionRefused: a connection was turned away before SMTP, for
+	// reason "untrusted_network" or "max_connections".
+	ConnectionRefused(listener, reason string)
+	// Accepted: a message was queued and answered 250; size is what was
+	// stored, signed whether it carries our DKIM signature.
+	Accepted(listener string, size int, signed bool)
+	// Rejected: a command or a message was refused, for reason (the
+	// "reason" of the "rejected" log line, or "shutting_down").
+	Rejected(listener, reason string)
+	// AuthFailed: an AUTH attempt failed. AuthBlocked: one was refused
+	// with 421 because the client failed too often.
+	AuthFailed(listener string)
+	AuthBlocked(listener string)
+}
+
+// DeliveryObserver is told what the Deliverer does with each upstream, for
+// metrics. upstream is the Upstream's Name. Calls come from the delivery
+// goroutines: they must be quick and safe for concurrent use.
+type DeliveryObserver interface {
+	// Transaction: one upstream was tried for a message, from taking a
+	// connection to the end of the transaction, with result "delivered"
+	// (at least one recipient taken), "failed" (none taken, at least one
+	// refused for good) or "deferred" (none decided).
+	Transaction(upstream, result string, took time.Duration)
+	// Skipped: an upstream was left out of a delivery, being down or at
+	// its rate limit.
+	Skipped(upstream string)
+	// Delivered: a message a client submitted (not a DSN) was taken by
+	// upstream, sinceAccepted after the relay accepted it.
+	Delivered(upstream string, sinceAccepted time.Duration)
+}
+
+// Results of DeliveryObserver.Transaction.
+const (
+	ResultDelivered = "delivered"
+	ResultDeferred  = "deferred"
+	ResultFailed    = "failed"
+)
+
+// observer returns the Server's Observer, or one that does nothing.
+func (s *Server) observer() Observer {
+	if s.Observer == nil {
+		return nopObserver{}
+	}
+	return s.Observer
+}
+
+type nopObserver struct{}
+
+func (nopObserver) ConnectionOpened(string)          {}
+func (nopObserver) ConnectionClosed(string)          {}
+func (nopObserver) ConnectionRefused(string, string) {}
+func (nopObserver) Accepted(string, int, bool)       {}
+func (nopObserver) Rejected(string, string)          {}
+func (nopObserver) AuthFailed(string)                {}
+func (nopObserver) AuthBlocked(string)               {}
+
+// observeReject tells the Observer about a refusal logged with reason.
+func (s *session) observeReject(reason string) {
+	o, name := s.srv.observer(), s.lis.cfg.Name
+	switch reason {
+	case "auth_failed", "auth_identity":
+		o.AuthFailed(name)
+	case "auth_blocked":
+		o.AuthBlocked(name)
+	default:
+		o.Rejected(name, reason)
+	}
+}
