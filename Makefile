@@ -37,7 +37,7 @@ test-deps:
 # first run on a machine builds Helm (about 3 minutes on 2 cores).
 .PHONY: test-deploy
 test-deploy: test-deps
-	cd deploy && go vet ./... && go test -race -count=1 ./...
+	cd deploy && go vet ./... && go test -race -count=1 .
 
 build:
 	CGO_ENABLED=0 go build -trimpath -o bin/smarthost ./cmd/smarthost
