@@ -5,8 +5,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -125,52 +123,6 @@ func (r *relay) waitLogCount(msg string, n int, timeout time.Duration) map[strin
 	}
 }
 
-// k8sSecret is a directory laid out as the kubelet mounts a Secret:
-// tls.crt and tls.key are symlinks through "..data", a symlink to the
-// current version's directory, and an update renames a new "..data" over
-// the old one.
-type k8sSecret struct {
-	t   *testing.T
-	dir string
-	n   int
-}
-
-func newK8sSecret(t *testing.T, certFile, keyFile string) *k8sSecret {
-	s := &k8sSecret{t: t, dir: t.TempDir()}
-	s.update(certFile, keyFile)
-	for _, name := range []string{"tls.crt", "tls.key"} {
-		if err := os.Symlink(filepath.Join("..data", name), filepath.Join(s.dir, name)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return s
-}
-
-func (s *k8sSecret) update(certFile, keyFile string) {
-	s.t.Helper()
-	s.n++
-	version := fmt.Sprintf("..2026_v%d", s.n)
-	if err := os.Mkdir(filepath.Join(s.dir, version), 0o700); err != nil {
-		s.t.Fatal(err)
-	}
-	for name, src := range map[string]string{"tls.crt": certFile, "tls.key": keyFile} {
-		data, err := os.ReadFile(src)
-		if err != nil {
-			s.t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(s.dir, version, name), data, 0o600); err != nil {
-			s.t.Fatal(err)
-		}
-	}
-	tmp := filepath.Join(s.dir, "..data_tmp")
-	if err := os.Symlink(version, tmp); err != nil {
-		s.t.Fatal(err)
-	}
-	if err := os.Rename(tmp, filepath.Join(s.dir, "..data")); err != nil {
-		s.t.Fatal(err)
-	}
-}
-
 // servedSerial is the serial of the certificate a new STARTTLS client
 // sees.
 func servedSerial(t *testing.T, addr string, pki *testpki.PKI) string {
@@ -205,9 +157,9 @@ func login(addr string, pki *testpki.PKI, user, password string) error {
 // broken configuration keeps the running one.
 func TestReloadCertificateAndConfig(t *testing.T) {
 	pki := testpki.New(t)
-	secret := newK8sSecret(t, pki.CertFile, pki.KeyFile)
+	secret := testpki.NewSecret(t, pki.CertFile, pki.KeyFile)
 	served := *pki
-	served.CertFile, served.KeyFile = filepath.Join(secret.dir, "tls.crt"), filepath.Join(secret.dir, "tls.key")
+	served.CertFile, served.KeyFile = secret.CertFile(), secret.KeyFile()
 	up := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword})
 	dir := t.TempDir()
 	rc := relayConfig{Dir: dir, PKI: &served, UpstreamAddr: up.Addr()}
@@ -222,7 +174,7 @@ func TestReloadCertificateAndConfig(t *testing.T) {
 	defer before.close()
 
 	rotated, certFile, keyFile := pki.Issue(t, "rotated", "localhost")
-	secret.update(certFile, keyFile)
+	secret.Update(certFile, keyFile)
 	want := rotated.Leaf.SerialNumber.String()
 	deadline := time.Now().Add(20 * time.Second)
 	for servedSerial(t, r.addr, pki) != want {

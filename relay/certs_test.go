@@ -3,7 +3,6 @@ package relay
 import (
 	"bytes"
 	"crypto/tls"
-	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -13,55 +12,6 @@ import (
 
 	"smarthost/internal/testpki"
 )
-
-// secretDir is a directory laid out as the kubelet mounts a Secret: the
-// files are symlinks through "..data", itself a symlink to a timestamped
-// directory, and an update swaps "..data" in one rename.
-type secretDir struct {
-	t   *testing.T
-	dir string
-	n   int
-}
-
-func newSecretDir(t *testing.T, certFile, keyFile string) *secretDir {
-	s := &secretDir{t: t, dir: t.TempDir()}
-	s.update(certFile, keyFile)
-	for _, name := range []string{"tls.crt", "tls.key"} {
-		if err := os.Symlink(filepath.Join("..data", name), filepath.Join(s.dir, name)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return s
-}
-
-func (s *secretDir) certFile() string { return filepath.Join(s.dir, "tls.crt") }
-func (s *secretDir) keyFile() string  { return filepath.Join(s.dir, "tls.key") }
-
-// update writes a new version and swaps it in atomically.
-func (s *secretDir) update(certFile, keyFile string) {
-	s.t.Helper()
-	s.n++
-	version := fmt.Sprintf("..v%d", s.n)
-	if err := os.Mkdir(filepath.Join(s.dir, version), 0o700); err != nil {
-		s.t.Fatal(err)
-	}
-	for name, src := range map[string]string{"tls.crt": certFile, "tls.key": keyFile} {
-		data, err := os.ReadFile(src)
-		if err != nil {
-			s.t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(s.dir, version, name), data, 0o600); err != nil {
-			s.t.Fatal(err)
-		}
-	}
-	tmp := filepath.Join(s.dir, "..data_tmp")
-	if err := os.Symlink(version, tmp); err != nil {
-		s.t.Fatal(err)
-	}
-	if err := os.Rename(tmp, filepath.Join(s.dir, "..data")); err != nil {
-		s.t.Fatal(err)
-	}
-}
 
 func serialOf(t *testing.T, c *tls.Certificate) string {
 	t.Helper()
@@ -85,9 +35,9 @@ func servedSerial(t *testing.T, r *CertReloader) string {
 // keeps working.
 func TestCertReloaderRotation(t *testing.T) {
 	pki := testpki.New(t)
-	secret := newSecretDir(t, pki.CertFile, pki.KeyFile)
+	secret := testpki.NewSecret(t, pki.CertFile, pki.KeyFile)
 	var logs logBuffer
-	r, err := NewCertReloader(secret.certFile(), secret.keyFile())
+	r, err := NewCertReloader(secret.CertFile(), secret.KeyFile())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,7 +57,7 @@ func TestCertReloaderRotation(t *testing.T) {
 	}
 
 	next, certFile, keyFile := pki.Issue(t, "next", "localhost")
-	secret.update(certFile, keyFile)
+	secret.Update(certFile, keyFile)
 	newSerial := serialOf(t, &next)
 	waitFor(t, 5*time.Second, "the new certificate", func() bool { return servedSerial(t, r) == newSerial })
 
@@ -129,9 +79,9 @@ func TestCertReloaderRotation(t *testing.T) {
 // picked up.
 func TestCertReloaderBadPair(t *testing.T) {
 	pki := testpki.New(t)
-	secret := newSecretDir(t, pki.CertFile, pki.KeyFile)
+	secret := testpki.NewSecret(t, pki.CertFile, pki.KeyFile)
 	var logs logBuffer
-	r, err := NewCertReloader(secret.certFile(), secret.keyFile())
+	r, err := NewCertReloader(secret.CertFile(), secret.KeyFile())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,7 +91,7 @@ func TestCertReloaderBadPair(t *testing.T) {
 	// A new certificate with the old key, as when one file of a rotation
 	// is written before the other.
 	next, certFile, keyFile := pki.Issue(t, "next", "localhost")
-	secret.update(certFile, pki.KeyFile)
+	secret.Update(certFile, pki.KeyFile)
 	for range 3 {
 		if err := r.Reload(); err == nil || !strings.Contains(err.Error(), "private key does not match") {
 			t.Fatalf("Reload = %v", err)
@@ -157,7 +107,7 @@ func TestCertReloaderBadPair(t *testing.T) {
 	// Not PEM at all.
 	garbage := filepath.Join(t.TempDir(), "garbage")
 	os.WriteFile(garbage, []byte("not a certificate"), 0o600)
-	secret.update(garbage, keyFile)
+	secret.Update(garbage, keyFile)
 	if err := r.Reload(); err == nil {
 		t.Fatal("Reload accepted garbage")
 	}
@@ -165,7 +115,7 @@ func TestCertReloaderBadPair(t *testing.T) {
 		t.Errorf("serving %s after garbage, want the old %s", got, oldSerial)
 	}
 
-	secret.update(certFile, keyFile)
+	secret.Update(certFile, keyFile)
 	if err := r.Reload(); err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +137,7 @@ func TestCertReloaderBadPair(t *testing.T) {
 	if got := servedSerial(t, r); got != oldSerial {
 		t.Errorf("serving %s after SetFiles, want %s", got, oldSerial)
 	}
-	secret.update(pki.CertFile, pki.KeyFile) // no longer watched
+	secret.Update(pki.CertFile, pki.KeyFile) // no longer watched
 	os.WriteFile(pki.CertFile, bytes.Repeat([]byte("x"), 10), 0o600)
 	if err := r.Reload(); err == nil {
 		t.Error("Reload does not look at the files set by SetFiles")
