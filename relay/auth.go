@@ -78,9 +78,10 @@ func (c *credentialCache) check(u *User, password string) bool {
 	return true
 }
 
-// authLimiter counts failed logins per client address in a fixed window.
+// authLimiter counts failed logins, and logins still being checked, per
+// client address in a fixed window.
 // Once an address reaches the limit, all its logins are refused until the
-// window that started with its first failure has passed.
+// window that started with its first failed attempt has passed.
 type authLimiter struct {
 	limit  int
 	window time.Duration
@@ -105,28 +106,14 @@ func newAuthLimiter(limit int, window time.Duration, now func() time.Time) *auth
 	return &authLimiter{limit: limit, window: window, now: now, m: make(map[netip.Addr]*failures)}
 }
 
-// blocked reports whether ip has used up its failures for the window.
-func (l *authLimiter) blocked(ip netip.Addr) bool {
+// attempt counts a login from ip against its limit before the password is
+// checked, and reports false, counting nothing, once the limit is reached.
+// Counting first means that parallel logins from one address cannot all
+// pass the check while each other's password is still being compared.
+// A login that succeeds gives its count back with forgive.
+func (l *authLimiter) attempt(ip netip.Addr) bool {
 	if l.limit <= 0 {
-		return false
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	f := l.m[ip]
-	if f == nil {
-		return false
-	}
-	if l.now().Sub(f.start) >= l.window {
-		delete(l.m, ip)
-		return false
-	}
-	return f.n >= l.limit
-}
-
-// fail records a failed login from ip.
-func (l *authLimiter) fail(ip netip.Addr) {
-	if l.limit <= 0 {
-		return
+		return true
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -139,7 +126,25 @@ func (l *authLimiter) fail(ip netip.Addr) {
 		f = &failures{start: now}
 		l.m[ip] = f
 	}
+	if f.n >= l.limit {
+		return false
+	}
 	f.n++
+	return true
+}
+
+// forgive takes back the count of a login from ip that succeeded.
+func (l *authLimiter) forgive(ip netip.Addr) {
+	if l.limit <= 0 {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if f := l.m[ip]; f != nil {
+		if f.n--; f.n <= 0 {
+			delete(l.m, ip) // the window starts again at the next failure
+		}
+	}
 }
 
 // prune drops expired entries; if none expired, it drops everything rather

@@ -25,8 +25,11 @@ const maxReceived = 50
 // readNormalized reads a message and converts every line ending to CRLF: a
 // bare LF or a bare CR becomes CRLF. A message stored this way cannot carry
 // an end-of-data sequence to the upstream other than the one the upstream
-// client writes itself (SMTP smuggling, CVE-2023-51764 and relatives). The
-// result starts after headroom unused bytes and ends with CRLF.
+// client writes itself (SMTP smuggling, CVE-2023-51764 and relatives). NUL
+// bytes are dropped: RFC 5322 section 4.1 keeps them only as obsolete
+// syntax, and an upstream that discards them would read "\r\n\x00.\r\n"
+// as the end of data. The result starts after headroom unused bytes and
+// ends with CRLF.
 func readNormalized(r io.Reader, sizeHint int) ([]byte, error) {
 	out := make([]byte, headroom, headroom+sizeHint+sizeHint/32+64)
 	chunk := make([]byte, 32<<10)
@@ -43,15 +46,16 @@ func readNormalized(r io.Reader, sizeHint int) ([]byte, error) {
 					continue
 				}
 			}
-			i := bytes.IndexAny(p, "\r\n")
+			i := bytes.IndexAny(p, "\r\n\x00")
 			if i < 0 {
 				out = append(out, p...)
 				break
 			}
 			out = append(out, p[:i]...)
-			if p[i] == '\n' {
+			switch p[i] {
+			case '\n':
 				out = append(out, '\r', '\n')
-			} else {
+			case '\r':
 				cr = true
 			}
 			p = p[i+1:]

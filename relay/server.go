@@ -362,6 +362,59 @@ type trackedConn struct {
 	sess            atomic.Pointer[session]
 	closeOnce       sync.Once
 	hungUp          atomic.Bool
+
+	// While a DATA transfer is read, each read of the connection must make
+	// progress within dataIdle and the transfer must end by dataEnd.
+	dmu      sync.Mutex
+	inData   bool
+	dataIdle time.Duration
+	dataEnd  time.Time
+}
+
+// beginData bounds the reads of a DATA transfer in time: each read must
+// make progress within idle, and the whole transfer must end by end; zero
+// values leave either unbounded.
+func (c *trackedConn) beginData(idle time.Duration, end time.Time) {
+	c.dmu.Lock()
+	c.inData, c.dataIdle, c.dataEnd = true, idle, end
+	c.dmu.Unlock()
+}
+
+// SetReadDeadline is how go-smtp bounds each command line; once it sets
+// one, the DATA transfer and go-smtp's draining of what is left of it are
+// over, and reads return to that deadline.
+func (c *trackedConn) SetReadDeadline(t time.Time) error {
+	c.dmu.Lock()
+	c.inData = false
+	c.dmu.Unlock()
+	return c.Conn.SetReadDeadline(t)
+}
+
+func (c *trackedConn) Read(b []byte) (int, error) {
+	c.dmu.Lock()
+	inData, dl := c.inData, c.dataEnd
+	if inData && c.dataIdle > 0 {
+		if t := time.Now().Add(c.dataIdle); dl.IsZero() || t.Before(dl) {
+			dl = t
+		}
+	}
+	c.dmu.Unlock()
+	// Set here, per read of the socket: go-smtp's DATA reader fills a
+	// whole buffer in one Read, so a deadline set around that call would
+	// bound a chunk, not the progress of each read.
+	if inData && !dl.IsZero() {
+		c.Conn.SetReadDeadline(dl)
+	}
+	n, err := c.Conn.Read(b)
+	var ne net.Error
+	if err != nil && !inData && errors.As(err, &ne) && ne.Timeout() {
+		// A command line cut short by ReadTimeout reaches go-smtp as a
+		// whole line (bufio.Reader.ReadLine drops the error when it has
+		// bytes), which it would run as a command and then read on. Close,
+		// so that the slow client is cut off and nothing of it is answered.
+		c.Close()
+	}
+	return n, err
 }
 
 func (c *trackedConn) Write(b []byte) (int, error) {

@@ -111,7 +111,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 }
 
 func (s *session) login(username, password string) error {
-	if s.srv.limiter.blocked(s.ip) {
+	if !s.srv.limiter.attempt(s.ip) {
 		s.tc.closeAfterReply.Store(true)
 		return s.reject("auth_blocked", errAuthBlocked, "username", username)
 	}
@@ -123,9 +123,9 @@ func (s *session) login(username, password string) error {
 		ok = s.srv.creds.check(u, password)
 	}
 	if !ok {
-		s.srv.limiter.fail(s.ip)
 		return s.reject("auth_failed", errAuthInvalid, "username", username)
 	}
+	s.srv.limiter.forgive(s.ip)
 	s.user = u
 	s.log = s.log.With("user", u.Name)
 	s.log.Debug("authenticated")
@@ -224,13 +224,17 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 	if limits.MaxMessageBytes > 0 && hint > limits.MaxMessageBytes {
 		hint = limits.MaxMessageBytes
 	}
-	buf, err := readNormalized(s.deadlineReader(r), int(hint))
+	s.beginData()
+	buf, err := readNormalized(r, int(hint))
 	if err != nil {
 		var ne net.Error
 		switch {
 		case errors.Is(err, smtp.ErrTooLongLine):
 			return "", s.reject("line_too_long", errLineTooLong)
 		case errors.As(err, &ne) && ne.Timeout():
+			// go-smtp drains the rest of DATA before it replies; a deadline
+			// already past ends that at once instead of after another wait.
+			s.tc.beginData(0, time.Now())
 			s.tc.closeAfterReply.Store(true)
 			return "", s.reject("timeout", errTimeout)
 		}
@@ -349,36 +353,15 @@ func (s *session) protocol() string {
 	return p
 }
 
-// deadlineReader bounds DATA in time: each read must make progress within
+// beginData bounds DATA in time: each read must make progress within
 // ReadTimeout, and the whole transfer must end within DataTimeout.
-func (s *session) deadlineReader(r io.Reader) io.Reader {
+func (s *session) beginData() {
 	lim := s.srv.Limits
-	if lim.ReadTimeout <= 0 && lim.DataTimeout <= 0 {
-		return r
-	}
 	var end time.Time
 	if lim.DataTimeout > 0 {
 		end = time.Now().Add(lim.DataTimeout)
 	}
-	return &deadlineReader{r: r, conn: s.conn.Conn(), idle: lim.ReadTimeout, end: end}
-}
-
-type deadlineReader struct {
-	r    io.Reader
-	conn net.Conn
-	idle time.Duration
-	end  time.Time
-}
-
-func (d *deadlineReader) Read(p []byte) (int, error) {
-	dl := d.end
-	if d.idle > 0 {
-		if t := time.Now().Add(d.idle); dl.IsZero() || t.Before(dl) {
-			dl = t
-		}
-	}
-	d.conn.SetReadDeadline(dl)
-	return d.r.Read(p)
+	s.tc.beginData(lim.ReadTimeout, end)
 }
 
 // door holds a message with free space in front for the fields added at
