@@ -43,6 +43,7 @@ func runDKIM(args []string, stdout, stderr io.Writer) int {
 // dkimFlags holds the -domain and -selector flags shared by the dkim
 // subcommands; register also sets the usage text.
 type dkimFlags struct {
+	flags            *flag.FlagSet
 	domain, selector string
 }
 
@@ -51,12 +52,17 @@ func (d *dkimFlags) register(flags *flag.FlagSet, synopsis string) {
 		fmt.Fprintf(flags.Output(), "Usage: smarthost dkim %s %s\n", flags.Name(), synopsis)
 		flags.PrintDefaults()
 	}
+	d.flags = flags
 	flags.StringVar(&d.domain, "domain", "", "signing domain (d=), e.g. example.com")
 	flags.StringVar(&d.selector, "selector", "", "selector (s=), e.g. s2026")
 }
 
-// check validates and normalises the flags; the error is a usage error.
+// check validates and normalises the flags and refuses stray arguments;
+// the error is a usage error.
 func (d *dkimFlags) check() error {
+	if d.flags.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", d.flags.Arg(0))
+	}
 	if d.domain == "" {
 		return errors.New("-domain is required")
 	}
@@ -95,8 +101,6 @@ func runDKIMKeygen(args []string, stdout, stderr io.Writer) int {
 	err := d.check()
 	switch {
 	case err != nil:
-	case flags.NArg() > 0:
-		err = fmt.Errorf("unexpected argument %q", flags.Arg(0))
 	case *out == "":
 		err = errors.New("-out is required")
 	case *algo != "rsa" && *algo != "ed25519":
@@ -225,8 +229,6 @@ func runDKIMCheck(args []string, stdout, stderr io.Writer, lookupTXT func(string
 	err := d.check()
 	switch {
 	case err != nil:
-	case flags.NArg() > 0:
-		err = fmt.Errorf("unexpected argument %q", flags.Arg(0))
 	case *keyFile == "":
 		err = errors.New("-key is required")
 	}
