@@ -275,16 +275,22 @@ func (s *folderSession) Logout() error { return nil }
 
 func (s *folderSession) Data(r io.Reader) error {
 	name := filepath.Join(s.dir, fmt.Sprintf("%s-%03d.eml", time.Now().Format("20060102-150405"), s.seq.Add(1)))
-	f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	// Written under a temporary name and renamed, so that whoever watches
+	// the folder never reads a half-written message.
+	tmp := name + ".part"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return err
 	}
-	if _, err := io.Copy(f, r); err != nil {
-		f.Close()
-		os.Remove(name)
-		return err
+	_, err = io.Copy(f, r)
+	if cerr := f.Close(); err == nil {
+		err = cerr
 	}
-	if err := f.Close(); err != nil {
+	if err == nil {
+		err = os.Rename(tmp, name)
+	}
+	if err != nil {
+		os.Remove(tmp)
 		return err
 	}
 	s.log.Info("demo upstream: message delivered", "file", name, "from", s.from, "to", s.to)
