@@ -76,6 +76,7 @@ type relayConfig struct {
 	QueueExtra   string   // lines added to [queue]
 	UpExtra      string   // lines added to the [[upstream]]
 	Extra        string
+	LimitsExtra  string // lines added to [limits]
 }
 
 var configTmpl = template.Must(template.New("config").Parse(`
@@ -101,6 +102,7 @@ auth = "required"
 
 [limits]
 max_message_size = "{{.MaxSize}}"
+{{.LimitsExtra}}
 
 [[user]]
 name = "e2e"
