@@ -337,6 +337,7 @@ type stateCollector struct {
 	upstreamUp     *prometheus.Desc
 	rateLimitWait  *prometheus.Desc
 	rateLimitedCnt *prometheus.Desc
+	tokenExpiry    *prometheus.Desc
 }
 
 func newStateCollector() *stateCollector {
@@ -360,6 +361,9 @@ func newStateCollector() *stateCollector {
 		rateLimitedCnt: prometheus.NewDesc("smarthost_upstream_rate_limited_total",
 			"Deliveries that passed the upstream by, and were deferred if no other took them, because its rate limit had no slot soon enough.",
 			[]string{"upstream"}, nil),
+		tokenExpiry: prometheus.NewDesc("smarthost_upstream_token_expiry_seconds",
+			"Unix time at which the OAuth2 access token cached for the upstream expires; it is renewed before then. Absent while no token with an expiry is cached.",
+			[]string{"upstream"}, nil),
 	}
 }
 
@@ -377,7 +381,7 @@ func (c *stateCollector) setUpstreams(f func() []relay.UpstreamState) {
 
 // Describe implements prometheus.Collector.
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.queueMessages, c.oldestAge, c.recovered, c.upstreamUp, c.rateLimitWait, c.rateLimitedCnt} {
+	for _, d := range []*prometheus.Desc{c.queueMessages, c.oldestAge, c.recovered, c.upstreamUp, c.rateLimitWait, c.rateLimitedCnt, c.tokenExpiry} {
 		ch <- d
 	}
 }
@@ -413,6 +417,9 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(c.upstreamUp, prometheus.GaugeValue, up, u.Name)
 			ch <- prometheus.MustNewConstMetric(c.rateLimitWait, prometheus.CounterValue, u.RateLimitWaited.Seconds(), u.Name)
 			ch <- prometheus.MustNewConstMetric(c.rateLimitedCnt, prometheus.CounterValue, float64(u.RateLimited), u.Name)
+			if !u.TokenExpiry.IsZero() {
+				ch <- prometheus.MustNewConstMetric(c.tokenExpiry, prometheus.GaugeValue, float64(u.TokenExpiry.UnixMilli())/1e3, u.Name)
+			}
 		}
 	}
 }

@@ -365,3 +365,27 @@ func TestTwoInstances(t *testing.T) {
 		t.Error("b sees a's count")
 	}
 }
+
+// TestUpstreamTokenExpiry: the gauge is the Unix time at which each OAuth2
+// upstream's cached token expires, and absent for the others.
+func TestUpstreamTokenExpiry(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg)
+	expiry := time.Date(2030, 1, 1, 13, 0, 0, 500_000_000, time.UTC)
+	m.SetUpstreams(func() []relay.UpstreamState {
+		return []relay.UpstreamState{
+			{Name: "gmail", Up: true, TokenExpiry: expiry},
+			{Name: "ses", Up: true},
+		}
+	})
+	f := scrape(t, reg, nil)
+	if got, want := value(t, f, "smarthost_upstream_token_expiry_seconds", "upstream", "gmail"), float64(expiry.Unix())+0.5; got != want {
+		t.Errorf("token expiry of gmail = %v, want %v", got, want)
+	}
+	if n := len(f["smarthost_upstream_token_expiry_seconds"].GetMetric()); n != 1 {
+		t.Errorf("%d token expiry series, want 1: an upstream without a token has none", n)
+	}
+	if got := f["smarthost_upstream_token_expiry_seconds"].GetType(); got != dto.MetricType_GAUGE {
+		t.Errorf("type %v, want a gauge", got)
+	}
+}

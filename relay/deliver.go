@@ -33,7 +33,9 @@ type Deliverer struct {
 	Routes []Route
 	// Dial opens connections; default (&net.Dialer{}).DialContext.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
-	// CommandTimeout bounds connecting and each command's reply; default 2m.
+	// CommandTimeout bounds connecting and each command's reply; default
+	// 2m. With STARTTLS, it bounds the greeting, EHLO and STARTTLS before
+	// TLS together.
 	CommandTimeout time.Duration
 	// DataTimeout bounds sending the message and the reply after the final
 	// dot; default 10m.
@@ -82,7 +84,8 @@ type Deliverer struct {
 //
 // A DSN (m.DSN) is routed by the domain of its recipient, the original
 // sender, and sent from the upstream's DSNFrom, or from the null sender
-// (RFC 3461 section 6.2, RFC 5321 section 4.5.5).
+// (RFC 3461 section 6.2, RFC 5321 section 4.5.5). An upstream with
+// EnvelopeFrom gets that as the sender instead (see Upstream.MailFrom).
 func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body []byte) []queue.Result {
 	rcpts := m.Pending()
 	if len(rcpts) == 0 {
@@ -130,12 +133,14 @@ func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body []byte) [
 		for j, i := range todo {
 			sub[j] = rcpts[i]
 		}
-		from := m.From
-		if m.DSN {
-			from = up.DSNFrom
+		// The upstream may demand its own sender; only the wire changes.
+		from := up.MailFrom(m)
+		data := body
+		if up.HeaderFromRewrite && up.EnvelopeFrom != "" {
+			data = rewriteHeaderFrom(body, up.EnvelopeFrom)
 		}
 		start := time.Now()
-		a := d.try(ctx, up, from, sub, body)
+		a := d.try(ctx, up, from, sub, data)
 		if a.skip != nil {
 			d.logger().LogAttrs(ctx, slog.LevelDebug, "upstream left out",
 				slog.String("queue_id", m.ID), slog.String("upstream", up.Name), slog.String("reason", a.skip.reply))
@@ -277,6 +282,14 @@ func (d *Deliverer) try(ctx context.Context, up *Upstream, from string, rcpts []
 	d.mu.Unlock()
 
 	uc, err := d.getConn(ctx, st, up)
+	if errors.Is(err, errTokenRefused) && ctx.Err() == nil {
+		// The OAuth2 token was revoked or expired early; authenticate
+		// has dropped it. One new token, on a new connection, since a
+		// provider may close or distrust a session after a failed AUTH.
+		d.logger().LogAttrs(ctx, slog.LevelWarn, "upstream refused oauth2 token, retrying with a new one",
+			slog.String("upstream", up.Name), slog.String("reply", replyText(err)))
+		uc, err = d.getConn(ctx, st, up)
+	}
 	if err != nil {
 		release(false)
 		ev := healthFailed
@@ -334,8 +347,10 @@ func authRefused(err error) bool {
 		}
 		return false
 	}
-	// authenticate's own errors: AUTH not offered, or no usable mechanism.
-	return errors.Is(err, errNoAuth)
+	// authenticate's own errors: AUTH not offered, or no usable
+	// mechanism; an OAuth2 token refused by OAUTHBEARER's error
+	// challenge; the token endpoint refusing our grant.
+	return errors.Is(err, errNoAuth) || errors.Is(err, errTokenRefused) || errors.Is(err, errGrantRefused)
 }
 
 // errNoAuth is an upstream that offers no AUTH mechanism we can use while
@@ -394,7 +409,17 @@ func (d *Deliverer) connect(ctx context.Context, up *Upstream) (*upstreamConn, e
 		// never continues in plain text. It introduces itself as
 		// "localhost" before TLS; the EHLO that counts is the one after
 		// (RFC 3207 section 4.2), which uses Hostname.
+		//
+		// It reads the greeting and the EHLO and STARTTLS replies under
+		// go-smtp's own five-minute timeout, before CommandTimeout can be
+		// set on the client; an upstream silent there would hold the
+		// delivery that long. Closing the connection when cctx ends
+		// bounds the three by one CommandTimeout.
+		stop := context.AfterFunc(cctx, func() { _ = raw.Close() })
 		c, err = smtp.NewClientStartTLS(raw, cfg)
+		if !stop() {
+			return fail("starttls", fmt.Errorf("no reply within %v: %w", d.commandTimeout(), context.Cause(cctx)))
+		}
 		if err != nil {
 			return fail("starttls", err)
 		}
@@ -414,7 +439,7 @@ func (d *Deliverer) connect(ctx context.Context, up *Upstream) (*upstreamConn, e
 	}
 	uc.client = c
 	if up.Username != "" {
-		if err := authenticate(c, up); err != nil {
+		if err := d.authenticate(cctx, c, up); err != nil {
 			uc.close(isSMTPError(err))
 			return nil, &stageError{stage: "auth", err: err}
 		}
@@ -424,18 +449,19 @@ func (d *Deliverer) connect(ctx context.Context, up *Upstream) (*upstreamConn, e
 
 // authenticate logs in with PLAIN, or LOGIN where PLAIN is not offered
 // (RFC 4954). Both send the password in the clear, which is why the
-// connection is protected by TLS unless configured otherwise.
-func authenticate(c *smtp.Client, up *Upstream) error {
+// connection is protected by TLS unless configured otherwise. An upstream
+// with OAuth2 gets an access token instead (see authenticateOAuth).
+func (d *Deliverer) authenticate(ctx context.Context, c *smtp.Client, up *Upstream) error {
+	if mode := up.authMode(); mode != AuthPassword {
+		return d.authenticateOAuth(ctx, c, up, mode)
+	}
 	switch {
 	case c.SupportsAuth(sasl.Plain):
 		return c.Auth(sasl.NewPlainClient("", up.Username, up.Password))
 	case c.SupportsAuth(sasl.Login):
 		return c.Auth(sasl.NewLoginClient(up.Username, up.Password))
 	}
-	if ok, mechs := c.Extension("AUTH"); ok {
-		return fmt.Errorf("%w: offered %s", errNoAuth, mechs)
-	}
-	return fmt.Errorf("%w: not offered", errNoAuth)
+	return noAuth(c)
 }
 
 // txOutcome is what one mail transaction did.

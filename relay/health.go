@@ -43,6 +43,9 @@ type UpstreamState struct {
 	// RateLimited counts deliveries that passed the upstream by because a
 	// slot was more than MaxRateWait away.
 	RateLimited uint64 `json:"rate_limited"`
+	// TokenExpiry is when the cached OAuth2 access token expires; zero
+	// when none is cached or it has no expiry.
+	TokenExpiry time.Time `json:"token_expiry,omitzero"`
 }
 
 // upstreamState is what the Deliverer keeps for one upstream. Guarded by
@@ -58,6 +61,8 @@ type upstreamState struct {
 	rateWaits   uint64
 	rateWaited  time.Duration
 	rateLimited uint64
+
+	tokens *tokenCache // for an OAuth2 upstream, once first used
 }
 
 // health tracks whether an upstream is worth trying. An upstream that keeps
@@ -222,6 +227,7 @@ func (d *Deliverer) UpstreamStates() []UpstreamState {
 			RateLimitWaits:      st.rateWaits,
 			RateLimitWaited:     st.rateWaited,
 			RateLimited:         st.rateLimited,
+			TokenExpiry:         st.tokens.expiry(),
 		}
 		if h.down {
 			s.DownUntil = h.downUntil

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/mail"
 	"net/netip"
+	"net/url"
 	"os"
 	"slices"
 	"strconv"
@@ -66,6 +67,12 @@ type QueueConfig struct {
 	// that a message is delayed (once); 0, the default, sends none.
 	DelayWarning time.Duration
 	Workers      int // concurrent deliveries, default 16
+	// UpstreamCommandTimeout bounds connecting to an upstream, the TLS
+	// handshake and the reply to each command; default 2m.
+	UpstreamCommandTimeout time.Duration
+	// UpstreamDataTimeout bounds sending a message and waiting for the
+	// reply after the final dot; default 10m.
+	UpstreamDataTimeout time.Duration
 }
 
 // ConfigError is one problem in a configuration, naming its key, e.g.
@@ -188,7 +195,7 @@ func (p *configParser) config(root *configTable) *Config {
 	cfg.TLSCertFile, cfg.TLSKeyFile = p.servingTLS(root.sub("tls"), cfg.Listeners)
 	cfg.Limits = p.limits(root.sub("limits"))
 	cfg.DKIM = p.dkim(root, cfg.Queue.MaxAge)
-	cfg.Upstreams = p.upstreams(root)
+	cfg.Upstreams = p.upstreams(root, cfg.DKIM)
 	cfg.Routes = p.routes(root, cfg.Upstreams)
 	users, froms := p.users(root)
 	cfg.Users = users
@@ -226,6 +233,11 @@ func (p *configParser) queue(t *configTable) QueueConfig {
 		// did not expect.
 		DelayWarning: t.duration("delay_warning", 0),
 		Workers:      t.integer("workers", defaultWorkers, 1),
+		// RFC 5321 section 4.5.3.2 recommends 2 to 5 minutes per command
+		// and 10 for the reply to the final dot; a stuck upstream holds a
+		// worker for that long.
+		UpstreamCommandTimeout: t.duration("upstream_command_timeout", 2*time.Minute),
+		UpstreamDataTimeout:    t.duration("upstream_data_timeout", 10*time.Minute),
 	}
 	if q.Path == "" {
 		t.errorf("path", "must not be empty")
@@ -664,7 +676,11 @@ func parseCanonicalization(c string) (header, body string, err error) {
 	return header, body, nil
 }
 
-func (p *configParser) upstreams(root *configTable) []relay.Upstream {
+// upstreams reads the [[upstream]] tables. A table with provider = "…"
+// starts from that profile's address, TLS mode and rate limit; any of
+// those keys given explicitly wins. dkimKeys decide whether the header
+// From: may be rewritten.
+func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) []relay.Upstream {
 	tables := root.tables("upstream")
 	if len(tables) == 0 && !root.has("upstream") {
 		p.errorf("upstream", "at least one [[upstream]] is required")
@@ -672,7 +688,14 @@ func (p *configParser) upstreams(root *configTable) []relay.Upstream {
 	var out []relay.Upstream
 	seen := map[string]string{}
 	for _, t := range tables {
+		prof, region, hasProf := upstreamProvider(t)
+		// A provider key, known or not, means the operator did not mean to
+		// spell out the address and TLS mode.
+		named := t.has("provider")
 		u := relay.Upstream{}
+		if hasProf {
+			u = prof.Upstream("", region)
+		}
 		u.Name = t.uniqueName(seen)
 		addrOK := false
 		if a, ok := t.str("address"); ok {
@@ -683,7 +706,13 @@ func (p *configParser) upstreams(root *configTable) []relay.Upstream {
 			}
 			u.Address = a
 		} else if !t.has("address") {
-			t.errorf("address", "required (host:port)")
+			switch {
+			case hasProf && u.Address == "" && !t.has("region"):
+				t.errorf("region", `provider %q needs region (e.g. "us-east-1") or address`, prof.Name)
+			case !named:
+				t.errorf("address", "required (host:port)")
+			}
+			addrOK = u.Address != "" // the profile's
 		}
 		if mode, ok := t.str("tls"); ok {
 			switch relay.TLSMode(mode) {
@@ -699,7 +728,7 @@ func (p *configParser) upstreams(root *configTable) []relay.Upstream {
 			default:
 				t.errorf("tls", `must be "implicit", "starttls" or "none", not %q`, mode)
 			}
-		} else if !t.has("tls") {
+		} else if !t.has("tls") && !named {
 			t.errorf("tls", `required: "implicit" (port 465), "starttls" (port 587) or "none" (loopback only)`)
 		}
 
@@ -733,17 +762,20 @@ func (p *configParser) upstreams(root *configTable) []relay.Upstream {
 					t.errorf("password_file", "%s is empty", file)
 				}
 			}
-		case !t.has("password_env") && !t.has("password_file"):
+		case !t.has("password_env") && !t.has("password_file") && !usesOAuth(t):
 			t.errorf("password_env", "username is set: give password_env or password_file")
 		}
+		upstreamOAuth(t, &u)
 
 		if f, ok := t.str("ca_file"); ok {
 			u.RootCAs = t.caPool("ca_file", f)
 		}
 		u.MaxConnections = t.integer("max_connections", defaultUpstreamConns, 1)
 		if s, ok := t.str("rate_limit"); ok {
-			r, err := ParseRate(s)
-			if err != nil {
+			if s == "none" {
+				// Lifts a provider profile's default.
+				u.RateLimit = relay.Rate{}
+			} else if r, err := ParseRate(s); err != nil {
 				t.errorf("rate_limit", "%v", err)
 			} else {
 				u.RateLimit = r
@@ -756,10 +788,294 @@ func (p *configParser) upstreams(root *configTable) []relay.Upstream {
 				u.DSNFrom = a
 			}
 		}
+		p.senderRewrite(t, &u, dkimKeys)
+		if hasProf {
+			checkProviderRules(t, prof, u)
+			// With OAuth credentials and no mechanism chosen, take the
+			// provider's (Microsoft 365: XOAUTH2) rather than probing.
+			if u.Auth == "" && u.OAuth != nil && prof.Auth != "" && prof.Auth != relay.AuthPassword {
+				u.Auth = prof.Auth
+			}
+		}
 		t.done()
 		out = append(out, u)
 	}
 	return out
+}
+
+// oauthKeys are the [[upstream]] keys of an OAuth2 login.
+var oauthKeys = []string{
+	"oauth_token_url", "oauth_client_id", "oauth_client_secret_file", "oauth_refresh_token_file",
+	"oauth_scopes", "oauth_service_account_file", "oauth_subject", "oauth_client_credentials",
+}
+
+// usesOAuth reports whether an [[upstream]] logs in with OAuth2: auth
+// names an OAuth2 mechanism, or auth is left out and an oauth_* key is
+// set. It reads the table without reporting anything.
+func usesOAuth(t *configTable) bool {
+	if v, ok := t.m["auth"]; ok {
+		mode, _ := v.(string)
+		return relay.AuthMode(mode) == relay.AuthXOAUTH2 || relay.AuthMode(mode) == relay.AuthOAuthBearer
+	}
+	for _, k := range oauthKeys {
+		if _, ok := t.m[k]; ok {
+			return true
+		}
+	}
+	return false
+}
+
+// upstreamOAuth reads an [[upstream]]'s auth key and, for an OAuth2 login,
+// where its tokens come from: a refresh token, a Google service account,
+// or Microsoft's client credentials. Secrets come from files only.
+func upstreamOAuth(t *configTable, u *relay.Upstream) {
+	var present []string
+	for _, k := range oauthKeys {
+		if t.has(k) {
+			present = append(present, k)
+		}
+	}
+	for _, k := range []string{"oauth_client_secret", "oauth_refresh_token"} {
+		if t.has(k) {
+			t.errorf(k, "secrets never live in the config file; use %s_file", k)
+		}
+	}
+	if mode, ok := t.str("auth"); ok {
+		switch relay.AuthMode(mode) {
+		case relay.AuthPassword:
+			u.Auth = relay.AuthPassword
+			for _, k := range present {
+				t.errorf(k, `not used with auth = "password"`)
+			}
+			return
+		case relay.AuthXOAUTH2, relay.AuthOAuthBearer:
+			u.Auth = relay.AuthMode(mode)
+		default:
+			t.errorf("auth", `must be "password", "xoauth2" or "oauthbearer", not %q`, mode)
+			return
+		}
+	} else if !usesOAuth(t) {
+		return
+	}
+	// Left out, auth stays "": OAUTHBEARER where offered, else XOAUTH2
+	// (or the provider profile's choice).
+
+	for _, k := range []string{"password_env", "password_file"} {
+		if t.has(k) {
+			t.errorf(k, "not used with OAuth2 (oauth_* keys, auth = \"xoauth2\" or \"oauthbearer\"); remove it")
+		}
+	}
+	u.Password = ""
+	if u.Username == "" {
+		t.errorf("username", "required with OAuth2: the mailbox the token is for")
+	}
+
+	refreshFile, hasRefresh := t.str("oauth_refresh_token_file")
+	saFile, hasSA := t.str("oauth_service_account_file")
+	clientCreds := t.boolean("oauth_client_credentials", false)
+	var flows []string
+	for _, f := range []struct {
+		key string
+		set bool
+	}{{"oauth_refresh_token_file", hasRefresh}, {"oauth_service_account_file", hasSA}, {"oauth_client_credentials", clientCreds}} {
+		if f.set {
+			flows = append(flows, f.key)
+		}
+	}
+	switch len(flows) {
+	case 0:
+		t.errorf("oauth_refresh_token_file", "OAuth2 needs one source of tokens: oauth_refresh_token_file, oauth_service_account_file or oauth_client_credentials = true")
+		return
+	case 1:
+	default:
+		t.errorf(flows[1], "set only one of oauth_refresh_token_file, oauth_service_account_file and oauth_client_credentials = true")
+		return
+	}
+
+	o := &relay.OAuth{}
+	tokenURL, hasURL := t.str("oauth_token_url")
+	if hasURL {
+		if err := checkTokenURL(tokenURL); err != nil {
+			t.errorf("oauth_token_url", "%v", err)
+		}
+		o.TokenURL = tokenURL
+	}
+	clientID, hasID := t.str("oauth_client_id")
+	if hasID && clientID == "" {
+		t.errorf("oauth_client_id", "must not be empty")
+	}
+	o.ClientID = clientID
+	secretFile, hasSecret := t.str("oauth_client_secret_file")
+	if hasSecret {
+		o.ClientSecret = t.secretFile("oauth_client_secret_file", secretFile)
+	}
+	if scopes, ok := t.strings("oauth_scopes"); ok {
+		for i, s := range scopes {
+			if s == "" || strings.ContainsAny(s, " \t\"\\") {
+				// RFC 6749 section 3.3: scope tokens are separated by spaces.
+				t.errorf(fmt.Sprintf("oauth_scopes[%d]", i), "%q is not a scope", s)
+			}
+		}
+		o.Scopes = scopes
+	}
+	subject, hasSubject := t.str("oauth_subject")
+	if hasSubject && !hasSA {
+		t.errorf("oauth_subject", "only used with oauth_service_account_file (domain-wide delegation)")
+	}
+
+	switch {
+	case hasSA:
+		if data := t.readFile("oauth_service_account_file", saFile); data != nil {
+			sa, err := relay.ParseServiceAccount(data)
+			if err != nil {
+				t.errorf("oauth_service_account_file", "%s: %v", saFile, err)
+			} else if !hasURL {
+				if err := checkTokenURL(sa.TokenURI); err != nil {
+					t.errorf("oauth_service_account_file", "%s: token_uri: %v", saFile, err)
+				}
+			}
+			o.ServiceAccount = sa
+		}
+		for _, k := range []string{"oauth_client_id", "oauth_client_secret_file"} {
+			if t.has(k) {
+				t.errorf(k, "not used with oauth_service_account_file: the key identifies the client")
+			}
+		}
+		// The service account acts for a mailbox, by default the login.
+		o.Subject = u.Username
+		if hasSubject {
+			if err := checkMailbox(subject); err != nil {
+				t.errorf("oauth_subject", "%v", err)
+			}
+			o.Subject = subject
+		}
+	case clientCreds:
+		o.ClientCredentials = true
+		for _, k := range []string{"oauth_token_url", "oauth_client_id", "oauth_client_secret_file"} {
+			if !t.has(k) {
+				t.errorf(k, "required with oauth_client_credentials")
+			}
+		}
+	case hasRefresh:
+		o.RefreshToken = t.secretFile("oauth_refresh_token_file", refreshFile)
+		// The client secret may be left out for a public client.
+		for _, k := range []string{"oauth_token_url", "oauth_client_id"} {
+			if !t.has(k) {
+				t.errorf(k, "required with oauth_refresh_token_file")
+			}
+		}
+		if t.has("oauth_scopes") {
+			t.errorf("oauth_scopes", "not used with oauth_refresh_token_file: a refresh token keeps the scopes it was granted")
+		}
+	}
+	u.OAuth = o
+}
+
+// secretFile reads a secret from the file named by key k: its content
+// without surrounding white space, which must not be empty.
+func (t *configTable) secretFile(k, path string) string {
+	data := t.readFile(k, path)
+	if data == nil {
+		return ""
+	}
+	s := strings.TrimSpace(string(data))
+	if s == "" {
+		t.errorf(k, "%s is empty", path)
+	}
+	return s
+}
+
+// checkTokenURL accepts an OAuth2 token endpoint: https, or http to a
+// loopback address (tests), since the request carries the client's
+// secrets (RFC 6749 section 3.2).
+func checkTokenURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil || u.Host == "" || u.User != nil {
+		return fmt.Errorf("%q is not a URL such as \"https://oauth2.googleapis.com/token\"", s)
+	}
+	switch {
+	case u.Scheme == "https":
+		return nil
+	case u.Scheme == "http" && isLoopbackHost(net.JoinHostPort(u.Hostname(), "0")):
+		return nil
+	}
+	return fmt.Errorf("%q: want https:// (http:// only to a loopback address)", s)
+}
+
+// upstreamProvider reads an upstream's provider and region keys. ok is
+// false without a provider, or with one that is not known (reported).
+func upstreamProvider(t *configTable) (prof relay.Provider, region string, ok bool) {
+	name, named := t.str("provider")
+	region, hasRegion := t.str("region")
+	if !named {
+		if hasRegion {
+			t.errorf("region", `set without provider; only provider = "ses" takes a region`)
+		}
+		return relay.Provider{}, "", false
+	}
+	prof, ok = relay.LookupProvider(name)
+	if !ok {
+		t.errorf("provider", "unknown provider %q; known: %s", name, strings.Join(relay.ProviderNames(), ", "))
+		return relay.Provider{}, "", false
+	}
+	if hasRegion {
+		switch {
+		case !prof.Regional():
+			t.errorf("region", "provider %q has one address for every region; leave region out", name)
+			region = ""
+		case strings.Contains(region, ".") || !validDomain(region):
+			// It becomes one label of the host name.
+			t.errorf("region", `%q is not a region name such as "us-east-1"`, region)
+			region = ""
+		}
+	}
+	return prof, region, true
+}
+
+// senderRewrite reads envelope_from and header_from_rewrite into u.
+func (p *configParser) senderRewrite(t *configTable, u *relay.Upstream, dkimKeys []dkim.Key) {
+	if a, ok := t.str("envelope_from"); ok {
+		if err := checkMailbox(a); err != nil {
+			t.errorf("envelope_from", "%v", err)
+		} else {
+			u.EnvelopeFrom = a
+		}
+	}
+	u.HeaderFromRewrite = t.boolean("header_from_rewrite", false)
+	if !u.HeaderFromRewrite {
+		return
+	}
+	switch {
+	case !t.has("envelope_from"):
+		t.errorf("header_from_rewrite", "needs envelope_from: the address the header From: is rewritten to")
+	case len(dkimKeys) > 0:
+		// Signing happens once, at the door, over From:. Signing again
+		// after the rewrite would need a key for envelope_from's domain
+		// at delivery time; refusing is the choice that cannot leave
+		// with a broken signature.
+		t.errorf("header_from_rewrite", "refused while [[dkim]] keys are configured: messages are DKIM-signed at the door "+
+			"over their From: field, and rewriting it afterwards would break the signature (and DMARC); "+
+			"use envelope_from alone, which changes only MAIL FROM and keeps the signature valid")
+	}
+}
+
+// checkProviderRules reports an upstream that its provider would refuse
+// to carry mail for.
+func checkProviderRules(t *configTable, prof relay.Provider, u relay.Upstream) {
+	// An OAuth2 login reports its own missing username.
+	if prof.Auth != "" && !t.has("username") && !usesOAuth(t) {
+		t.errorf("username", "required: provider %q needs SMTP AUTH (%s)", prof.Name, prof.Auth)
+	}
+	if prof.SenderMustBeLogin && !t.has("envelope_from") && !t.has("dsn_from") {
+		login := "the login's address"
+		if strings.Contains(u.Username, "@") {
+			login = strconv.Quote(u.Username)
+		}
+		t.errorf("envelope_from", "provider %q accepts only the login's own address as MAIL FROM, and refuses <>: "+
+			"set envelope_from = %s to send every message from it (the header From: is kept), "+
+			"or at least dsn_from = %s so that bounces can leave (users may then send only as the login)",
+			prof.Name, login, login)
+	}
 }
 
 // checkMailbox accepts a plain address "local@domain" such as an upstream

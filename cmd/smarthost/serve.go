@@ -170,9 +170,11 @@ func newDeliverer(cfg *Config, logger *slog.Logger) *relay.Deliverer {
 		// An upstream marked down stays skipped on the operator's retry
 		// timing, so that it never holds mail back much longer than the
 		// queue's own backoff would.
-		DownFor:    min(cfg.Queue.RetryMin, 30*time.Second),
-		MaxDownFor: min(cfg.Queue.RetryMax, 5*time.Minute),
-		Logger:     logger,
+		DownFor:        min(cfg.Queue.RetryMin, 30*time.Second),
+		MaxDownFor:     min(cfg.Queue.RetryMax, 5*time.Minute),
+		CommandTimeout: cfg.Queue.UpstreamCommandTimeout,
+		DataTimeout:    cfg.Queue.UpstreamDataTimeout,
+		Logger:         logger,
 	}
 }
 

@@ -48,6 +48,12 @@ type Options struct {
 	Username, Password string
 	// AuthMechanisms offered when Username is set; default PLAIN and LOGIN.
 	AuthMechanisms []string
+	// AuthServer, when set, serves AUTH for the mechanisms in
+	// AuthMechanisms (required with it) instead of PLAIN and LOGIN, and
+	// makes AUTH required before MAIL. It returns the server side of mech
+	// for one exchange; the exchange calls authenticated with the user it
+	// logged in, before it ends successfully.
+	AuthServer func(mech string, authenticated func(username string)) sasl.Server
 	// Addr to listen on; default "127.0.0.1:0". A fixed address lets a
 	// test bring a closed server back on the same port.
 	Addr string
@@ -505,8 +511,13 @@ func (ss *session) reply(e *smtp.SMTPError) error {
 	return e
 }
 
+// authRequired reports whether the server demands AUTH before MAIL.
+func (s *Server) authRequired() bool {
+	return s.opts.Username != "" || s.opts.AuthServer != nil
+}
+
 func (ss *session) AuthMechanisms() []string {
-	if ss.s.opts.Username == "" {
+	if !ss.s.authRequired() {
 		return nil
 	}
 	if m := ss.s.opts.AuthMechanisms; m != nil {
@@ -518,6 +529,9 @@ func (ss *session) AuthMechanisms() []string {
 func (ss *session) Auth(mech string) (sasl.Server, error) {
 	if !slices.Contains(ss.AuthMechanisms(), mech) {
 		return nil, smtp.ErrAuthUnknownMechanism
+	}
+	if f := ss.s.opts.AuthServer; f != nil {
+		return f(mech, func(username string) { ss.authUser = username }), nil
 	}
 	switch mech {
 	case sasl.Plain:
@@ -550,7 +564,7 @@ func (ss *session) login(username, password string) error {
 }
 
 func (ss *session) Mail(from string, _ *smtp.MailOptions) error {
-	if ss.s.opts.Username != "" && ss.authUser == "" {
+	if ss.s.authRequired() && ss.authUser == "" {
 		// RFC 4954 section 6.
 		return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Authentication required"}
 	}

@@ -287,3 +287,40 @@ func TestMaxConcurrent(t *testing.T) {
 		t.Errorf("Connections %d, want 8", n)
 	}
 }
+
+// TestAuthServer: a test's own mechanism, here go-sasl's OAUTHBEARER
+// server, replaces PLAIN and LOGIN and is required before MAIL.
+func TestAuthServer(t *testing.T) {
+	s := Start(t, Options{
+		AuthMechanisms: []string{sasl.OAuthBearer},
+		AuthServer: func(mech string, authenticated func(string)) sasl.Server {
+			return sasl.NewOAuthBearerServer(func(o sasl.OAuthBearerOptions) *sasl.OAuthBearerError {
+				if o.Token != "good" {
+					return &sasl.OAuthBearerError{Status: "invalid_token"}
+				}
+				authenticated(o.Username)
+				return nil
+			})
+		},
+	})
+	c := dial(t, s, TLSNone, nil)
+	if c.SupportsAuth(sasl.Plain) || !c.SupportsAuth(sasl.OAuthBearer) {
+		t.Error("want only OAUTHBEARER offered")
+	}
+	if err := c.Mail("a@example.com", nil); code(err) != 530 {
+		t.Fatalf("MAIL before AUTH: %v, want 530", err)
+	}
+	var be *sasl.OAuthBearerError
+	if err := c.Auth(sasl.NewOAuthBearerClient(&sasl.OAuthBearerOptions{Username: "u", Token: "bad"})); !errors.As(err, &be) {
+		t.Fatalf("AUTH with a bad token: %v, want the OAUTHBEARER error", err)
+	}
+	if err := c.Auth(sasl.NewOAuthBearerClient(&sasl.OAuthBearerOptions{Username: "u", Token: "good"})); err != nil {
+		t.Fatal(err)
+	}
+	if err := send(c, "a@example.com", []string{"x@example.net"}, body); err != nil {
+		t.Fatal(err)
+	}
+	if m := s.WaitMessages(t, 1, 5*time.Second)[0]; m.AuthUser != "u" {
+		t.Errorf("AuthUser %q, want u", m.AuthUser)
+	}
+}
