@@ -375,27 +375,49 @@ type upstreamConn struct {
 func (d *Deliverer) connect(ctx context.Context, up *Upstream) (*upstreamConn, error) {
 	cctx, cancel := context.WithTimeout(ctx, d.commandTimeout())
 	defer cancel()
-	dial := d.Dial
-	if dial == nil {
-		dial = (&net.Dialer{}).DialContext
-	}
-	raw, err := dial(cctx, "tcp", up.Address)
+	raw, err := d.dial(cctx, up)
 	if err != nil {
 		return nil, &stageError{stage: "connect", err: err}
 	}
 	uc := &upstreamConn{upstream: up.Name, raw: raw}
 	uc.attach(ctx)
-	fail := func(stage string, err error) (*upstreamConn, error) {
+	c, err := d.startSession(cctx, raw, up)
+	if err != nil {
 		uc.detach()
 		_ = raw.Close()
+		return nil, err
+	}
+	uc.client = c
+	if up.Username != "" {
+		if _, err := d.authenticate(cctx, c, up); err != nil {
+			uc.close(isSMTPError(err))
+			return nil, &stageError{stage: "auth", err: err}
+		}
+	}
+	return uc, nil
+}
+
+// dial opens a TCP connection to up with the Deliverer's Dial.
+func (d *Deliverer) dial(ctx context.Context, up *Upstream) (net.Conn, error) {
+	dial := d.Dial
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	return dial(ctx, "tcp", up.Address)
+}
+
+// startSession protects raw as up.TLS says and introduces the relay with
+// EHLO. cctx bounds the TLS handshake and, with STARTTLS, everything
+// before TLS. A failure is a *stageError naming the step ("connect",
+// "tls", "starttls", "hello"); the caller closes raw.
+func (d *Deliverer) startSession(cctx context.Context, raw net.Conn, up *Upstream) (*smtp.Client, error) {
+	fail := func(stage string, err error) (*smtp.Client, error) {
 		return nil, &stageError{stage: stage, err: err}
 	}
-
-	host, _, err := net.SplitHostPort(up.Address)
+	cfg, err := up.clientTLS()
 	if err != nil {
 		return fail("connect", err)
 	}
-	cfg := &tls.Config{ServerName: host, RootCAs: up.RootCAs, MinVersion: tls.VersionTLS12}
 	var c *smtp.Client
 	switch up.TLS {
 	case TLSImplicit:
@@ -437,31 +459,35 @@ func (d *Deliverer) connect(ctx context.Context, up *Upstream) (*upstreamConn, e
 		}
 		return fail("hello", err)
 	}
-	uc.client = c
-	if up.Username != "" {
-		if err := d.authenticate(cctx, c, up); err != nil {
-			uc.close(isSMTPError(err))
-			return nil, &stageError{stage: "auth", err: err}
-		}
+	return c, nil
+}
+
+// clientTLS is the TLS configuration for connections to up: its host name
+// verified against RootCAs, TLS 1.2 or later.
+func (up *Upstream) clientTLS() (*tls.Config, error) {
+	host, _, err := net.SplitHostPort(up.Address)
+	if err != nil {
+		return nil, err
 	}
-	return uc, nil
+	return &tls.Config{ServerName: host, RootCAs: up.RootCAs, MinVersion: tls.VersionTLS12}, nil
 }
 
 // authenticate logs in with PLAIN, or LOGIN where PLAIN is not offered
-// (RFC 4954). Both send the password in the clear, which is why the
-// connection is protected by TLS unless configured otherwise. An upstream
-// with OAuth2 gets an access token instead (see authenticateOAuth).
-func (d *Deliverer) authenticate(ctx context.Context, c *smtp.Client, up *Upstream) error {
+// (RFC 4954), and returns the mechanism it chose ("" when none fits).
+// Both send the password in the clear, which is why the connection is
+// protected by TLS unless configured otherwise. An upstream with OAuth2
+// gets an access token instead (see authenticateOAuth).
+func (d *Deliverer) authenticate(ctx context.Context, c *smtp.Client, up *Upstream) (mech string, err error) {
 	if mode := up.authMode(); mode != AuthPassword {
 		return d.authenticateOAuth(ctx, c, up, mode)
 	}
 	switch {
 	case c.SupportsAuth(sasl.Plain):
-		return c.Auth(sasl.NewPlainClient("", up.Username, up.Password))
+		return sasl.Plain, c.Auth(sasl.NewPlainClient("", up.Username, up.Password))
 	case c.SupportsAuth(sasl.Login):
-		return c.Auth(sasl.NewLoginClient(up.Username, up.Password))
+		return sasl.Login, c.Auth(sasl.NewLoginClient(up.Username, up.Password))
 	}
-	return noAuth(c)
+	return "", noAuth(c)
 }
 
 // txOutcome is what one mail transaction did.

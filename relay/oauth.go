@@ -192,8 +192,9 @@ var (
 // authenticateOAuth logs in to up with an OAuth2 access token by
 // OAUTHBEARER or XOAUTH2, as mode says. A refused token is dropped from
 // the cache, and the error wraps errTokenRefused so that the caller may try
-// once more with a new one.
-func (d *Deliverer) authenticateOAuth(ctx context.Context, c *smtp.Client, up *Upstream, mode AuthMode) error {
+// once more with a new one. It returns the mechanism it chose, "" when the
+// upstream offers none that fits.
+func (d *Deliverer) authenticateOAuth(ctx context.Context, c *smtp.Client, up *Upstream, mode AuthMode) (string, error) {
 	mech := ""
 	switch {
 	case mode == AuthOAuthBearer || mode == AuthOAuth2 && c.SupportsAuth(sasl.OAuthBearer):
@@ -201,18 +202,18 @@ func (d *Deliverer) authenticateOAuth(ctx context.Context, c *smtp.Client, up *U
 	case mode == AuthXOAUTH2 || mode == AuthOAuth2:
 		mech = xoauth2Mech
 	default:
-		return fmt.Errorf("%w: unknown auth mode %q", errNoAuth, mode)
+		return "", fmt.Errorf("%w: unknown auth mode %q", errNoAuth, mode)
 	}
 	if !c.SupportsAuth(mech) {
-		return noAuth(c)
+		return "", noAuth(c)
 	}
 	tokens := d.tokenCache(up)
 	if tokens == nil {
-		return fmt.Errorf("%w: %s without OAuth2 configuration", errNoAuth, mech)
+		return "", fmt.Errorf("%w: %s without OAuth2 configuration", errNoAuth, mech)
 	}
 	token, err := tokens.token(ctx)
 	if err != nil {
-		return err
+		return mech, err
 	}
 	var client sasl.Client
 	if mech == sasl.OAuthBearer {
@@ -226,7 +227,7 @@ func (d *Deliverer) authenticateOAuth(ctx context.Context, c *smtp.Client, up *U
 	}
 	err = c.Auth(client)
 	if err == nil {
-		return nil
+		return mech, nil
 	}
 	var se *smtp.SMTPError
 	var be *sasl.OAuthBearerError
@@ -237,9 +238,9 @@ func (d *Deliverer) authenticateOAuth(ctx context.Context, c *smtp.Client, up *U
 	// OAuthBearerError.
 	if errors.As(err, &be) || errors.As(err, &se) && (se.Code == 535 || se.Code == 454) {
 		tokens.invalidate(token)
-		return fmt.Errorf("%w: %w", errTokenRefused, err)
+		return mech, fmt.Errorf("%w: %w", errTokenRefused, err)
 	}
-	return err
+	return mech, err
 }
 
 // noAuth is the error for an upstream that offers no mechanism we can use.

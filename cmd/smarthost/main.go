@@ -20,6 +20,9 @@ Usage:
   smarthost demo [-listen ADDR] [-http ADDR] [-dir DIR]
                                         run a self-contained demo on loopback
   smarthost check-config [-config PATH] validate a configuration, list every problem
+  smarthost check-upstream [-config PATH] [-from ADDR] [-to ADDR] [-timeout 15s] [-json] [NAME]
+                                        connect to the upstreams, log in, try MAIL FROM/RCPT TO
+                                        without sending; say what is wrong and how to fix it
   smarthost passwd [-cost N]            read a password, print its bcrypt hash
   smarthost dkim keygen -domain D -selector S [-algo rsa|ed25519] [-bits 2048] -out FILE [-force]
                                         write a DKIM key, print the DNS TXT record to publish
@@ -48,6 +51,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return runDemo(args[1:], stdout, stderr)
 	case "check-config":
 		return runCheckConfig(args[1:], stdout, stderr)
+	case "check-upstream":
+		return runCheckUpstream(args[1:], stdout, stderr)
 	case "passwd":
 		return runPasswd(args[1:], stdin, stdout, stderr)
 	case "dkim":
