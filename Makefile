@@ -1,9 +1,10 @@
-# Test peers installed from Debian when missing: "command:package" pairs,
+# Test peers installed from Debian when missing: "command:package" pairs
+# (mkfs.ext4 makes the small filesystem of the full-disk test),
 # and Python modules for Debian's /usr/bin/python3 as "module:package"
 # (checked with -I, so that our own dkim/ folder does not pass for dkimpy).
 # promtool comes with Debian's prometheus package; its server is not used
 # (where policy-rc.d allows services, the package may start it).
-TEST_PEERS := curl:curl python3:python3 promtool:prometheus swaks:swaks msmtp:msmtp
+TEST_PEERS := curl:curl python3:python3 promtool:prometheus swaks:swaks msmtp:msmtp mkfs.ext4:e2fsprogs
 TEST_PYTHON_MODULES := dkim:python3-dkim nacl:python3-nacl aiosmtpd:python3-aiosmtpd
 
 .PHONY: test test-deps build demo
