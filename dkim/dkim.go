@@ -109,30 +109,130 @@ func (s *Signer) KeysFor(domain string) []Key {
 // Sign returns the DKIM-Signature fields, each ending in CRLF, to put in
 // front of msg, a CRLF-normalised message whose header From: is in
 // fromDomain. It returns nil when no key signs for that domain: such mail
-// is relayed unsigned. msg is read once per key and never copied.
+// is relayed unsigned. msg is read once per key and never copied. It is
+// Stream over the whole message, so both sign the same way.
 func (s *Signer) Sign(fromDomain string, msg []byte) ([]byte, error) {
-	keys := s.KeysFor(fromDomain)
-	if len(keys) == 0 {
-		s.unsigned.Add(1)
-		return nil, nil
-	}
-	present, err := headerNames(msg)
+	st, err := s.Stream(fromDomain, msg)
 	if err != nil {
 		return nil, err
 	}
-	var out []byte
-	for _, k := range keys {
-		sig, err := s.sign(k, present, msg)
+	return st.Finish()
+}
+
+// Stream signs one message given in pieces, for a message too large to
+// hold in memory: header is the start of the CRLF-normalised message, at
+// least its whole header section up to and including the empty line that
+// ends it (the fields to sign are chosen from it); Write takes the rest,
+// in order; Finish returns what Sign would. A Stream that will not be
+// finished must be aborted. It is not safe for concurrent use.
+type Stream struct {
+	s       *Signer
+	keys    []Key
+	signers []*msgauth.Signer // one per key, fed the same bytes
+	err     error             // the first failure; it ends the stream
+	done    bool
+}
+
+// Stream starts signing a message whose header From: is in fromDomain,
+// with every key for that domain. With no key, the Stream signs nothing
+// and Finish returns nil.
+func (s *Signer) Stream(fromDomain string, header []byte) (*Stream, error) {
+	st := &Stream{s: s, keys: s.KeysFor(fromDomain)}
+	if len(st.keys) == 0 {
+		return st, nil
+	}
+	present, err := headerNames(header)
+	if err != nil {
+		return nil, err
+	}
+	for _, k := range st.keys {
+		signer, err := s.newSigner(k, present)
 		if err != nil {
+			st.Abort()
 			return nil, fmt.Errorf("dkim %s (%s): %w", k.Domain, k.Selector, err)
 		}
-		out = append(out, sig...)
+		st.signers = append(st.signers, signer)
 	}
-	s.signed.Add(1)
+	if _, err := st.Write(header); err != nil {
+		st.Abort()
+		return nil, err
+	}
+	return st, nil
+}
+
+// Write adds the next bytes of the message to every signature.
+func (st *Stream) Write(p []byte) (int, error) {
+	if st.err != nil {
+		return 0, st.err
+	}
+	if st.done {
+		return 0, errStreamDone
+	}
+	for i, signer := range st.signers {
+		if _, err := signer.Write(p); err != nil {
+			k := st.keys[i]
+			st.err = fmt.Errorf("dkim %s (%s): %w", k.Domain, k.Selector, err)
+			return 0, st.err
+		}
+	}
+	return len(p), nil
+}
+
+// Finish ends the message and returns the DKIM-Signature fields, each
+// ending in CRLF, to put in front of it; nil when no key signs for its
+// domain.
+func (st *Stream) Finish() ([]byte, error) {
+	if st.done {
+		return nil, errStreamDone
+	}
+	st.done = true
+	if st.err != nil {
+		st.closeAll()
+		return nil, st.err
+	}
+	if len(st.signers) == 0 {
+		st.s.unsigned.Add(1)
+		return nil, nil
+	}
+	var out []byte
+	for i, signer := range st.signers {
+		if err := signer.Close(); err != nil {
+			k := st.keys[i]
+			st.closeAll()
+			return nil, fmt.Errorf("dkim %s (%s): %w", k.Domain, k.Selector, err)
+		}
+		st.signers[i] = nil
+		out = append(out, signer.Signature()...)
+	}
+	st.s.signed.Add(1)
 	return out, nil
 }
 
-func (s *Signer) sign(k Key, present map[string]bool, msg []byte) ([]byte, error) {
+// Abort gives up a message that will not be finished: it ends the
+// goroutine that go-msgauth runs for each signature. It does nothing on a
+// Stream already finished or aborted.
+func (st *Stream) Abort() {
+	if st.done {
+		return
+	}
+	st.done = true
+	st.closeAll()
+}
+
+// closeAll closes the signers not yet closed. go-msgauth has no way to
+// cancel a signature: closing completes it, and the result is dropped.
+func (st *Stream) closeAll() {
+	for i, signer := range st.signers {
+		if signer != nil {
+			signer.Close()
+			st.signers[i] = nil
+		}
+	}
+}
+
+var errStreamDone = errors.New("dkim: stream already finished")
+
+func (s *Signer) newSigner(k Key, present map[string]bool) (*msgauth.Signer, error) {
 	opts := &msgauth.SignOptions{
 		Domain:                 k.Domain,
 		Selector:               k.Selector,
@@ -145,18 +245,7 @@ func (s *Signer) sign(k Key, present map[string]bool, msg []byte) ([]byte, error
 	if k.Expiration > 0 {
 		opts.Expiration = s.now().Add(k.Expiration)
 	}
-	signer, err := msgauth.NewSigner(opts)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := signer.Write(msg); err != nil {
-		signer.Close()
-		return nil, err
-	}
-	if err := signer.Close(); err != nil {
-		return nil, err
-	}
-	return []byte(signer.Signature()), nil
+	return msgauth.NewSigner(opts)
 }
 
 // Counts returns how many messages were signed, and how many had no key.

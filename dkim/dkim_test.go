@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -390,6 +391,137 @@ func TestGenerateKey(t *testing.T) {
 
 // BenchmarkSign measures signing one message at the door, per key type and
 // message size.
+var tagT = regexp.MustCompile(`[;\s]t=([0-9]+)`)
+var tagBH = regexp.MustCompile(`[;\s]bh=([^;]+)`)
+var tagH = regexp.MustCompile(`[;\s]h=([^;]+)`)
+
+// tags returns the values of re in sigs, one per signature.
+func tags(re *regexp.Regexp, sigs []byte) []string {
+	var out []string
+	for _, m := range re.FindAllSubmatch(sigs, -1) {
+		out = append(out, string(m[1]))
+	}
+	return out
+}
+
+// TestStreamEqualsSign signs each golden message, and a large one, whole
+// with Sign and in pieces with Stream, cut at every kind of place: both
+// verify, with the same body hash and signed fields, and are identical
+// when signed within the same second (go-msgauth stamps t= itself).
+func TestStreamEqualsSign(t *testing.T) {
+	testKeys(t)
+	keys := []Key{
+		{Domain: "example.com", Selector: "rsa", Signer: rsaKey},
+		{Domain: "example.com", Selector: "ed", Signer: edKey, BodyCanonicalization: "simple"},
+	}
+	s := mustNew(t, keys...)
+	lookup := resolver(t, keys...)
+	msgs := map[string][]byte{"big": benchMessage(3 << 20)}
+	files, _ := filepath.Glob("testdata/messages/*.eml")
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		msgs[filepath.Base(f)] = b
+	}
+	for name, msg := range msgs {
+		// The header section with its empty line, as Stream wants it; a
+		// message without a body is given whole.
+		split := len(msg)
+		if i := bytes.Index(msg, []byte("\r\n\r\n")); i >= 0 {
+			split = i + 4
+		}
+		for _, chunk := range []int{1, 7, 4096, 64 << 10} {
+			t.Run(fmt.Sprintf("%s/%d", name, chunk), func(t *testing.T) {
+				if name == "big" && chunk < 4096 {
+					t.Skip("byte-sized writes of 3 MB are slow and add nothing")
+				}
+				whole, err := s.Sign("example.com", msg)
+				if err != nil {
+					t.Fatal(err)
+				}
+				st, err := s.Stream("example.com", msg[:split])
+				if err != nil {
+					t.Fatal(err)
+				}
+				for rest := msg[split:]; len(rest) > 0; {
+					n := min(chunk, len(rest))
+					if _, err := st.Write(rest[:n]); err != nil {
+						t.Fatal(err)
+					}
+					rest = rest[n:]
+				}
+				streamed, err := st.Finish()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := verify(t, append(bytes.Clone(streamed), msg...), lookup); len(got) != 2 {
+					t.Fatalf("%d streamed signatures verified, want 2", len(got))
+				}
+				for _, re := range []*regexp.Regexp{tagBH, tagH} {
+					if a, b := tags(re, whole), tags(re, streamed); len(a) != 2 || strings.Join(a, "|") != strings.Join(b, "|") {
+						t.Errorf("Sign %v, Stream %v", a, b)
+					}
+				}
+				if strings.Join(tags(tagT, whole), ",") == strings.Join(tags(tagT, streamed), ",") && !bytes.Equal(whole, streamed) {
+					t.Errorf("same second, different signatures:\n%s\n%s", whole, streamed)
+				}
+			})
+		}
+	}
+}
+
+// TestStreamNoKeyAndAbort: a domain without a key gets a Stream that signs
+// nothing; an aborted Stream leaves no goroutine behind and refuses more.
+func TestStreamNoKeyAndAbort(t *testing.T) {
+	testKeys(t)
+	s := mustNew(t, Key{Domain: "example.com", Selector: "s", Signer: edKey})
+	st, err := s.Stream("example.org", []byte(msg1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Write([]byte("more\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	if sig, err := st.Finish(); err != nil || sig != nil {
+		t.Fatalf("Finish = %q, %v; want nothing", sig, err)
+	}
+	if signed, unsigned := s.Counts(); signed != 0 || unsigned != 1 {
+		t.Errorf("Counts = %d, %d; want 0, 1", signed, unsigned)
+	}
+
+	before := runtime.NumGoroutine()
+	var streams []*Stream
+	for range 10 {
+		st, err := s.Stream("example.com", []byte(msg1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		streams = append(streams, st)
+	}
+	for _, st := range streams {
+		st.Abort()
+		st.Abort()
+		if _, err := st.Write([]byte("x")); err == nil {
+			t.Error("Write after Abort succeeded")
+		}
+		if _, err := st.Finish(); err == nil {
+			t.Error("Finish after Abort succeeded")
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines after aborting, %d before", runtime.NumGoroutine(), before)
+		}
+		runtime.Gosched()
+	}
+	if signed, unsigned := s.Counts(); signed != 0 || unsigned != 1 {
+		t.Errorf("aborted streams counted: %d, %d", signed, unsigned)
+	}
+}
+
 func BenchmarkSign(b *testing.B) {
 	testKeys(b)
 	for _, kt := range []struct {

@@ -11,14 +11,16 @@ import (
 // that is not held has exactly one index entry, at its NextAttempt; a held
 // message has none, so the scheduler never claims it.
 
-// Delete removes the message with the given queue ID, its body and its
-// index entry, without a bounce; ErrNotFound if there is none. A message
-// being delivered is deleted too: when that attempt completes, its outcome
-// is dropped (see Scheduler) and the message does not come back.
+// Delete removes the message with the given queue ID, its body (spool
+// file included) and its index entry, without a bounce; ErrNotFound if
+// there is none. A message being delivered is deleted too: when that
+// attempt completes, its outcome is dropped (see Scheduler) and the
+// message does not come back.
 func (s *Store) Delete(id string) error {
 	key := []byte(id)
 	var gone Message // what the observer is told about
 	err := s.db.Update(func(tx *bolt.Tx) error {
+		s.chooseFreelistSync(tx) // deleting a backlog frees many pages
 		msgs, due := tx.Bucket(msgsBucket), tx.Bucket(dueBucket)
 		v := msgs.Get(key)
 		if v == nil {
@@ -56,6 +58,9 @@ func (s *Store) Delete(id string) error {
 	if err != nil {
 		return storageError("delete "+id, err)
 	}
+	// After the commit, and whatever the record said: an unreadable one
+	// may have had a file too.
+	s.removeSpool(id)
 	if s.observer != nil {
 		s.observer.Finished(gone, OutcomeDeleted)
 	}

@@ -260,7 +260,16 @@ func (s *Scheduler) work(d delivery) {
 		}
 	}()
 
-	results := s.deliver(d.msg, d.body)
+	// A spooled message's file is read here, by the worker, not by claim.
+	body, err := s.Store.loadBody(d)
+	var results []Result
+	if err != nil {
+		s.Logger.Error("queue: reading message content failed",
+			"queue_id", id, "msg_id", d.msg.MessageID, "err", err)
+		results = unreadable(d.msg, err)
+	} else {
+		results = s.deliver(d.msg, body)
+	}
 	now := s.Now().Round(0)
 
 	// Work the outcome out on a copy first, to build the DSNs outside the
@@ -269,7 +278,7 @@ func (s *Scheduler) work(d delivery) {
 	preview := d.msg
 	preview.Recipients = slices.Clone(d.msg.Recipients)
 	out := s.apply(&preview, results, now)
-	dsns, warned := s.bounces(preview, out, d.body, now)
+	dsns, warned := s.bounces(preview, out, body, now)
 
 	var final outcome
 	f, err := s.Store.finish(id, func(m *Message) (bool, []delivery) {

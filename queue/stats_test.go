@@ -57,6 +57,10 @@ func checkStats(t *testing.T, st *Store, step string, want Stats) {
 	if !sameStats(got, want) {
 		t.Errorf("%s: Stats = %+v, want %+v", step, got, want)
 	}
+	// Len reads the same totals as Stats.
+	if n, err := st.Len(); err != nil || n != want.Queued+want.Held+want.InFlight {
+		t.Errorf("%s: Len = %d, %v; want %d", step, n, err, want.Queued+want.Held+want.InFlight)
+	}
 }
 
 func sameStats(a, b Stats) bool {

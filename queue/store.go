@@ -9,6 +9,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -69,6 +71,9 @@ type Options struct {
 	// Observer, if set, is told when messages leave the queue and when
 	// DSNs are stored.
 	Observer Observer
+	// Logger receives a line when Open compacts the file. Default
+	// slog.Default().
+	Logger *slog.Logger
 }
 
 // Store is the bbolt-backed message store. Its methods are safe for
@@ -76,6 +81,7 @@ type Options struct {
 type Store struct {
 	db        *bolt.DB
 	path      string
+	spool     string // directory of the spool files: path + ".spool"
 	recovered int
 	now       func() time.Time
 	observer  Observer
@@ -83,6 +89,10 @@ type Store struct {
 	// wake tells the scheduler that a new message is due now. Buffered
 	// with capacity 1: one pending signal is enough to make it look.
 	wake chan struct{}
+
+	// freelistSyncMax is the number of free pages past which commits may
+	// stop writing the freelist (chooseFreelistSync); tests lower it.
+	freelistSyncMax int
 }
 
 // record is what msgsBucket holds for a message.
@@ -91,6 +101,9 @@ type record struct {
 	// Claimed marks an attempt in progress. Found set at Open, it means the
 	// process stopped mid-delivery and the outcome of that attempt is unknown.
 	Claimed bool `json:"claimed,omitempty"`
+	// Spooled marks a message whose body is its bytes in bodiesBucket
+	// followed by its spool file (see spool.go).
+	Spooled bool `json:"spooled,omitempty"`
 }
 
 // Open opens or creates the queue file at path.
@@ -104,20 +117,42 @@ func Open(path string, opts Options) (*Store, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("queue: create directory: %w", err)
 	}
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: opts.LockTimeout})
+	// The hashmap freelist allocates and releases pages without walking
+	// every free page at each commit, as the array one does. Whether
+	// commits write the freelist is chosen by each write transaction, the
+	// first being prepare's (chooseFreelistSync); until then, none is
+	// written, so that Open after a crash does not write a long one that
+	// the next commit leaves out.
+	bopts := &bolt.Options{Timeout: opts.LockTimeout, FreelistType: bolt.FreelistMapType, NoFreelistSync: true}
+	db, err := bolt.Open(path, 0o600, bopts)
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("queue: %s is %w", path, ErrLocked)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("queue: open %s: %w", path, err)
 	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if db, err = compactDrained(db, path, bopts, defaultFreelistSyncMax, opts.Logger); err != nil {
+		return nil, storageError("open "+path, err)
+	}
 	db.MaxBatchDelay = opts.MaxBatchDelay
 
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	s := &Store{db: db, path: path, now: opts.Now, observer: opts.Observer, wake: make(chan struct{}, 1)}
+	s := &Store{db: db, path: path, spool: path + ".spool", now: opts.Now, observer: opts.Observer, wake: make(chan struct{}, 1),
+		freelistSyncMax: defaultFreelistSyncMax}
 	if err := db.Update(s.prepare); err != nil {
+		db.Close()
+		return nil, storageError("open "+path, err)
+	}
+	if err := os.MkdirAll(s.spool, 0o700); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("queue: create spool directory: %w", err)
+	}
+	if err := s.cleanSpool(); err != nil {
 		db.Close()
 		return nil, storageError("open "+path, err)
 	}
@@ -127,6 +162,7 @@ func Open(path string, opts Options) (*Store, error) {
 // prepare creates the buckets, checks the schema version and clears the
 // claims left by a process that stopped mid-delivery, counting them.
 func (s *Store) prepare(tx *bolt.Tx) error {
+	s.chooseFreelistSync(tx)
 	for _, name := range [][]byte{metaBucket, msgsBucket, bodiesBucket, dueBucket, claimedBucket, receivedBucket} {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return err
@@ -184,10 +220,51 @@ func (s *Store) Recovered() int { return s.recovered }
 
 // Close closes the file. It waits for transactions in progress.
 func (s *Store) Close() error {
+	// If commits stopped writing the freelist, write it once now, so that
+	// the next Open reads it rather than walking every page in use. Should
+	// this fail, that Open walks them: slower, not wrong.
+	errSynced := errors.New("freelist already written")
+	serr := s.db.Update(func(*bolt.Tx) error {
+		if !s.db.NoFreelistSync {
+			return errSynced // nothing to commit
+		}
+		s.db.NoFreelistSync = false
+		return nil
+	})
+	if errors.Is(serr, errSynced) || errors.Is(serr, berrors.ErrDatabaseNotOpen) {
+		serr = nil // nothing to write, or closed already
+	}
 	if err := s.db.Close(); err != nil {
 		return fmt.Errorf("queue: close: %w", err)
 	}
+	if serr != nil {
+		return fmt.Errorf("queue: close: write freelist: %w", serr)
+	}
 	return nil
+}
+
+// defaultFreelistSyncMax: 32768 free pages (128 MiB of a file with 4 KiB
+// pages) make a freelist of 256 KiB, written at each commit.
+const defaultFreelistSyncMax = 1 << 15
+
+// chooseFreelistSync decides, at the start of write transaction tx,
+// whether its commit writes bbolt's freelist. bbolt never shrinks its
+// file; the pages that departed messages free are listed for reuse, and
+// by default every commit writes that whole list. After a backlog of a
+// million messages drains, that is megabytes per commit, and draining it
+// costs time quadratic in its size. So while the list is long (over
+// freelistSyncMax) and longer than the pages in use, commits leave it out
+// (bbolt's NoFreelistSync). If the process then stops without Close, the
+// next Open rebuilds the list by reading the pages in use, which are
+// then the lesser part of the file; with a short list, as in a full
+// queue, it is written at each commit and read back at once.
+// bbolt reads NoFreelistSync only when committing, under the writer lock
+// that tx holds, so changing it here is safe.
+func (s *Store) chooseFreelistSync(tx *bolt.Tx) {
+	st := s.db.Stats()
+	free := st.FreePageN + st.PendingPageN
+	total := int(tx.Size() / int64(s.db.Info().PageSize))
+	s.db.NoFreelistSync = free > s.freelistSyncMax && free > total-free
 }
 
 // NewID returns a random queue ID: 16 lowercase hex characters.
@@ -202,6 +279,12 @@ func NewID() string {
 // m.NextAttempt, and sets every recipient Pending. It returns only after
 // the data is fsynced; concurrent Puts share one commit.
 func (s *Store) Put(ctx context.Context, m *Message, body []byte) error {
+	return s.put(ctx, m, body, false)
+}
+
+// put is Put; spooled marks body as the head of a message whose spool
+// file is already in place (PutSpooled).
+func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("queue: put: %w", err)
 	}
@@ -224,7 +307,7 @@ func (s *Store) Put(ctx context.Context, m *Message, body []byte) error {
 	for i := range m.Recipients {
 		m.Recipients[i].State = Pending
 	}
-	v, err := encodeRecord(&record{Message: *m})
+	v, err := encodeRecord(&record{Message: *m, Spooled: spooled})
 	if err != nil {
 		return fmt.Errorf("queue: put: %w", err)
 	}
@@ -232,6 +315,7 @@ func (s *Store) Put(ctx context.Context, m *Message, body []byte) error {
 	due := dueKey(m.NextAttempt, m.ID)
 
 	err = s.db.Batch(func(tx *bolt.Tx) error {
+		s.chooseFreelistSync(tx)
 		msgs := tx.Bucket(msgsBucket)
 		if msgs.Get(id) != nil {
 			return fmt.Errorf("message %s already exists", m.ID)
@@ -289,19 +373,31 @@ func (s *Store) Get(id string) (*Message, error) {
 	return m, nil
 }
 
-// Body returns a copy of the stored message bytes, or ErrNotFound.
+// Body returns a copy of the stored message bytes, with the content of
+// its spool file if it has one, or ErrNotFound.
 func (s *Store) Body(id string) ([]byte, error) {
-	var body []byte
+	var (
+		body  []byte
+		spool bool
+	)
 	err := s.db.View(func(tx *bolt.Tx) error {
 		v := tx.Bucket(bodiesBucket).Get([]byte(id))
 		if v == nil {
 			return ErrNotFound
 		}
 		body = bytes.Clone(v) // v is only valid inside the transaction
+		spool = spooled(tx, []byte(id))
 		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("queue: body %s: %w", id, err)
+	}
+	if spool {
+		if body, err = s.readSpooled(id, body); errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("queue: body %s: %w (%w)", id, ErrNotFound, err)
+		} else if err != nil {
+			return nil, fmt.Errorf("queue: body %s: %w", id, err)
+		}
 	}
 	return body, nil
 }
@@ -334,11 +430,14 @@ func (s *Store) List() ([]Message, error) {
 	return out, nil
 }
 
-// Len returns the number of queued messages.
+// Len returns the number of queued messages. Like Stats, it reads the
+// totals that every change keeps up to date (countsKey) rather than
+// counting the messages, which at a million would read every page of the
+// records at each start.
 func (s *Store) Len() (int, error) {
 	var n int
 	err := s.db.View(func(tx *bolt.Tx) error {
-		n = tx.Bucket(msgsBucket).Stats().KeyN
+		n = int(readCounts(tx).messages)
 		return nil
 	})
 	if err != nil {
@@ -352,6 +451,9 @@ type delivery struct {
 	msg  Message
 	body []byte
 	kind BounceKind // for a DSN to store: what it reports
+	// spooled: body is only the head; the worker reads the rest from the
+	// spool file (Store.loadBody), outside the transaction.
+	spooled bool
 }
 
 // claim takes up to limit due messages (NextAttempt ≤ now) whose ID skip
@@ -381,6 +483,7 @@ func (s *Store) claim(now time.Time, limit int, skip func(id string) bool, next 
 	}
 
 	err = s.db.Update(func(tx *bolt.Tx) error {
+		s.chooseFreelistSync(tx)
 		out, wake, bad = nil, time.Time{}, nil
 		msgs, bodies := tx.Bucket(msgsBucket), tx.Bucket(bodiesBucket)
 		due, claimed := tx.Bucket(dueBucket), tx.Bucket(claimedBucket)
@@ -429,7 +532,7 @@ func (s *Store) claim(now time.Time, limit int, skip func(id string) bool, next 
 			if err := claimed.Put(id, nil); err != nil {
 				return err
 			}
-			out = append(out, delivery{msg: rec.Message, body: bytes.Clone(body)})
+			out = append(out, delivery{msg: rec.Message, body: bytes.Clone(body), spooled: rec.Spooled})
 			taken[h.id] = true
 		}
 		wake = nextWake(due, skip, taken)
@@ -502,11 +605,13 @@ type finished struct {
 func (s *Store) finish(id string, update func(m *Message) (remove bool, add []delivery)) (finished, error) {
 	key := []byte(id)
 	var (
-		f     finished
-		added []delivery // the DSNs stored, for the observer
+		f       finished
+		added   []delivery // the DSNs stored, for the observer
+		spooled bool
 	)
 	err := s.db.Batch(func(tx *bolt.Tx) error {
-		f, added = finished{}, nil
+		s.chooseFreelistSync(tx)
+		f, added, spooled = finished{}, nil, false
 		msgs, bodies, due := tx.Bucket(msgsBucket), tx.Bucket(bodiesBucket), tx.Bucket(dueBucket)
 		v := msgs.Get(key)
 		if v == nil {
@@ -520,6 +625,7 @@ func (s *Store) finish(id string, update func(m *Message) (remove bool, add []de
 		oldDue := dueKey(rec.NextAttempt, id)
 		oldReceived := receivedKey(rec.Received, id)
 		rec.Claimed = false
+		spooled = rec.Spooled
 		remove, add := update(&rec.Message)
 		f.msg, f.removed, added = rec.Message, remove, add
 		if err := tx.Bucket(claimedBucket).Delete(key); err != nil {
@@ -571,6 +677,9 @@ func (s *Store) finish(id string, update func(m *Message) (remove bool, add []de
 	})
 	if err != nil {
 		return finished{}, storageError("finish "+id, err)
+	}
+	if f.removed && spooled {
+		s.removeSpool(id) // after the commit: a crash in between leaves an orphan for Open
 	}
 	if s.observer != nil && !f.gone {
 		for _, n := range added {

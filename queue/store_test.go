@@ -412,19 +412,3 @@ func TestStorageErrorDiskFull(t *testing.T) {
 		}
 	}
 }
-
-func BenchmarkPut(b *testing.B) {
-	s, _ := openStore(b)
-	body := bytes.Repeat([]byte("x"), 1024)
-	b.SetBytes(int64(len(body)))
-	b.SetParallelism(8) // concurrent sessions share fsyncs through Batch
-	b.RunParallel(func(pb *testing.PB) {
-		for pb.Next() {
-			m := newMessage("a@example.net")
-			if err := s.Put(context.Background(), m, body); err != nil {
-				b.Error(err)
-				return
-			}
-		}
-	})
-}

@@ -128,8 +128,27 @@ func FuzzReadNormalized(f *testing.F) {
 		if len(out) > 0 && !bytes.HasSuffix(out, []byte("\r\n")) {
 			t.Fatalf("%q does not end with CRLF", out)
 		}
-		if want := normalizeReference(in); !bytes.Equal(out, want) {
+		want := normalizeReference(in)
+		if !bytes.Equal(out, want) {
 			t.Fatalf("readNormalized(%q) = %q, want %q", in, out, want)
+		}
+
+		// As the door reads a message it spools: pieces of about limit
+		// bytes, which together are the same.
+		limit := int(hint)%(2*readChunk) + 1
+		norm := newNormalizer(&chunkReader{data: bytes.Clone(in), n: n})
+		var got, piece []byte
+		for !norm.eof {
+			if piece, err = norm.fill(piece[:0], limit); err != nil {
+				t.Fatal(err)
+			}
+			if len(piece) > 2*limit+2 {
+				t.Fatalf("a piece of %d bytes with limit %d", len(piece), limit)
+			}
+			got = append(got, piece...)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("in pieces of %d, %q became %q, want %q", limit, in, got, want)
 		}
 	})
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"mime"
 	"net/mail"
 	"net/textproto"
@@ -22,53 +23,100 @@ const headroom = 8 << 10
 // (RFC 5321 section 6.3; Postfix's hopcount_limit).
 const maxReceived = 50
 
-// readNormalized reads a message and converts every line ending to CRLF: a
+// spoolThreshold is how much of a message the door holds in memory. A
+// larger one goes on to a spool file in chunks as it arrives, so that the
+// memory a session uses stays bounded whatever the message size; its
+// header section must end within these first bytes (the header limit,
+// 552 5.3.4 past it).
+const spoolThreshold = 1 << 20
+
+// readChunk is the size of one read from the client. Normalising at most
+// doubles it (a bare LF becomes CRLF), so a spool write is at most 64 KiB.
+const readChunk = 32 << 10
+
+// normalizer reads a message and converts every line ending to CRLF: a
 // bare LF or a bare CR becomes CRLF. A message stored this way cannot carry
 // an end-of-data sequence to the upstream other than the one the upstream
 // client writes itself (SMTP smuggling, CVE-2023-51764 and relatives). NUL
 // bytes are dropped: RFC 5322 section 4.1 keeps them only as obsolete
 // syntax, and an upstream that discards them would read "\r\n\x00.\r\n"
-// as the end of data. The result starts after headroom unused bytes and
-// ends with CRLF.
-func readNormalized(r io.Reader, sizeHint int) ([]byte, error) {
-	out := make([]byte, headroom, headroom+sizeHint+sizeHint/32+64)
-	chunk := make([]byte, 32<<10)
-	cr := false // the previous byte was a CR not yet written
-	for {
-		n, err := r.Read(chunk)
-		p := chunk[:n]
-		for len(p) > 0 {
-			if cr {
-				cr = false
-				out = append(out, '\r', '\n')
-				if p[0] == '\n' {
-					p = p[1:]
-					continue
-				}
-			}
-			i := bytes.IndexAny(p, "\r\n\x00")
-			if i < 0 {
-				out = append(out, p...)
-				break
-			}
-			out = append(out, p[:i]...)
-			switch p[i] {
-			case '\n':
-				out = append(out, '\r', '\n')
-			case '\r':
-				cr = true
-			}
-			p = p[i+1:]
-		}
+// as the end of data. The message ends with CRLF. It works on a stream in
+// pieces of any size: a CR at the end of one read and an LF at the start
+// of the next are one line ending.
+type normalizer struct {
+	r     io.Reader
+	chunk []byte
+	cr    bool // the previous byte was a CR not yet written
+	wrote bool // some byte was written
+	last  byte // the last byte written
+	eof   bool // r is exhausted and the final CRLF written
+}
+
+func newNormalizer(r io.Reader) *normalizer {
+	return &normalizer{r: r, chunk: make([]byte, readChunk)}
+}
+
+// fill reads from r and appends the normalised bytes to dst until dst
+// holds at least limit bytes or the message ends (eof). Each read asks for
+// no more than limit−len(dst) bytes, so dst never grows past
+// 2·limit+2 bytes on account of this call.
+func (n *normalizer) fill(dst []byte, limit int) ([]byte, error) {
+	for !n.eof && len(dst) < limit {
+		k, err := n.r.Read(n.chunk[:min(len(n.chunk), limit-len(dst))])
+		dst = n.normalize(dst, n.chunk[:k])
 		if err == io.EOF {
+			n.eof = true
+			if n.cr || (n.wrote && n.last != '\n') {
+				dst = append(dst, '\r', '\n')
+			}
 			break
 		}
 		if err != nil {
-			return nil, err
+			return dst, err
 		}
 	}
-	if cr || (len(out) > headroom && out[len(out)-1] != '\n') {
-		out = append(out, '\r', '\n')
+	return dst, nil
+}
+
+// normalize appends p, normalised, to dst.
+func (n *normalizer) normalize(dst, p []byte) []byte {
+	start := len(dst)
+	for len(p) > 0 {
+		if n.cr {
+			n.cr = false
+			dst = append(dst, '\r', '\n')
+			if p[0] == '\n' {
+				p = p[1:]
+				continue
+			}
+		}
+		i := bytes.IndexAny(p, "\r\n\x00")
+		if i < 0 {
+			dst = append(dst, p...)
+			break
+		}
+		dst = append(dst, p[:i]...)
+		switch p[i] {
+		case '\n':
+			dst = append(dst, '\r', '\n')
+		case '\r':
+			n.cr = true
+		}
+		p = p[i+1:]
+	}
+	if len(dst) > start {
+		n.wrote, n.last = true, dst[len(dst)-1]
+	}
+	return dst
+}
+
+// readNormalized reads a whole message through a normalizer. The result
+// starts after headroom unused bytes and ends with CRLF.
+func readNormalized(r io.Reader, sizeHint int) ([]byte, error) {
+	out := make([]byte, headroom, headroom+sizeHint+sizeHint/32+64)
+	out, err := newNormalizer(r).fill(out, math.MaxInt)
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
 }

@@ -18,19 +18,26 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"smarthost/dkim"
 	"smarthost/queue"
 )
 
-// Queue stores an accepted message durably; Put returns only once the
-// message is on disk.
+// Queue stores an accepted message durably; Put and PutSpooled return
+// only once the message is on disk. A message larger than the door keeps
+// in memory is written to a spool file from NewSpool as it arrives, and
+// stored with PutSpooled (*queue.Store is one).
 type Queue interface {
 	Put(ctx context.Context, m *queue.Message, body []byte) error
+	NewSpool() (*queue.Spool, error)
+	PutSpooled(ctx context.Context, m *queue.Message, head []byte, sp *queue.Spool) error
 }
 
-// Signer signs a message at the door. It returns header fields (each
-// ending in CRLF) to put in front of msg, or nil to leave it unsigned.
+// Signer signs a message at the door (*dkim.Signer is one): Stream takes
+// the start of the message, its whole header section included, then the
+// rest, and Finish returns header fields (each ending in CRLF) to put in
+// front of it, or nil to leave it unsigned.
 type Signer interface {
-	Sign(fromDomain string, msg []byte) ([]byte, error)
+	Stream(fromDomain string, header []byte) (*dkim.Stream, error)
 }
 
 // maxLineLength bounds one command line, and one line of message data.
@@ -57,6 +64,9 @@ type Server struct {
 	// ProxyHeaderTimeout bounds how long a connection from a listener's
 	// ProxyTrusted sources may take to send its PROXY header; default 5s.
 	ProxyHeaderTimeout time.Duration
+
+	// spoolAfter, when positive, replaces spoolThreshold; tests lower it.
+	spoolAfter int
 
 	users    atomic.Pointer[users]
 	signer   atomic.Pointer[signerBox]
@@ -147,7 +157,8 @@ func (s *Server) SetUsers(list []User) {
 }
 
 // SetSigner replaces the DKIM signer; nil turns signing off. A message
-// is signed by the signer current when its DATA ends.
+// is signed by the signer current when its DATA ends or, for one too
+// large to hold in memory, when its header section has arrived.
 func (s *Server) SetSigner(sig Signer) {
 	s.signer.Store(&signerBox{sig})
 }

@@ -13,6 +13,8 @@ import (
 	"net"
 	"net/netip"
 	"net/textproto"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -27,16 +29,25 @@ import (
 	"smarthost/queue"
 )
 
-// memQueue records what the submission side queues; fail makes Put fail.
+// memQueue records what the submission side queues; fail makes Put and
+// PutSpooled fail. Spools are real files of a real queue.Store in dir,
+// opened at the first NewSpool; spoolFail makes NewSpool fail, and
+// brokenSpool hands out spools whose every Write fails, like on a full
+// disk.
 type memQueue struct {
-	mu   sync.Mutex
-	msgs []queuedMsg
-	fail error
+	mu          sync.Mutex
+	msgs        []queuedMsg
+	fail        error
+	spoolFail   error
+	brokenSpool bool
+	dir         string
+	spools      *queue.Store
 }
 
 type queuedMsg struct {
-	m    queue.Message
-	body []byte
+	m       queue.Message
+	body    []byte
+	spooled bool
 }
 
 func (q *memQueue) Put(_ context.Context, m *queue.Message, body []byte) error {
@@ -47,6 +58,78 @@ func (q *memQueue) Put(_ context.Context, m *queue.Message, body []byte) error {
 	}
 	q.msgs = append(q.msgs, queuedMsg{m: *m, body: bytes.Clone(body)})
 	return nil
+}
+
+func (q *memQueue) NewSpool() (*queue.Spool, error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.spoolFail != nil {
+		return nil, q.spoolFail
+	}
+	if q.spools == nil {
+		st, err := queue.Open(filepath.Join(q.dir, "queue.db"), queue.Options{})
+		if err != nil {
+			return nil, err
+		}
+		q.spools = st
+	}
+	sp, err := q.spools.NewSpool()
+	if err != nil {
+		return nil, err
+	}
+	if q.brokenSpool {
+		sp.Abort() // its Writes fail from now on
+	}
+	return sp, nil
+}
+
+// PutSpooled stores the message in the real store, records its body as
+// the store gives it back, and deletes it there.
+func (q *memQueue) PutSpooled(ctx context.Context, m *queue.Message, head []byte, sp *queue.Spool) error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.fail != nil {
+		sp.Abort()
+		return q.fail
+	}
+	if err := q.spools.PutSpooled(ctx, m, head, sp); err != nil {
+		return err
+	}
+	body, err := q.spools.Body(m.ID)
+	if err != nil {
+		return err
+	}
+	if err := q.spools.Delete(m.ID); err != nil {
+		return err
+	}
+	q.msgs = append(q.msgs, queuedMsg{m: *m, body: body, spooled: true})
+	return nil
+}
+
+// spoolFiles returns the names left in the spool directory: none once
+// every spooled message was stored and deleted, or aborted.
+func (q *memQueue) spoolFiles(t *testing.T) []string {
+	t.Helper()
+	entries, err := os.ReadDir(filepath.Join(q.dir, "queue.db.spool"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+func (q *memQueue) close() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.spools != nil {
+		q.spools.Close()
+	}
 }
 
 func (q *memQueue) all() []queuedMsg {
@@ -77,7 +160,8 @@ type testEnv struct {
 func startServer(t *testing.T, tweak func(*Server)) *testEnv {
 	t.Helper()
 	pki := testpki.New(t)
-	q := &memQueue{}
+	q := &memQueue{dir: t.TempDir()}
+	t.Cleanup(q.close)
 	srv := &Server{
 		Hostname:  "relay.test",
 		Listeners: []Listener{{Address: "127.0.0.1:0", TLS: TLSStartTLS, AuthRequired: true}},

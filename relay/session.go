@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -16,6 +17,7 @@ import (
 	"github.com/emersion/go-smtp"
 	"golang.org/x/crypto/bcrypt"
 
+	"smarthost/dkim"
 	"smarthost/queue"
 )
 
@@ -217,6 +219,10 @@ func (s *session) Data(r io.Reader) error {
 
 func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (string, error) {
 	limits := s.srv.Limits
+	threshold := spoolThreshold
+	if s.srv.spoolAfter > 0 {
+		threshold = s.srv.spoolAfter
+	}
 	hint := int64(4 << 10)
 	if size > hint {
 		hint = size
@@ -224,67 +230,123 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 	if limits.MaxMessageBytes > 0 && hint > limits.MaxMessageBytes {
 		hint = limits.MaxMessageBytes
 	}
+	hint = min(hint, int64(threshold))
 	s.beginData()
-	buf, err := readNormalized(r, int(hint))
+	norm := newNormalizer(r)
+	buf := make([]byte, headroom, headroom+int(hint)+int(hint)/32+64)
+	// Up to the threshold in memory; if the message goes on, the rest is
+	// spooled and only the header section is kept here.
+	buf, err := norm.fill(buf, headroom+threshold+1)
 	if err != nil {
-		var ne net.Error
-		switch {
-		case errors.Is(err, smtp.ErrTooLongLine):
-			return "", s.reject("line_too_long", errLineTooLong)
-		case errors.As(err, &ne) && ne.Timeout():
-			// go-smtp drains the rest of DATA before it replies; a deadline
-			// already past ends that at once instead of after another wait.
-			s.tc.beginData(0, time.Now())
-			s.tc.closeAfterReply.Store(true)
-			return "", s.reject("timeout", errTimeout)
-		}
-		var se *smtp.SMTPError
-		if errors.As(err, &se) {
-			return "", s.reject("too_large", se)
-		}
-		return "", err
+		return "", s.readFailed(err)
 	}
 	msg := buf[headroom:]
+	spool := !norm.eof
 
 	end, blank := headerEnd(msg)
-	h, err := parseHeader(msg[:end])
+	// A header section not known to end within what is in memory (no
+	// complete line after the last field) may go on: refuse it.
+	if spool && !blank && bytes.Index(msg[end:], []byte("\r\n")) < 0 {
+		return "", s.reject("too_large", errHeaderTooLarge, "limit", "header_section")
+	}
+	h, headerFrom, err := s.checkHeader(msg[:end], from)
 	if err != nil {
-		return "", s.reject("bad_header", &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 6, 0}, Message: "Malformed message header"})
+		return "", err
+	}
+
+	id := queue.NewID()
+	now := s.srv.Now()
+	fields, msgID := s.doorFields(h, from, id, now)
+	m := &queue.Message{
+		ID:        id,
+		From:      from,
+		MessageID: msgID,
+		Received:  now,
+	}
+	if s.user != nil {
+		m.User = s.user.Name
+	}
+	for _, r := range rcpts {
+		m.Recipients = append(m.Recipients, queue.Recipient{Addr: r})
+	}
+
+	var signed bool
+	if spool {
+		signed, err = s.storeSpooled(m, norm, msg, end, blank, fields, headerFrom)
+	} else {
+		signed, err = s.store(m, buf, end, blank, fields, headerFrom)
+	}
+	if err != nil {
+		return "", err
+	}
+	attrs := []any{"queue_id", id, "msg_id", msgID, "from", from, "rcpts", len(rcpts), "size", m.Size, "dkim_signed", signed}
+	if spool {
+		attrs = append(attrs, "spooled", true)
+	}
+	if st, ok := s.conn.TLSConnectionState(); ok {
+		attrs = append(attrs, "tls", tls.VersionName(st.Version))
+	}
+	s.log.Info("accepted", attrs...)
+	s.srv.observer().Accepted(s.lis.cfg.Name, int(m.Size), signed)
+	return id, nil
+}
+
+// readFailed maps an error reading DATA to the reply.
+func (s *session) readFailed(err error) error {
+	var ne net.Error
+	switch {
+	case errors.Is(err, smtp.ErrTooLongLine):
+		return s.reject("line_too_long", errLineTooLong)
+	case errors.As(err, &ne) && ne.Timeout():
+		// go-smtp drains the rest of DATA before it replies; a deadline
+		// already past ends that at once instead of after another wait.
+		s.tc.beginData(0, time.Now())
+		s.tc.closeAfterReply.Store(true)
+		return s.reject("timeout", errTimeout)
+	}
+	var se *smtp.SMTPError
+	if errors.As(err, &se) {
+		return s.reject("too_large", se)
+	}
+	return err
+}
+
+// checkHeader parses a message's header section and applies the sender
+// policy to its From:. It returns the address whose domain picks the DKIM
+// key: the header From:, else the envelope sender.
+func (s *session) checkHeader(section []byte, from string) (header, string, error) {
+	h, err := parseHeader(section)
+	if err != nil {
+		return h, "", s.reject("bad_header", &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 6, 0}, Message: "Malformed message header"})
 	}
 	if h.received > maxReceived {
-		return "", s.reject("loop", errLoop)
+		return h, "", s.reject("loop", errLoop)
 	}
 	headerFrom := from
 	switch {
 	case h.fromCount > 1:
-		return "", s.reject("bad_header", errManyFrom)
+		return h, "", s.reject("bad_header", errManyFrom)
 	case h.fromCount == 0 && from == "":
-		return "", s.reject("bad_header", errNoFrom)
+		return h, "", s.reject("bad_header", errNoFrom)
 	case h.fromCount == 1 && h.fromErr != nil:
-		return "", s.reject("bad_header", errBadFrom)
+		return h, "", s.reject("bad_header", errBadFrom)
 	case h.fromCount == 1:
 		headerFrom = h.from[0].Address
 		if s.user != nil {
 			for _, a := range h.from {
 				if !SenderAllowed(s.user.AllowedFrom, a.Address) {
-					return "", s.reject("sender_not_allowed", errSenderDenied, "header_from", a.Address)
+					return h, "", s.reject("sender_not_allowed", errSenderDenied, "header_from", a.Address)
 				}
 			}
 		}
 	}
-	if !blank && end < len(msg) {
-		// A body line right after the fields: insert the empty line that
-		// separates them, as the fields we add must not run into the body.
-		fixed := make([]byte, 0, len(buf)+2)
-		fixed = append(fixed, buf[:headroom+end]...)
-		fixed = append(fixed, '\r', '\n')
-		buf = append(fixed, buf[headroom+end:]...)
-	}
+	return h, headerFrom, nil
+}
 
-	id := queue.NewID()
-	now := s.srv.Now()
-	msgID := h.messageID
-	var fields []byte
+// doorFields returns the header fields the door adds in front of a
+// message: Received:, and Message-ID:, Date: and From: where missing.
+func (s *session) doorFields(h header, from, id string, now time.Time) (fields []byte, msgID string) {
+	msgID = h.messageID
 	fields = append(fields, receivedField(s.conn.Hostname(), s.ip.String(), s.srv.Hostname, s.protocol(), id, now)...)
 	if msgID == "" {
 		msgID = fmt.Sprintf("<%s@%s>", id, s.srv.Hostname)
@@ -296,49 +358,123 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 	if h.fromCount == 0 {
 		fields = fmt.Appendf(fields, "From: <%s>\r\n", from)
 	}
+	return fields, msgID
+}
+
+// store completes and signs a message read whole (buf, after headroom,
+// whose header section ends at end) and puts it in the queue.
+func (s *session) store(m *queue.Message, buf []byte, end int, blank bool, fields []byte, headerFrom string) (signed bool, err error) {
+	if !blank && end < len(buf)-headroom {
+		// A body line right after the fields: insert the empty line that
+		// separates them, as the fields we add must not run into the body.
+		fixed := make([]byte, 0, len(buf)+2)
+		fixed = append(fixed, buf[:headroom+end]...)
+		fixed = append(fixed, '\r', '\n')
+		buf = append(fixed, buf[headroom+end:]...)
+	}
 	d := door{buf: buf, start: headroom}
 	d.prepend(fields)
-
-	signed := false
 	if signer := s.srv.currentSigner(); signer != nil {
 		// Signed once, here, over the final bytes: the stored message is
 		// what every attempt sends, so a retry never re-signs.
-		sig, err := signer.Sign(DomainOf(headerFrom), d.bytes())
+		st, err := signer.Stream(DomainOf(headerFrom), d.bytes())
 		if err != nil {
-			s.log.Error("signing failed", "queue_id", id, "error", err)
-			s.srv.observer().Rejected(s.lis.cfg.Name, "internal")
-			return "", errInternal
+			return false, s.signingFailed(m.ID, err)
+		}
+		sig, err := st.Finish()
+		if err != nil {
+			return false, s.signingFailed(m.ID, err)
 		}
 		d.prepend(sig)
 		signed = len(sig) > 0
 	}
 	body := d.bytes()
-
-	m := &queue.Message{
-		ID:        id,
-		From:      from,
-		MessageID: msgID,
-		Size:      int64(len(body)),
-		Received:  now,
-	}
-	if s.user != nil {
-		m.User = s.user.Name
-	}
-	for _, r := range rcpts {
-		m.Recipients = append(m.Recipients, queue.Recipient{Addr: r})
-	}
+	m.Size = int64(len(body))
 	if err := s.srv.Queue.Put(context.Background(), m, body); err != nil {
-		s.log.Error("queue write failed", "queue_id", id, "error", err)
-		s.srv.observer().Rejected(s.lis.cfg.Name, "storage")
-		return "", errStorage
+		return false, s.storageFailed(m.ID, err)
 	}
-	attrs := []any{"queue_id", id, "msg_id", msgID, "from", from, "rcpts", len(rcpts), "size", len(body), "dkim_signed", signed}
-	if st, ok := s.conn.TLSConnectionState(); ok {
-		attrs = append(attrs, "tls", tls.VersionName(st.Version))
+	return signed, nil
+}
+
+// storeSpooled stores a message too large to hold in memory. msg is its
+// first part, normalised, whose header section ends at end within it; the
+// rest is read from norm. The fields added at the door, the header section
+// and the empty line after it are the head, kept in memory; the body goes
+// to a spool file chunk by chunk, and through the DKIM signer on the way,
+// so that the stored bytes are those store would have stored.
+func (s *session) storeSpooled(m *queue.Message, norm *normalizer, msg []byte, end int, blank bool, fields []byte, headerFrom string) (signed bool, err error) {
+	head := make([]byte, 0, len(fields)+end+2)
+	head = append(head, fields...)
+	head = append(head, msg[:end]...)
+	head = append(head, '\r', '\n') // the empty line: msg's own, or the one store inserts
+	body := msg[end:]
+	if blank {
+		body = body[2:]
 	}
-	s.log.Info("accepted", attrs...)
-	s.srv.observer().Accepted(s.lis.cfg.Name, len(body), signed)
-	return id, nil
+
+	sp, err := s.srv.Queue.NewSpool()
+	if err != nil {
+		return false, s.storageFailed(m.ID, err)
+	}
+	var st *dkim.Stream
+	defer func() {
+		if err != nil {
+			sp.Abort()
+			if st != nil {
+				st.Abort()
+			}
+		}
+	}()
+	if signer := s.srv.currentSigner(); signer != nil {
+		if st, err = signer.Stream(DomainOf(headerFrom), head); err != nil {
+			return false, s.signingFailed(m.ID, err)
+		}
+	}
+	chunk := make([]byte, 0, 2*readChunk+2)
+	for {
+		if _, err := sp.Write(body); err != nil {
+			return false, s.storageFailed(m.ID, err)
+		}
+		if st != nil {
+			if _, err := st.Write(body); err != nil {
+				return false, s.signingFailed(m.ID, err)
+			}
+		}
+		if norm.eof {
+			break
+		}
+		if chunk, err = norm.fill(chunk[:0], readChunk); err != nil {
+			return false, s.readFailed(err)
+		}
+		body = chunk
+	}
+	if st != nil {
+		sig, err := st.Finish()
+		if err != nil {
+			return false, s.signingFailed(m.ID, err)
+		}
+		head = append(sig, head...)
+		signed = len(sig) > 0
+	}
+	if err := s.srv.Queue.PutSpooled(context.Background(), m, head, sp); err != nil {
+		return false, s.storageFailed(m.ID, err)
+	}
+	return signed, nil
+}
+
+// storageFailed logs a failure to store a message and returns the reply:
+// never 250 for a message that is not on disk.
+func (s *session) storageFailed(id string, err error) error {
+	s.log.Error("queue write failed", "queue_id", id, "error", err)
+	s.srv.observer().Rejected(s.lis.cfg.Name, "storage")
+	return errStorage
+}
+
+// signingFailed logs a DKIM failure and returns a temporary failure.
+func (s *session) signingFailed(id string, err error) error {
+	s.log.Error("signing failed", "queue_id", id, "error", err)
+	s.srv.observer().Rejected(s.lis.cfg.Name, "internal")
+	return errInternal
 }
 
 // protocol names the transfer for Received: (RFC 3848).
