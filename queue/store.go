@@ -62,9 +62,6 @@ type Options struct {
 	// LockTimeout bounds the wait for bbolt's file lock, so a second
 	// process fails fast instead of hanging. Default 1s.
 	LockTimeout time.Duration
-	// MaxBatchDelay is the group-commit window: concurrent Puts arriving
-	// within it share one transaction and one fsync. Default 2ms.
-	MaxBatchDelay time.Duration
 	// Now is the clock for Received in Put and for "due now" in the
 	// administrative operations. Default time.Now.
 	Now func() time.Time
@@ -74,6 +71,11 @@ type Options struct {
 	// Logger receives a line when Open compacts the file. Default
 	// slog.Default().
 	Logger *slog.Logger
+
+	// freelistSyncMax overrides defaultFreelistSyncMax, and noCompact
+	// keeps Open from compacting, for tests.
+	freelistSyncMax int
+	noCompact       bool
 }
 
 // Store is the bbolt-backed message store. Its methods are safe for
@@ -90,8 +92,11 @@ type Store struct {
 	// with capacity 1: one pending signal is enough to make it look.
 	wake chan struct{}
 
+	// commit is the group commit every write goes through (commit.go).
+	commit *committer
+
 	// freelistSyncMax is the number of free pages past which commits may
-	// stop writing the freelist (chooseFreelistSync); tests lower it.
+	// stop writing the freelist (chooseFreelistSync).
 	freelistSyncMax int
 }
 
@@ -110,9 +115,6 @@ type record struct {
 func Open(path string, opts Options) (*Store, error) {
 	if opts.LockTimeout <= 0 {
 		opts.LockTimeout = time.Second
-	}
-	if opts.MaxBatchDelay <= 0 {
-		opts.MaxBatchDelay = 2 * time.Millisecond
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("queue: create directory: %w", err)
@@ -134,25 +136,32 @@ func Open(path string, opts Options) (*Store, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	if db, err = compactDrained(db, path, bopts, defaultFreelistSyncMax, opts.Logger); err != nil {
-		return nil, storageError("open "+path, err)
+	if opts.freelistSyncMax <= 0 {
+		opts.freelistSyncMax = defaultFreelistSyncMax
 	}
-	db.MaxBatchDelay = opts.MaxBatchDelay
+	if !opts.noCompact {
+		if db, err = compactDrained(db, path, bopts, opts.freelistSyncMax, opts.Logger); err != nil {
+			return nil, storageError("open "+path, err)
+		}
+	}
 
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
 	s := &Store{db: db, path: path, spool: path + ".spool", now: opts.Now, observer: opts.Observer, wake: make(chan struct{}, 1),
-		freelistSyncMax: defaultFreelistSyncMax}
+		freelistSyncMax: opts.freelistSyncMax, commit: newCommitter(db)}
 	if err := db.Update(s.prepare); err != nil {
+		s.commit.close()
 		db.Close()
 		return nil, storageError("open "+path, err)
 	}
 	if err := os.MkdirAll(s.spool, 0o700); err != nil {
+		s.commit.close()
 		db.Close()
 		return nil, fmt.Errorf("queue: create spool directory: %w", err)
 	}
 	if err := s.cleanSpool(); err != nil {
+		s.commit.close()
 		db.Close()
 		return nil, storageError("open "+path, err)
 	}
@@ -220,6 +229,7 @@ func (s *Store) Recovered() int { return s.recovered }
 
 // Close closes the file. It waits for transactions in progress.
 func (s *Store) Close() error {
+	s.commit.close() // the writes already queued are committed first
 	// If commits stopped writing the freelist, write it once now, so that
 	// the next Open reads it rather than walking every page in use. Should
 	// this fail, that Open walks them: slower, not wrong.
@@ -292,7 +302,7 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 		return errors.New("queue: put: message has no recipients")
 	}
 	// Everything random or clock-dependent is decided here, outside the
-	// transaction, because Batch may run the function more than once.
+	// transaction, because a group commit may run the function more than once.
 	if m.ID == "" {
 		m.ID = NewID()
 	}
@@ -314,7 +324,7 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 	id := []byte(m.ID)
 	due := dueKey(m.NextAttempt, m.ID)
 
-	err = s.db.Batch(func(tx *bolt.Tx) error {
+	err = s.commit.write(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
 		msgs := tx.Bucket(msgsBucket)
 		if msgs.Get(id) != nil {
@@ -482,7 +492,7 @@ func (s *Store) claim(now time.Time, limit int, skip func(id string) bool, next 
 		return nil, time.Time{}, nil, storageError("claim", err)
 	}
 
-	err = s.db.Update(func(tx *bolt.Tx) error {
+	err = s.commit.write(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
 		out, wake, bad = nil, time.Time{}, nil
 		msgs, bodies := tx.Bucket(msgsBucket), tx.Bucket(bodiesBucket)
@@ -609,7 +619,7 @@ func (s *Store) finish(id string, update func(m *Message) (remove bool, add []de
 		added   []delivery // the DSNs stored, for the observer
 		spooled bool
 	)
-	err := s.db.Batch(func(tx *bolt.Tx) error {
+	err := s.commit.write(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
 		f, added, spooled = finished{}, nil, false
 		msgs, bodies, due := tx.Bucket(msgsBucket), tx.Bucket(bodiesBucket), tx.Bucket(dueBucket)
