@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -33,9 +34,14 @@ type committer struct {
 }
 
 type commitReq struct {
-	fn  func(*bolt.Tx) error
-	err chan error
+	fn   func(*bolt.Tx) error
+	err  chan error
+	lazy bool // may wait lazyDelay for a write that is waited on
 }
+
+// lazyDelay is how long a group of lazy writes waits for another write to
+// share its commit.
+const lazyDelay = 5 * time.Millisecond
 
 func newCommitter(db *bolt.DB) *committer {
 	c := &committer{db: db, reqs: make(chan commitReq, maxGroup), done: make(chan struct{})}
@@ -48,7 +54,19 @@ func newCommitter(db *bolt.DB) *committer {
 // than once, as with bbolt's Batch: when another function of the group
 // fails, the group is committed without it and it is told to run alone.
 func (c *committer) write(fn func(*bolt.Tx) error) error {
-	req := commitReq{fn: fn, err: make(chan error, 1)}
+	return c.send(commitReq{fn: fn, err: make(chan error, 1)})
+}
+
+// writeLazy is write for a change that nobody waits on to answer a
+// client, such as the outcome of a delivery: it may wait lazyDelay for a
+// write that somebody waits on, so that both share one commit. With a
+// single session submitting, that halves the commits per message.
+func (c *committer) writeLazy(fn func(*bolt.Tx) error) error {
+	return c.send(commitReq{fn: fn, err: make(chan error, 1), lazy: true})
+}
+
+func (c *committer) send(req commitReq) error {
+	fn := req.fn
 	c.mu.RLock()
 	if c.closed {
 		c.mu.RUnlock()
@@ -81,19 +99,45 @@ var errRunAlone = errors.New("queue: run the write alone")
 func (c *committer) run() {
 	defer close(c.done)
 	group := make([]commitReq, 0, maxGroup)
+	wait := time.NewTimer(lazyDelay)
+	wait.Stop()
 	for req := range c.reqs {
 		group = append(group[:0], req)
+		urgent := !req.lazy
+		open := true
 	more:
 		for len(group) < maxGroup {
 			select {
 			case r, ok := <-c.reqs:
 				if !ok {
+					open = false
 					break more
 				}
 				group = append(group, r)
+				urgent = urgent || !r.lazy
 			default:
 				break more
 			}
+		}
+		if !urgent && open && len(group) < maxGroup {
+			// Only lazy writes: give a waited-on one a moment to join.
+			wait.Reset(lazyDelay)
+		lazy:
+			for len(group) < maxGroup {
+				select {
+				case r, ok := <-c.reqs:
+					if !ok {
+						break lazy
+					}
+					group = append(group, r)
+					if !r.lazy {
+						break lazy
+					}
+				case <-wait.C:
+					break lazy
+				}
+			}
+			wait.Stop()
 		}
 		c.commit(group)
 	}

@@ -98,7 +98,7 @@ type Scheduler struct {
 	mu       sync.Mutex
 	started  bool
 	stopped  bool
-	inflight map[string]struct{}
+	inflight map[string]struct{} // attempts running, and messages Put is storing for a worker (fastStart)
 
 	steps atomic.Int64 // scheduling passes; tests check the loop does not spin
 }
@@ -184,6 +184,9 @@ func (s *Scheduler) Run() error {
 	s.started = true
 	s.mu.Unlock()
 	defer close(s.loopDone)
+	fast := &fastStart{reserve: s.reserve, release: s.release, attempt: s.firstAttempt, start: s.startReserved}
+	s.Store.fast.Store(fast)
+	defer s.Store.fast.CompareAndSwap(fast, nil)
 
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
@@ -245,6 +248,48 @@ func (s *Scheduler) step() time.Duration {
 	return max(wake.Sub(s.Now()), 0)
 }
 
+// reserve takes a free worker for message id, which Put is storing. The
+// message counts as in flight from now on, so that no claim takes it
+// between its commit and the start of its attempt.
+func (s *Scheduler) reserve(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped || s.Workers-len(s.inflight) <= 0 {
+		return false
+	}
+	s.inflight[id] = struct{}{}
+	s.wg.Add(1) // Shutdown waits for the reservation as for a worker
+	return true
+}
+
+// release gives back the worker reserved for a message that was not
+// stored.
+func (s *Scheduler) release(id string) {
+	s.mu.Lock()
+	delete(s.inflight, id)
+	s.mu.Unlock()
+	s.wg.Done()
+	s.signalIdle()
+}
+
+// startReserved runs the first attempt on a message that Put stored as
+// claimed, on the worker it reserved.
+func (s *Scheduler) startReserved(d delivery) { go s.work(d) }
+
+// firstAttempt gives the LastAttempt and NextAttempt recorded when a
+// first attempt starts now.
+func (s *Scheduler) firstAttempt() (last, next time.Time) {
+	now := s.Now()
+	return now, now.Add(Backoff(1, s.RetryMin, s.RetryMax, s.Jitter()))
+}
+
+func (s *Scheduler) signalIdle() {
+	select {
+	case s.idle <- struct{}{}:
+	default:
+	}
+}
+
 // work runs one attempt on a claimed message and records its outcome,
 // together with the DSNs that the outcome calls for.
 func (s *Scheduler) work(d delivery) {
@@ -254,10 +299,7 @@ func (s *Scheduler) work(d delivery) {
 		s.mu.Lock()
 		delete(s.inflight, id)
 		s.mu.Unlock()
-		select {
-		case s.idle <- struct{}{}:
-		default:
-		}
+		s.signalIdle()
 	}()
 
 	// A spooled message's file is read here, by the worker, not by claim.

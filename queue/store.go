@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -94,6 +95,8 @@ type Store struct {
 
 	// commit is the group commit every write goes through (commit.go).
 	commit *committer
+	// fast is set by a running Scheduler: see fastStart.
+	fast atomic.Pointer[fastStart]
 
 	// freelistSyncMax is the number of free pages past which commits may
 	// stop writing the freelist (chooseFreelistSync).
@@ -317,12 +320,27 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 	for i := range m.Recipients {
 		m.Recipients[i].State = Pending
 	}
-	v, err := encodeRecord(&record{Message: *m, Spooled: spooled})
+	rec := record{Message: *m, Spooled: spooled}
+	fst := s.fast.Load()
+	started := fst != nil && fst.reserve(m.ID)
+	if started {
+		// Recorded as claim would record it, in the same commit as the
+		// message itself.
+		rec.Recipients = slices.Clone(m.Recipients)
+		rec.Attempts = 1
+		last, next := fst.attempt()
+		rec.LastAttempt, rec.NextAttempt = last.Round(0), next.Round(0)
+		rec.Claimed = true
+	}
+	v, err := encodeRecord(&rec)
 	if err != nil {
+		if started {
+			fst.release(m.ID)
+		}
 		return fmt.Errorf("queue: put: %w", err)
 	}
 	id := []byte(m.ID)
-	due := dueKey(m.NextAttempt, m.ID)
+	due := dueKey(rec.NextAttempt, m.ID)
 
 	err = s.commit.write(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
@@ -342,13 +360,36 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 		if err := addCounts(tx, 1, 0); err != nil {
 			return err
 		}
+		if started {
+			if err := tx.Bucket(claimedBucket).Put(id, nil); err != nil {
+				return err
+			}
+		}
 		return tx.Bucket(dueBucket).Put(due, nil)
 	})
 	if err != nil {
+		if started {
+			fst.release(m.ID)
+		}
 		return storageError("put "+m.ID, err)
+	}
+	if started {
+		fst.start(delivery{msg: rec.Message, body: bytes.Clone(body), spooled: spooled})
+		return nil
 	}
 	s.notify()
 	return nil
+}
+
+// fastStart lets Put record a new message as claimed in the commit that
+// stores it and hand it straight to a free worker of the running
+// Scheduler: without it, each message would cost a second commit for the
+// claim, which a single submitting session waits behind.
+type fastStart struct {
+	reserve func(id string) bool          // takes a free worker for message id, or reports none
+	release func(id string)               // gives back a worker reserved and not used
+	attempt func() (last, next time.Time) // LastAttempt and NextAttempt of a first attempt starting now
+	start   func(d delivery)              // runs the attempt on the reserved worker
 }
 
 // notify tells the scheduler that a message may be due now.
@@ -619,7 +660,7 @@ func (s *Store) finish(id string, update func(m *Message) (remove bool, add []de
 		added   []delivery // the DSNs stored, for the observer
 		spooled bool
 	)
-	err := s.commit.write(func(tx *bolt.Tx) error {
+	err := s.commit.writeLazy(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
 		f, added, spooled = finished{}, nil, false
 		msgs, bodies, due := tx.Bucket(msgsBucket), tx.Bucket(bodiesBucket), tx.Bucket(dueBucket)
