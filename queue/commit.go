@@ -34,14 +34,20 @@ type committer struct {
 }
 
 type commitReq struct {
-	fn   func(*bolt.Tx) error
-	err  chan error
-	lazy bool // may wait lazyDelay for a write that is waited on
+	fn     func(*bolt.Tx) error
+	err    chan error
+	lazy   bool // may wait lazyDelay for a write that is waited on
+	client bool // a client waits for it to answer 250
 }
 
 // lazyDelay is how long a group of lazy writes waits for another write to
-// share its commit.
-const lazyDelay = 5 * time.Millisecond
+// share its commit. It waits only while clients are submitting (a client
+// write within lazyActive), so that lazy writes alone, as when a backlog
+// drains, never wait.
+const (
+	lazyDelay  = 5 * time.Millisecond
+	lazyActive = 100 * time.Millisecond
+)
 
 func newCommitter(db *bolt.DB) *committer {
 	c := &committer{db: db, reqs: make(chan commitReq, maxGroup), done: make(chan struct{})}
@@ -63,6 +69,12 @@ func (c *committer) write(fn func(*bolt.Tx) error) error {
 // single session submitting, that halves the commits per message.
 func (c *committer) writeLazy(fn func(*bolt.Tx) error) error {
 	return c.send(commitReq{fn: fn, err: make(chan error, 1), lazy: true})
+}
+
+// writeClient is write for a new message, whose client waits for the
+// commit to be answered 250.
+func (c *committer) writeClient(fn func(*bolt.Tx) error) error {
+	return c.send(commitReq{fn: fn, err: make(chan error, 1), client: true})
 }
 
 func (c *committer) send(req commitReq) error {
@@ -101,9 +113,10 @@ func (c *committer) run() {
 	group := make([]commitReq, 0, maxGroup)
 	wait := time.NewTimer(lazyDelay)
 	wait.Stop()
+	var lastClient time.Time
 	for req := range c.reqs {
 		group = append(group[:0], req)
-		urgent := !req.lazy
+		urgent, client := !req.lazy, req.client
 		open := true
 	more:
 		for len(group) < maxGroup {
@@ -115,11 +128,15 @@ func (c *committer) run() {
 				}
 				group = append(group, r)
 				urgent = urgent || !r.lazy
+				client = client || r.client
 			default:
 				break more
 			}
 		}
-		if !urgent && open && len(group) < maxGroup {
+		if client {
+			lastClient = time.Now()
+		}
+		if !urgent && open && len(group) < maxGroup && time.Since(lastClient) < lazyActive {
 			// Only lazy writes: give a waited-on one a moment to join.
 			wait.Reset(lazyDelay)
 		lazy:

@@ -3,7 +3,12 @@ package queue
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
+	"io/fs"
+	"log/slog"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	bolt "go.etcd.io/bbolt"
@@ -165,4 +170,119 @@ func TestCloseWritesNothingWhenFreelistWritten(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Errorf("second Close: %v", err)
 	}
+}
+
+// Open compacts a file that a drained backlog left mostly free, keeping
+// every message, claim and index entry, and removes what an interrupted
+// compaction left.
+func TestOpenCompactsDrainedFile(t *testing.T) {
+	s, path := openStore(t)
+	if err := benchFill(s, 400); err != nil {
+		t.Fatal(err)
+	}
+	ids := allIDs(t, s)
+	benchRemove(t, s, ids[:390])
+	claimed := benchClaim(t, benchScheduler(s), 2) // interrupted deliveries
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path+compactSuffix, []byte("left by a crash"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before := fileSize(t, path)
+
+	var logs syncBuffer
+	opts := Options{freelistSyncMax: 64, Logger: slog.New(slog.NewTextHandler(&logs, nil))}
+	s, err := Open(path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	after := fileSize(t, path)
+	if after*4 > before {
+		t.Errorf("file of %d bytes compacted to %d, want a quarter or less", before, after)
+	}
+	if !strings.Contains(logs.String(), "compacted the queue file") {
+		t.Errorf("log: %q, want a line about the compaction", logs.String())
+	}
+	if _, err := os.Stat(path + compactSuffix); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("%s: %v, want it removed", path+compactSuffix, err)
+	}
+	checkFile(t, s)
+	checkIndex(t, s)
+	if got := s.Recovered(); got != len(claimed) {
+		t.Errorf("Recovered = %d, want %d", got, len(claimed))
+	}
+	if n, err := s.Len(); err != nil || n != 10 {
+		t.Fatalf("Len = %d, %v; want 10", n, err)
+	}
+	for _, id := range ids[390:] {
+		if body, err := s.Body(id); err != nil || !bytes.Equal(body, benchBody) {
+			t.Fatalf("body of %s: %d bytes, %v", id, len(body), err)
+		}
+	}
+	if got, err := s.Stats(); err != nil || !sameStats(got, scanStats(t, s)) {
+		t.Errorf("Stats = %+v, %v; the records say %+v", got, err, scanStats(t, s))
+	}
+	// The new file takes writes and opens again, with nothing to compact.
+	put(t, s, newMessage("a@example.net"), "after")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var logs2 syncBuffer
+	opts.Logger = slog.New(slog.NewTextHandler(&logs2, nil))
+	s, err = Open(path, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	if strings.Contains(logs2.String(), "compact") {
+		t.Errorf("second Open: %q, want no compaction", logs2.String())
+	}
+	if n, err := s.Len(); err != nil || n != 11 {
+		t.Fatalf("Len = %d, %v; want 11", n, err)
+	}
+}
+
+// When the compacted file cannot be written, Open keeps the file as it is
+// and says why.
+func TestOpenCompactionFails(t *testing.T) {
+	s, path := openStore(t)
+	if err := benchFill(s, 400); err != nil {
+		t.Fatal(err)
+	}
+	benchRemove(t, s, allIDs(t, s)[:390])
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// A directory, not empty, where the new file would go.
+	if err := os.MkdirAll(filepath.Join(path+compactSuffix, "x"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	before := fileSize(t, path)
+	var logs syncBuffer
+	s, err := Open(path, Options{freelistSyncMax: 64, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	if !strings.Contains(logs.String(), "compacting the queue file failed") {
+		t.Errorf("log: %q, want the failure", logs.String())
+	}
+	if after := fileSize(t, path); after != before {
+		t.Errorf("file size %d, want %d: unchanged", after, before)
+	}
+	checkIndex(t, s)
+	if n, err := s.Len(); err != nil || n != 10 {
+		t.Fatalf("Len = %d, %v; want 10", n, err)
+	}
+}
+
+func fileSize(t testing.TB, path string) int64 {
+	t.Helper()
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi.Size()
 }

@@ -342,7 +342,7 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 	id := []byte(m.ID)
 	due := dueKey(rec.NextAttempt, m.ID)
 
-	err = s.commit.write(func(tx *bolt.Tx) error {
+	err = s.commit.writeClient(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
 		msgs := tx.Bucket(msgsBucket)
 		if msgs.Get(id) != nil {

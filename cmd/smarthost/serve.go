@@ -222,7 +222,7 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 	m := metrics.New(reg)
 	m.SetVersion(buildVersion())
 	m.InitLabels(listenerNames(cfg.Listeners), upstreamNames(cfg.Upstreams))
-	store, err := queue.Open(cfg.Queue.Path, queue.Options{Observer: m})
+	store, err := queue.Open(cfg.Queue.Path, queue.Options{Observer: m, Logger: logger})
 	if err != nil {
 		return nil, err
 	}
