@@ -88,7 +88,7 @@ func (c *committer) send(req commitReq) error {
 	c.mu.RUnlock()
 	err := <-req.err
 	if errors.Is(err, errRunAlone) {
-		err = c.db.Update(fn)
+		err = c.db.Update(func(tx *bolt.Tx) error { return safely(fn, tx) })
 	}
 	return err
 }
