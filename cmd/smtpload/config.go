@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"smarthost/internal/bytesize"
 )
 
 // TLS modes of the -tls flag.
@@ -274,37 +276,8 @@ func (c Config) TLSConfig() (*tls.Config, error) {
 	return conf, nil
 }
 
-// ParseSize parses a byte size: a whole number with an optional unit B,
-// KB or MB (binary multiples, case-insensitive).
-func ParseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	i := 0
-	for i < len(t) && '0' <= t[i] && t[i] <= '9' {
-		i++
-	}
-	if i == 0 {
-		return 0, fmt.Errorf("want a whole number with an optional unit B, KB or MB, got %q", s)
-	}
-	n, err := strconv.ParseInt(t[:i], 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("%q is too large", s)
-	}
-	var mult int64
-	switch strings.ToUpper(strings.TrimSpace(t[i:])) {
-	case "", "B":
-		mult = 1
-	case "K", "KB", "KIB":
-		mult = 1 << 10
-	case "M", "MB", "MIB":
-		mult = 1 << 20
-	default:
-		return 0, fmt.Errorf("unknown unit %q in %q (want B, KB or MB)", strings.TrimSpace(t[i:]), s)
-	}
-	if n > math.MaxInt64/mult {
-		return 0, fmt.Errorf("%q is too large", s)
-	}
-	return n * mult, nil
-}
+// ParseSize parses a byte size such as "25MB" (see bytesize.Parse).
+func ParseSize(s string) (int64, error) { return bytesize.Parse(s) }
 
 // formatSize writes n the way -size reads it, in the largest unit that
 // divides it.

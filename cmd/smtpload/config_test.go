@@ -173,7 +173,7 @@ func TestParseSize(t *testing.T) {
 		{"KB", 0, false},
 		{"1.5MB", 0, false},
 		{"-1KB", 0, false},
-		{"1GB", 0, false},
+		{"1GB", 1 << 30, true},
 		{"99999999999999999999", 0, false},
 		{"9999999999999999MB", 0, false},
 	}
