@@ -554,6 +554,12 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 		}
 		out.state = "paced"
 	default:
+		// The backoff counts from the end of the attempt: one that outlasted
+		// it (an upstream slow or silent until its timeout) is not retried
+		// at once, back to back.
+		if m.NextAttempt.Before(now) {
+			m.NextAttempt = now.Add(m.NextAttempt.Sub(m.LastAttempt))
+		}
 		if notBefore.After(m.NextAttempt) {
 			m.NextAttempt = notBefore
 		}

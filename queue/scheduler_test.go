@@ -539,3 +539,33 @@ func TestRunAfterShutdown(t *testing.T) {
 		t.Errorf("Run after Shutdown: %v", err)
 	}
 }
+
+// TestBackoffFromEndOfAttempt: an attempt that takes longer than the
+// backoff (an upstream silent until its timeout) is not retried at once.
+func TestBackoffFromEndOfAttempt(t *testing.T) {
+	st, _ := openStore(t)
+	const backoff = 300 * time.Millisecond // Backoff(1) with jitter 0.5
+	type span struct{ start, end time.Time }
+	spans := make(chan span, 4)
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+		start := time.Now()
+		if m.Attempts == 1 {
+			time.Sleep(2 * backoff) // the slow upstream, not a wait for an event
+		}
+		spans <- span{start, time.Now()}
+		if m.Attempts == 1 {
+			return results(m, Pending, "451 4.4.2 timeout")
+		}
+		return results(m, Delivered, "250 ok")
+	})
+	s.RetryMin, s.RetryMax = backoff, 4*backoff
+	done := doneChan(s, 1)
+	start(t, s)
+	put(t, st, &Message{From: "a@example.com", Recipients: []Recipient{{Addr: "b@example.net"}}}, "body")
+	first := receive(t, spans, "first attempt")
+	second := receive(t, spans, "second attempt")
+	receive(t, done, "delivery")
+	if gap := second.start.Sub(first.end); gap < backoff*9/10 {
+		t.Errorf("second attempt %v after the first ended, want about %v", gap, backoff)
+	}
+}
