@@ -52,6 +52,7 @@ func TestParseFlags(t *testing.T) {
 		{"-sessions", "0", "-smarthost", "s"},
 		{"-n", "0", "-smarthost", "s"},
 		{"-smarthost", "s", "extra"},
+		{"-memory", "-targets", "direct"}, // -memory measures smarthost: the binary is needed
 	} {
 		if _, err := parseFlags(bad, io.Discard); err == nil {
 			t.Errorf("parseFlags(%q) accepted", bad)

@@ -441,7 +441,7 @@ func (b *Bench) startSmarthost(ctx context.Context, dir, upstream string, dkim b
 		return nil, err
 	}
 	conf := filepath.Join(dir, "smarthost.toml")
-	if err := os.WriteFile(conf, []byte(smarthostConfig(dir, addr, httpAddr, upstream, b.opts.SmarthostConns, b.dkimKey, dkim)), 0o644); err != nil {
+	if err := os.WriteFile(conf, []byte(smarthostConfig(dir, addr, httpAddr, upstream, b.opts.SmarthostConns, b.dkimKey, dkim)+b.extraConfig), 0o644); err != nil {
 		return nil, err
 	}
 	logPath := filepath.Join(dir, "smarthost.log")
