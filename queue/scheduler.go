@@ -98,7 +98,7 @@ type Scheduler struct {
 	mu       sync.Mutex
 	started  bool
 	stopped  bool
-	inflight map[string]struct{} // attempts running, and messages Put is storing for a worker (fastStart)
+	inflight map[string]struct{} // attempts running, and messages Put is storing for a worker (Store.fast)
 
 	steps atomic.Int64 // scheduling passes; tests check the loop does not spin
 }
@@ -184,9 +184,8 @@ func (s *Scheduler) Run() error {
 	s.started = true
 	s.mu.Unlock()
 	defer close(s.loopDone)
-	fast := &fastStart{reserve: s.reserve, release: s.release, attempt: s.firstAttempt, start: s.startReserved}
-	s.Store.fast.Store(fast)
-	defer s.Store.fast.CompareAndSwap(fast, nil)
+	s.Store.fast.Store(s) // Put may start first attempts on free workers
+	defer s.Store.fast.CompareAndSwap(s, nil)
 
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
@@ -248,9 +247,10 @@ func (s *Scheduler) step() time.Duration {
 	return max(wake.Sub(s.Now()), 0)
 }
 
-// reserve takes a free worker for message id, which Put is storing. The
-// message counts as in flight from now on, so that no claim takes it
-// between its commit and the start of its attempt.
+// reserve takes a free worker for message id, which Put is storing, or
+// reports there is none. The message counts as in flight from now on, so
+// that no claim takes it between its commit and the start of its attempt
+// (Put then runs work on it, or release).
 func (s *Scheduler) reserve(id string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -271,10 +271,6 @@ func (s *Scheduler) release(id string) {
 	s.wg.Done()
 	s.signalIdle()
 }
-
-// startReserved runs the first attempt on a message that Put stored as
-// claimed, on the worker it reserved.
-func (s *Scheduler) startReserved(d delivery) { go s.work(d) }
 
 // firstAttempt gives the LastAttempt and NextAttempt recorded when a
 // first attempt starts now.

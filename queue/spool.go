@@ -111,11 +111,9 @@ func (s *Store) PutSpooled(ctx context.Context, m *Message, head []byte, sp *Spo
 	if sp.f == nil {
 		return errors.New("queue: put: spool already stored")
 	}
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("queue: put: %w", err)
-	}
-	if len(m.Recipients) == 0 {
-		return errors.New("queue: put: message has no recipients")
+	// Checked here too, before the file is synced and renamed.
+	if err := checkPut(ctx, m); err != nil {
+		return err
 	}
 	if m.ID == "" {
 		m.ID = NewID()

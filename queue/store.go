@@ -95,8 +95,11 @@ type Store struct {
 
 	// commit is the group commit every write goes through (commit.go).
 	commit *committer
-	// fast is set by a running Scheduler: see fastStart.
-	fast atomic.Pointer[fastStart]
+	// fast is the running Scheduler, if any: Put records a new message as
+	// claimed in the commit that stores it and hands it straight to a free
+	// worker. Without that, each message would cost a second commit for
+	// the claim, which a single submitting session waits behind.
+	fast atomic.Pointer[Scheduler]
 
 	// freelistSyncMax is the number of free pages past which commits may
 	// stop writing the freelist (chooseFreelistSync).
@@ -298,11 +301,8 @@ func (s *Store) Put(ctx context.Context, m *Message, body []byte) error {
 // put is Put; spooled marks body as the head of a message whose spool
 // file is already in place (PutSpooled).
 func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) error {
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("queue: put: %w", err)
-	}
-	if len(m.Recipients) == 0 {
-		return errors.New("queue: put: message has no recipients")
+	if err := checkPut(ctx, m); err != nil {
+		return err
 	}
 	// Everything random or clock-dependent is decided here, outside the
 	// transaction, because a group commit may run the function more than once.
@@ -321,21 +321,21 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 		m.Recipients[i].State = Pending
 	}
 	rec := record{Message: *m, Spooled: spooled}
-	fst := s.fast.Load()
-	started := fst != nil && fst.reserve(m.ID)
+	sch := s.fast.Load()
+	started := sch != nil && sch.reserve(m.ID)
 	if started {
 		// Recorded as claim would record it, in the same commit as the
 		// message itself.
 		rec.Recipients = slices.Clone(m.Recipients)
 		rec.Attempts = 1
-		last, next := fst.attempt()
+		last, next := sch.firstAttempt()
 		rec.LastAttempt, rec.NextAttempt = last.Round(0), next.Round(0)
 		rec.Claimed = true
 	}
 	v, err := encodeRecord(&rec)
 	if err != nil {
 		if started {
-			fst.release(m.ID)
+			sch.release(m.ID)
 		}
 		return fmt.Errorf("queue: put: %w", err)
 	}
@@ -369,27 +369,27 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 	})
 	if err != nil {
 		if started {
-			fst.release(m.ID)
+			sch.release(m.ID)
 		}
 		return storageError("put "+m.ID, err)
 	}
 	if started {
-		fst.start(delivery{msg: rec.Message, body: bytes.Clone(body), spooled: spooled})
+		go sch.work(delivery{msg: rec.Message, body: bytes.Clone(body), spooled: spooled})
 		return nil
 	}
 	s.notify()
 	return nil
 }
 
-// fastStart lets Put record a new message as claimed in the commit that
-// stores it and hand it straight to a free worker of the running
-// Scheduler: without it, each message would cost a second commit for the
-// claim, which a single submitting session waits behind.
-type fastStart struct {
-	reserve func(id string) bool          // takes a free worker for message id, or reports none
-	release func(id string)               // gives back a worker reserved and not used
-	attempt func() (last, next time.Time) // LastAttempt and NextAttempt of a first attempt starting now
-	start   func(d delivery)              // runs the attempt on the reserved worker
+// checkPut refuses a Put that cannot succeed, before any work is done.
+func checkPut(ctx context.Context, m *Message) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("queue: put: %w", err)
+	}
+	if len(m.Recipients) == 0 {
+		return errors.New("queue: put: message has no recipients")
+	}
+	return nil
 }
 
 // notify tells the scheduler that a message may be due now.
@@ -558,17 +558,14 @@ func (s *Store) claim(now time.Time, limit int, skip func(id string) bool, next 
 				bad = append(bad, h.id)
 				continue
 			}
-			if rec.Held {
-				// A held message has no index entry; this one was stale.
-				if err := due.Delete(dueKey(rec.NextAttempt, rec.ID)); err != nil {
-					return err
-				}
-				continue
-			}
 			// The record's own index entry may differ from h.key if the
-			// index held a stale duplicate; keep exactly one entry.
+			// index held a stale duplicate; keep exactly one entry, or none
+			// for a held message (whose entry was stale).
 			if err := due.Delete(dueKey(rec.NextAttempt, rec.ID)); err != nil {
 				return err
+			}
+			if rec.Held {
+				continue
 			}
 			rec.Attempts++
 			rec.LastAttempt = now
