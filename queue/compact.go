@@ -85,25 +85,11 @@ func compactDrained(db *bolt.DB, path string, opts *bolt.Options, freelistSyncMa
 	}
 	// From here on, path is the new file, which dst has open and locked.
 	db.Close()
-	if err := syncParent(path); err != nil {
+	if err := syncDir(filepath.Dir(path)); err != nil {
 		dst.Close()
-		return nil, fmt.Errorf("compact: %w", err)
+		return nil, fmt.Errorf("compact: sync directory of %s: %w", path, err)
 	}
 	log.Info("queue: compacted the queue file, which a drained backlog had left mostly free",
 		"path", path, "pages_before", total, "pages_in_use", used, "page_size", pageSize)
 	return dst, nil
-}
-
-// syncParent fsyncs the directory that holds path, so that a rename into
-// it is on disk.
-func syncParent(path string) error {
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync directory of %s: %w", path, err)
-	}
-	return nil
 }
