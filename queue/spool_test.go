@@ -64,6 +64,21 @@ func spoolFiles(t *testing.T, path string) []string {
 	return names
 }
 
+// deliverAll starts a scheduler that delivers every message and sends
+// the body it delivers on bodies; done receives the message as it leaves
+// the queue.
+func deliverAll(t *testing.T, st *Store) (bodies chan []byte, done chan Message) {
+	t.Helper()
+	bodies = make(chan []byte, 1)
+	s := newScheduler(t, st, func(_ context.Context, m Message, body []byte) []Result {
+		bodies <- bytes.Clone(body)
+		return results(m, Delivered, "250 ok")
+	})
+	done = doneChan(s, 1)
+	start(t, s)
+	return bodies, done
+}
+
 func TestSpoolLifecycle(t *testing.T) {
 	st, path := openStore(t)
 	di, err := os.Stat(path + ".spool")
@@ -108,13 +123,7 @@ func TestSpoolLifecycle(t *testing.T) {
 	}
 
 	// A delivery gets the whole message; once it is delivered, the file goes.
-	bodies := make(chan []byte, 1)
-	s := newScheduler(t, st, func(_ context.Context, m Message, body []byte) []Result {
-		bodies <- bytes.Clone(body)
-		return results(m, Delivered, "250 ok")
-	})
-	done := doneChan(s, 1)
-	start(t, s)
+	bodies, done := deliverAll(t, st)
 	if b := receive(t, bodies, "the delivery"); !bytes.Equal(b, want) {
 		t.Errorf("delivered %d bytes, want %d, identical", len(b), len(want))
 	}
@@ -255,13 +264,7 @@ func TestSpoolReopen(t *testing.T) {
 	if files := spoolFiles(t, path); !slices.Equal(files, []string{m.ID, "operator"}) && !slices.Equal(files, []string{"operator", m.ID}) {
 		t.Errorf("spool files after Open %q, want %s and the directory", files, m.ID)
 	}
-	bodies := make(chan []byte, 1)
-	s := newScheduler(t, st, func(_ context.Context, m Message, body []byte) []Result {
-		bodies <- bytes.Clone(body)
-		return results(m, Delivered, "250 ok")
-	})
-	done := doneChan(s, 1)
-	start(t, s)
+	bodies, done := deliverAll(t, st)
 	if b := receive(t, bodies, "the delivery"); !bytes.Equal(b, want) {
 		t.Errorf("delivered %d bytes after reopening, want the %d stored", len(b), len(want))
 	}
