@@ -326,15 +326,7 @@ func (g *gate) Accept() (net.Conn, error) {
 }
 
 func (g *gate) trusted(ip netip.Addr) bool {
-	if len(g.cfg.TrustedNetworks) == 0 {
-		return true
-	}
-	for _, p := range g.cfg.TrustedNetworks {
-		if p.Contains(ip) {
-			return true
-		}
-	}
-	return false
+	return len(g.cfg.TrustedNetworks) == 0 || containsAddr(g.cfg.TrustedNetworks, ip)
 }
 
 // refuse answers a connection that will not be served. On an implicit-TLS
