@@ -3,6 +3,7 @@ package relay
 import (
 	"bytes"
 	"io"
+	"math"
 	"strings"
 	"testing"
 )
@@ -83,6 +84,18 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 	copy(p, r.data[:n])
 	r.data = r.data[n:]
 	return n, nil
+}
+
+// readNormalized reads a whole message through a normalizer, in the
+// buffer layout of the door. The result starts after headroom unused bytes
+// and ends with CRLF.
+func readNormalized(r io.Reader, sizeHint int) ([]byte, error) {
+	out := make([]byte, headroom, headroom+sizeHint+sizeHint/32+64)
+	out, err := newNormalizer(r).fill(out, math.MaxInt)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 // normalizeReference is readNormalized written the obvious way: every

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"mime"
 	"net/mail"
 	"net/textproto"
@@ -108,17 +107,6 @@ func (n *normalizer) normalize(dst, p []byte) []byte {
 		n.wrote, n.last = true, dst[len(dst)-1]
 	}
 	return dst
-}
-
-// readNormalized reads a whole message through a normalizer. The result
-// starts after headroom unused bytes and ends with CRLF.
-func readNormalized(r io.Reader, sizeHint int) ([]byte, error) {
-	out := make([]byte, headroom, headroom+sizeHint+sizeHint/32+64)
-	out, err := newNormalizer(r).fill(out, math.MaxInt)
-	if err != nil {
-		return nil, err
-	}
-	return out, nil
 }
 
 // headerEnd finds where the header section of msg (CRLF-normalised) ends.
