@@ -54,15 +54,20 @@ type upstreamState struct {
 	health health
 	pool   pool
 	rate   rateLog
+	upstreamCounters
 
+	tokens *tokenCache // for an OAuth2 upstream, once first used
+}
+
+// upstreamCounters are the counters of UpstreamState, kept together so
+// that TakeOver carries them over as one.
+type upstreamCounters struct {
 	attempts    uint64
 	failures    uint64
 	dials       uint64
 	rateWaits   uint64
 	rateWaited  time.Duration
 	rateLimited uint64
-
-	tokens *tokenCache // for an OAuth2 upstream, once first used
 }
 
 // health tracks whether an upstream is worth trying. An upstream that keeps

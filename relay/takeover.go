@@ -21,7 +21,7 @@ func (d *Deliverer) TakeOver(old *Deliverer) {
 		ended   []time.Time // oldest first
 		busy    int
 		health  health
-		counted upstreamState // counters only
+		counted upstreamCounters
 	}
 	byName := map[string]carried{}
 	old.mu.Lock()
@@ -31,17 +31,9 @@ func (d *Deliverer) TakeOver(old *Deliverer) {
 		if !ok {
 			continue
 		}
-		c := carried{up: up, busy: st.rate.inflight, health: st.health}
+		c := carried{up: up, busy: st.rate.inflight, health: st.health, counted: st.upstreamCounters}
 		for k := range st.rate.n {
 			c.ended = append(c.ended, st.rate.at(k))
-		}
-		c.counted = upstreamState{
-			attempts:    st.attempts,
-			failures:    st.failures,
-			dials:       st.dials,
-			rateWaits:   st.rateWaits,
-			rateWaited:  st.rateWaited,
-			rateLimited: st.rateLimited,
 		}
 		byName[up.Name] = c
 	}
@@ -73,8 +65,7 @@ func (d *Deliverer) TakeOver(old *Deliverer) {
 			st.health = c.health
 			// A probe in flight reports to old; d allows its own.
 			st.health.probing = false
-			st.attempts, st.failures, st.dials = c.counted.attempts, c.counted.failures, c.counted.dials
-			st.rateWaits, st.rateWaited, st.rateLimited = c.counted.rateWaits, c.counted.rateWaited, c.counted.rateLimited
+			st.upstreamCounters = c.counted
 		}
 	}
 }
