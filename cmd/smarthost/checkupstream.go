@@ -12,8 +12,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/BurntSushi/toml"
-
 	"smarthost/relay"
 )
 
@@ -77,19 +75,14 @@ func runCheckUpstream(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	ups := cfg.Upstreams
-	providers := upstreamProviders(cfg.Path, len(ups))
 	if len(names) == 1 {
 		i := upstreamIndex(ups, names[0])
 		if i < 0 {
-			var known []string
-			for _, u := range ups {
-				known = append(known, u.Name)
-			}
 			fmt.Fprintf(stderr, "smarthost check-upstream: no upstream %q in %s; configured: %s\n",
-				names[0], cfg.Path, strings.Join(known, ", "))
+				names[0], cfg.Path, strings.Join(upstreamNames(ups), ", "))
 			return 2
 		}
-		ups, providers = ups[i:i+1], providers[i:i+1]
+		ups = ups[i : i+1]
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
@@ -105,7 +98,7 @@ func runCheckUpstream(args []string, stdout, stderr io.Writer) int {
 				Timeout:   *timeout,
 				Sender:    *from,
 				Recipient: *to,
-				Provider:  providers[i],
+				Provider:  cfg.UpstreamProviders[up.Name],
 			})
 		})
 	}
@@ -181,24 +174,4 @@ func upstreamIndex(ups []relay.Upstream, name string) int {
 		}
 	}
 	return -1
-}
-
-// upstreamProviders reads the provider key of each [[upstream]] of the
-// configuration at path, which the parsed Config does not keep, for
-// provider-specific hints. The parser keeps the tables' order; on any
-// surprise the hints fall back to recognising the address.
-func upstreamProviders(path string, n int) []string {
-	out := make([]string, n)
-	var raw struct {
-		Upstream []struct {
-			Provider string `toml:"provider"`
-		} `toml:"upstream"`
-	}
-	if _, err := toml.DecodeFile(path, &raw); err != nil || len(raw.Upstream) != n {
-		return out
-	}
-	for i, u := range raw.Upstream {
-		out[i] = u.Provider
-	}
-	return out
 }

@@ -48,6 +48,11 @@ type Config struct {
 	Upstreams []relay.Upstream // with rate_limit and dsn_from
 	Routes    []relay.Route
 
+	// UpstreamProviders maps the name of each upstream configured from a
+	// provider profile to that profile's name, for check-upstream's
+	// provider-specific hints; nil when no upstream names a provider.
+	UpstreamProviders map[string]string
+
 	HTTPAddress   string // [http] address, default "127.0.0.1:9090"
 	AdminTokenEnv string // env var holding the /api bearer token; "" for none
 
@@ -196,7 +201,7 @@ func (p *configParser) config(root *configTable) *Config {
 	cfg.TLSCertFile, cfg.TLSKeyFile = p.servingTLS(root.sub("tls"), cfg.Listeners)
 	cfg.Limits = p.limits(root.sub("limits"))
 	cfg.DKIM = p.dkim(root, cfg.Queue.MaxAge)
-	cfg.Upstreams = p.upstreams(root, cfg.DKIM)
+	cfg.Upstreams, cfg.UpstreamProviders = p.upstreams(root, cfg.DKIM)
 	cfg.Routes = p.routes(root, cfg.Upstreams)
 	users, froms := p.users(root)
 	cfg.Users = users
@@ -680,13 +685,13 @@ func parseCanonicalization(c string) (header, body string, err error) {
 // upstreams reads the [[upstream]] tables. A table with provider = "…"
 // starts from that profile's address, TLS mode and rate limit; any of
 // those keys given explicitly wins. dkimKeys decide whether the header
-// From: may be rewritten.
-func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) []relay.Upstream {
+// From: may be rewritten. providers maps the names of the upstreams
+// configured from a profile to the profile's name.
+func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) (out []relay.Upstream, providers map[string]string) {
 	tables := root.tables("upstream")
 	if len(tables) == 0 && !root.has("upstream") {
 		p.errorf("upstream", "at least one [[upstream]] is required")
 	}
-	var out []relay.Upstream
 	seen := map[string]string{}
 	for _, t := range tables {
 		prof, region, hasProf := upstreamProvider(t)
@@ -797,11 +802,15 @@ func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) []relay
 			if u.Auth == "" && u.OAuth != nil && prof.Auth != "" && prof.Auth != relay.AuthPassword {
 				u.Auth = prof.Auth
 			}
+			if providers == nil {
+				providers = map[string]string{}
+			}
+			providers[u.Name] = prof.Name
 		}
 		t.done()
 		out = append(out, u)
 	}
-	return out
+	return out, providers
 }
 
 // oauthKeys are the [[upstream]] keys of an OAuth2 login.
