@@ -1337,8 +1337,6 @@ func (t *configTable) typeError(k, want string, v any) {
 	t.errorf(k, "must be %s, not %s", want, tomlType(v))
 }
 
-// str returns the string at k; ok is false when k is absent or not a
-// string (the latter is recorded).
 // uniqueName reads the required "name" key and checks it against the names
 // of the earlier tables of the same kind in seen.
 func (t *configTable) uniqueName(seen map[string]string) string {
@@ -1360,6 +1358,8 @@ func (t *configTable) uniqueName(seen map[string]string) string {
 	return name
 }
 
+// str returns the string at k; ok is false when k is absent or not a
+// string (the latter is recorded).
 func (t *configTable) str(k string) (string, bool) {
 	v, present := t.get(k)
 	if !present {
