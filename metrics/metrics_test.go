@@ -271,16 +271,23 @@ func TestScrapeWithFailingQueue(t *testing.T) {
 	}
 }
 
-// TestLint holds every smarthost_ metric to Prometheus' conventions (what
-// promtool check metrics checks): HELP present, counters ending in
-// _total, base units.
-func TestLint(t *testing.T) {
+// fullRegistry is a registry on which every metric has its series: a
+// version, one listener and upstream, a queue and an upstream state.
+func fullRegistry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	m := New(reg)
 	m.SetVersion("v1")
 	m.InitLabels([]string{"submission"}, []string{"ses"})
 	m.SetQueue(fakeQueue{})
 	m.SetUpstreams(func() []relay.UpstreamState { return []relay.UpstreamState{{Name: "ses", Up: true}} })
+	return reg
+}
+
+// TestLint holds every smarthost_ metric to Prometheus' conventions (what
+// promtool check metrics checks): HELP present, counters ending in
+// _total, base units.
+func TestLint(t *testing.T) {
+	reg := fullRegistry()
 	problems, err := testutil.GatherAndLint(reg)
 	if err != nil {
 		t.Fatal(err)
@@ -302,12 +309,7 @@ func TestLint(t *testing.T) {
 // TestAllNamesExposed checks the exposed names against the list the
 // dashboard and alert rules are built on.
 func TestAllNamesExposed(t *testing.T) {
-	reg := prometheus.NewRegistry()
-	m := New(reg)
-	m.SetVersion("v1")
-	m.InitLabels([]string{"submission"}, []string{"ses"})
-	m.SetQueue(fakeQueue{})
-	m.SetUpstreams(func() []relay.UpstreamState { return []relay.UpstreamState{{Name: "ses", Up: true}} })
+	reg := fullRegistry()
 	f := scrape(t, reg, nil)
 	want := map[string]dto.MetricType{
 		"smarthost_build_info":                                   dto.MetricType_GAUGE,
