@@ -280,25 +280,18 @@ func queueCLI(t *testing.T, r *relay, token string, args ...string) (string, err
 	return string(out), err
 }
 
-type apiMessage struct {
-	ID          string `json:"id"`
-	From        string `json:"from"`
-	Held        bool   `json:"held"`
-	Attempts    int    `json:"attempts"`
-	NextAttempt string `json:"next_attempt"`
-}
-
-func listQueue(t *testing.T, r *relay) map[string]apiMessage {
+// listQueue is `smarthost queue -json list`, by queue ID.
+func listQueue(t *testing.T, r *relay) map[string]queueEntry {
 	t.Helper()
 	out, err := queueCLI(t, r, adminToken, "-json", "list")
 	if err != nil {
 		t.Fatalf("queue -json list: %v\n%s", err, out)
 	}
-	var msgs []apiMessage
+	var msgs []queueEntry
 	if err := json.Unmarshal([]byte(out), &msgs); err != nil {
 		t.Fatalf("queue -json list output: %v\n%s", err, out)
 	}
-	m := map[string]apiMessage{}
+	m := map[string]queueEntry{}
 	for _, msg := range msgs {
 		m[msg.ID] = msg
 	}

@@ -24,7 +24,8 @@ import (
 	"smarthost/internal/testpki"
 )
 
-// queueEntry is a message as GET /api/queue shows it.
+// queueEntry is a message as GET /api/queue and `smarthost queue -json
+// list` show it.
 type queueEntry struct {
 	ID       string `json:"id"`
 	Attempts int    `json:"attempts"`
