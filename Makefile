@@ -1,11 +1,14 @@
 # Test peers installed from Debian when missing: "command:package" pairs
 # (mkfs.ext4 makes the small filesystem of the full-disk test),
 # and Python modules for Debian's /usr/bin/python3 as "module:package"
-# (checked with -I, so that our own dkim/ folder does not pass for dkimpy).
+# (checked with -I, so that our own dkim/ folder does not pass for dkimpy),
+# and Perl modules as "module=package" (swaks speaks TLS through Net::SSLeay,
+# which its package only recommends).
 # promtool comes with Debian's prometheus package; its server is not used
 # (where policy-rc.d allows services, the package may start it).
 TEST_PEERS := curl:curl python3:python3 promtool:prometheus swaks:swaks msmtp:msmtp mkfs.ext4:e2fsprogs
 TEST_PYTHON_MODULES := dkim:python3-dkim nacl:python3-nacl aiosmtpd:python3-aiosmtpd
+TEST_PERL_MODULES := Net::SSLeay=libnet-ssleay-perl
 
 .PHONY: test test-deps build demo
 
@@ -24,6 +27,9 @@ test-deps:
 	done; \
 	for pair in $(TEST_PYTHON_MODULES); do \
 		/usr/bin/python3 -I -c "import $${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	for pair in $(TEST_PERL_MODULES); do \
+		perl -M"$${pair%%=*}" -e 1 >/dev/null 2>&1 || missing="$$missing $${pair##*=}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
