@@ -122,7 +122,7 @@ func TestIdleTenThousandConnections(t *testing.T) {
 
 	pki := testpki.New(t)
 	up := startUpstream(t, pki, smtptest.Options{})
-	cfg := writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: up.Addr(), LimitsExtra: fmt.Sprintf("max_connections = %d", limit)})
+	cfg := writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: up.Addr(), LimitsExtra: fmt.Sprintf("max_connections = %d\nmax_connections_per_ip = 0", limit)})
 	r := startRelay(t, cfg)
 	pid := r.cmd.Process.Pid
 	if n := processFiles(t, pid); n < limit+100 {

@@ -59,11 +59,11 @@ var (
 var RejectReasons = []string{
 	"auth_required", "sender_not_allowed", "bad_sender", "bad_recipient", "no_route",
 	"bad_header", "loop", "too_large", "line_too_long", "timeout", "storage", "internal",
-	"shutting_down",
+	"auth_timeout", "credentials_changed", "shutting_down",
 }
 
 // RefuseReasons are the reasons of smarthost_connections_refused_total.
-var RefuseReasons = []string{"untrusted_network", "max_connections"}
+var RefuseReasons = []string{"untrusted_network", "max_connections", "max_connections_per_ip"}
 
 // attemptResults are the results of smarthost_delivery_attempts_total.
 var attemptResults = []string{relay.ResultDelivered, relay.ResultDeferred, relay.ResultFailed, "skipped"}

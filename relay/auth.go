@@ -79,7 +79,7 @@ func (c *credentialCache) check(u *User, password string) bool {
 }
 
 // authLimiter counts failed logins, and logins still being checked, per
-// client address in a fixed window.
+// client (an IPv4 address or an IPv6 /64, clientKey) in a fixed window.
 // Once an address reaches the limit, all its logins are refused until the
 // window that started with its first failed attempt has passed.
 type authLimiter struct {
@@ -88,7 +88,7 @@ type authLimiter struct {
 	now    func() time.Time
 
 	mu sync.Mutex
-	m  map[netip.Addr]*failures
+	m  map[netip.Prefix]*failures
 }
 
 type failures struct {
@@ -103,7 +103,7 @@ func newAuthLimiter(limit int, window time.Duration, now func() time.Time) *auth
 	if window <= 0 {
 		window = time.Minute
 	}
-	return &authLimiter{limit: limit, window: window, now: now, m: make(map[netip.Addr]*failures)}
+	return &authLimiter{limit: limit, window: window, now: now, m: make(map[netip.Prefix]*failures)}
 }
 
 // attempt counts a login from ip against its limit before the password is
@@ -115,16 +115,17 @@ func (l *authLimiter) attempt(ip netip.Addr) bool {
 	if l.limit <= 0 {
 		return true
 	}
+	k := clientKey(ip)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := l.now()
-	f := l.m[ip]
+	f := l.m[k]
 	if f == nil || now.Sub(f.start) >= l.window {
 		if len(l.m) >= maxTrackedAddrs {
 			l.prune(now)
 		}
 		f = &failures{start: now}
-		l.m[ip] = f
+		l.m[k] = f
 	}
 	if f.n >= l.limit {
 		return false
@@ -138,11 +139,12 @@ func (l *authLimiter) forgive(ip netip.Addr) {
 	if l.limit <= 0 {
 		return
 	}
+	k := clientKey(ip)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if f := l.m[ip]; f != nil {
+	if f := l.m[k]; f != nil {
 		if f.n--; f.n <= 0 {
-			delete(l.m, ip) // the window starts again at the next failure
+			delete(l.m, k) // the window starts again at the next failure
 		}
 	}
 }
@@ -150,9 +152,9 @@ func (l *authLimiter) forgive(ip netip.Addr) {
 // prune drops expired entries; if none expired, it drops everything rather
 // than grow without bound.
 func (l *authLimiter) prune(now time.Time) {
-	for ip, f := range l.m {
+	for k, f := range l.m {
 		if now.Sub(f.start) >= l.window {
-			delete(l.m, ip)
+			delete(l.m, k)
 		}
 	}
 	if len(l.m) >= maxTrackedAddrs {

@@ -66,6 +66,9 @@ func FuzzValidPath(f *testing.F) {
 		if DomainOf(addr) == "" {
 			t.Errorf("validPath(%q) = true but DomainOf is empty", addr)
 		}
+		if strings.Count(addr, "@") != 1 {
+			t.Errorf("validPath(%q) = true with an @ in the local part", addr)
+		}
 	})
 }
 

@@ -13,7 +13,8 @@ type Observer interface {
 	ConnectionOpened(listener string)
 	ConnectionClosed(listener string)
 	// ConnectionRefused: a connection was turned away before SMTP, for
-	// reason "untrusted_network" or "max_connections".
+	// reason "untrusted_network", "max_connections" or
+	// "max_connections_per_ip".
 	ConnectionRefused(listener, reason string)
 	// Accepted: a message was queued and answered 250; size is what was
 	// stored, signed whether it carries our DKIM signature.

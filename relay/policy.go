@@ -63,7 +63,11 @@ func lowerASCII(s string) string {
 // validPath reports whether an envelope address is safe to store and to
 // copy into headers and upstream commands: printable ASCII (the relay does
 // not offer SMTPUTF8, so RFC 6531 addresses cannot be passed on), no angle
-// brackets or spaces, and a non-empty local part and domain.
+// brackets or spaces, a non-empty local part and domain, and one "@".
+// go-smtp hands a quoted local part over unquoted, so in
+// ceo@evil.com@notify.example.com nothing tells where the local part
+// ends: the policy would judge the domain notify.example.com while a
+// later hop may read evil.com.
 func validPath(addr string) bool {
 	if addr == "" || len(addr) > 320 {
 		return false
@@ -74,6 +78,6 @@ func validPath(addr string) bool {
 			return false
 		}
 	}
-	i := strings.LastIndexByte(addr, '@')
-	return i > 0 && i < len(addr)-1
+	i := strings.IndexByte(addr, '@')
+	return i > 0 && i < len(addr)-1 && strings.IndexByte(addr[i+1:], '@') < 0
 }

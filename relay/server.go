@@ -72,7 +72,7 @@ type Server struct {
 	signer   atomic.Pointer[signerBox]
 	creds    *credentialCache
 	limiter  *authLimiter
-	slots    chan struct{} // one per open connection when MaxConnections > 0
+	clients  *clientCounts // connections per client address
 	shutting atomic.Bool
 
 	mu    sync.Mutex
@@ -82,9 +82,10 @@ type Server struct {
 }
 
 type boundListener struct {
-	cfg  Listener
-	raw  net.Listener
-	smtp *smtp.Server
+	cfg   Listener
+	raw   net.Listener
+	smtp  *smtp.Server
+	slots chan struct{} // one per open connection when MaxConnections > 0
 }
 
 // Listen binds every listener, so that their addresses are known (and a
@@ -104,13 +105,15 @@ func (s *Server) Listen() error {
 		window = time.Minute
 	}
 	s.limiter = newAuthLimiter(s.Limits.AuthFailuresPerIP, window, s.Now)
-	if s.Limits.MaxConnections > 0 {
-		s.slots = make(chan struct{}, s.Limits.MaxConnections)
-	}
+	s.clients = newClientCounts(s.Limits.MaxConnectionsPerIP)
 	s.conns = make(map[*trackedConn]struct{})
 	s.idle = make(chan struct{}, 1)
 
 	for _, lc := range s.Listeners {
+		if err := checkListener(lc); err != nil {
+			s.closeBound()
+			return err
+		}
 		if lc.TLS != TLSNone && s.TLSConfig == nil {
 			s.closeBound()
 			return fmt.Errorf("listener %s: tls %q needs a certificate", lc.Address, lc.TLS)
@@ -124,8 +127,30 @@ func (s *Server) Listen() error {
 			lc.Name = raw.Addr().String()
 		}
 		bl := &boundListener{cfg: lc, raw: raw}
+		if s.Limits.MaxConnections > 0 {
+			bl.slots = make(chan struct{}, s.Limits.MaxConnections)
+		}
 		bl.smtp = s.newSMTPServer(bl)
 		s.bound = append(s.bound, bl)
+	}
+	return nil
+}
+
+// checkListener refuses a listener that would make an open relay: one
+// without AUTH must admit only trusted networks, and never every address.
+// The configuration refuses these too; this holds for any Server, however
+// it was built.
+func checkListener(lc Listener) error {
+	if lc.AuthRequired {
+		return nil
+	}
+	if len(lc.TrustedNetworks) == 0 {
+		return fmt.Errorf("listener %s: without AUTH it must name trusted networks: it would be an open relay", lc.Address)
+	}
+	for _, p := range lc.TrustedNetworks {
+		if p.Bits() == 0 {
+			return fmt.Errorf("listener %s: without AUTH it cannot trust %s, every address: it would be an open relay", lc.Address, p)
+		}
 	}
 	return nil
 }
@@ -135,7 +160,10 @@ func (s *Server) newSMTPServer(bl *boundListener) *smtp.Server {
 		return s.newSession(bl, c)
 	}))
 	srv.Domain = s.Hostname
-	srv.MaxMessageBytes = s.Limits.MaxMessageBytes
+	// No limit for go-smtp: its DATA reader refuses a message of exactly
+	// MaxMessageBytes (it runs out of allowance before the end-of-data
+	// line). The session enforces MaxMessageBytes on MAIL's SIZE and on
+	// the bytes of DATA and BDAT alike; EHLO offers SIZE without a number.
 	srv.MaxRecipients = s.Limits.MaxRecipients
 	srv.MaxLineLength = maxLineLength
 	srv.ReadTimeout = s.Limits.ReadTimeout
@@ -199,7 +227,7 @@ func (s *Server) Serve() error {
 		if bl.cfg.ProxyProtocol {
 			base = s.newProxyListener(bl)
 		}
-		var ln net.Listener = &gate{Listener: base, srv: s, cfg: bl.cfg}
+		var ln net.Listener = &gate{Listener: base, srv: s, cfg: bl.cfg, slots: bl.slots}
 		if bl.cfg.TLS == TLSImplicit {
 			ln = tls.NewListener(ln, s.TLSConfig)
 		}
@@ -278,8 +306,9 @@ func (s *Server) forget(tc *trackedConn) {
 	s.mu.Lock()
 	delete(s.conns, tc)
 	s.mu.Unlock()
-	if s.slots != nil {
-		<-s.slots
+	s.clients.release(tc.ip)
+	if tc.slots != nil {
+		<-tc.slots
 	}
 	select {
 	case s.idle <- struct{}{}:
@@ -288,19 +317,26 @@ func (s *Server) forget(tc *trackedConn) {
 }
 
 // gate admits connections to a listener: it enforces the listener's trusted
-// networks and the relay-wide connection limit before go-smtp sees them.
+// networks, its connection limit and the per-address limit before go-smtp
+// sees them.
 type gate struct {
 	net.Listener
-	srv *Server
-	cfg Listener
+	srv   *Server
+	cfg   Listener
+	slots chan struct{} // the listener's, nil for no limit
+	retry acceptRetry
 }
 
 func (g *gate) Accept() (net.Conn, error) {
 	for {
 		c, err := g.Listener.Accept()
 		if err != nil {
+			if g.retry.wait(err, g.srv.Logger, g.cfg.Name) {
+				continue
+			}
 			return nil, err
 		}
+		g.retry.reset()
 		ip := remoteIP(c)
 		if !g.trusted(ip) {
 			g.srv.Logger.Info("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", "not in trusted_networks")
@@ -308,9 +344,9 @@ func (g *gate) Accept() (net.Conn, error) {
 			go g.refuse(c, "554 5.7.1 Access denied")
 			continue
 		}
-		if g.srv.slots != nil {
+		if g.slots != nil {
 			select {
-			case g.srv.slots <- struct{}{}:
+			case g.slots <- struct{}{}:
 			default:
 				g.srv.Logger.Warn("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", "max_connections reached")
 				g.srv.observer().ConnectionRefused(g.cfg.Name, "max_connections")
@@ -318,12 +354,51 @@ func (g *gate) Accept() (net.Conn, error) {
 				continue
 			}
 		}
-		tc := &trackedConn{Conn: c, srv: g.srv, ip: ip, listener: g.cfg.Name}
+		if !g.srv.clients.acquire(ip) {
+			if g.slots != nil {
+				<-g.slots
+			}
+			g.srv.Logger.Warn("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", "max_connections_per_ip reached")
+			g.srv.observer().ConnectionRefused(g.cfg.Name, "max_connections_per_ip")
+			go g.refuse(c, "421 4.7.0 Too many connections from your address, try again later")
+			continue
+		}
+		tc := &trackedConn{Conn: c, srv: g.srv, ip: ip, listener: g.cfg.Name, slots: g.slots}
+		if g.cfg.TLS != TLSImplicit {
+			// Replies go on the connection itself until a session says
+			// otherwise (after STARTTLS); under implicit TLS only a
+			// session knows the TLS connection.
+			var out net.Conn = tc
+			tc.out.Store(&out)
+		}
 		g.srv.track(tc)
+		if g.cfg.AuthRequired && g.srv.Limits.AuthTimeout > 0 {
+			tc.authTimer = time.AfterFunc(g.srv.Limits.AuthTimeout, tc.authExpired)
+		}
 		g.srv.observer().ConnectionOpened(g.cfg.Name)
 		return tc, nil
 	}
 }
+
+// acceptRetry paces an accept loop through errors that pass, such as a
+// process out of file descriptors, as net/http does: each retry waits
+// twice as long, up to a second, and is logged at warn, since clients are
+// being turned away meanwhile.
+type acceptRetry struct{ delay time.Duration }
+
+// wait sleeps before the next try and reports true, or reports false for
+// an error that ends the loop (a closed listener).
+func (r *acceptRetry) wait(err error, log *slog.Logger, listener string) bool {
+	if errors.Is(err, net.ErrClosed) {
+		return false
+	}
+	r.delay = min(max(2*r.delay, 5*time.Millisecond), time.Second)
+	log.Warn("accept failed", "listener", listener, "error", err, "retry_in", r.delay)
+	time.Sleep(r.delay)
+	return true
+}
+
+func (r *acceptRetry) reset() { r.delay = 0 }
 
 func (g *gate) trusted(ip netip.Addr) bool {
 	return len(g.cfg.TrustedNetworks) == 0 || containsAddr(g.cfg.TrustedNetworks, ip)
@@ -358,47 +433,83 @@ type trackedConn struct {
 	net.Conn
 	srv      *Server
 	ip       netip.Addr
-	listener string // Listener.Name, for the Observer
+	listener string        // Listener.Name, for the Observer
+	slots    chan struct{} // the listener's, given back at Close
 
 	wmu             sync.Mutex
 	closeAfterReply atomic.Bool
 	sess            atomic.Pointer[session]
 	closeOnce       sync.Once
 	hungUp          atomic.Bool
+	// out is the connection replies go to, TLS included, as go-smtp
+	// last gave it to a session; hangUp and authExpired write there.
+	out atomic.Pointer[net.Conn]
+	// authTimer closes the connection if it has not logged in by then
+	// (Limits.AuthTimeout); authed stops it from doing so.
+	authTimer *time.Timer
+	authed    atomic.Bool
 
 	// While a DATA transfer is read, each read of the connection must make
-	// progress within dataIdle and the transfer must end by dataEnd.
-	dmu      sync.Mutex
-	inData   bool
-	dataIdle time.Duration
-	dataEnd  time.Time
+	// progress within dataIdle; a DATA or BDAT transfer must end by
+	// dataEnd, go-smtp's reads of BDAT's commands and chunks included.
+	dmu        sync.Mutex
+	inData     bool
+	dataIdle   time.Duration
+	dataEnd    time.Time
+	dataOver   bool      // the transfer's Data returned: dataEnd goes with the next command
+	cmdTimeout time.Time // the deadline go-smtp set last
 }
 
-// beginData bounds the reads of a DATA transfer in time: each read must
-// make progress within idle, and the whole transfer must end by end; zero
-// values leave either unbounded.
+// beginData bounds the reads of a transfer in time: each read of a DATA
+// transfer must make progress within idle, and the whole transfer must end
+// by end; zero values leave either unbounded.
 func (c *trackedConn) beginData(idle time.Duration, end time.Time) {
 	c.dmu.Lock()
-	c.inData, c.dataIdle, c.dataEnd = true, idle, end
+	c.inData, c.dataIdle, c.dataEnd, c.dataOver = true, idle, end, false
+	c.dmu.Unlock()
+}
+
+// endData marks the end of the transfer's Data. dataEnd still bounds
+// go-smtp's draining of what is left of a DATA transfer, up to the next
+// command line.
+func (c *trackedConn) endData() {
+	c.dmu.Lock()
+	c.dataOver = true
 	c.dmu.Unlock()
 }
 
 // SetReadDeadline is how go-smtp bounds each command line; once it sets
-// one, the DATA transfer and go-smtp's draining of what is left of it are
-// over, and reads return to that deadline.
+// one, the reads of a DATA transfer (its draining included) are over and
+// return to that deadline. A BDAT transfer goes on over several commands,
+// still bounded by dataEnd until its Data returns.
 func (c *trackedConn) SetReadDeadline(t time.Time) error {
 	c.dmu.Lock()
 	c.inData = false
+	c.cmdTimeout = t
+	if c.dataOver {
+		c.dataEnd, c.dataOver = time.Time{}, false
+	}
+	end := c.dataEnd
 	c.dmu.Unlock()
-	return c.Conn.SetReadDeadline(t)
+	return c.Conn.SetReadDeadline(earliest(t, end))
+}
+
+// earliest returns the earlier of two deadlines, zero meaning none.
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || (!b.IsZero() && b.Before(a)) {
+		return b
+	}
+	return a
 }
 
 func (c *trackedConn) Read(b []byte) (int, error) {
 	c.dmu.Lock()
-	inData, dl := c.inData, c.dataEnd
-	if inData && c.dataIdle > 0 {
-		if t := time.Now().Add(c.dataIdle); dl.IsZero() || t.Before(dl) {
-			dl = t
+	inData, end := c.inData, c.dataEnd
+	dl := earliest(c.cmdTimeout, end)
+	if inData {
+		dl = end
+		if c.dataIdle > 0 {
+			dl = earliest(time.Now().Add(c.dataIdle), end)
 		}
 	}
 	c.dmu.Unlock()
@@ -411,6 +522,13 @@ func (c *trackedConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
 	var ne net.Error
 	if err != nil && !inData && errors.As(err, &ne) && ne.Timeout() {
+		if !end.IsZero() && !time.Now().Before(end) {
+			// A BDAT transfer past data_timeout: go-smtp answers this
+			// error when it reads a chunk, and closes on it when it reads
+			// a command.
+			c.closeAfterReply.Store(true)
+			return n, errTimeout
+		}
 		// A command line cut short by ReadTimeout reaches go-smtp as a
 		// whole line (bufio.Reader.ReadLine drops the error when it has
 		// bytes), which it would run as a command and then read on. Close,
@@ -433,6 +551,9 @@ func (c *trackedConn) Write(b []byte) (int, error) {
 func (c *trackedConn) Close() error {
 	err := net.ErrClosed
 	c.closeOnce.Do(func() {
+		if c.authTimer != nil {
+			c.authTimer.Stop()
+		}
 		err = c.Conn.Close()
 		c.srv.forget(c)
 		c.srv.observer().ConnectionClosed(c.listener)
@@ -451,11 +572,34 @@ func (c *trackedConn) hangUp() {
 	if c.hungUp.Swap(true) {
 		return
 	}
-	if s := c.sess.Load(); s != nil {
-		if w := s.conn.Conn(); w != nil {
-			w.SetWriteDeadline(time.Now().Add(time.Second))
-			fmt.Fprintf(w, "421 4.3.2 %s Service shutting down\r\n", c.srv.Hostname)
-		}
+	c.sayAndClose("421 4.3.2 %s Service shutting down")
+}
+
+// loggedIn stops the auth timeout: the session has authenticated.
+func (c *trackedConn) loggedIn() {
+	c.authed.Store(true)
+	if c.authTimer != nil {
+		c.authTimer.Stop()
+	}
+}
+
+// authExpired closes a connection that has not logged in within
+// AuthTimeout: a client that only holds a place, NOOP after NOOP.
+func (c *trackedConn) authExpired() {
+	if c.authed.Load() || c.hungUp.Swap(true) {
+		return
+	}
+	c.srv.Logger.Info("rejected", "listener", c.listener, "client_ip", c.ip.String(), "reason", "auth_timeout", "reply", 421)
+	c.srv.observer().Rejected(c.listener, "auth_timeout")
+	c.sayAndClose("421 4.7.0 %s Authentication timeout, closing connection")
+}
+
+// sayAndClose writes a last reply (format with the hostname) from outside
+// the session's goroutine, then closes.
+func (c *trackedConn) sayAndClose(format string) {
+	if w := c.out.Load(); w != nil {
+		(*w).SetWriteDeadline(time.Now().Add(time.Second))
+		fmt.Fprintf(*w, format+"\r\n", c.srv.Hostname)
 	}
 	c.Close()
 }

@@ -54,6 +54,8 @@ func (s *Server) newSession(bl *boundListener, c *smtp.Conn) (smtp.Session, erro
 	sess := &session{srv: s, lis: bl, conn: c, tc: tc, ip: tc.ip}
 	sess.log = s.Logger.With("listener", bl.cfg.Name, "client_ip", tc.ip.String())
 	tc.sess.Store(sess)
+	out := c.Conn() // after STARTTLS, the TLS connection
+	tc.out.Store(&out)
 	return sess, nil
 }
 
@@ -74,10 +76,7 @@ func (s *session) inTransaction() bool {
 
 func (s *session) reject(reason string, err *smtp.SMTPError, attrs ...any) error {
 	attrs = append(attrs, "reason", reason, "reply", err.Code)
-	if s.user != nil {
-		attrs = append(attrs, "user", s.user.Name)
-	}
-	s.log.Info("rejected", attrs...)
+	s.log.Info("rejected", attrs...) // s.log names the user once logged in
 	s.observeReject(reason)
 	return err
 }
@@ -128,6 +127,7 @@ func (s *session) login(username, password string) error {
 		return s.reject("auth_failed", errAuthInvalid, "username", username)
 	}
 	s.srv.limiter.forgive(s.ip)
+	s.tc.loggedIn()
 	s.user = u
 	s.log = s.log.With("user", u.Name)
 	s.log.Debug("authenticated")
@@ -153,15 +153,21 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if s.srv.Routable != nil && !s.srv.Routable(from) {
 		return s.reject("no_route", errNoRoute, "from", from)
 	}
+	var size int64
+	if opts != nil {
+		size = opts.Size
+	}
+	// RFC 1870 section 6.2: a declared size over the limit is refused at
+	// MAIL (go-smtp has no limit of its own here; see newSMTPServer).
+	if max := s.srv.Limits.MaxMessageBytes; max > 0 && size > max {
+		return s.reject("too_large", smtp.ErrDataTooLarge, "size", size)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.inTx = true
 	s.from = from
 	s.rcpts = s.rcpts[:0]
-	s.size = 0
-	if opts != nil {
-		s.size = opts.Size
-	}
+	s.size = size
 	return nil
 }
 
@@ -204,7 +210,11 @@ func (s *session) Data(r io.Reader) error {
 	from, rcpts, size := s.from, append([]string(nil), s.rcpts...), s.size
 	s.mu.Unlock()
 
+	if max := s.srv.Limits.MaxMessageBytes; max > 0 {
+		r = &sizeLimit{r: r, left: max}
+	}
 	id, err := s.accept(r, from, rcpts, size)
+	s.tc.endData()
 	if s.srv.shutting.Load() {
 		s.tc.closeAfterReply.Store(true)
 	}
@@ -289,6 +299,29 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 	s.log.Info("accepted", attrs...)
 	s.srv.observer().Accepted(s.lis.cfg.Name, int(m.Size), signed)
 	return id, nil
+}
+
+// sizeLimit reads a message of at most left bytes (as the client sent them,
+// dot-stuffing undone: RFC 1870 section 4) and fails with 552 5.3.4 on the
+// byte past it, DATA and BDAT alike.
+type sizeLimit struct {
+	r    io.Reader
+	left int64
+}
+
+func (l *sizeLimit) Read(p []byte) (int, error) {
+	if l.left < 0 {
+		return 0, smtp.ErrDataTooLarge
+	}
+	// One byte more than allowed is enough to tell that it is too much.
+	if int64(len(p)) > l.left+1 {
+		p = p[:l.left+1]
+	}
+	n, err := l.r.Read(p)
+	if l.left -= int64(n); l.left < 0 {
+		return n, smtp.ErrDataTooLarge
+	}
+	return n, err
 }
 
 // readFailed maps an error reading DATA to the reply.

@@ -46,13 +46,23 @@ type User struct {
 
 // Limits bound what one client may make the relay do.
 type Limits struct {
-	MaxMessageBytes   int64
-	MaxRecipients     int
-	MaxConnections    int
-	AuthFailuresPerIP int           // per AuthFailureWindow
+	MaxMessageBytes int64
+	MaxRecipients   int
+	// MaxConnections bounds the connections of each listener, so that the
+	// clients of one (the public port) cannot take the places of another's
+	// (a trusted network's).
+	MaxConnections int
+	// MaxConnectionsPerIP bounds the connections of one client address
+	// (an IPv6 /64) over all listeners; 0 means no bound.
+	MaxConnectionsPerIP int
+	// AuthTimeout is how long a connection to a listener that requires
+	// AUTH may stay without logging in, whatever it sends; 0 means no
+	// bound.
+	AuthTimeout       time.Duration
+	AuthFailuresPerIP int           // per AuthFailureWindow, per client address (an IPv6 /64)
 	AuthFailureWindow time.Duration // one minute unless a test shortens it
 	ReadTimeout       time.Duration // per command line and per read in DATA
-	DataTimeout       time.Duration // a whole DATA transfer
+	DataTimeout       time.Duration // a whole DATA or BDAT transfer
 }
 
 // Upstream is a provider that the relay hands messages to.

@@ -84,8 +84,8 @@ type Bench struct {
 	dkimKey, dkimRecord string
 	// probes holds, per relay target, what the check before timing found.
 	probes map[string]string
-	// extraConfig is appended to smarthost's configuration.
-	extraConfig string
+	// extraLimits are lines added to smarthost's [limits] table.
+	extraLimits string
 }
 
 func main() {

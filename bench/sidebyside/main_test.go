@@ -183,12 +183,16 @@ func TestSmarthostConfig(t *testing.T) {
 			Address, TLS   string
 			MaxConnections int `toml:"max_connections"`
 		}
-		DKIM []struct{ Domain, Selector, KeyFile string } `toml:"dkim"`
-		HTTP struct{ Address string }
+		DKIM   []struct{ Domain, Selector, KeyFile string } `toml:"dkim"`
+		HTTP   struct{ Address string }
+		Limits struct {
+			PerIP   int    `toml:"max_connections_per_ip"`
+			MaxSize string `toml:"max_message_size"`
+		}
 	}
 	for _, withDKIM := range []bool{false, true} {
 		var c cfg
-		text := smarthostConfig("/w", "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", 20, "/w/k.key", withDKIM)
+		text := smarthostConfig("/w", "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", 20, "/w/k.key", withDKIM, memoryLimits)
 		if _, err := toml.Decode(text, &c); err != nil {
 			t.Fatalf("config does not decode: %v\n%s", err, text)
 		}
@@ -198,6 +202,10 @@ func TestSmarthostConfig(t *testing.T) {
 		}
 		if len(c.Upstream) != 1 || c.Upstream[0].Address != "127.0.0.1:3" || c.Upstream[0].MaxConnections != 20 {
 			t.Errorf("upstream: %+v", c.Upstream)
+		}
+		// Every session comes from 127.0.0.1: no per-address limit.
+		if c.Limits.PerIP != 0 || c.Limits.MaxSize != "30MB" || !strings.Contains(text, "max_connections_per_ip = 0") {
+			t.Errorf("limits: %+v", c.Limits)
 		}
 		if c.HTTP.Address != "127.0.0.1:2" || c.Queue.Path != "/w/queue.db" {
 			t.Errorf("http %q, queue %q", c.HTTP.Address, c.Queue.Path)

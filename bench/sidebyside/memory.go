@@ -25,11 +25,8 @@ const (
 	bigMessage     = 25 << 20
 )
 
-// memoryConfig lets bigMessage through and keeps the undeliverable
-// messages from being retried during the measurement.
-const memoryConfig = `
-[limits]
-max_message_size = "30MB"
+// memoryLimits let bigMessage through.
+const memoryLimits = `max_message_size = "30MB"
 `
 
 // Memory measures smarthost alone, with an upstream that refuses every
@@ -49,7 +46,7 @@ func (b *Bench) Memory(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	b.extraConfig = memoryConfig
+	b.extraLimits = memoryLimits
 	var r strings.Builder
 	fmt.Fprintf(&r, "# smarthost memory\n\nMade by `bench/run -memory` on %s.\n\n", time.Now().UTC().Format("2006-01-02 15:04 MST"))
 	fmt.Fprintf(&r, "Resident memory (VmRSS, VmHWM from /proc/PID/status) of `smarthost serve` with a trusted-network listener and an upstream that refuses connections, so that every accepted message stays queued (each is claimed once and deferred).\n\n")

@@ -441,7 +441,7 @@ func (b *Bench) startSmarthost(ctx context.Context, dir, upstream string, dkim b
 		return nil, err
 	}
 	conf := filepath.Join(dir, "smarthost.toml")
-	if err := os.WriteFile(conf, []byte(smarthostConfig(dir, addr, httpAddr, upstream, b.opts.SmarthostConns, b.dkimKey, dkim)+b.extraConfig), 0o644); err != nil {
+	if err := os.WriteFile(conf, []byte(smarthostConfig(dir, addr, httpAddr, upstream, b.opts.SmarthostConns, b.dkimKey, dkim, b.extraLimits)), 0o644); err != nil {
 		return nil, err
 	}
 	logPath := filepath.Join(dir, "smarthost.log")
@@ -469,8 +469,9 @@ func (b *Bench) startSmarthost(ctx context.Context, dir, upstream string, dkim b
 }
 
 // smarthostConfig is the relay's configuration: defaults except for the
-// loopback listener, the sink upstream and its connection limit.
-func smarthostConfig(dir, addr, httpAddr, upstream string, conns int, key string, dkim bool) string {
+// loopback listener, the sink upstream and its connection limit, and
+// limits, lines for the [limits] table.
+func smarthostConfig(dir, addr, httpAddr, upstream string, conns int, key string, dkim bool, limits string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, `# smarthost side-by-side benchmark.
 hostname = "smarthost.bench.invalid"
@@ -485,6 +486,9 @@ tls = "none"
 auth = "none"
 trusted_networks = ["127.0.0.0/8"]
 
+[limits]
+max_connections_per_ip = 0            # every session comes from 127.0.0.1, as from one application server
+%s
 [[upstream]]
 name = "sink"
 address = %q
@@ -497,7 +501,7 @@ upstreams = ["sink"]
 
 [http]
 address = %q
-`, filepath.Join(dir, "queue.db"), addr, upstream, conns, httpAddr)
+`, filepath.Join(dir, "queue.db"), addr, limits, upstream, conns, httpAddr)
 	if dkim {
 		fmt.Fprintf(&b, `
 [[dkim]]

@@ -116,6 +116,10 @@ const (
 	defaultMaxConnections = 1000
 	defaultAuthFailures   = 5
 	defaultUpstreamConns  = 4
+	// Twenty connections are more than one client needs, and an address
+	// cannot hold a listener's places; Postfix's own default is 50.
+	defaultMaxConnectionsPerIP = 20
+	defaultAuthTimeout         = time.Minute
 )
 
 // LoadConfig reads the file at path and validates it with ParseConfig.
@@ -265,13 +269,15 @@ func (p *configParser) queue(t *configTable) QueueConfig {
 
 func (p *configParser) limits(t *configTable) relay.Limits {
 	l := relay.Limits{
-		MaxMessageBytes:   t.size("max_message_size", defaultMaxMessage),
-		MaxRecipients:     t.integer("max_recipients", defaultMaxRecipients, 1),
-		MaxConnections:    t.integer("max_connections", defaultMaxConnections, 1),
-		AuthFailuresPerIP: t.integer("auth_failures_per_ip", defaultAuthFailures, 1),
-		AuthFailureWindow: time.Minute,
-		ReadTimeout:       t.duration("read_timeout", 5*time.Minute),
-		DataTimeout:       t.duration("data_timeout", 10*time.Minute),
+		MaxMessageBytes:     t.size("max_message_size", defaultMaxMessage),
+		MaxRecipients:       t.integer("max_recipients", defaultMaxRecipients, 1),
+		MaxConnections:      t.integer("max_connections", defaultMaxConnections, 1),
+		MaxConnectionsPerIP: t.integer("max_connections_per_ip", defaultMaxConnectionsPerIP, 0),
+		AuthTimeout:         t.duration("auth_timeout", defaultAuthTimeout),
+		AuthFailuresPerIP:   t.integer("auth_failures_per_ip", defaultAuthFailures, 1),
+		AuthFailureWindow:   time.Minute,
+		ReadTimeout:         t.duration("read_timeout", 5*time.Minute),
+		DataTimeout:         t.duration("data_timeout", 10*time.Minute),
 	}
 	t.done()
 	return l

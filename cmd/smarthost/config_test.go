@@ -236,6 +236,7 @@ upstreams = ["local"]
 		}},
 		Limits: relay.Limits{
 			MaxMessageBytes: 25 << 20, MaxRecipients: 100, MaxConnections: 1000,
+			MaxConnectionsPerIP: 20, AuthTimeout: time.Minute,
 			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
 			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute,
 		},
@@ -288,6 +289,8 @@ allow_public_networks = true
 max_message_size = "512KB"
 max_recipients = 7
 max_connections = 9
+max_connections_per_ip = 3
+auth_timeout = "20s"
 auth_failures_per_ip = 2
 read_timeout = "30s"
 data_timeout = "1m"
@@ -373,7 +376,7 @@ admin_token_env = "SMARTHOST_TEST_ADMIN"
 		t.Errorf("listeners = %+v\nwant %+v", cfg.Listeners, wantListeners)
 	}
 	wantLimits := relay.Limits{MaxMessageBytes: 512 << 10, MaxRecipients: 7, MaxConnections: 9,
-		AuthFailuresPerIP: 2, AuthFailureWindow: time.Minute, ReadTimeout: 30 * time.Second, DataTimeout: time.Minute}
+		MaxConnectionsPerIP: 3, AuthTimeout: 20 * time.Second, AuthFailuresPerIP: 2, AuthFailureWindow: time.Minute, ReadTimeout: 30 * time.Second, DataTimeout: time.Minute}
 	if cfg.Limits != wantLimits {
 		t.Errorf("limits = %+v, want %+v", cfg.Limits, wantLimits)
 	}
@@ -562,6 +565,8 @@ func TestParseConfigRules(t *testing.T) {
 		{"recipients zero", map[string]string{"limits": "[limits]\nmax_recipients = 0"}, "limits.max_recipients", "out of range"},
 		{"connections negative", map[string]string{"limits": "[limits]\nmax_connections = -1"}, "limits.max_connections", "out of range"},
 		{"auth failures zero", map[string]string{"limits": "[limits]\nauth_failures_per_ip = 0"}, "limits.auth_failures_per_ip", "out of range"},
+		{"connections per ip negative", map[string]string{"limits": "[limits]\nmax_connections_per_ip = -1"}, "limits.max_connections_per_ip", "out of range"},
+		{"auth timeout zero", map[string]string{"limits": "[limits]\nauth_timeout = \"0s\""}, "limits.auth_timeout", "must be positive"},
 		{"read timeout zero", map[string]string{"limits": "[limits]\nread_timeout = \"0\""}, "limits.read_timeout", "positive"},
 		{"data timeout junk", map[string]string{"limits": "[limits]\ndata_timeout = \"ten minutes\""}, "limits.data_timeout", "not a duration"},
 
@@ -900,7 +905,8 @@ func TestExampleConfig(t *testing.T) {
 			"upstream_command_timeout", "upstream_data_timeout",
 			"cert_file", "key_file",
 			"name", "address", "tls", "auth", "trusted_networks", "allow_public_networks",
-			"max_message_size", "max_recipients", "max_connections", "auth_failures_per_ip", "read_timeout", "data_timeout",
+			"max_message_size", "max_recipients", "max_connections", "max_connections_per_ip", "auth_timeout",
+			"auth_failures_per_ip", "read_timeout", "data_timeout",
 			"password_hash", "allowed_from",
 			"domain", "selector", "headers", "canonicalization", "expiration", "subdomains",
 			"username", "password_env", "password_file", "ca_file", "rate_limit", "dsn_from",

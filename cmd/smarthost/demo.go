@@ -103,6 +103,7 @@ func demo(ctx context.Context, listen, httpAddr, dir string, logger *slog.Logger
 		Listeners:   []relay.Listener{{Name: "submission", Address: listen, TLS: relay.TLSStartTLS, AuthRequired: true}},
 		Limits: relay.Limits{
 			MaxMessageBytes: 25 << 20, MaxRecipients: 100, MaxConnections: 100,
+			MaxConnectionsPerIP: defaultMaxConnectionsPerIP, AuthTimeout: defaultAuthTimeout,
 			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
 			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute,
 		},
