@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"text/template"
@@ -129,6 +130,17 @@ admin_token_env = "E2E_ADMIN_TOKEN"
 {{.Extra}}
 `))
 
+// userHash is the e2e user's password hash, the same in every
+// configuration written: a reload that changes it logs the user's open
+// sessions out.
+var userHash = sync.OnceValue(func() string {
+	hash, err := bcrypt.GenerateFromPassword([]byte(userPassword), bcrypt.MinCost)
+	if err != nil {
+		panic(err)
+	}
+	return string(hash)
+})
+
 // writeConfig writes a configuration into a new directory and returns its path.
 func writeConfig(t *testing.T, rc relayConfig) string {
 	t.Helper()
@@ -156,11 +168,7 @@ func writeConfig(t *testing.T, rc relayConfig) string {
 	if rc.UpstreamTLS == "" {
 		rc.UpstreamTLS = "implicit"
 	}
-	hash, err := bcrypt.GenerateFromPassword([]byte(userPassword), bcrypt.MinCost)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rc.UserHash = string(hash)
+	rc.UserHash = userHash()
 	var buf bytes.Buffer
 	if err := configTmpl.Execute(&buf, rc); err != nil {
 		t.Fatal(err)

@@ -1,10 +1,12 @@
 package relay
 
 import (
+	"bytes"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -15,20 +17,50 @@ import (
 // users is an immutable set of submitters, swapped whole on reload.
 type users struct {
 	byName map[string]*User
+	// dummy is compared against when the user does not exist, so that a
+	// login's timing does not tell which user names are valid: a hash of
+	// the highest cost among the users (costs is every cost in use).
+	dummy []byte
+	costs []int
 }
 
-func newUsers(list []User) *users {
+// newUsers indexes list; prev, if not nil, is the set it replaces, whose
+// dummy hash is kept when the cost is the same.
+func newUsers(list []User, prev *users) *users {
 	u := &users{byName: make(map[string]*User, len(list))}
+	cost := bcrypt.MinCost // with no users there is no name to tell apart
 	for i := range list {
 		usr := list[i]
 		u.byName[usr.Name] = &usr
+		if c, err := bcrypt.Cost(usr.PasswordHash); err == nil {
+			if !slices.Contains(u.costs, c) {
+				u.costs = append(u.costs, c)
+			}
+			if i == 0 || c > cost {
+				cost = c
+			}
+		}
 	}
+	slices.Sort(u.costs)
+	if prev != nil {
+		if c, err := bcrypt.Cost(prev.dummy); err == nil && c == cost {
+			u.dummy = prev.dummy
+			return u
+		}
+	}
+	u.dummy, _ = bcrypt.GenerateFromPassword([]byte("smarthost-no-such-user"), cost)
 	return u
 }
 
-// dummyHash is compared against when the user does not exist, so that a
-// login's timing does not tell which user names are valid.
-var dummyHash, _ = bcrypt.GenerateFromPassword([]byte("smarthost-no-such-user"), bcrypt.DefaultCost)
+// current returns the user logged in as u, as the configuration now has
+// it, or nil when it was removed or its password changed since.
+func (us *users) current(u *User) *User {
+	now := us.byName[u.Name]
+	if now == nil || !bytes.Equal(now.PasswordHash, u.PasswordHash) {
+		return nil
+	}
+	return now
+}
 
 // credentialCache remembers passwords that bcrypt already accepted, as
 // HMACs under a per-process key, so that a client which logs in for every

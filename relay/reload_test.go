@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/ed25519"
 	"crypto/rand"
+	"strings"
 	"testing"
 
 	"golang.org/x/crypto/bcrypt"
@@ -52,9 +53,13 @@ func TestSetSignerAndUsers(t *testing.T) {
 		t.Fatal(err)
 	}
 	env.srv.SetUsers([]User{{Name: "new", PasswordHash: hash, AllowedFrom: []string{"*@example.com"}}})
-	// Logged in before: stays logged in as app.
-	if code, msg := c.send("app@example.com", []string{"bob@example.net"}, plainMsg); code != 250 {
-		t.Errorf("session of a removed user: %d %s", code, msg)
+	// Logged in before as a user the reload removed: its next MAIL is
+	// refused, and the connection closed.
+	if code, msg := c.cmd("MAIL FROM:<app@example.com>"); code != 421 || !strings.HasPrefix(msg, "4.7.0") {
+		t.Errorf("session of a removed user: MAIL %d %s, want 421 4.7.0", code, msg)
+	}
+	if _, err := c.tp.ReadLine(); err == nil {
+		t.Error("connection still open after 421")
 	}
 	d := dial(t, env.addrs[0])
 	d.expect(250, "EHLO client.test")

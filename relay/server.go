@@ -178,10 +178,18 @@ func (s *Server) newSMTPServer(bl *boundListener) *smtp.Server {
 	return srv
 }
 
-// SetUsers replaces the set of users; sessions that already logged in keep
-// the user they logged in as.
+// SetUsers replaces the set of users. A session logged in as a user that
+// the new set removes, or whose password it changes, is refused at its
+// next MAIL; the others go on under the user's new settings.
 func (s *Server) SetUsers(list []User) {
-	s.users.Store(newUsers(list))
+	u := newUsers(list, s.users.Load())
+	if len(u.costs) > 1 && s.Logger != nil {
+		// An unknown name costs what the highest cost does, so a user of
+		// a lower one answers measurably faster.
+		s.Logger.Warn("users' password hashes have different bcrypt costs: login timing can tell a user of a lower cost from an unknown name; make them all with one cost (smarthost passwd -cost)",
+			"costs", u.costs)
+	}
+	s.users.Store(u)
 }
 
 // SetSigner replaces the DKIM signer; nil turns signing off. A message

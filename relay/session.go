@@ -116,10 +116,11 @@ func (s *session) login(username, password string) error {
 		s.tc.closeAfterReply.Store(true)
 		return s.reject("auth_blocked", errAuthBlocked, "username", username)
 	}
-	u := s.srv.users.Load().byName[username]
+	us := s.srv.users.Load()
+	u := us.byName[username]
 	ok := false
 	if u == nil {
-		bcrypt.CompareHashAndPassword(dummyHash, []byte(password))
+		bcrypt.CompareHashAndPassword(us.dummy, []byte(password))
 	} else {
 		ok = s.srv.creds.check(u, password)
 	}
@@ -134,6 +135,20 @@ func (s *session) login(username, password string) error {
 	return nil
 }
 
+// currentUser returns the session's user as the configuration now has
+// it: a reload may have changed its allowed senders. It returns an error
+// when the reload removed the user or changed its password: the session
+// logged in with credentials that are no longer valid, so it is closed,
+// and the client can log in again on a new connection.
+func (s *session) currentUser() (*User, error) {
+	u := s.srv.users.Load().current(s.user)
+	if u == nil {
+		s.tc.closeAfterReply.Store(true)
+		return nil, s.reject("credentials_changed", errCredentialsChanged)
+	}
+	return u, nil
+}
+
 // Mail starts a transaction (RFC 5321 section 3.3).
 func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if s.srv.shutting.Load() {
@@ -143,6 +158,13 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	}
 	if s.lis.cfg.AuthRequired && s.user == nil {
 		return s.reject("auth_required", errAuthRequired)
+	}
+	if s.user != nil {
+		u, err := s.currentUser()
+		if err != nil {
+			return err
+		}
+		s.user = u
 	}
 	if from != "" && !validPath(from) {
 		return s.reject("bad_sender", errBadSender)
