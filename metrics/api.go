@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -48,14 +49,18 @@ type QueueAdmin interface {
 //	POST   /api/queue/flush         make every message that is not held due now
 //	GET    /api/upstreams           the upstreams' states
 //
-// With Token set every request must carry "Authorization: Bearer Token";
-// without it only loopback clients are answered. Errors are APIError
-// bodies with the fitting status.
+// With Token set every request must carry "Authorization: Bearer Token".
+// Without it only loopback clients are answered, and only requests whose
+// Host is a loopback address or localhost and that carry neither Origin
+// nor "Sec-Fetch-Site: cross-site", so that a web page in a browser on
+// the same machine can neither read nor change the queue. Errors are
+// APIError bodies with the fitting status.
 type API struct {
 	Queue QueueAdmin
 	// Upstreams reports the upstreams' states; nil reports none.
 	Upstreams func() []relay.UpstreamState
-	// Token is the bearer token; "" restricts the API to loopback.
+	// Token is the bearer token; "" restricts the API to loopback
+	// clients that are not web pages.
 	Token string
 	// Now is the clock for message ages. Default time.Now.
 	Now func() time.Time
@@ -195,6 +200,20 @@ func (a *API) authorized(w http.ResponseWriter, r *http.Request) bool {
 			writeError(w, http.StatusForbidden, "the admin API answers only loopback clients when no admin token is set ([http] admin_token_env)")
 			return false
 		}
+		// A browser on this machine is a loopback client too, driven by
+		// any page it shows. A name of the attacker's that resolves to
+		// 127.0.0.1 (DNS rebinding) arrives with that name as Host; a
+		// page's own request, cross-origin (CSRF) or not, carries Origin
+		// (RFC 6454 section 7) or Sec-Fetch-Site (Fetch Metadata). Tools
+		// such as smarthost queue send neither.
+		if !loopbackHost(r.Host) {
+			writeError(w, http.StatusForbidden, "the admin API answers only requests to a loopback address or localhost when no admin token is set ([http] admin_token_env)")
+			return false
+		}
+		if r.Header.Get("Origin") != "" || strings.EqualFold(r.Header.Get("Sec-Fetch-Site"), "cross-site") {
+			writeError(w, http.StatusForbidden, "the admin API answers no request from a web page when no admin token is set ([http] admin_token_env)")
+			return false
+		}
 		return true
 	}
 	// RFC 6750 section 2.1: "Authorization: Bearer <token>"; the scheme
@@ -219,6 +238,21 @@ func (a *API) authorized(w http.ResponseWriter, r *http.Request) bool {
 func fromLoopback(r *http.Request) bool {
 	ap, err := netip.ParseAddrPort(r.RemoteAddr)
 	return err == nil && ap.Addr().Unmap().IsLoopback()
+}
+
+// loopbackHost reports whether a request's Host names this machine: a
+// loopback address or localhost, with any port.
+func loopbackHost(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	} else if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+		host = host[1 : len(host)-1] // "[::1]" without a port
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	addr, err := netip.ParseAddr(host)
+	return err == nil && addr.Zone() == "" && addr.Unmap().IsLoopback()
 }
 
 func (a *API) list(w http.ResponseWriter, r *http.Request) {

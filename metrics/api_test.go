@@ -172,11 +172,12 @@ func newTestAPI(token string) (*API, *fakeAdmin) {
 }
 
 // call sends one request to h as if from remote ("ip:port") and returns
-// the response.
+// the response. Its Host is a loopback address, as smarthost queue sends.
 func call(t *testing.T, h http.Handler, method, path, remote, auth string) *http.Response {
 	t.Helper()
 	req := httptest.NewRequest(method, path, nil)
 	req.RemoteAddr = remote
+	req.Host = "127.0.0.1:9090"
 	if auth != "" {
 		req.Header.Set("Authorization", auth)
 	}

@@ -6,10 +6,13 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"smarthost/queue"
 )
 
 // startServer runs s on 127.0.0.1:0 and returns its base URL and the
@@ -166,5 +169,120 @@ func TestServerServeBeforeListen(t *testing.T) {
 	}
 	if err := (&Server{}).Shutdown(context.Background()); err != nil {
 		t.Errorf("Shutdown before Listen = %v", err)
+	}
+}
+
+// adminRequest sends one request to the listener at base with the given
+// Host (the URL's own when ""), headers and bearer token, and returns
+// the status and body.
+func adminRequest(t *testing.T, base, method, path, host string, header map[string]string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, base+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if host != "" {
+		req.Host = host
+	}
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, string(body)
+}
+
+// TestAPIRefusesWebPagesWithoutToken: without a token, a page in a
+// browser on the relay's host reaches the API from loopback, but under
+// the attacker's name (DNS rebinding) or with Origin or Sec-Fetch-Site
+// (CSRF). Over a real socket, against a real queue, none of those reads
+// an address or changes anything; the names a tool uses still work.
+func TestAPIRefusesWebPagesWithoutToken(t *testing.T) {
+	store, err := queue.Open(filepath.Join(t.TempDir(), "queue.db"), queue.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	m := &queue.Message{From: "app@example.com", Recipients: []queue.Recipient{{Addr: "secret-rcpt@example.net"}}}
+	if err := store.Put(context.Background(), m, []byte("Subject: hi\r\n\r\nhello\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	metrics := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "smarthost_up 1\n") })
+	base, _ := startServer(t, &Server{API: &API{Queue: store, Logger: slog.New(slog.DiscardHandler)}, Metrics: metrics})
+	port := strings.TrimPrefix(base, "http://127.0.0.1:")
+
+	refused := []struct {
+		name, method, path, host string
+		header                   map[string]string
+	}{
+		{"rebound name", "GET", "/api/queue", "attacker.example:" + port, nil},
+		{"rebound name without port", "GET", "/api/queue/" + m.ID, "attacker.example", nil},
+		{"name that embeds an address", "GET", "/api/queue", "127.0.0.1.nip.io:" + port, nil},
+		{"name under localhost's", "GET", "/api/queue", "localhost.attacker.example:" + port, nil},
+		{"public address", "GET", "/api/queue", "192.0.2.7:" + port, nil},
+		{"simple cross-origin POST", "POST", "/api/queue/" + m.ID + "/hold", "", map[string]string{"Origin": "http://attacker.example", "Content-Type": "text/plain"}},
+		{"cross-origin DELETE", "DELETE", "/api/queue/" + m.ID, "", map[string]string{"Origin": "http://attacker.example"}},
+		{"opaque origin", "POST", "/api/queue/flush", "", map[string]string{"Origin": "null"}},
+		{"same-origin page", "POST", "/api/queue/" + m.ID + "/retry", "", map[string]string{"Origin": base}},
+		{"cross-site fetch", "GET", "/api/queue", "", map[string]string{"Sec-Fetch-Site": "cross-site"}},
+		{"rebound DELETE", "DELETE", "/api/queue/" + m.ID, "attacker.example:" + port, nil},
+	}
+	for _, tt := range refused {
+		t.Run(tt.name, func(t *testing.T) {
+			code, body := adminRequest(t, base, tt.method, tt.path, tt.host, tt.header)
+			if code != http.StatusForbidden {
+				t.Errorf("status = %d, want 403: %s", code, body)
+			}
+			if strings.Contains(body, "secret-rcpt") {
+				t.Errorf("refused answer shows the recipient: %s", body)
+			}
+		})
+	}
+	got, err := store.Get(m.ID)
+	if err != nil {
+		t.Fatalf("message gone after the refused requests: %v", err)
+	}
+	if got.Held {
+		t.Error("message held by a refused request")
+	}
+
+	// What smarthost queue and an administrator's curl send.
+	for _, host := range []string{"", "localhost:" + port, "LocalHost:" + port, "localhost", "[::1]:" + port, "[::1]", "127.0.0.2:" + port, "[::ffff:127.0.0.1]:" + port} {
+		code, body := adminRequest(t, base, "GET", "/api/queue", host, map[string]string{"Sec-Fetch-Site": "none"})
+		if code != 200 || !strings.Contains(body, "secret-rcpt@example.net") {
+			t.Errorf("Host %q: %d %s", host, code, body)
+		}
+	}
+	if code, body := adminRequest(t, base, "POST", "/api/queue/"+m.ID+"/hold", "localhost:"+port, nil); code != 200 {
+		t.Errorf("hold from a tool: %d %s", code, body)
+	}
+
+	// The probes and metrics are not the admin API: they show no mail.
+	for _, path := range []string{"/healthz", "/readyz", "/metrics"} {
+		if code, body := adminRequest(t, base, "GET", path, "attacker.example:"+port, map[string]string{"Origin": "http://attacker.example"}); code != 200 {
+			t.Errorf("%s under another name: %d %s", path, code, body)
+		}
+	}
+}
+
+// TestAPIWithTokenIgnoresHostAndOrigin: with a token, which a page
+// cannot know, the API serves any name and origin, as behind a proxy.
+func TestAPIWithTokenIgnoresHostAndOrigin(t *testing.T) {
+	api, _ := newTestAPI("s3cret-token")
+	base, _ := startServer(t, &Server{API: api})
+	code, _ := adminRequest(t, base, "GET", "/api/queue", "relay.example.com", map[string]string{"Authorization": "Bearer s3cret-token", "Origin": "https://ops.example.com"})
+	if code != 200 {
+		t.Errorf("with the token: %d", code)
+	}
+	code, _ = adminRequest(t, base, "GET", "/api/queue", "relay.example.com", map[string]string{"Origin": "https://ops.example.com"})
+	if code != 401 {
+		t.Errorf("without the token: %d, want 401", code)
 	}
 }

@@ -460,3 +460,38 @@ func TestOneLine(t *testing.T) {
 		t.Errorf("empty = %q", got)
 	}
 }
+
+// TestQueueLoopbackNamesWithoutToken: without a token the API answers
+// only requests to a loopback address or localhost; the command reaches
+// it by each of those names, from -server and from [http] address.
+func TestQueueLoopbackNamesWithoutToken(t *testing.T) {
+	s := newAdminServer(t, "")
+	port := strings.TrimPrefix(s.url, "http://127.0.0.1:")
+	servers := []string{"http://127.0.0.1:" + port, "http://localhost:" + port, "127.0.0.1:" + port, "localhost:" + port}
+	addrs := []string{"127.0.0.1:" + port, "localhost:" + port, "0.0.0.0:" + port, ":" + port}
+	if ln, err := net.Listen("tcp", "[::1]:0"); err == nil {
+		v6 := httptest.NewUnstartedServer(&metrics.API{Queue: s.store, Logger: slog.New(slog.DiscardHandler)})
+		v6.Listener.Close()
+		v6.Listener = ln
+		v6.Start()
+		t.Cleanup(v6.Close)
+		_, port6, _ := net.SplitHostPort(ln.Addr().String())
+		servers = append(servers, "http://[::1]:"+port6)
+		addrs = append(addrs, "[::1]:"+port6, "[::]:"+port6)
+	} else {
+		t.Logf("no IPv6 loopback: %v", err)
+	}
+	for _, server := range servers {
+		code, stdout, stderr := runCmd(t, "queue", "-config", s.configPath(), "-server", server, "list")
+		if code != 0 || !strings.Contains(stdout, s.ids[0]) {
+			t.Errorf("-server %s: exit %d\nstdout:\n%s\nstderr:\n%s", server, code, stdout, stderr)
+		}
+	}
+	for _, addr := range addrs {
+		s.writeConfig(t, "[http]\naddress = \""+addr+"\"\n")
+		code, stdout, stderr := runCmd(t, "queue", "-config", s.configPath(), "hold", s.ids[2])
+		if code != 0 || stdout != s.ids[2]+": held\n" {
+			t.Errorf("[http] address %s: exit %d\nstdout:\n%s\nstderr:\n%s", addr, code, stdout, stderr)
+		}
+	}
+}
