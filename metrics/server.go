@@ -12,6 +12,8 @@ import (
 	"net/http"
 	"sync"
 	"time"
+
+	"golang.org/x/net/netutil"
 )
 
 // Server is the [http] listener. Set the fields, call Listen to bind
@@ -29,19 +31,33 @@ type Server struct {
 	Metrics http.Handler
 	// Logger receives the HTTP server's own errors. Default slog.Default().
 	Logger *slog.Logger
+	// MaxConnections caps the connections open at once; more wait in the
+	// kernel's listen backlog until one closes, so that idle or hostile
+	// clients cannot take every file descriptor of the process (and with
+	// them the SMTP listeners'). Default DefaultMaxConnections.
+	MaxConnections int
 
 	mu  sync.Mutex
 	ln  net.Listener
 	srv *http.Server
 }
 
-// Timeouts of the HTTP server: the endpoints answer small requests at
-// once, so anything slower is a stuck or hostile client.
+// DefaultMaxConnections is the default of Server.MaxConnections.
+const DefaultMaxConnections = 256
+
+// Bounds of every request: the endpoints answer small requests at once,
+// so anything slower or bigger is a stuck or hostile client. With
+// MaxConnections they bound what the listener can hold: a connection is
+// released at the latest readHeaderTimeout after it opened without a
+// request, or idleTimeout after its last answer.
 const (
 	readHeaderTimeout = 10 * time.Second
 	readTimeout       = 30 * time.Second
 	writeTimeout      = time.Minute
 	idleTimeout       = 2 * time.Minute
+	// maxHeaderBytes leaves room for a bearer token and a browser's
+	// cookies, a thirty-second of net/http's 1 MB default.
+	maxHeaderBytes = 32 << 10
 )
 
 // Handler returns the routes of the listener, for tests and for serving
@@ -80,22 +96,47 @@ func (s *Server) Listen() error {
 	if s.Logger == nil {
 		s.Logger = slog.Default()
 	}
+	limit := s.MaxConnections
+	if limit <= 0 {
+		limit = DefaultMaxConnections
+	}
 	ln, err := net.Listen("tcp", s.Address)
 	if err != nil {
 		return err // names the address: "listen tcp 127.0.0.1:9090: bind: …"
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.ln = ln
+	s.ln = acceptLogger{Listener: netutil.LimitListener(ln, limit), log: s.Logger}
 	s.srv = &http.Server{
 		Handler:           s.Handler(),
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       readTimeout,
 		WriteTimeout:      writeTimeout,
 		IdleTimeout:       idleTimeout,
-		ErrorLog:          slog.NewLogLogger(s.Logger.Handler(), slog.LevelDebug),
+		MaxHeaderBytes:    maxHeaderBytes,
+		// What net/http logs here is mostly about clients' requests;
+		// failed accepts, which are the process's own, acceptLogger
+		// reports at warn.
+		ErrorLog: slog.NewLogLogger(s.Logger.Handler(), slog.LevelDebug),
 	}
 	return nil
+}
+
+// acceptLogger reports failed accepts at warn: running out of file
+// descriptors stops the relay from answering probes and the admin API,
+// and an operator must see it. http.Server retries them with a backoff
+// of up to a second, so there is at most about one line a second.
+type acceptLogger struct {
+	net.Listener
+	log *slog.Logger
+}
+
+func (l acceptLogger) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		l.log.Warn("accept failed", "listener", "http", "error", err)
+	}
+	return c, err
 }
 
 // Addr returns the bound address, or nil before Listen.

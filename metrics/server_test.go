@@ -1,12 +1,16 @@
 package metrics
 
 import (
+	"bufio"
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -284,5 +288,150 @@ func TestAPIWithTokenIgnoresHostAndOrigin(t *testing.T) {
 	code, _ = adminRequest(t, base, "GET", "/api/queue", "relay.example.com", map[string]string{"Origin": "https://ops.example.com"})
 	if code != 401 {
 		t.Errorf("without the token: %d, want 401", code)
+	}
+}
+
+// openFiles counts this process's open file descriptors.
+func openFiles(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skipf("no /proc: %v", err)
+	}
+	return len(entries)
+}
+
+// dialIdle opens n connections to addr that send nothing.
+func dialIdle(t *testing.T, addr string, n int) []net.Conn {
+	t.Helper()
+	conns := make([]net.Conn, n)
+	for i := range conns {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		conns[i] = c
+	}
+	t.Cleanup(func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return conns
+}
+
+// sendGet writes a GET for path to c.
+func sendGet(t *testing.T, c net.Conn, path string) {
+	t.Helper()
+	if _, err := io.WriteString(c, "GET "+path+" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// statusLine reads the status line of an answer on c, "" if none came
+// within wait.
+func statusLine(t *testing.T, c net.Conn, wait time.Duration) string {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(wait))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return ""
+		}
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(line)
+}
+
+// TestServerMaxConnections: connections beyond MaxConnections wait in
+// the kernel's backlog, holding no descriptor of the process, and are
+// served once a connection closes.
+func TestServerMaxConnections(t *testing.T) {
+	const limit, flood = 8, 300
+	s := &Server{MaxConnections: limit}
+	base, _ := startServer(t, s)
+	addr := s.Addr().String()
+
+	before := openFiles(t)
+	held := dialIdle(t, addr, limit)
+	sendGet(t, held[0], "/healthz")
+	if line := statusLine(t, held[0], 10*time.Second); line != "HTTP/1.1 200 OK" {
+		t.Fatalf("a connection within the limit: %q", line)
+	}
+	waiting := dialIdle(t, addr, flood)
+	// Over the limit, a request waits unanswered…
+	sendGet(t, waiting[0], "/healthz")
+	if line := statusLine(t, waiting[0], 500*time.Millisecond); line != "" {
+		t.Fatalf("a connection over the limit was answered: %q", line)
+	}
+	// …and the server holds no descriptor for it: each connection costs
+	// the test one for its own end, the server one for each it accepted.
+	if n := openFiles(t) - before; n > limit+flood+limit+4 {
+		t.Errorf("%d descriptors for %d connections: the server holds more than its %d", n, limit+flood, limit)
+	}
+	// Once the held connections close, it is served.
+	for _, c := range held {
+		c.Close()
+	}
+	if line := statusLine(t, waiting[0], 10*time.Second); line != "HTTP/1.1 200 OK" {
+		t.Fatalf("after the held connections closed: %q", line)
+	}
+	for _, c := range waiting {
+		c.Close()
+	}
+	if code, _ := get(t, base+"/healthz"); code != 200 {
+		t.Errorf("/healthz = %d", code)
+	}
+}
+
+// TestServerRequestBounds: a header section over 32 KiB is refused with
+// 431, and an admin API request with a body over 64 KiB with 413 before
+// it acts.
+func TestServerRequestBounds(t *testing.T) {
+	api, admin := newTestAPI("")
+	base, _ := startServer(t, &Server{API: api})
+
+	req, err := http.NewRequest("GET", base+"/api/queue", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("X-Padding", strings.Repeat("a", 64<<10))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Errorf("64 KiB header: %d, want 431", resp.StatusCode)
+	}
+	req.Header.Set("X-Padding", strings.Repeat("a", 16<<10))
+	if resp, err = http.DefaultClient.Do(req); err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("16 KiB header: %d, want 200", resp.StatusCode)
+	}
+
+	resp, err = http.Post(base+"/api/queue/flush", "application/octet-stream", strings.NewReader(strings.Repeat("x", 1<<20)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestEntityTooLarge || !strings.Contains(string(body), "request body over 65536 bytes") {
+		t.Errorf("1 MiB body: %d %s, want 413", resp.StatusCode, body)
+	}
+	if calls := admin.Calls(); slices.Contains(calls, "flush") {
+		t.Errorf("a refused request reached the queue: %v", calls)
+	}
+	resp, err = http.Post(base+"/api/queue/flush", "text/plain", strings.NewReader("small"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("small body: %d, want 200", resp.StatusCode)
 	}
 }

@@ -25,6 +25,7 @@ import (
 
 	"smarthost/dkim"
 	"smarthost/internal/bytesize"
+	"smarthost/metrics"
 	"smarthost/relay"
 )
 
@@ -55,6 +56,9 @@ type Config struct {
 
 	HTTPAddress   string // [http] address, default "127.0.0.1:9090"
 	AdminTokenEnv string // env var holding the /api bearer token; "" for none
+	// HTTPMaxConnections caps the [http] listener's open connections;
+	// default metrics.DefaultMaxConnections (256).
+	HTTPMaxConnections int
 
 	// ShutdownTimeout bounds a graceful stop: transactions in progress
 	// and deliveries in flight get this long to finish. Default 25s, under
@@ -216,6 +220,7 @@ func (p *configParser) config(root *configTable) *Config {
 	if err := checkHostPort(cfg.HTTPAddress, false); err != nil {
 		http.errorf("address", "%v", err)
 	}
+	cfg.HTTPMaxConnections = http.integer("max_connections", metrics.DefaultMaxConnections, 1)
 	if env, ok := http.str("admin_token_env"); ok {
 		// A named token that is missing would leave the admin API open or
 		// unusable; either way the operator meant something else.

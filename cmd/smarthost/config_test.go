@@ -240,10 +240,11 @@ upstreams = ["local"]
 			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
 			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute,
 		},
-		Upstreams:       []relay.Upstream{{Name: "local", Address: "localhost:2525", TLS: relay.TLSNone, MaxConnections: 4}},
-		Routes:          []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
-		HTTPAddress:     "127.0.0.1:9090",
-		ShutdownTimeout: 25 * time.Second,
+		Upstreams:          []relay.Upstream{{Name: "local", Address: "localhost:2525", TLS: relay.TLSNone, MaxConnections: 4}},
+		Routes:             []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
+		HTTPAddress:        "127.0.0.1:9090",
+		HTTPMaxConnections: 256,
+		ShutdownTimeout:    25 * time.Second,
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Errorf("got  %+v\nwant %+v", cfg, want)
@@ -349,6 +350,7 @@ upstreams = ["backup"]
 [http]
 address = ":9091"
 admin_token_env = "SMARTHOST_TEST_ADMIN"
+max_connections = 64
 `)
 	cfg := mustParse(t, text)
 
@@ -433,8 +435,8 @@ admin_token_env = "SMARTHOST_TEST_ADMIN"
 	if !reflect.DeepEqual(cfg.Routes, wantRoutes) {
 		t.Errorf("routes = %+v", cfg.Routes)
 	}
-	if cfg.HTTPAddress != ":9091" || cfg.AdminTokenEnv != "SMARTHOST_TEST_ADMIN" {
-		t.Errorf("http = %q %q", cfg.HTTPAddress, cfg.AdminTokenEnv)
+	if cfg.HTTPAddress != ":9091" || cfg.AdminTokenEnv != "SMARTHOST_TEST_ADMIN" || cfg.HTTPMaxConnections != 64 {
+		t.Errorf("http = %q %q %d", cfg.HTTPAddress, cfg.AdminTokenEnv, cfg.HTTPMaxConnections)
 	}
 }
 
@@ -629,6 +631,9 @@ func TestParseConfigRules(t *testing.T) {
 		{"http address", map[string]string{"http": "[http]\naddress = \"9090\""}, "http.address", "host:port"},
 		{"admin token unset", map[string]string{"http": "[http]\nadmin_token_env = \"SMARTHOST_TEST_UNSET_VARIABLE\""}, "http.admin_token_env", "not set"},
 		{"http unknown key", map[string]string{"http": "[http]\nlisten = \":9090\""}, "http.listen", "unknown key"},
+		{"http max_connections zero", map[string]string{"http": "[http]\nmax_connections = 0"}, "http.max_connections", "out of range (1 to"},
+		{"http max_connections negative", map[string]string{"http": "[http]\nmax_connections = -5"}, "http.max_connections", "out of range"},
+		{"http max_connections string", map[string]string{"http": "[http]\nmax_connections = \"256\""}, "http.max_connections", "must be an integer"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

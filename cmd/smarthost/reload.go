@@ -100,6 +100,7 @@ func keepRestartValues(cfg, old *Config, withCerts bool) []string {
 	keep("limits", cfg.Limits != old.Limits, func() { cfg.Limits = old.Limits })
 	keep("http.address", cfg.HTTPAddress != old.HTTPAddress, func() { cfg.HTTPAddress = old.HTTPAddress })
 	keep("http.admin_token_env", cfg.AdminTokenEnv != old.AdminTokenEnv, func() { cfg.AdminTokenEnv = old.AdminTokenEnv })
+	keep("http.max_connections", cfg.HTTPMaxConnections != old.HTTPMaxConnections, func() { cfg.HTTPMaxConnections = old.HTTPMaxConnections })
 	if !withCerts || cfg.TLSCertFile == "" {
 		// Started without a certificate, no listener can use one; and a
 		// configuration without one is valid only if no listener, as

@@ -126,9 +126,10 @@ func TestKeepRestartValues(t *testing.T) {
 	cfg.Listeners[0].Address = "127.0.0.1:2526"
 	cfg.Limits.MaxConnections = 7
 	cfg.HTTPAddress = "127.0.0.1:9999"
+	cfg.HTTPMaxConnections = 3
 	cfg.TLSCertFile = "/new.crt"
 	cfg.ShutdownTimeout = time.Second // applies
-	want := []string{"hostname", "queue.path", "queue.workers", "listen", "limits", "http.address", "tls"}
+	want := []string{"hostname", "queue.path", "queue.workers", "listen", "limits", "http.address", "http.max_connections", "tls"}
 	if got := keepRestartValues(cfg, old, false); !reflect.DeepEqual(got, want) {
 		t.Errorf("changed keys %v, want %v", got, want)
 	}

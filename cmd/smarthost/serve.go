@@ -262,8 +262,9 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		token = os.Getenv(cfg.AdminTokenEnv)
 	}
 	inst.http = &metrics.Server{
-		Address: cfg.HTTPAddress,
-		Ready:   inst.ready.Load,
+		Address:        cfg.HTTPAddress,
+		MaxConnections: cfg.HTTPMaxConnections,
+		Ready:          inst.ready.Load,
 		API: &metrics.API{
 			Queue: adminQueue{store, inst},
 			Upstreams: func() []relay.UpstreamState {
