@@ -11,9 +11,11 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
 	"github.com/BurntSushi/toml"
 
@@ -268,6 +270,7 @@ func (c *queueClient) call(method, path string) ([]byte, error) {
 	if json.Unmarshal(body, &apiErr) == nil && apiErr.Error != "" {
 		msg = apiErr.Error
 	}
+	msg = printable(msg)
 	switch resp.StatusCode {
 	case http.StatusUnauthorized:
 		if c.token == "" {
@@ -284,6 +287,7 @@ func (c *queueClient) call(method, path string) ([]byte, error) {
 }
 
 func actionLine(r metrics.ActionResult) string {
+	r.ID, r.Action = printable(r.ID), printable(r.Action)
 	switch r.Action {
 	case "retry":
 		return r.ID + ": due now"
@@ -318,8 +322,8 @@ func printQueueList(w io.Writer, msgs []metrics.MessageInfo, now time.Time) {
 			inFlight++
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n",
-			m.ID, shortDuration(now.Sub(m.Received)), sender(m.From), rcptSummary(m.Recipients),
-			m.Attempts, nextAttempt(m, now), oneLine(m.LastReply, 60), flags(m))
+			printable(m.ID), shortDuration(now.Sub(m.Received)), sender(m.From), rcptSummary(m.Recipients),
+			m.Attempts, nextAttempt(m, now), printable(oneLine(m.LastReply, 60)), flags(m))
 	}
 	tw.Flush()
 	total := fmt.Sprintf("%d %s", len(msgs), plural(len(msgs), "message", "messages"))
@@ -340,14 +344,14 @@ func printQueueList(w io.Writer, msgs []metrics.MessageInfo, now time.Time) {
 func printQueueMessage(w io.Writer, m metrics.MessageInfo, now time.Time) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
-	row("ID", m.ID)
+	row("ID", printable(m.ID))
 	row("Received", fmt.Sprintf("%s (%s ago)", timestamp(m.Received), shortDuration(now.Sub(m.Received))))
 	row("From", sender(m.From))
 	if m.User != "" {
-		row("User", m.User)
+		row("User", printable(m.User))
 	}
 	if m.MessageID != "" {
-		row("Message-ID", m.MessageID)
+		row("Message-ID", printable(m.MessageID))
 	}
 	row("Size", fmt.Sprintf("%d bytes", m.Size))
 	row("Attempts", fmt.Sprint(m.Attempts))
@@ -360,7 +364,7 @@ func printQueueMessage(w io.Writer, m metrics.MessageInfo, now time.Time) {
 	}
 	row("Next attempt", next)
 	if m.LastReply != "" {
-		row("Last reply", oneLine(m.LastReply, 0))
+		row("Last reply", printable(oneLine(m.LastReply, 0)))
 	}
 	row("Flags", flags(m))
 	tw.Flush()
@@ -369,14 +373,14 @@ func printQueueMessage(w io.Writer, m metrics.MessageInfo, now time.Time) {
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	for _, r := range m.Recipients {
 		if r.Reply == "" {
-			fmt.Fprintf(tw, "  %s\t%s\n", r.Addr, r.State)
+			fmt.Fprintf(tw, "  %s\t%s\n", printable(r.Addr), printable(r.State))
 			continue
 		}
-		reply := oneLine(r.Reply, 0)
+		reply := printable(oneLine(r.Reply, 0))
 		if r.Upstream != "" {
-			reply = "via " + r.Upstream + ": " + reply
+			reply = "via " + printable(r.Upstream) + ": " + reply
 		}
-		fmt.Fprintf(tw, "  %s\t%s\t%s\n", r.Addr, r.State, reply)
+		fmt.Fprintf(tw, "  %s\t%s\t%s\n", printable(r.Addr), printable(r.State), reply)
 	}
 	tw.Flush()
 }
@@ -385,7 +389,24 @@ func sender(from string) string {
 	if from == "" {
 		return "<>"
 	}
-	return from
+	return printable(from)
+}
+
+// printable is s as it may go to a terminal: unchanged when it is valid
+// UTF-8 of printable characters without a backslash, else quoted as a Go
+// string ("\x1b[2J", "\u009b", "\u202e", "\xff"), so that a stored
+// field cannot clear the screen, move the cursor, set the window title or
+// reorder the text after it; and so that an escaped field, which always
+// holds a backslash, never looks like a plain one. The API's JSON has
+// already turned invalid UTF-8 into U+FFFD, which is shown as \ufffd.
+func printable(s string) string {
+	if !utf8.ValidString(s) || strings.ContainsAny(s, "\\\ufffd") ||
+		strings.ContainsFunc(s, func(r rune) bool { return !strconv.IsPrint(r) }) {
+		// strconv.Quote leaves U+FFFD as it is: printable, yet a sign of
+		// bytes that were lost.
+		return strings.ReplaceAll(strconv.Quote(s), "\ufffd", `\ufffd`)
+	}
+	return s
 }
 
 // rcptSummary shows a few recipients with their states, and counts by
@@ -394,7 +415,7 @@ func rcptSummary(rs []metrics.RecipientInfo) string {
 	if len(rs) <= 2 {
 		parts := make([]string, len(rs))
 		for i, r := range rs {
-			parts[i] = r.Addr + ":" + r.State
+			parts[i] = printable(r.Addr) + ":" + printable(r.State)
 		}
 		return strings.Join(parts, " ")
 	}
@@ -410,7 +431,7 @@ func rcptSummary(rs []metrics.RecipientInfo) string {
 		}
 	}
 	for s, n := range counts { // states this version does not know
-		parts = append(parts, fmt.Sprintf("%d %s", n, s))
+		parts = append(parts, fmt.Sprintf("%d %s", n, printable(s)))
 	}
 	return fmt.Sprintf("%d: %s", len(rs), strings.Join(parts, ", "))
 }

@@ -9,12 +9,18 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
+	"github.com/emersion/go-smtp"
+
+	"smarthost/internal/smtptest"
 	"smarthost/metrics"
 	"smarthost/queue"
+	"smarthost/relay"
 )
 
 // adminServer is a queue with an admin API in front of it, as a running
@@ -492,6 +498,133 @@ func TestQueueLoopbackNamesWithoutToken(t *testing.T) {
 		code, stdout, stderr := runCmd(t, "queue", "-config", s.configPath(), "hold", s.ids[2])
 		if code != 0 || stdout != s.ids[2]+": held\n" {
 			t.Errorf("[http] address %s: exit %d\nstdout:\n%s\nstderr:\n%s", addr, code, stdout, stderr)
+		}
+	}
+}
+
+// TestQueueShowEscapesStoredFields: a message whose envelope, user,
+// Message-ID and upstream reply carry terminal escape sequences, C1
+// controls, a bidi override and invalid UTF-8 is delivered (and refused)
+// through a real upstream and stored in a real queue; `queue show` and
+// `queue list` print every such field escaped, and -json as JSON.
+func TestQueueShowEscapesStoredFields(t *testing.T) {
+	t.Setenv("SMARTHOST_ADMIN_TOKEN", "")
+	dir := t.TempDir()
+	store, err := queue.Open(filepath.Join(dir, "queue.db"), queue.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	up := smtptest.Start(t, smtptest.Options{GreetReply: &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1},
+		Message: "go away \x1b[2J\x1b]0;owned\x07 \u009b31m \u202eevil \xff"}})
+	d := &relay.Deliverer{
+		Upstreams: []relay.Upstream{{Name: "up", Address: up.Addr(), TLS: relay.TLSNone}},
+		Routes:    []relay.Route{{FromDomain: "*", Upstreams: []string{"up"}}},
+		Logger:    slog.New(slog.DiscardHandler),
+	}
+	t.Cleanup(func() { d.Close() })
+	sched := &queue.Scheduler{Store: store, Deliver: d.Deliver, Workers: 1, RetryMin: time.Hour, RetryMax: time.Hour,
+		MaxAge: 24 * time.Hour, Logger: slog.New(slog.DiscardHandler)}
+	go sched.Run()
+	t.Cleanup(func() { sched.Close() })
+
+	m := &queue.Message{
+		From: "ceo\x1b[2J@example.com", User: "app\x1b]0;title\x07", MessageID: "<\x1b[31mred\u009b@example.com>",
+		Recipients: []queue.Recipient{{Addr: "a\u202e@example.net"}, {Addr: "b\xff@example.net"}},
+	}
+	if err := store.Put(context.Background(), m, []byte("Subject: hi\r\n\r\nhello\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		got, err := store.Get(m.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Attempts > 0 && !got.InFlight && got.Recipients[0].Reply != "" {
+			if !strings.Contains(got.Recipients[0].Reply, "\x1b[2J") {
+				t.Fatalf("stored reply %q does not carry the upstream's escapes", got.Recipients[0].Reply)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no attempt stored: %+v", got)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	srv := httptest.NewServer(&metrics.API{Queue: store, Logger: slog.New(slog.DiscardHandler)})
+	t.Cleanup(srv.Close)
+	config := filepath.Join(dir, "config.toml")
+	os.WriteFile(config, nil, 0o644)
+	cmd := func(args ...string) string {
+		t.Helper()
+		code, stdout, stderr := runCmd(t, append([]string{"queue", "-config", config, "-server", srv.URL}, args...)...)
+		if code != 0 || stderr != "" {
+			t.Fatalf("queue %v: exit %d, stderr %q", args, code, stderr)
+		}
+		return stdout
+	}
+	for _, args := range [][]string{{"show", m.ID}, {"list"}} {
+		out := cmd(args...)
+		if !utf8.ValidString(out) {
+			t.Errorf("queue %v prints invalid UTF-8:\n%q", args, out)
+		}
+		for _, r := range out {
+			if r != '\n' && !strconv.IsPrint(r) {
+				t.Errorf("queue %v prints %U:\n%q", args, r, out)
+				break
+			}
+		}
+		for _, want := range []string{`"ceo\x1b[2J@example.com"`, `\x1b[2J\x1b]0;owned\a \u009b31m \u202eevil \ufffd"`, `"b\ufffd@example.net"`} {
+			if !strings.Contains(out, want) {
+				t.Errorf("queue %v does not show %s:\n%s", args, want, out)
+			}
+		}
+	}
+	out := cmd("show", m.ID)
+	for _, want := range []string{
+		`User: +"app\\x1b]0;title\\a"` + "\n",
+		`Message-ID: +"<\\x1b\[31mred\\u009b@example\.com>"` + "\n",
+		`"a\\u202e@example\.net" +pending +via up: "554 5\.7\.1 go away`,
+		`"b\\ufffd@example\.net" +pending`,
+		`Size: +\d+ bytes`,
+	} {
+		if !regexp.MustCompile(want).MatchString(out) {
+			t.Errorf("show does not match %s:\n%s", want, out)
+		}
+	}
+
+	var got metrics.MessageInfo
+	if err := json.Unmarshal([]byte(cmd("-json", "show", m.ID)), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.From != m.From || got.User != m.User || got.MessageID != m.MessageID || got.Recipients[0].Addr != m.Recipients[0].Addr {
+		t.Errorf("-json show does not round-trip the fields: %+v", got)
+	}
+}
+
+func TestPrintable(t *testing.T) {
+	for in, want := range map[string]string{
+		"billing@example.com":    "billing@example.com",
+		"почта@пример.рф":        "почта@пример.рф",
+		"250 2.0.0 OK: queued":   "250 2.0.0 OK: queued",
+		"":                       "",
+		"\x1b[2J":                `"\x1b[2J"`,
+		"a\tb":                   `"a\tb"`,
+		"bell\x07":               `"bell\a"`,
+		"csi\u009b1m":            `"csi\u009b1m"`,
+		"del\x7f":                `"del\x7f"`,
+		"rtl\u202eexe.txt":       `"rtl\u202eexe.txt"`,
+		"zero\u200bwidth":        `"zero\u200bwidth"`,
+		"bad\xffbyte":            `"bad\xffbyte"`,
+		"lost\ufffd":             `"lost\ufffd"`,
+		`back\slash`:             `"back\\slash"`,
+		`"quoted\x1b" as text`:   `"\"quoted\\x1b\" as text"`,
+		`"only quotes" are fine`: `"only quotes" are fine`,
+	} {
+		if got := printable(in); got != want {
+			t.Errorf("printable(%q) = %s, want %s", in, got, want)
 		}
 	}
 }
