@@ -156,7 +156,23 @@ func CheckUpstream(ctx context.Context, up Upstream, opts CheckOptions) CheckRep
 	}
 	ck.prov, ck.hasProv = providerFor(opts.Provider, up.Address)
 	ck.run(ctx)
+	ck.redact()
 	return ck.rep
+}
+
+// redact removes from the report the secrets that the upstream's replies
+// or its token endpoint's answers may repeat: every text in it that may
+// hold one.
+func (ck *checker) redact() {
+	red := ck.d.redactor(ck.up)
+	rep := &ck.rep
+	for i := range rep.Steps {
+		rep.Steps[i].Detail = red.Replace(rep.Steps[i].Detail)
+	}
+	for i := range rep.Extensions {
+		rep.Extensions[i] = red.Replace(rep.Extensions[i])
+	}
+	rep.Problem, rep.Fix = red.Replace(rep.Problem), red.Replace(rep.Fix)
 }
 
 // checker runs one CheckUpstream.

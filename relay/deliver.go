@@ -273,7 +273,7 @@ func (d *Deliverer) try(ctx context.Context, up *Upstream, from string, rcpts []
 	if err != nil || release == nil {
 		d.report(st, up.Name, probe, healthNone, "")
 		if err != nil {
-			return failAll(rcpts, up.Name, err)
+			return failAll(rcpts, up.Name, replyText(err), err) // cancelled: no text of the upstream
 		}
 		return attempt{skip: &skip{upstream: up.Name, reply: "rate limit of " + up.Name + " reached", until: until}}
 	}
@@ -287,7 +287,7 @@ func (d *Deliverer) try(ctx context.Context, up *Upstream, from string, rcpts []
 		// has dropped it. One new token, on a new connection, since a
 		// provider may close or distrust a session after a failed AUTH.
 		d.logger().LogAttrs(ctx, slog.LevelWarn, "upstream refused oauth2 token, retrying with a new one",
-			slog.String("upstream", up.Name), slog.String("reply", replyText(err)))
+			slog.String("upstream", up.Name), slog.String("reply", d.redactor(up).Replace(replyText(err))))
 		uc, err = d.getConn(ctx, st, up)
 	}
 	if err != nil {
@@ -300,8 +300,9 @@ func (d *Deliverer) try(ctx context.Context, up *Upstream, from string, rcpts []
 		case errors.As(err, &se) && se.stage == "auth" && authRefused(se.err):
 			ev = healthMisconfigured
 		}
-		d.report(st, up.Name, probe, ev, replyText(err))
-		return failAll(rcpts, up.Name, err)
+		reply := d.redactor(up).Replace(replyText(err))
+		d.report(st, up.Name, probe, ev, reply)
+		return failAll(rcpts, up.Name, reply, err)
 	}
 	tx := d.transact(uc, from, rcpts, body)
 	release(tx.dataSent)
@@ -317,15 +318,23 @@ func (d *Deliverer) try(ctx context.Context, up *Upstream, from string, rcpts []
 		}
 		tx.err, tx.health = ierr, healthNone
 	}
+	// The upstream's words leave the session here, for the results, the
+	// logs and the health report.
+	red := d.redactor(up)
+	for i := range tx.results {
+		tx.results[i].Reply = red.Replace(tx.results[i].Reply)
+	}
+	tx.healthReason = red.Replace(tx.healthReason)
 	d.report(st, up.Name, probe, tx.health, tx.healthReason)
 	return attempt{results: tx.results, failover: tx.failover, err: tx.err}
 }
 
-// failAll is the attempt for a session that never reached a transaction:
-// every recipient pending, free to go to the next upstream.
-func failAll(rcpts []string, upstream string, err error) attempt {
+// failAll is the attempt for a session that never reached a transaction,
+// with reply for err: every recipient pending, free to go to the next
+// upstream.
+func failAll(rcpts []string, upstream, reply string, err error) attempt {
 	a := attempt{
-		results:  allResults(rcpts, queue.Pending, replyText(err), upstream),
+		results:  allResults(rcpts, queue.Pending, reply, upstream),
 		failover: make([]bool, len(rcpts)),
 		err:      err,
 	}

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -294,7 +295,15 @@ type tokenCache struct {
 	fetched time.Time  // when tok was obtained
 	refresh string     // the refresh token, as the server last rotated it
 	call    *tokenCall // the request in progress, if any
+	// issued are the last access and rotated refresh tokens obtained,
+	// newest last, tok's among them: a connection that logged in with
+	// an older one may still be open, and a reply may repeat it.
+	issued []string
 }
+
+// keepIssued is how many tokens tokenCache.issued keeps: a few lifetimes
+// of an access token, each renewed shortly before it expires.
+const keepIssued = 8
 
 // tokenCall is one request to the token endpoint that several deliveries
 // may wait on.
@@ -378,16 +387,18 @@ func (tc *tokenCache) fetch(ctx context.Context, call *tokenCall) {
 	tc.mu.Lock()
 	tc.call = nil
 	if err != nil {
-		call.err = tokenError(err)
+		call.err = tokenError(err, redactor(append(oauthSecrets(tc.oauth), tc.issued...)))
 		tc.mu.Unlock()
 		close(call.done)
 		tc.logger.Warn("oauth2 token request failed", "upstream", tc.upstream, "err", call.err)
 		return
 	}
 	tc.tok, tc.fetched, call.token = tok, start, tok.AccessToken
+	tc.remember(tok.AccessToken)
 	rotated := tok.RefreshToken != "" && tok.RefreshToken != tc.refresh
 	if rotated {
 		tc.refresh = tok.RefreshToken
+		tc.remember(tok.RefreshToken)
 	}
 	tc.mu.Unlock()
 	close(call.done)
@@ -401,6 +412,21 @@ func (tc *tokenCache) fetch(ctx context.Context, call *tokenCall) {
 		attrs = append(attrs, "refresh_token_rotated", true)
 	}
 	tc.logger.Info("oauth2 token obtained", attrs...)
+}
+
+// remember adds token to issued. tc.mu must be held.
+func (tc *tokenCache) remember(token string) {
+	tc.issued = append(tc.issued, token)
+	if n := len(tc.issued); n > keepIssued {
+		tc.issued = slices.Delete(tc.issued, 0, n-keepIssued)
+	}
+}
+
+// tokens returns the tokens the cache obtained that a text may repeat.
+func (tc *tokenCache) tokens() []string {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	return slices.Clone(tc.issued)
 }
 
 // request asks the token endpoint for a new token by the configured flow.
@@ -492,13 +518,15 @@ func (tc *tokenCache) expiry() time.Time {
 
 // tokenError describes a failed token request for logs and results
 // without the endpoint's response body, which may echo what was sent, and
-// without its URL. A refused grant wraps errGrantRefused.
-func tokenError(err error) error {
+// without its URL. What it keeps of the endpoint's answer (the status,
+// error and error_description) goes through red, which removes the
+// secrets the endpoint may repeat. A refused grant wraps errGrantRefused.
+func tokenError(err error, red *strings.Replacer) error {
 	var re *oauth2.RetrieveError
 	if errors.As(err, &re) {
 		status := ""
 		if re.Response != nil {
-			status = re.Response.Status
+			status = red.Replace(oneLine(re.Response.Status))
 		}
 		code, desc := re.ErrorCode, re.ErrorDescription
 		if code == "" {
@@ -515,7 +543,8 @@ func tokenError(err error) error {
 		if code == "" {
 			return fmt.Errorf("oauth2 token endpoint answered %s", status)
 		}
-		desc = oneLine(desc)
+		// Redacted before it is cut, so that no part of a secret is left.
+		code, desc = red.Replace(oneLine(code)), red.Replace(oneLine(desc))
 		if len(desc) > 200 {
 			desc = desc[:200]
 		}
@@ -547,7 +576,7 @@ func tokenError(err error) error {
 	if i := strings.LastIndex(text, ": "); strings.HasPrefix(text, "oauth2: cannot fetch token: Post ") && i >= 0 {
 		text = text[i+2:]
 	}
-	return fmt.Errorf("oauth2 token request failed: %s", strings.TrimPrefix(text, "oauth2: "))
+	return fmt.Errorf("oauth2 token request failed: %s", red.Replace(oneLine(strings.TrimPrefix(text, "oauth2: "))))
 }
 
 func scopesOr(scopes []string, def string) []string {

@@ -818,10 +818,19 @@ func TestTokenError(t *testing.T) {
 		{"jwt transport", errors.New(`oauth2: cannot fetch token: Post "https://login.example/tenant/token": dial tcp 127.0.0.1:1: connect: connection refused`),
 			"oauth2 token request failed: connection refused", false},
 		{"deadline", fmt.Errorf("x: %w", context.DeadlineExceeded), "oauth2 token request: x: context deadline exceeded", false},
+		{"description echoes the request", &oauth2.RetrieveError{Response: resp, ErrorCode: "invalid_grant",
+			ErrorDescription: "bad grant_type=refresh_token&refresh_token=" + url.QueryEscape(oauthRefreshToken) + "&client_secret=" + oauthClientSecret},
+			"oauth2 token request refused: invalid_grant (bad grant_type=refresh_token&refresh_token=[redacted]&client_secret=[redacted])", true},
+		{"code echoes a secret", &oauth2.RetrieveError{Response: resp, ErrorCode: "bad " + oauthClientSecret},
+			"oauth2 token endpoint answered 400 Bad Request: bad [redacted]", false},
+		{"secret across the cut", &oauth2.RetrieveError{Response: resp, ErrorCode: "invalid_client", ErrorDescription: strings.Repeat("x", 190) + oauthClientSecret},
+			"oauth2 token request refused: invalid_client (" + strings.Repeat("x", 190) + "[redacted])", true},
+		{"jwt flow text", errors.New("oauth2: cannot fetch token: 400 Bad Request\nResponse: " + oauthRefreshToken),
+			"oauth2 token request failed: cannot fetch token: 400 Bad Request Response: [redacted]", false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := tokenError(tt.err)
+			err := tokenError(tt.err, redactor([]string{oauthClientSecret, oauthRefreshToken}))
 			if err.Error() != tt.want {
 				t.Errorf("got %q, want %q", err, tt.want)
 			}

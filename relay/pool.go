@@ -64,7 +64,8 @@ func (d *Deliverer) getConn(ctx context.Context, st *upstreamState, up *Upstream
 			if err == nil {
 				return uc, nil
 			}
-			d.logger().Debug("idle upstream connection unusable, opening another", "upstream", up.Name, "err", err)
+			d.logger().Debug("idle upstream connection unusable, opening another", "upstream", up.Name,
+				"err", d.redactor(up).Replace(replyText(err)))
 			d.discard(st, uc, false)
 			d.mu.Lock()
 			continue
