@@ -22,8 +22,9 @@ import (
 // QueueAdmin is what the admin API does to the queue; *queue.Store
 // implements it.
 type QueueAdmin interface {
-	// List returns every queued message, oldest first.
-	List() ([]queue.Message, error)
+	// List returns every queued message, oldest first, and those whose
+	// records cannot be read.
+	List() ([]queue.Message, []queue.Unreadable, error)
 	// Get returns one message or an error wrapping queue.ErrNotFound.
 	Get(id string) (*queue.Message, error)
 	// Retry makes a message due now; queue.ErrHeld for a held one.
@@ -41,7 +42,7 @@ type QueueAdmin interface {
 
 // API is the queue administration API under /api/:
 //
-//	GET    /api/queue               every queued message ([]MessageInfo)
+//	GET    /api/queue               every queued message ([]MessageInfo), unreadable ones with Error
 //	GET    /api/queue/{id}          one message (MessageInfo)
 //	POST   /api/queue/{id}/retry    make it due now (ActionResult)
 //	POST   /api/queue/{id}/hold     keep it out of delivery
@@ -90,6 +91,10 @@ type MessageInfo struct {
 	Held        bool            `json:"held"`
 	InFlight    bool            `json:"in_flight"` // an attempt is in progress
 	DSN         bool            `json:"dsn"`       // a bounce or delay warning
+	// Error is set, in a list, for a message whose stored record cannot
+	// be read: only ID and Error mean anything then. Deleting the ID
+	// removes it.
+	Error string `json:"error,omitempty"`
 }
 
 // RecipientInfo is one recipient of a MessageInfo.
@@ -266,16 +271,21 @@ func loopbackHost(host string) bool {
 	return err == nil && addr.Zone() == "" && addr.Unmap().IsLoopback()
 }
 
+// list answers every message, the unreadable ones after the others, so
+// that one bad record neither hides the rest nor hides itself.
 func (a *API) list(w http.ResponseWriter, r *http.Request) {
-	msgs, err := a.Queue.List()
+	msgs, bad, err := a.Queue.List()
 	if err != nil {
 		a.fail(w, r, err)
 		return
 	}
 	now := a.Now()
-	out := make([]MessageInfo, len(msgs))
-	for i, m := range msgs {
-		out[i] = NewMessageInfo(m, now)
+	out := make([]MessageInfo, 0, len(msgs)+len(bad))
+	for _, m := range msgs {
+		out = append(out, NewMessageInfo(m, now))
+	}
+	for _, u := range bad {
+		out = append(out, MessageInfo{ID: u.ID, Recipients: []RecipientInfo{}, Error: u.Reason})
 	}
 	writeJSON(w, http.StatusOK, out)
 }

@@ -39,14 +39,14 @@ func (f *fakeAdmin) find(id string) int {
 	return slices.IndexFunc(f.msgs, func(m queue.Message) bool { return m.ID == id })
 }
 
-func (f *fakeAdmin) List() ([]queue.Message, error) {
+func (f *fakeAdmin) List() ([]queue.Message, []queue.Unreadable, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("list")
 	if f.err != nil {
-		return nil, f.err
+		return nil, nil, f.err
 	}
-	return slices.Clone(f.msgs), nil
+	return slices.Clone(f.msgs), nil, nil
 }
 
 func (f *fakeAdmin) Get(id string) (*queue.Message, error) {

@@ -315,7 +315,7 @@ func TestInFlight(t *testing.T) {
 	if !got.InFlight {
 		t.Errorf("Get during the attempt: %+v, want InFlight", got)
 	}
-	if list, err := st.List(); err != nil || len(list) != 1 || !list[0].InFlight {
+	if list, _, err := st.List(); err != nil || len(list) != 1 || !list[0].InFlight {
 		t.Errorf("List during the attempt: %+v, %v; want InFlight", list, err)
 	}
 	// Retry of a message in flight does nothing; Flush leaves it out.

@@ -289,7 +289,7 @@ func TestBounceStoredWithOutcome(t *testing.T) {
 	}
 
 	st = reopen(t, st, path)
-	list, err := st.List()
+	list, _, err := st.List()
 	if err != nil {
 		t.Fatal(err)
 	}

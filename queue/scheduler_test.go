@@ -308,7 +308,7 @@ func TestWorkersBound(t *testing.T) {
 	}
 	// Claims are saved before delivery starts: exactly Workers messages
 	// may have been claimed while the workers are busy.
-	list, err := st.List()
+	list, _, err := st.List()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -453,16 +453,31 @@ func (s *Store) Body(id string) ([]byte, error) {
 	return body, nil
 }
 
-// List returns every queued message, oldest first. InFlight tells which
-// have a delivery attempt in progress.
-func (s *Store) List() ([]Message, error) {
-	var out []Message
+// Unreadable is a queued message whose record cannot be decoded: List
+// reports it by its ID, with the reason, and Delete removes it.
+type Unreadable struct {
+	ID     string
+	Reason string
+}
+
+// List returns every queued message, oldest first, and those whose
+// records cannot be read, by ID: one bad record does not hide the rest.
+// InFlight tells which have a delivery attempt in progress.
+func (s *Store) List() ([]Message, []Unreadable, error) {
+	var (
+		out []Message
+		bad []Unreadable
+	)
 	err := s.db.View(func(tx *bolt.Tx) error {
 		claimed := tx.Bucket(claimedBucket)
 		return tx.Bucket(msgsBucket).ForEach(func(k, v []byte) error {
 			rec, err := decodeRecord(v)
+			if err == nil && rec.ID != string(k) {
+				err = fmt.Errorf("the record is that of %q", rec.ID)
+			}
 			if err != nil {
-				return fmt.Errorf("record %s: %w", k, err)
+				bad = append(bad, Unreadable{ID: string(k), Reason: err.Error()})
+				return nil
 			}
 			rec.InFlight = claimed.Get(k) != nil
 			out = append(out, rec.Message)
@@ -470,7 +485,7 @@ func (s *Store) List() ([]Message, error) {
 		})
 	})
 	if err != nil {
-		return nil, fmt.Errorf("queue: list: %w", err)
+		return nil, nil, fmt.Errorf("queue: list: %w", err)
 	}
 	slices.SortFunc(out, func(a, b Message) int {
 		if c := a.Received.Compare(b.Received); c != 0 {
@@ -478,7 +493,7 @@ func (s *Store) List() ([]Message, error) {
 		}
 		return strings.Compare(a.ID, b.ID)
 	})
-	return out, nil
+	return out, bad, nil
 }
 
 // Len returns the number of queued messages. Like Stats, it reads the

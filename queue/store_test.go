@@ -233,7 +233,7 @@ func TestConcurrentPut(t *testing.T) {
 	if n, err := s.Len(); err != nil || n != goroutines*each {
 		t.Fatalf("Len = %d, %v; want %d", n, err, goroutines*each)
 	}
-	list, err := s.List()
+	list, _, err := s.List()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -259,7 +259,7 @@ func TestListSorted(t *testing.T) {
 		m.MessageID = fmt.Sprint(off)
 		put(t, s, m, "x")
 	}
-	list, err := s.List()
+	list, _, err := s.List()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,7 +26,8 @@ const queueUsage = `usage: smarthost queue [-server URL] [-config PATH] [-json] 
 
 Commands (they talk to the running server's admin API):
   list          every queued message: ID, age, sender, recipients with their
-                state, attempts, next attempt, last reply, flags
+                state, attempts, next attempt, last reply, flags; a message
+                whose record cannot be read shows as unreadable, with why
   show ID       every detail of one message, with each recipient's reply
   retry ID      make the message due now
   hold ID       keep the message out of delivery until release
@@ -313,8 +314,14 @@ func printQueueList(w io.Writer, msgs []metrics.MessageInfo, now time.Time) {
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tAGE\tFROM\tRCPTS\tATTEMPTS\tNEXT\tLAST REPLY\tFLAGS")
-	held, inFlight := 0, 0
+	held, inFlight, unreadable := 0, 0, 0
 	for _, m := range msgs {
+		if m.Error != "" {
+			// Only the ID is known; the reason stands in the reply's column.
+			unreadable++
+			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t-\t%s\tunreadable\n", printable(m.ID), printable(oneLine(m.Error, 60)))
+			continue
+		}
 		if m.Held {
 			held++
 		}
@@ -333,6 +340,9 @@ func printQueueList(w io.Writer, msgs []metrics.MessageInfo, now time.Time) {
 	}
 	if inFlight > 0 {
 		notes = append(notes, fmt.Sprintf("%d in flight", inFlight))
+	}
+	if unreadable > 0 {
+		notes = append(notes, fmt.Sprintf("%d unreadable", unreadable))
 	}
 	if len(notes) > 0 {
 		total += " (" + strings.Join(notes, ", ") + ")"

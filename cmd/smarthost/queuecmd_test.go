@@ -16,6 +16,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/emersion/go-smtp"
+	bolt "go.etcd.io/bbolt"
 
 	"smarthost/internal/smtptest"
 	"smarthost/metrics"
@@ -626,5 +627,77 @@ func TestPrintable(t *testing.T) {
 		if got := printable(in); got != want {
 			t.Errorf("printable(%q) = %s, want %s", in, got, want)
 		}
+	}
+}
+
+// TestQueueListUnreadable: one record that does not decode, in a real
+// queue file served over HTTP, neither fails `queue list` (GET /api/queue
+// answered 500) nor hides the others: they are listed, it shows by ID
+// with the reason, in the JSON too, and `queue delete` removes it.
+func TestQueueListUnreadable(t *testing.T) {
+	t.Setenv("SMARTHOST_ADMIN_TOKEN", "")
+	dir := t.TempDir()
+	path := filepath.Join(dir, "queue.db")
+	store, err := queue.Open(path, queue.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, rcpt := range []string{"a@example.net", "b@example.net"} {
+		m := &queue.Message{From: "app@example.com", Recipients: []queue.Recipient{{Addr: rcpt}}}
+		if err := store.Put(context.Background(), m, []byte("Subject: x\r\n\r\nx\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, m.ID)
+	}
+	if err := store.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// A record damaged in its content: the file itself is sound.
+	const bad = "00000000000000aa"
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		if err := tx.Bucket([]byte("msgs")).Put([]byte(bad), []byte("\x01{\"id\": 7")); err != nil {
+			return err
+		}
+		return tx.Bucket([]byte("bodies")).Put([]byte(bad), []byte("x"))
+	})
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err = queue.Open(path, queue.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	srv := httptest.NewServer(&metrics.API{Queue: store, Logger: slog.New(slog.DiscardHandler)})
+	t.Cleanup(srv.Close)
+	s := &adminServer{store: store, url: srv.URL, dir: dir}
+	s.writeConfig(t, "")
+
+	out := s.mustQueue(t, "list")
+	for _, id := range ids {
+		if !strings.Contains(out, id) {
+			t.Errorf("list lacks %s:\n%s", id, out)
+		}
+	}
+	if !regexp.MustCompile(`(?m)^`+bad+` +- +- +- +- +- +decode record: .* +unreadable$`).MatchString(out) ||
+		!strings.Contains(out, "3 messages (1 unreadable)") {
+		t.Errorf("list does not show the unreadable record:\n%s", out)
+	}
+	var got []metrics.MessageInfo
+	if err := json.Unmarshal([]byte(s.mustQueue(t, "-json", "list")), &got); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 3 || got[2].ID != bad || !strings.Contains(got[2].Error, "decode record") || got[0].Error != "" || got[1].Error != "" {
+		t.Errorf("-json list: %+v", got)
+	}
+	s.mustQueue(t, "delete", bad)
+	if out := s.mustQueue(t, "list"); strings.Contains(out, bad) || !strings.Contains(out, "2 messages") {
+		t.Errorf("after delete:\n%s", out)
 	}
 }
