@@ -47,7 +47,7 @@ test-deps:
 FUZZ_TARGETS := cmd/smarthost:FuzzParseConfig:15000 cmd/smarthost:FuzzParseSize:40000 \
 	cmd/smarthost:FuzzParseRate:5000 relay:FuzzSenderAllowed:100000 \
 	relay:FuzzValidPath:80000 relay:FuzzHeader:60000 relay:FuzzReadNormalized:25000 \
-	queue:FuzzDecodeMessage:150000 dkim:FuzzParseKey:100000
+	queue:FuzzDecodeMessage:150000 queue:FuzzCheckFile:50000 dkim:FuzzParseKey:100000
 
 .PHONY: test-fuzz
 test-fuzz:

@@ -104,6 +104,8 @@ type Store struct {
 	// freelistSyncMax is the number of free pages past which commits may
 	// stop writing the freelist (chooseFreelistSync).
 	freelistSyncMax int
+
+	closed atomic.Bool // Close has run
 }
 
 // record is what msgsBucket holds for a message.
@@ -117,27 +119,13 @@ type record struct {
 	Spooled bool `json:"spooled,omitempty"`
 }
 
-// Open opens or creates the queue file at path.
+// Open opens or creates the queue file at path. An existing file is
+// checked before bbolt opens it (see checkOpen for what is checked when):
+// a damaged one is neither served nor written, and Open returns a
+// *DamagedError, which wraps ErrDamaged.
 func Open(path string, opts Options) (*Store, error) {
 	if opts.LockTimeout <= 0 {
 		opts.LockTimeout = time.Second
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("queue: create directory: %w", err)
-	}
-	// The hashmap freelist allocates and releases pages without walking
-	// every free page at each commit, as the array one does. Whether
-	// commits write the freelist is chosen by each write transaction, the
-	// first being prepare's (chooseFreelistSync); until then, none is
-	// written, so that Open after a crash does not write a long one that
-	// the next commit leaves out.
-	bopts := &bolt.Options{Timeout: opts.LockTimeout, FreelistType: bolt.FreelistMapType, NoFreelistSync: true}
-	db, err := bolt.Open(path, 0o600, bopts)
-	if errors.Is(err, berrors.ErrTimeout) {
-		return nil, fmt.Errorf("queue: %s is %w", path, ErrLocked)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("queue: open %s: %w", path, err)
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -145,15 +133,55 @@ func Open(path string, opts Options) (*Store, error) {
 	if opts.freelistSyncMax <= 0 {
 		opts.freelistSyncMax = defaultFreelistSyncMax
 	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("queue: create directory: %w", err)
+	}
+	// The file is opened, locked and checked here, and only then handed to
+	// bbolt, which writes as it opens (the freelist, then prepare and
+	// compaction here). Nothing is written to it before the check passes.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("queue: open %s: %w", path, err)
+	}
+	if err := lockFile(f, true, opts.LockTimeout); err != nil {
+		f.Close()
+		if errors.Is(err, ErrLocked) {
+			return nil, fmt.Errorf("queue: %s is %w", path, ErrLocked)
+		}
+		return nil, fmt.Errorf("queue: lock %s: %w", path, err)
+	}
+	fi, err := f.Stat()
+	if err == nil {
+		err = checkOpen(f, fi, path, opts.Logger)
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+
+	// The hashmap freelist allocates and releases pages without walking
+	// every free page at each commit, as the array one does. Whether
+	// commits write the freelist is chosen by each write transaction, the
+	// first being prepare's (chooseFreelistSync); until then, none is
+	// written, so that Open after a crash does not write a long one that
+	// the next commit leaves out.
+	bopts := &bolt.Options{Timeout: opts.LockTimeout, FreelistType: bolt.FreelistMapType, NoFreelistSync: true}
+	checked := *bopts
+	checked.OpenFile = func(string, int, fs.FileMode) (*os.File, error) { return f, nil }
+	db, err := bolt.Open(path, 0o600, &checked)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("queue: open %s: %w", path, err)
+	}
 	if !opts.noCompact {
 		if db, err = compactDrained(db, path, bopts, opts.freelistSyncMax, opts.Logger); err != nil {
 			return nil, storageError("open "+path, err)
 		}
 	}
 
-	if opts.Now == nil {
-		opts.Now = time.Now
-	}
 	s := &Store{db: db, path: path, spool: path + ".spool", now: opts.Now, observer: opts.Observer, wake: make(chan struct{}, 1),
 		freelistSyncMax: opts.freelistSyncMax, commit: newCommitter(db)}
 	if err := db.Update(s.prepare); err != nil {
@@ -233,8 +261,13 @@ func (s *Store) prepare(tx *bolt.Tx) error {
 // retried when due and may reach its recipients twice (at-least-once).
 func (s *Store) Recovered() int { return s.recovered }
 
-// Close closes the file. It waits for transactions in progress.
+// Close closes the file. It waits for transactions in progress. Once the
+// file is closed, it records so beside it, which spares the next Open a
+// check of every page (see checkOpen). A second Close does nothing.
 func (s *Store) Close() error {
+	if s.closed.Swap(true) {
+		return nil
+	}
 	s.commit.close() // the writes already queued are committed first
 	// If commits stopped writing the freelist, write it once now, so that
 	// the next Open reads it rather than walking every page in use. Should
@@ -256,6 +289,7 @@ func (s *Store) Close() error {
 	if serr != nil {
 		return fmt.Errorf("queue: close: write freelist: %w", serr)
 	}
+	recordClean(s.path)
 	return nil
 }
 

@@ -12,7 +12,9 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -81,6 +83,16 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 	inst, err := start(cfg, logger)
+	var damaged *queue.DamagedError
+	if errors.As(err, &damaged) {
+		// One line, with what to do: the file is left as it is.
+		problem := damaged.Problem
+		if damaged.More > 0 {
+			problem += fmt.Sprintf(" (and %d more)", damaged.More)
+		}
+		logger.Error("queue file damaged; not started", "path", damaged.Path, "problem", problem, "fix", salvageHint(damaged.Path))
+		return 1
+	}
 	if err != nil {
 		logger.Error("start failed", "error", err)
 		return 1
@@ -113,6 +125,14 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 	}
+}
+
+// salvageHint says what to do with a damaged queue file at path.
+func salvageHint(path string) string {
+	ext := filepath.Ext(path)
+	out := strings.TrimSuffix(path, ext) + "-salvaged" + ext
+	return fmt.Sprintf("keep a copy of %s, run `smarthost queue salvage -path %s -out %s`, then start with [queue] path = %q",
+		path, path, out, out)
 }
 
 func newLogger(format string, level slog.Level, w io.Writer) *slog.Logger {
@@ -211,20 +231,22 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 	if err != nil {
 		return nil, err
 	}
-	if signer != nil {
-		logger.Info("DKIM signing on", "keys", len(cfg.DKIM), "domains", dkimDomains(cfg.DKIM))
-	} else {
-		logger.Info("DKIM signing off: no [[dkim]] keys; messages are relayed unsigned")
-	}
 	// One registry per instance, not Prometheus' global one: every part
 	// reports to m, and /metrics serves reg.
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
 	m.SetVersion(buildVersion())
 	m.InitLabels(listenerNames(cfg.Listeners), upstreamNames(cfg.Upstreams))
+	// The queue is opened (and checked) before anything is logged, so that
+	// a damaged file makes one line.
 	store, err := queue.Open(cfg.Queue.Path, queue.Options{Observer: m, Logger: logger})
 	if err != nil {
 		return nil, err
+	}
+	if signer != nil {
+		logger.Info("DKIM signing on", "keys", len(cfg.DKIM), "domains", dkimDomains(cfg.DKIM))
+	} else {
+		logger.Info("DKIM signing off: no [[dkim]] keys; messages are relayed unsigned")
 	}
 	m.SetQueue(store)
 	if n := store.Recovered(); n > 0 {
