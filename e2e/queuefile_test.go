@@ -7,9 +7,11 @@ import (
 	byteorder "encoding/binary" // "binary" is the path of the smarthost binary here
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -17,6 +19,7 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
+	"smarthost/internal/smtptest"
 	"smarthost/internal/testpki"
 )
 
@@ -209,4 +212,115 @@ func TestServeRefusesDamagedQueue(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestSalvageThenDeliver: a relay's queue file gets a damaged page of
+// records; `smarthost queue salvage` copies the rest, spool files
+// included, into a new file and names what it could not save; a relay
+// started on the new file delivers every saved message, the spooled ones
+// whole, and those it had to hold for checking once they are released.
+func TestSalvageThenDeliver(t *testing.T) {
+	q := fillQueue(t, 40, 1500<<10, 1200<<10)
+	var spooled []string
+	for id, msg := range q.sent {
+		if len(msg) > 1<<20 {
+			spooled = append(spooled, id)
+		}
+	}
+	// A page of records without the spooled messages' records.
+	ps, leaves := leafPages(t, q.queue, "msgs")
+	var page uint64
+	var inPage []string
+	for _, id := range slices.Sorted(maps.Keys(leaves)) {
+		if !slices.ContainsFunc(leaves[id], func(k string) bool { return slices.Contains(spooled, k) }) {
+			page, inPage = id, leaves[id]
+			break
+		}
+	}
+	if page == 0 {
+		t.Fatal("every page of records holds a spooled message")
+	}
+	writeAt(t, q.queue, int64(page)*int64(ps)+8, []byte{0x04, 0x00})
+	hash := hashFile(t, q.queue)
+
+	newQueue := filepath.Join(t.TempDir(), "salvaged.db")
+	cmd := exec.Command(binary, "queue", "salvage", "-path", q.queue, "-out", newQueue)
+	out, err := cmd.CombinedOutput()
+	code := cmd.ProcessState.ExitCode()
+	t.Logf("salvage (exit %d, %v):\n%s", code, err, out)
+	var lost, held []string
+	saved := -1
+	for _, line := range strings.Split(string(out), "\n") {
+		if m := regexp.MustCompile(`^lost ([0-9a-f]{16}): `).FindStringSubmatch(line); m != nil {
+			lost = append(lost, m[1])
+		}
+		if m := regexp.MustCompile(`^held ([0-9a-f]{16}): `).FindStringSubmatch(line); m != nil {
+			held = append(held, m[1])
+		}
+		fmt.Sscanf(line, "saved %d messages", &saved)
+	}
+	if want := 1; len(lost) > 0 {
+		if code != want {
+			t.Errorf("exit %d with messages lost, want %d", code, want)
+		}
+	} else if code != 0 && code != 1 {
+		t.Errorf("exit %d", code)
+	}
+	// Every record of the damaged page is named: lost, or held to check.
+	for _, id := range inPage {
+		if !slices.Contains(lost, id) && !slices.Contains(held, id) {
+			t.Errorf("%s, whose record was in the damaged page, is neither lost nor held:\n%s", id, out)
+		}
+	}
+	if saved+len(lost) != len(q.sent) {
+		t.Errorf("saved %d and lost %d of %d", saved, len(lost), len(q.sent))
+	}
+	if hashFile(t, q.queue) != hash {
+		t.Error("salvage changed the damaged file")
+	}
+
+	// The relay on the new file, the upstream up.
+	data, err := os.ReadFile(q.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data = bytes.Replace(data, []byte(`path = "`+q.queue+`"`), []byte(`path = "`+newQueue+`"`), 1)
+	data = bytes.Replace(data, []byte(`retry_min = "1h"`), []byte(`retry_min = "1s"`), 1)
+	if err := os.WriteFile(q.cfg, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	up := startUpstream(t, q.pki, smtptest.Options{Addr: q.upAddr})
+	r := startRelay(t, q.cfg)
+	if out, err := queueCLI(t, r, adminToken, "flush"); err != nil {
+		t.Fatalf("flush: %v\n%s", err, out)
+	}
+	up.WaitMessages(t, saved-len(held), 60*time.Second)
+	for _, id := range held {
+		if out, err := queueCLI(t, r, adminToken, "release", id); err != nil {
+			t.Fatalf("release %s: %v\n%s", id, err, out)
+		}
+	}
+	got := up.WaitMessages(t, saved, 60*time.Second)
+	delivered := map[string]int{}
+	for _, m := range got {
+		id := queueIDOf(m.Data)
+		delivered[id]++
+		if msg, ok := q.sent[id]; !ok || !bytes.HasSuffix(m.Data, []byte(msg)) {
+			t.Errorf("%s: delivered %d bytes, not the message submitted (%d bytes)", id, len(m.Data), len(msg))
+		}
+	}
+	for _, id := range spooled {
+		if delivered[id] != 1 {
+			t.Errorf("spooled message %s delivered %d times", id, delivered[id])
+		}
+	}
+	for _, id := range lost {
+		if delivered[id] > 0 {
+			t.Errorf("%s was reported lost but delivered", id)
+		}
+	}
+	if len(delivered) != saved {
+		t.Errorf("%d distinct messages delivered, %d saved", len(delivered), saved)
+	}
+	waitFor(t, "an empty queue", 20*time.Second, func() bool { return len(listQueue(t, r)) == 0 })
 }

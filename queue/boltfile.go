@@ -20,7 +20,7 @@ import (
 // before a file is handed to bbolt, boltFile reads it with ReadAt, page by
 // page, and checks every number against the file before using it: a
 // damaged file gives a list of problems, never a fault, a panic or a
-// loop.
+// loop. salvage.go reads what is still readable through the same walk.
 //
 // The layout read here is bbolt's file format, version 2 (bbolt's
 // internal/common: page.go, meta.go, bucket.go), which bbolt keeps
@@ -296,6 +296,13 @@ type boltWalk struct {
 	// stopAfter ends the walk once that many problems are found; 0 walks
 	// on past every problem (salvage).
 	stopAfter int
+	// skip, if set, names buckets not to walk now: their headers are kept
+	// in skipped, for bucket to walk them later (salvage reads the bodies
+	// once it has the records).
+	skip    func(bucket string) bool
+	skipped map[string][]byte
+	// damaged records the buckets in which problems were found.
+	damaged map[string]bool
 
 	used, free bitset
 	bufs       [maxTreeDepth + 1][]byte
@@ -305,6 +312,10 @@ type boltWalk struct {
 
 // problem records a problem found in bucket.
 func (w *boltWalk) problem(bucket string, format string, args ...any) {
+	if w.damaged == nil {
+		w.damaged = make(map[string]bool)
+	}
+	w.damaged[bucket] = true
 	if bucket == "" {
 		bucket = "(root)"
 	}
@@ -511,6 +522,13 @@ func (w *boltWalk) leaf(bucket string, id uint64, elems []pageElem, depth int) {
 		if bucket != "" {
 			name = bucket + "/" + name
 		}
+		if w.skip != nil && w.skip(name) {
+			if w.skipped == nil {
+				w.skipped = make(map[string][]byte)
+			}
+			w.skipped[name] = bytes.Clone(e.value)
+			continue
+		}
 		w.bucket(name, e.value, id, depth+1)
 	}
 }
@@ -573,6 +591,30 @@ func keyOrder(elems []pageElem, lo, hi []byte) error {
 		}
 	}
 	return nil
+}
+
+// scanLeaves hands fn the elements of every sound leaf page of the file
+// that the walk did not reach, whatever its bucket. Such a page is either
+// under a damaged page (current), or one that bbolt freed (an old version
+// of what it held): fn cannot tell which. Pages past the end of a cut
+// file are not read.
+func (w *boltWalk) scanLeaves(fn func(elems []pageElem)) {
+	n := min(w.f.pages(), uint64(w.f.size)/uint64(w.f.meta.pageSize))
+	for id := uint64(2); id < n; id++ {
+		if w.used.has(id) {
+			continue
+		}
+		b, err := w.f.node(id, w.bufs[0])
+		w.bufs[0] = b
+		if err != nil || boltOrder.Uint16(b[8:]) != leafPageFlag {
+			continue // an overflow page, a branch, free space, garbage
+		}
+		elems, err := pageElems(b, true, w.elems[0])
+		w.elems[0] = elems
+		if err == nil && keyOrder(elems, nil, nil) == nil {
+			fn(elems)
+		}
+	}
 }
 
 // bitset is a set of page numbers below a bound; those past it are

@@ -17,7 +17,8 @@ import (
 var ErrDamaged = errors.New("queue file is damaged")
 
 // DamagedError is the error of Open for a damaged queue file. The file
-// has not been written.
+// has not been written; Salvage copies what can still be read of it into
+// a new one.
 type DamagedError struct {
 	Path    string
 	Problem string // the first problem found

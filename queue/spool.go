@@ -125,7 +125,19 @@ func (s *Store) PutSpooled(ctx context.Context, m *Message, head []byte, sp *Spo
 		m.Size = int64(len(head)) + sp.size
 	}
 
-	// The content must be on disk before the record that points to it.
+	if err := sp.place(m.ID); err != nil {
+		return err
+	}
+	if err := s.put(ctx, m, head, true); err != nil {
+		return err
+	}
+	sp.name = "" // the queue owns the file now
+	return nil
+}
+
+// place makes the written file the spool file of message id, on disk, as
+// it must be before the record that points to it is committed.
+func (sp *Spool) place(id string) error {
 	if err := sp.f.Sync(); err != nil {
 		return storageError("sync spool file", err)
 	}
@@ -133,10 +145,10 @@ func (s *Store) PutSpooled(ctx context.Context, m *Message, head []byte, sp *Spo
 		return storageError("close spool file", err)
 	}
 	sp.f = nil
-	final := s.spoolPath(m.ID)
+	final := sp.store.spoolPath(id)
 	// rename replaces an existing file: never the file of another message.
 	if _, err := os.Lstat(final); err == nil {
-		return fmt.Errorf("queue: put: spool file for %s already exists", m.ID)
+		return fmt.Errorf("queue: put: spool file for %s already exists", id)
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return storageError("check spool file", err)
 	}
@@ -144,13 +156,9 @@ func (s *Store) PutSpooled(ctx context.Context, m *Message, head []byte, sp *Spo
 		return storageError("rename spool file", err)
 	}
 	sp.name = final
-	if err := syncDir(s.spool); err != nil {
+	if err := syncDir(sp.store.spool); err != nil {
 		return storageError("sync spool directory", err)
 	}
-	if err := s.put(ctx, m, head, true); err != nil {
-		return err
-	}
-	sp.name = "" // the queue owns the file now
 	return nil
 }
 

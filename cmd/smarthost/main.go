@@ -30,6 +30,8 @@ Usage:
                                         tell whether the published record matches the key
   smarthost queue [-server URL] [-config PATH] [-json] list|show ID|retry ID|hold ID|release ID|delete ID|flush
                                         inspect and manage the running server's queue
+  smarthost queue salvage -path FILE -out NEWFILE
+                                        copy what can still be read of a damaged queue file into a new one
   smarthost version                     print the version
 
 The configuration path defaults to $SMARTHOST_CONFIG, else /etc/smarthost/config.toml.

@@ -2,15 +2,18 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -20,6 +23,7 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"smarthost/metrics"
+	"smarthost/queue"
 )
 
 const queueUsage = `usage: smarthost queue [-server URL] [-config PATH] [-json] COMMAND
@@ -34,6 +38,16 @@ Commands (they talk to the running server's admin API):
   release ID    let a held message be delivered again, now
   delete ID     remove the message; no bounce is sent
   flush         make every message that is not held due now
+
+  salvage -path FILE -out NEWFILE
+                copy every message that can still be read from the queue
+                file FILE, which a relay refuses as damaged, into the new
+                queue file NEWFILE, with its state and spool file; print
+                what was saved and, one line each, what was lost and why.
+                FILE is only read; the relay using it must be stopped, and
+                NEWFILE must not exist. Exit 0: all saved; 1: something
+                lost (NEWFILE is written all the same) or nothing could
+                be done; 2: usage. Works on the files, not the API.
 
 -server defaults to the [http] address of the configuration (-config, default
 $SMARTHOST_CONFIG, else /etc/smarthost/config.toml), else http://127.0.0.1:9090.
@@ -72,6 +86,9 @@ func runQueue(args []string, stdout, stderr io.Writer) int {
 		}
 		words = append(words, fs.Arg(0))
 		rest = fs.Args()[1:]
+		if len(words) == 1 && words[0] == "salvage" {
+			return runSalvage(rest, stdout, stderr)
+		}
 	}
 	if len(words) == 0 {
 		fmt.Fprint(stderr, queueUsage)
@@ -101,6 +118,115 @@ func runQueue(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// runSalvage is `smarthost queue salvage`: from a damaged queue file to a
+// new one, through the queue package's reader, never the API (the relay
+// must be stopped).
+func runSalvage(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("queue salvage", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, queueUsage) }
+	path := fs.String("path", "", "the damaged queue file, only read")
+	out := fs.String("out", "", "the new queue file to write; must not exist")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	switch {
+	case *path == "" || *out == "":
+		fmt.Fprintln(stderr, "smarthost queue salvage: -path FILE and -out NEWFILE are both required")
+		return 2
+	case fs.NArg() > 0:
+		fmt.Fprintf(stderr, "smarthost queue salvage: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	from, err1 := filepath.Abs(*path)
+	to, err2 := filepath.Abs(*out)
+	if err := errors.Join(err1, err2); err != nil {
+		fmt.Fprintln(stderr, "smarthost queue salvage:", err)
+		return 2
+	}
+	if from == to {
+		fmt.Fprintln(stderr, "smarthost queue salvage: -out must be a new file, not -path")
+		return 2
+	}
+	// Never onto an existing queue, nor its spool directory.
+	for _, p := range []string{to, to + ".spool"} {
+		if _, err := os.Lstat(p); err == nil {
+			fmt.Fprintf(stderr, "smarthost queue salvage: %s exists; -out must name a new file\n", p)
+			return 2
+		}
+	}
+
+	src, err := queue.OpenSalvage(from)
+	if err != nil {
+		if errors.Is(err, queue.ErrLocked) {
+			err = fmt.Errorf("%s is in use by a running relay: stop it first", from)
+		}
+		fmt.Fprintln(stderr, "smarthost queue salvage:", err)
+		return 1
+	}
+	defer src.Close()
+	dst, err := queue.Open(to, queue.Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		fmt.Fprintln(stderr, "smarthost queue salvage:", err)
+		return 1
+	}
+	rep, err := src.CopyTo(context.Background(), dst)
+	if cerr := dst.Close(); err == nil && cerr != nil {
+		err = cerr
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "smarthost queue salvage: %v\n%s may be incomplete: remove it (and %s.spool) before trying again\n", err, to, to)
+		return 1
+	}
+	printSalvage(stdout, rep, from, to)
+	if len(rep.Lost) > 0 || rep.Unnamed != 0 {
+		return 1
+	}
+	return 0
+}
+
+// printSalvage writes the report: the damage found, one line per message
+// lost, and what was saved.
+func printSalvage(w io.Writer, rep *queue.SalvageReport, from, to string) {
+	for _, d := range rep.Damage {
+		fmt.Fprintf(w, "damage: %s\n", printable(d))
+	}
+	for _, m := range rep.Lost {
+		fmt.Fprintf(w, "lost %s: %s\n", printable(m.ID), printable(m.Reason))
+	}
+	for _, id := range rep.Unsure {
+		fmt.Fprintf(w, "held %s: found only in a page outside the damaged tree, maybe an old copy or a message already sent; check it, then release or delete it\n", printable(id))
+	}
+	fmt.Fprintf(w, "saved %d %s to %s", rep.Saved, plural(rep.Saved, "message", "messages"), to)
+	var notes []string
+	if rep.Spooled > 0 {
+		notes = append(notes, fmt.Sprintf("%d with a spool file", rep.Spooled))
+	}
+	if rep.Held > 0 {
+		notes = append(notes, fmt.Sprintf("%d held", rep.Held))
+	}
+	if len(rep.Unsure) > 0 {
+		notes = append(notes, fmt.Sprintf("%d of them to check", len(rep.Unsure)))
+	}
+	if len(notes) > 0 {
+		fmt.Fprintf(w, " (%s)", strings.Join(notes, ", "))
+	}
+	fmt.Fprintln(w)
+	if len(rep.Lost) > 0 {
+		fmt.Fprintf(w, "lost %d %s, listed above\n", len(rep.Lost), plural(len(rep.Lost), "message", "messages"))
+	}
+	switch {
+	case rep.Unnamed > 0:
+		fmt.Fprintf(w, "lost %d more %s that %s counts, whose IDs are in damaged pages\n", rep.Unnamed, plural(rep.Unnamed, "message", "messages"), from)
+	case rep.Unnamed < 0:
+		fmt.Fprintln(w, "lost an unknown number of other messages: the pages that list and count them are damaged")
+	}
+	if len(rep.Lost) > 0 || rep.Unnamed != 0 {
+		fmt.Fprintf(w, "keep %s: salvage did not change it, and it holds what could not be saved\n", from)
+	}
+	fmt.Fprintf(w, "start the relay with [queue] path = %q to deliver what was saved\n", to)
 }
 
 // queueClient talks to the admin API of a running server.

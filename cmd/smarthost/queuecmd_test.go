@@ -1,8 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http/httptest"
@@ -700,4 +703,140 @@ func TestQueueListUnreadable(t *testing.T) {
 	if out := s.mustQueue(t, "list"); strings.Contains(out, bad) || !strings.Contains(out, "2 messages") {
 		t.Errorf("after delete:\n%s", out)
 	}
+}
+
+// salvageFixture writes a closed queue file of n messages, the last with
+// a spool file of 200 KB, and returns its path and their IDs.
+func salvageFixture(t *testing.T, n int) (string, []string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "queue.db")
+	store, err := queue.Open(path, queue.Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for i := range n {
+		m := &queue.Message{From: "app@example.com", Recipients: []queue.Recipient{{Addr: fmt.Sprintf("r%d@example.net", i)}}}
+		body := []byte(fmt.Sprintf("Subject: %d\r\n\r\n%s\r\n", i, strings.Repeat("body ", 400)))
+		if i == n-1 {
+			sp, err := store.NewSpool()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := sp.Write(bytes.Repeat([]byte("spooled line\r\n"), 200<<10/14)); err != nil {
+				t.Fatal(err)
+			}
+			err = store.PutSpooled(context.Background(), m, body, sp)
+		} else {
+			err = store.Put(context.Background(), m, body)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, m.ID)
+	}
+	if err := store.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return path, ids
+}
+
+func sha(t *testing.T, path string) [32]byte {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256.Sum256(data)
+}
+
+// TestQueueSalvage runs `smarthost queue salvage` on a sound file (all
+// saved, exit 0), on one cut to half its pages (the damage and what was
+// lost printed, exit 1, the new file written all the same, the old one
+// unchanged), and on the wrong arguments (exit 2) or a file in use (1).
+func TestQueueSalvage(t *testing.T) {
+	path, ids := salvageFixture(t, 60)
+	out := filepath.Join(t.TempDir(), "copy.db")
+	code, stdout, stderr := runCmd(t, "queue", "salvage", "-path", path, "-out", out)
+	if code != 0 || stderr != "" || !strings.Contains(stdout, "saved 60 messages to "+out+" (1 with a spool file)\n") {
+		t.Fatalf("sound file: exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+	copied, err := queue.Open(out, queue.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, _, err := copied.List()
+	if err != nil || len(list) != 60 {
+		t.Fatalf("copy holds %d messages, %v", len(list), err)
+	}
+	if body, err := copied.Body(ids[59]); err != nil || !bytes.HasSuffix(body, []byte("spooled line\r\n")) || len(body) < 200<<10 {
+		t.Errorf("the spooled message's body: %d bytes, %v", len(body), err)
+	}
+	copied.Close()
+
+	for _, tt := range []struct {
+		name string
+		args []string
+		code int
+		err  string
+	}{
+		{"no -out", []string{"-path", path}, 2, "both required"},
+		{"same file", []string{"-path", path, "-out", path}, 2, "must be a new file"},
+		{"existing -out", []string{"-path", path, "-out", out}, 2, out + " exists"},
+		{"extra argument", []string{"-path", path, "-out", out + "2", "x"}, 2, "unexpected argument"},
+		{"no such file", []string{"-path", path + ".none", "-out", out + "3"}, 1, "no such file"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			code, _, stderr := runCmd(t, append([]string{"queue", "salvage"}, tt.args...)...)
+			if code != tt.code || !strings.Contains(stderr, tt.err) {
+				t.Errorf("exit %d, stderr %q; want %d and %q", code, stderr, tt.code, tt.err)
+			}
+		})
+	}
+	if _, err := os.Stat(out + "3"); err == nil {
+		t.Error("a failed salvage wrote -out")
+	}
+
+	// In use by a running relay.
+	store, err := queue.Open(path, queue.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, _, stderr = runCmd(t, "queue", "salvage", "-path", path, "-out", out+"4")
+	store.Close()
+	if code != 1 || !strings.Contains(stderr, "in use by a running relay") {
+		t.Errorf("file in use: exit %d, %q", code, stderr)
+	}
+	if _, err := os.Stat(out + "4"); err == nil {
+		t.Error("salvage of a file in use wrote -out")
+	}
+
+	// Cut to half its pages in use (bbolt grows the file ahead of them).
+	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var used int64
+	db.View(func(tx *bolt.Tx) error { used = tx.Size(); return nil })
+	db.Close()
+	if err := os.Truncate(path, used/2); err != nil {
+		t.Fatal(err)
+	}
+	hash := sha(t, path)
+	out5 := filepath.Join(t.TempDir(), "salvaged.db")
+	code, stdout, stderr = runCmd(t, "queue", "salvage", "-path", path, "-out", out5)
+	t.Logf("cut file:\n%s", stdout)
+	if code != 1 || stderr != "" || !strings.HasPrefix(stdout, "damage: the file is ") ||
+		!regexp.MustCompile(`(?m)^saved \d+ messages? to `+regexp.QuoteMeta(out5)).MatchString(stdout) ||
+		!strings.Contains(stdout, "keep "+path+": salvage did not change it") {
+		t.Errorf("cut file: exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+	if sha(t, path) != hash {
+		t.Error("salvage changed the damaged file")
+	}
+	salvaged, err := queue.Open(out5, queue.Options{})
+	if err != nil {
+		t.Fatalf("the new file: %v", err)
+	}
+	salvaged.Close()
 }

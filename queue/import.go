@@ -1,0 +1,105 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// ErrExists is returned by Import for a queue ID that is already stored.
+var ErrExists = errors.New("queue: message already exists")
+
+// Import stores m as it is, keeping its ID, its recipients with their
+// states, replies and upstreams, its attempts, times, last reply and
+// flags (held, DSN, warned): a message carried over from another queue
+// (Salvage). body is its content; rest, if not nil, is read to its end as
+// the content past body and kept in a spool file, as PutSpooled keeps a
+// large message. An attempt that was in progress is not carried over: the
+// message is due at m.NextAttempt, unless held. Import returns once the
+// message is on disk, ErrExists if its ID is already stored.
+func (s *Store) Import(ctx context.Context, m Message, body []byte, rest io.Reader) (err error) {
+	if err := checkPut(ctx, &m); err != nil {
+		return err
+	}
+	// The ID names the spool file, and must match the format of an ID that
+	// Put gives, so that nothing else in the store can be named.
+	if !validSpoolID(m.ID) {
+		return fmt.Errorf("queue: import: %q is not a queue ID", m.ID)
+	}
+	m.InFlight = false
+	m.Received, m.NextAttempt, m.LastAttempt = m.Received.Round(0), m.NextAttempt.Round(0), m.LastAttempt.Round(0)
+	id := []byte(m.ID)
+	// Looked up first, so that a message already stored costs no copy of
+	// its spool file.
+	if err := s.db.View(func(tx *bolt.Tx) error {
+		if tx.Bucket(msgsBucket).Get(id) != nil {
+			return ErrExists
+		}
+		return nil
+	}); err != nil {
+		return fmt.Errorf("queue: import %s: %w", m.ID, err)
+	}
+
+	rec := record{Message: m}
+	if rest != nil {
+		sp, err := s.NewSpool()
+		if err != nil {
+			return err
+		}
+		defer func() {
+			if err != nil {
+				sp.Abort()
+			}
+		}()
+		if _, err := io.Copy(sp, rest); err != nil {
+			return fmt.Errorf("queue: import %s: copy content: %w", m.ID, err)
+		}
+		if err := sp.place(m.ID); err != nil {
+			return err
+		}
+		defer func() {
+			if err == nil {
+				sp.name = "" // the queue owns the file now
+			}
+		}()
+		rec.Spooled = true
+	}
+	v, err := encodeRecord(&rec)
+	if err != nil {
+		return fmt.Errorf("queue: import %s: %w", m.ID, err)
+	}
+	err = s.commit.write(func(tx *bolt.Tx) error {
+		s.chooseFreelistSync(tx)
+		msgs := tx.Bucket(msgsBucket)
+		if msgs.Get(id) != nil {
+			return ErrExists
+		}
+		if err := msgs.Put(id, v); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bodiesBucket).Put(id, body); err != nil {
+			return err
+		}
+		if err := tx.Bucket(receivedBucket).Put(receivedKey(m.Received, m.ID), nil); err != nil {
+			return err
+		}
+		if err := addCounts(tx, 1, b2i(m.Held)); err != nil {
+			return err
+		}
+		if m.Held {
+			return nil // a held message has no due index entry
+		}
+		return tx.Bucket(dueBucket).Put(dueKey(m.NextAttempt, m.ID), nil)
+	})
+	if errors.Is(err, ErrExists) {
+		return fmt.Errorf("queue: import %s: %w", m.ID, err)
+	}
+	if err != nil {
+		return storageError("import "+m.ID, err)
+	}
+	s.notify()
+	return nil
+}
