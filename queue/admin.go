@@ -19,7 +19,7 @@ import (
 func (s *Store) Delete(id string) error {
 	key := []byte(id)
 	var gone Message // what the observer is told about
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.commit.update(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx) // deleting a backlog frees many pages
 		msgs, due := tx.Bucket(msgsBucket), tx.Bucket(dueBucket)
 		v := msgs.Get(key)
@@ -145,7 +145,7 @@ func (s *Store) Retry(id string) error {
 // moves its index entry to the new NextAttempt, or removes it when held.
 func (s *Store) modify(op, id string, change func(rec *record, inFlight bool) (bool, error)) error {
 	key := []byte(id)
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.commit.update(func(tx *bolt.Tx) error {
 		msgs, due := tx.Bucket(msgsBucket), tx.Bucket(dueBucket)
 		v := msgs.Get(key)
 		if v == nil {
@@ -185,7 +185,7 @@ func (s *Store) modify(op, id string, change func(rec *record, inFlight bool) (b
 func (s *Store) Flush() (int, error) {
 	now := s.now().Round(0)
 	var n int
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.commit.update(func(tx *bolt.Tx) error {
 		n = 0
 		msgs, due, claimed := tx.Bucket(msgsBucket), tx.Bucket(dueBucket), tx.Bucket(claimedBucket)
 		var later []*record

@@ -4,9 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 )
 
 // maxGroup bounds how many writes share one commit, so that one commit
@@ -27,6 +29,19 @@ var ErrClosed = errors.New("queue: closed")
 type committer struct {
 	db   *bolt.DB
 	reqs chan commitReq
+
+	// failing is set by a commit that fails and cleared by one that
+	// succeeds: while it is set the queue cannot be written (a full disk,
+	// an I/O error), and the relay is not ready. A writer's own error is
+	// not a failure of the commit and changes nothing.
+	failing atomic.Bool
+	// probe, if set, is a small write that run commits every probeEvery
+	// while failing and idle, so that failing clears by itself once the
+	// file can be written again, with no traffic.
+	probe func(*bolt.Tx) error
+	// changed, if set, is told when failing changes, with the error of the
+	// commit that set it.
+	changed func(failing bool, err error)
 
 	mu     sync.RWMutex // read-held while sending on reqs; Close takes it
 	closed bool
@@ -49,10 +64,38 @@ const (
 	lazyActive = 100 * time.Millisecond
 )
 
-func newCommitter(db *bolt.DB) *committer {
-	c := &committer{db: db, reqs: make(chan commitReq, maxGroup), done: make(chan struct{})}
+// probeEvery spaces the probe writes while commits fail.
+const probeEvery = time.Second
+
+func newCommitter(db *bolt.DB, probe func(*bolt.Tx) error, changed func(failing bool, err error)) *committer {
+	c := &committer{db: db, reqs: make(chan commitReq, maxGroup), done: make(chan struct{}), probe: probe, changed: changed}
 	go c.run()
 	return c
+}
+
+// healthy reports whether the last commit succeeded (or none failed yet).
+func (c *committer) healthy() bool { return !c.failing.Load() }
+
+// committed records the outcome of a commit.
+func (c *committer) committed(err error) {
+	if failing := err != nil; c.failing.Swap(failing) != failing && c.changed != nil {
+		c.changed(failing, err)
+	}
+}
+
+// update runs fn in a write transaction of its own, outside the group,
+// and records whether the commit worked: fn's own error says nothing of
+// the storage.
+func (c *committer) update(fn func(*bolt.Tx) error) error {
+	var fnErr error
+	err := c.db.Update(func(tx *bolt.Tx) error {
+		fnErr = safely(fn, tx)
+		return fnErr
+	})
+	if fnErr == nil && !errors.Is(err, berrors.ErrDatabaseNotOpen) {
+		c.committed(err)
+	}
+	return err
 }
 
 // write runs fn in a write transaction shared with other writers, and
@@ -88,7 +131,7 @@ func (c *committer) send(req commitReq) error {
 	c.mu.RUnlock()
 	err := <-req.err
 	if errors.Is(err, errRunAlone) {
-		err = c.db.Update(func(tx *bolt.Tx) error { return safely(fn, tx) })
+		err = c.update(fn)
 	}
 	return err
 }
@@ -114,7 +157,13 @@ func (c *committer) run() {
 	wait := time.NewTimer(lazyDelay)
 	wait.Stop()
 	var lastClient time.Time
-	for req := range c.reqs {
+	probe := time.NewTimer(probeEvery)
+	probe.Stop()
+	for {
+		req, ok := c.next(probe)
+		if !ok {
+			return
+		}
 		group = append(group[:0], req)
 		urgent, client := !req.lazy, req.client
 		open := true
@@ -160,6 +209,26 @@ func (c *committer) run() {
 	}
 }
 
+// next waits for the next write and returns it, or false once closed.
+// While commits fail and no write comes, it commits the probe write every
+// probeEvery.
+func (c *committer) next(probe *time.Timer) (commitReq, bool) {
+	for {
+		if c.probe == nil || c.healthy() {
+			req, ok := <-c.reqs
+			return req, ok
+		}
+		probe.Reset(probeEvery)
+		select {
+		case req, ok := <-c.reqs:
+			probe.Stop()
+			return req, ok
+		case <-probe.C:
+			c.update(c.probe)
+		}
+	}
+}
+
 // commit runs the group in one transaction. A function that fails is
 // taken out and told to run alone, and the rest are tried again, so that
 // one writer's error never undoes another's write.
@@ -180,6 +249,7 @@ func (c *committer) commit(group []commitReq) {
 			group = append(group[:failed], group[failed+1:]...)
 			continue
 		}
+		c.committed(err)
 		for _, r := range group {
 			r.err <- err
 		}

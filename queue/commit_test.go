@@ -1,11 +1,14 @@
 package queue
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -19,7 +22,7 @@ func openCommitter(t *testing.T) (*bolt.DB, *committer) {
 	if err := db.Update(func(tx *bolt.Tx) error { _, err := tx.CreateBucket([]byte("b")); return err }); err != nil {
 		t.Fatal(err)
 	}
-	c := newCommitter(db)
+	c := newCommitter(db, nil, nil)
 	t.Cleanup(func() { c.close(); db.Close() })
 	return db, c
 }
@@ -90,5 +93,51 @@ func TestCommitterClosed(t *testing.T) {
 	c.close() // twice is harmless
 	if err := c.write(func(*bolt.Tx) error { return nil }); !errors.Is(err, ErrClosed) {
 		t.Fatalf("write after close: %v, want ErrClosed", err)
+	}
+}
+
+// TestWritableRecovers: a commit that fails makes the store not writable,
+// a writer's own error does not, and with no write to try, the store's
+// probe finds by itself when writing works again. The failure is the
+// kernel's: a file size limit (RLIMIT_FSIZE, which binds root too) below
+// the pages the commit writes. It is the whole process's limit, so this
+// test must not run in parallel with others that write files.
+func TestWritableRecovers(t *testing.T) {
+	s, _ := openStore(t)
+	put(t, s, newMessage("a@example.net"), "before")
+	if err := s.Delete("0000000000000000"); !errors.Is(err, ErrNotFound) || !s.Writable() {
+		t.Fatalf("Delete of a missing ID: %v, writable %v: a writer's error is not the storage's", err, s.Writable())
+	}
+
+	var limit syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_FSIZE, &limit); err != nil {
+		t.Fatal(err)
+	}
+	restore := sync.OnceFunc(func() {
+		if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &limit); err != nil {
+			t.Errorf("restore the file size limit: %v", err)
+		}
+	})
+	defer restore()
+	low := limit
+	low.Cur = 8192 // the two meta pages, no more
+	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &low); err != nil {
+		t.Fatal(err)
+	}
+	err := s.Put(context.Background(), newMessage("b@example.net"), []byte("while failing"))
+	if !errors.Is(err, syscall.EFBIG) || s.Writable() {
+		t.Fatalf("Put past the limit: %v, writable %v; want EFBIG and not writable", err, s.Writable())
+	}
+	// The probe fails too, as long as the limit holds.
+	for deadline := time.Now().Add(2500 * time.Millisecond); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if s.Writable() {
+			t.Fatal("writable again while writes still fail")
+		}
+	}
+	restore()
+	waitFor(t, "the probe to find the file writable", s.Writable)
+	put(t, s, newMessage("c@example.net"), "after")
+	if n, err := s.Len(); err != nil || n != 2 {
+		t.Errorf("Len = %d, %v; want 2", n, err)
 	}
 }

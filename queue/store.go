@@ -48,6 +48,10 @@ var (
 
 var (
 	schemaKey = []byte("schema")
+	// probeKey holds the time of the last probe write: the small write
+	// that the store commits every second while writes fail, to find out
+	// when they work again (committer.probe).
+	probeKey = []byte("probe")
 	// countsKey holds the number of messages and of held messages,
 	// be64 ‖ be64, changed in the transaction of every change they count.
 	countsKey = []byte("counts")
@@ -69,8 +73,9 @@ type Options struct {
 	// Observer, if set, is told when messages leave the queue and when
 	// DSNs are stored.
 	Observer Observer
-	// Logger receives a line when Open compacts the file. Default
-	// slog.Default().
+	// Logger receives a line when Open checks every page of the file or
+	// compacts it, and when writes to the file start and stop failing.
+	// Default slog.Default().
 	Logger *slog.Logger
 
 	// freelistSyncMax overrides defaultFreelistSyncMax, and noCompact
@@ -88,6 +93,7 @@ type Store struct {
 	recovered int
 	now       func() time.Time
 	observer  Observer
+	log       *slog.Logger
 
 	// wake tells the scheduler that a new message is due now. Buffered
 	// with capacity 1: one pending signal is enough to make it look.
@@ -183,7 +189,8 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 
 	s := &Store{db: db, path: path, spool: path + ".spool", now: opts.Now, observer: opts.Observer, wake: make(chan struct{}, 1),
-		freelistSyncMax: opts.freelistSyncMax, commit: newCommitter(db)}
+		freelistSyncMax: opts.freelistSyncMax, log: opts.Logger}
+	s.commit = newCommitter(db, s.probeWrite, s.writesChanged)
 	if err := db.Update(s.prepare); err != nil {
 		s.commit.close()
 		db.Close()
@@ -254,6 +261,27 @@ func (s *Store) prepare(tx *bolt.Tx) error {
 		s.recovered++
 	}
 	return nil
+}
+
+// Writable reports whether the store can write its file: false from a
+// commit that failed (a full disk, an I/O error, the file size limit)
+// until one succeeds. While it is false and nothing else writes, the store
+// commits a small write every second, so that it turns true by itself
+// once the file can be written again.
+func (s *Store) Writable() bool { return s.commit.healthy() }
+
+// probeWrite is the committer's probe: the time, under probeKey.
+func (s *Store) probeWrite(tx *bolt.Tx) error {
+	return tx.Bucket(metaBucket).Put(probeKey, binary.BigEndian.AppendUint64(nil, uint64(s.now().UnixNano())))
+}
+
+// writesChanged logs when writes start and stop failing.
+func (s *Store) writesChanged(failing bool, err error) {
+	if failing {
+		s.log.Error("queue: the queue file cannot be written; the relay is not ready until a write succeeds", "path", s.path, "err", err)
+		return
+	}
+	s.log.Info("queue: the queue file can be written again", "path", s.path)
 }
 
 // Recovered returns how many messages Open found with an attempt in

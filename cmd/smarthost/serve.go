@@ -286,7 +286,9 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 	inst.http = &metrics.Server{
 		Address:        cfg.HTTPAddress,
 		MaxConnections: cfg.HTTPMaxConnections,
-		Ready:          inst.ready.Load,
+		// Not ready while shutting down, nor while the queue cannot be
+		// written: a relay that answers 452 to everything is no use.
+		Ready: func() bool { return inst.ready.Load() && store.Writable() },
 		API: &metrics.API{
 			Queue: adminQueue{store, inst},
 			Upstreams: func() []relay.UpstreamState {

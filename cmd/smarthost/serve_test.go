@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -296,5 +297,103 @@ func TestStartWiring(t *testing.T) {
 				t.Error("not ready after start")
 			}
 		})
+	}
+}
+
+// TestNotReadyWhileQueueUnwritable: while commits to the queue file fail,
+// the relay answers 452 and /readyz 503, and it turns ready again by
+// itself, with no traffic, once the file can be written. The failure is
+// real: a file size limit (RLIMIT_FSIZE), which binds root as it binds
+// anyone, makes every write past the first two pages fail with EFBIG, as
+// a full disk fails them with ENOSPC. It is the whole process's limit, so
+// this test must not run in parallel with others that write files.
+func TestNotReadyWhileQueueUnwritable(t *testing.T) {
+	up := smtptest.Start(t, smtptest.Options{})
+	t.Setenv("SMARTHOST_TEST_ADMIN", "x")
+	cfg, err := LoadConfig(serveConfig(t, up.Addr(), ""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs logBuffer
+	inst, err := start(cfg, newLogger("json", slog.LevelInfo, &logs))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inst.shutdown(t.Context())
+	readyz := func() int {
+		resp, err := http.Get("http://" + inst.httpAddr() + "/readyz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	waitReady := func(want int, within time.Duration) {
+		t.Helper()
+		for deadline := time.Now().Add(within); readyz() != want; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("/readyz not %d within %v:\n%s", want, within, logs.String())
+			}
+		}
+	}
+	send := func(subject string) error {
+		c, err := smtp.Dial(inst.addrs()[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		return c.SendMail("app@example.com", []string{"friend@example.net"},
+			strings.NewReader("From: app@example.com\r\nSubject: "+subject+"\r\n\r\nhello\r\n"))
+	}
+	waitReady(200, 5*time.Second)
+	if err := send("before"); err != nil {
+		t.Fatal(err)
+	}
+	up.WaitMessages(t, 1, 10*time.Second)
+
+	var limit syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_FSIZE, &limit); err != nil {
+		t.Fatal(err)
+	}
+	restore := sync.OnceFunc(func() {
+		if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &limit); err != nil {
+			t.Errorf("restore the file size limit: %v", err)
+		}
+	})
+	defer restore()
+	low := limit
+	low.Cur = 8192 // the two meta pages of the queue file, no more
+	if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &low); err != nil {
+		t.Fatal(err)
+	}
+	var se *smtp.SMTPError
+	if err := send("while failing"); !errors.As(err, &se) || se.Code != 452 {
+		t.Fatalf("submission while the queue cannot be written: %v, want 452", err)
+	}
+	waitReady(503, 5*time.Second)
+	// Not ready for as long as writes fail, though the store tries one
+	// every second.
+	for deadline := time.Now().Add(2500 * time.Millisecond); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if code := readyz(); code != 503 {
+			t.Fatalf("/readyz %d while writes still fail", code)
+		}
+	}
+
+	restore()
+	waitReady(200, 5*time.Second) // no submission in between
+	if err := send("after"); err != nil {
+		t.Fatalf("submission once writes work: %v", err)
+	}
+	up.WaitMessages(t, 2, 10*time.Second)
+	for _, msg := range []string{
+		"queue: the queue file cannot be written; the relay is not ready until a write succeeds",
+		"queue: the queue file can be written again",
+	} {
+		if logs.find(msg) == nil {
+			t.Errorf("no log %q:\n%s", msg, logs.String())
+		}
+	}
+	if line := logs.find("queue write failed"); line == nil || !strings.Contains(fmt.Sprint(line["error"]), "file too large") {
+		t.Errorf("the failed write is not logged with its cause: %v", line)
 	}
 }
