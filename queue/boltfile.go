@@ -446,7 +446,9 @@ func (w *boltWalk) mark(bucket string, id uint64, n int) bool {
 			return false
 		}
 		if w.free.has(p) {
-			w.problem(bucket, "page %d is in use but listed free", p)
+			// The freelist's fault as likely as the bucket's: the page is
+			// read all the same.
+			w.problems = append(w.problems, fmt.Sprintf("freelist: lists page %d, which bucket %q uses", p, bucket))
 		}
 		w.used.set(p)
 	}
