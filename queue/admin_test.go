@@ -432,7 +432,7 @@ func TestHoldInFlight(t *testing.T) {
 	release := make(chan struct{})
 	var mu sync.Mutex
 	calls := map[string]int{}
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		mu.Lock()
 		calls[m.ID]++
 		n := calls[m.ID]
@@ -490,13 +490,13 @@ func TestDeleteInFlight(t *testing.T) {
 	started := make(chan struct{})
 	release := make(chan struct{})
 	var logs syncBuffer
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		close(started)
 		<-release
 		return results(m, Failed, "550 5.1.1 no such user")
 	})
 	s.Logger = slog.New(slog.NewTextHandler(&logs, nil))
-	s.Bounce = func(kind BounceKind, m Message, rcpts []Recipient, body []byte) (*Message, []byte) {
+	s.Bounce = func(kind BounceKind, m Message, rcpts []Recipient, body Body) (*Message, []byte) {
 		return &Message{Recipients: []Recipient{{Addr: m.From}}}, []byte("dsn")
 	}
 	var doneCalls atomic.Int32
@@ -531,7 +531,7 @@ func TestDeleteInFlight(t *testing.T) {
 func TestRetryAndFlushWakeScheduler(t *testing.T) {
 	st, _ := openStore(t)
 	attempts := make(chan Message, 10)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		attempts <- m
 		if m.Attempts == 1 {
 			return results(m, Pending, "451 4.3.0 later")

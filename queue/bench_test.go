@@ -355,7 +355,7 @@ func benchRounds(b *testing.B, s *Store, prepare func(k int), round func(k int),
 func benchScheduler(s *Store) *Scheduler {
 	sch := &Scheduler{
 		Store: s,
-		Deliver: func(_ context.Context, m Message, _ []byte) []Result {
+		Deliver: func(_ context.Context, m Message, _ Body) []Result {
 			var out []Result
 			for _, r := range m.Pending() {
 				out = append(out, Result{Rcpt: r, State: Delivered, Reply: "250 2.0.0 OK", Upstream: "gmail"})

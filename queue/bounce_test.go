@@ -32,7 +32,7 @@ type bouncer struct {
 	from  string // envelope sender of the DSN, like an upstream's dsn_from
 }
 
-func (b *bouncer) bounce(kind BounceKind, m Message, rcpts []Recipient, body []byte) (*Message, []byte) {
+func (b *bouncer) bounce(kind BounceKind, m Message, rcpts []Recipient, body Body) (*Message, []byte) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	c := bounceCall{kind: kind, id: m.ID, rcpts: rcpts}
@@ -68,10 +68,10 @@ func addrs(rs []Recipient) []string {
 func TestBounceOnePerCompletion(t *testing.T) {
 	st, _ := openStore(t)
 	dsns := make(chan Message, 10)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		if m.DSN {
-			if m.From != "" || !strings.HasPrefix(string(body), "failed DSN about ") {
-				t.Errorf("DSN from %q with body %q, want the null sender and the body Bounce built", m.From, body)
+			if got := content(t, body); m.From != "" || !strings.HasPrefix(string(got), "failed DSN about ") {
+				t.Errorf("DSN from %q with body %q, want the null sender and the body Bounce built", m.From, got)
 			}
 			dsns <- m
 			return results(m, Delivered, "250 ok")
@@ -135,7 +135,7 @@ func TestBounceOnePerCompletion(t *testing.T) {
 
 func TestBounceNeverForNullSenderOrDSN(t *testing.T) {
 	st, _ := openStore(t)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		return results(m, Failed, "550 5.1.1 no such user")
 	})
 	b := &bouncer{from: "mailer-daemon@example.com"}
@@ -175,7 +175,7 @@ func TestBounceNeverForNullSenderOrDSN(t *testing.T) {
 func TestBounceOnExpiry(t *testing.T) {
 	st, _ := openStore(t)
 	dsn := make(chan Message, 1)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		if m.DSN {
 			dsn <- m
 			return results(m, Delivered, "250 ok")
@@ -223,7 +223,7 @@ func TestBounceOnExpiry(t *testing.T) {
 func TestBounceStoredWithOutcome(t *testing.T) {
 	st, path := openStore(t)
 	dsnAttempted := make(chan struct{}, 1)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		if m.DSN {
 			dsnAttempted <- struct{}{}
 			return results(m, Pending, "451 4.3.0 later") // keep it queued
@@ -376,7 +376,7 @@ func TestDelayWarning(t *testing.T) {
 		t.Run(fmt.Sprintf("none=%v", none), func(t *testing.T) {
 			st, _ := openStore(t)
 			var dsnDeliveries atomic.Int32
-			s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+			s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 				if m.DSN {
 					dsnDeliveries.Add(1)
 					return results(m, Delivered, "250 ok")
@@ -448,7 +448,7 @@ func TestNotBeforePacing(t *testing.T) {
 	calls := make(chan call, 10)
 	var notBefore []time.Time // of attempts 1 to 3, read after each
 	var mu sync.Mutex
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		calls <- call{time.Now(), m}
 		switch {
 		case m.Attempts <= 3:
@@ -494,7 +494,7 @@ func TestNotBeforePacing(t *testing.T) {
 
 func TestNotBeforeSoonerThanBackoff(t *testing.T) {
 	st, _ := openStore(t)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		if m.Attempts == 1 {
 			return []Result{{Rcpt: "a@example.net", State: Pending, Reply: "rate limited", NotBefore: time.Now().Add(20 * time.Millisecond)}}
 		}

@@ -18,8 +18,9 @@ var ErrSchedulerClosed = errors.New("queue: scheduler closed")
 
 // DeliverFunc delivers m's Pending recipients (m.Pending()) and returns one
 // Result per such recipient. A recipient without a Result stays Pending.
-// It must return soon after ctx is cancelled.
-type DeliverFunc func(ctx context.Context, m Message, body []byte) []Result
+// body is the content, to be streamed (Body.Reader) rather than held, and
+// valid until it returns. It must return soon after ctx is cancelled.
+type DeliverFunc func(ctx context.Context, m Message, body Body) []Result
 
 // BounceKind says why a DSN is asked for.
 type BounceKind int
@@ -46,8 +47,9 @@ func (k BounceKind) String() string {
 // BounceFunc builds a DSN for m about rcpts: the recipients that just
 // failed, or for BounceDelayed those still pending, with their last reply.
 // m is the message with this attempt's outcome applied; body is its
-// content. It returns nil to send none.
-type BounceFunc func(kind BounceKind, m Message, rcpts []Recipient, body []byte) (*Message, []byte)
+// content, whose Head holds the header section even when the rest could
+// not be read. It returns nil to send none.
+type BounceFunc func(kind BounceKind, m Message, rcpts []Recipient, body Body) (*Message, []byte)
 
 // Scheduler claims due messages from Store and delivers them with Deliver,
 // at most Workers at a time, retrying with exponential backoff until every
@@ -298,13 +300,15 @@ func (s *Scheduler) work(d delivery) {
 		s.signalIdle()
 	}()
 
-	// A spooled message's file is read here, by the worker, not by claim.
-	body, err := s.Store.loadBody(d)
+	// A spooled message's file is opened here, by the worker, not by
+	// claim, and streamed by the delivery.
+	body, closeBody, err := s.Store.openBody(d)
 	var results []Result
 	if err != nil {
 		s.Logger.Error("queue: reading message content failed",
 			"queue_id", id, "msg_id", d.msg.MessageID, "err", err)
 		results = unreadable(d.msg, err)
+		body, closeBody = NewBody(d.body), func() {} // the head, for a DSN
 	} else {
 		results = s.deliver(d.msg, body)
 	}
@@ -317,6 +321,7 @@ func (s *Scheduler) work(d delivery) {
 	preview.Recipients = slices.Clone(d.msg.Recipients)
 	out := s.apply(&preview, results, now)
 	dsns, warned := s.bounces(preview, out, body, now)
+	closeBody()
 
 	var final outcome
 	f, err := s.Store.finish(id, func(m *Message) (bool, []delivery) {
@@ -355,7 +360,7 @@ func (s *Scheduler) work(d delivery) {
 // m calls for, and readies them for storing. warned reports that a delay
 // warning was asked for, so that it is asked for once only, even when
 // Bounce returned none.
-func (s *Scheduler) bounces(m Message, out outcome, body []byte, now time.Time) (dsns []delivery, warned bool) {
+func (s *Scheduler) bounces(m Message, out outcome, body Body, now time.Time) (dsns []delivery, warned bool) {
 	// Never a DSN about a null sender's message or about a DSN: there is
 	// nobody to send it to, and it could loop (RFC 3461 section 6.2).
 	if s.Bounce == nil || m.From == "" || m.DSN {
@@ -377,7 +382,7 @@ func (s *Scheduler) bounces(m Message, out outcome, body []byte, now time.Time) 
 
 // bounce calls Bounce and makes what it returns a queued DSN, due now. A
 // panic in Bounce is logged and sends no DSN.
-func (s *Scheduler) bounce(kind BounceKind, m Message, rcpts []Recipient, body []byte, now time.Time) (n delivery, ok bool) {
+func (s *Scheduler) bounce(kind BounceKind, m Message, rcpts []Recipient, body Body, now time.Time) (n delivery, ok bool) {
 	defer func() {
 		if p := recover(); p != nil {
 			s.Logger.Error("queue: building a DSN panicked", "queue_id", m.ID, "msg_id", m.MessageID,
@@ -423,7 +428,7 @@ func (s *Scheduler) done(m Message) {
 
 // deliver calls Deliver, turning a panic into a temporary failure so that
 // one bad message cannot stop the process.
-func (s *Scheduler) deliver(m Message, body []byte) (results []Result) {
+func (s *Scheduler) deliver(m Message, body Body) (results []Result) {
 	m.Recipients = slices.Clone(m.Recipients)
 	defer func() {
 		if p := recover(); p != nil {

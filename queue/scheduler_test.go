@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math"
 	"slices"
@@ -24,6 +25,19 @@ func newScheduler(t *testing.T, st *Store, deliver DeliverFunc) *Scheduler {
 		Jitter:   func() float64 { return 0.5 },
 		Logger:   slog.New(slog.NewTextHandler(t.Output(), nil)),
 	}
+}
+
+// content reads the whole of b as a delivery streams it; a read error
+// fails the test.
+func content(t *testing.T, b Body) []byte {
+	data, err := io.ReadAll(b.Reader())
+	if err != nil {
+		t.Errorf("reading the body: %v", err)
+	}
+	if int64(len(data)) != b.Size() {
+		t.Errorf("read %d bytes of a body of Size %d", len(data), b.Size())
+	}
+	return data
 }
 
 // start runs s until the test ends; the cleanup stops it before the store
@@ -128,9 +142,9 @@ func TestBackoffJitterBounds(t *testing.T) {
 func TestDeliverAtOnceAfterPut(t *testing.T) {
 	st, _ := openStore(t)
 	got := make(chan Message, 1)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
-		if string(body) != "body\r\n" {
-			t.Errorf("body %q", body)
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
+		if got := content(t, body); string(got) != "body\r\n" {
+			t.Errorf("body %q", got)
 		}
 		got <- m
 		return results(m, Delivered, "250 2.0.0 OK")
@@ -163,7 +177,7 @@ func TestDeliverAtOnceAfterPut(t *testing.T) {
 func TestPerRecipientResults(t *testing.T) {
 	st, _ := openStore(t)
 	calls := make(chan []string, 2)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		calls <- m.Pending()
 		switch m.Attempts {
 		case 1:
@@ -214,7 +228,7 @@ func TestRetryBackoff(t *testing.T) {
 		m  Message
 	}
 	calls := make(chan call, 10)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		calls <- call{time.Now(), m}
 		if stored, err := st.Get(m.ID); err != nil || stored.Attempts != m.Attempts {
 			t.Errorf("stored during attempt %d: %+v, %v; the claim must be saved before delivery", m.Attempts, stored, err)
@@ -256,7 +270,7 @@ func TestRetryBackoff(t *testing.T) {
 
 func TestMaxAgeExpires(t *testing.T) {
 	st, _ := openStore(t)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		return []Result{
 			{Rcpt: "a@example.net", State: Delivered, Reply: "250 ok"},
 			{Rcpt: "b@example.net", State: Pending, Reply: "451 4.7.1 greylisted"},
@@ -287,7 +301,7 @@ func TestWorkersBound(t *testing.T) {
 	var active, peak atomic.Int32
 	started := make(chan struct{}, messages)
 	release := make(chan struct{})
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		n := active.Add(1)
 		defer active.Add(-1)
 		for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
@@ -339,9 +353,9 @@ func TestRestartResumes(t *testing.T) {
 		want[m.ID] = true
 	}
 	st = reopen(t, st, path)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
-		if string(body) != m.Recipients[0].Addr {
-			t.Errorf("%s: body %q", m.ID, body)
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
+		if got := content(t, body); string(got) != m.Recipients[0].Addr {
+			t.Errorf("%s: body %q", m.ID, got)
 		}
 		return results(m, Delivered, "250 ok")
 	})
@@ -377,7 +391,7 @@ func TestRecoveredRetriedWhenDue(t *testing.T) {
 		m  Message
 	}
 	calls := make(chan call, 1)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		calls <- call{time.Now(), m}
 		return results(m, Delivered, "250 ok")
 	})
@@ -393,7 +407,7 @@ func TestRecoveredRetriedWhenDue(t *testing.T) {
 
 func TestDeliverPanic(t *testing.T) {
 	st, _ := openStore(t)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		if m.Attempts == 1 {
 			panic("deliverer bug")
 		}
@@ -413,7 +427,7 @@ func TestInFlightNotReclaimed(t *testing.T) {
 	calls := map[string]int{}
 	slow := make(chan Message, 1)
 	release := make(chan struct{})
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		mu.Lock()
 		calls[m.ID]++
 		mu.Unlock()
@@ -462,7 +476,7 @@ func TestShutdownWaitsForDeliveries(t *testing.T) {
 	st, _ := openStore(t)
 	started := make(chan struct{})
 	release := make(chan struct{})
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		close(started)
 		<-release
 		if ctx.Err() != nil {
@@ -497,7 +511,7 @@ func TestShutdownWaitsForDeliveries(t *testing.T) {
 func TestShutdownDeadlineCancels(t *testing.T) {
 	st, path := openStore(t)
 	started := make(chan struct{})
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		close(started)
 		<-ctx.Done()
 		return results(m, Pending, "local error: "+ctx.Err().Error())
@@ -531,7 +545,7 @@ func TestShutdownDeadlineCancels(t *testing.T) {
 
 func TestRunAfterShutdown(t *testing.T) {
 	st, _ := openStore(t)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result { return nil })
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result { return nil })
 	if err := s.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -547,7 +561,7 @@ func TestBackoffFromEndOfAttempt(t *testing.T) {
 	const backoff = 300 * time.Millisecond // Backoff(1) with jitter 0.5
 	type span struct{ start, end time.Time }
 	spans := make(chan span, 4)
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		start := time.Now()
 		if m.Attempts == 1 {
 			time.Sleep(2 * backoff) // the slow upstream, not a wait for an event

@@ -190,8 +190,8 @@ func spooled(tx *bolt.Tx, id []byte) bool {
 }
 
 // readSpooled returns head followed by the content of id's spool file, in
-// one allocation. It runs outside any transaction: a file is read while
-// the database stays free for the door and the other workers.
+// one allocation, for Body. It runs outside any transaction: a file is
+// read while the database stays free for the door and the workers.
 func (s *Store) readSpooled(id string, head []byte) ([]byte, error) {
 	f, err := os.Open(s.spoolPath(id))
 	if err != nil {
@@ -210,18 +210,27 @@ func (s *Store) readSpooled(id string, head []byte) ([]byte, error) {
 	return body, nil
 }
 
-// loadBody returns the whole body of a claimed message: its stored bytes,
-// followed by its spool file if it has one. On failure it returns the
-// head, which holds the header section, for a DSN.
-func (s *Store) loadBody(d delivery) ([]byte, error) {
+// openBody opens the content of a claimed message for its attempt: the
+// head it was claimed with, and a spooled message's file, opened once
+// here, by the worker and outside any transaction. A file missing or
+// unreadable fails the attempt before any upstream is tried; one removed
+// later (the message deleted meanwhile) still reads whole. close releases
+// the file once the attempt is over. The content is never read whole into
+// memory: a delivery streams it.
+func (s *Store) openBody(d delivery) (b Body, close func(), err error) {
 	if !d.spooled {
-		return d.body, nil
+		return NewBody(d.body), func() {}, nil
 	}
-	body, err := s.readSpooled(d.msg.ID, d.body)
+	f, err := os.Open(s.spoolPath(d.msg.ID))
 	if err != nil {
-		return d.body, fmt.Errorf("queue: read spool file of %s: %w", d.msg.ID, err)
+		return Body{}, nil, fmt.Errorf("queue: open spool file of %s: %w", d.msg.ID, err)
 	}
-	return body, nil
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return Body{}, nil, fmt.Errorf("queue: open spool file of %s: %w", d.msg.ID, err)
+	}
+	return Body{head: d.body, rest: io.NewSectionReader(f, 0, fi.Size())}, func() { f.Close() }, nil
 }
 
 // unreadable is the outcome of an attempt whose spool file cannot be read.

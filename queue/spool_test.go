@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,8 +71,8 @@ func spoolFiles(t *testing.T, path string) []string {
 func deliverAll(t *testing.T, st *Store) (bodies chan []byte, done chan Message) {
 	t.Helper()
 	bodies = make(chan []byte, 1)
-	s := newScheduler(t, st, func(_ context.Context, m Message, body []byte) []Result {
-		bodies <- bytes.Clone(body)
+	s := newScheduler(t, st, func(_ context.Context, m Message, body Body) []Result {
+		bodies <- content(t, body)
 		return results(m, Delivered, "250 ok")
 	})
 	done = doneChan(s, 1)
@@ -131,6 +132,58 @@ func TestSpoolLifecycle(t *testing.T) {
 	if files := spoolFiles(t, path); len(files) != 0 {
 		t.Errorf("spool files %q left after delivery", files)
 	}
+}
+
+// TestSpoolBodyStreamed: the Body a delivery gets for a spooled message
+// holds only the head in memory; its readers each read the whole message
+// from the start, independently (one upstream after another), even once
+// the message was deleted and its file removed during the attempt.
+func TestSpoolBodyStreamed(t *testing.T) {
+	st, path := openStore(t)
+	type seen struct {
+		head          []byte
+		size          int64
+		first, second []byte
+	}
+	got := make(chan seen, 1)
+	s := newScheduler(t, st, func(_ context.Context, m Message, body Body) []Result {
+		if err := st.Delete(m.ID); err != nil {
+			t.Error(err)
+		}
+		v := seen{head: bytes.Clone(body.Head()), size: body.Size()}
+		r1, r2 := body.Reader(), body.Reader()
+		part := make([]byte, body.Size()/3)
+		if _, err := io.ReadFull(r1, part); err != nil {
+			t.Error(err)
+		}
+		v.second = mustRead(t, r2)
+		v.first = append(part, mustRead(t, r1)...)
+		got <- v
+		return results(m, Delivered, "250 ok")
+	})
+	start(t, s)
+	m := newMessage("a@example.net")
+	want := putSpooled(t, st, m, spoolContent(5<<20+3))
+
+	v := receive(t, got, "the delivery")
+	if string(v.head) != spoolHead || v.size != int64(len(want)) {
+		t.Errorf("Head %d bytes, Size %d; want the %d bytes of the head and Size %d", len(v.head), v.size, len(spoolHead), len(want))
+	}
+	if !bytes.Equal(v.first, want) || !bytes.Equal(v.second, want) {
+		t.Errorf("readers got %d and %d bytes, want the %d stored, identical", len(v.first), len(v.second), len(want))
+	}
+	if files := spoolFiles(t, path); len(files) != 0 {
+		t.Errorf("spool files %q after the message was deleted", files)
+	}
+}
+
+// mustRead reads r to its end; an error fails the test.
+func mustRead(t *testing.T, r io.Reader) []byte {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		t.Errorf("read: %v", err)
+	}
+	return b
 }
 
 func TestSpoolAbort(t *testing.T) {
@@ -299,7 +352,7 @@ func TestSpoolDelete(t *testing.T) {
 // headers first, and the file goes when the message expires.
 func TestSpoolBounce(t *testing.T) {
 	st, path := openStore(t)
-	s := newScheduler(t, st, func(_ context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(_ context.Context, m Message, body Body) []Result {
 		if m.DSN {
 			return results(m, Delivered, "250 ok")
 		}
@@ -309,8 +362,8 @@ func TestSpoolBounce(t *testing.T) {
 	s.Now = func() time.Time { return time.Now().Add(2 * time.Hour) }
 	bounced := make(chan []byte, 1)
 	b := &bouncer{}
-	s.Bounce = func(kind BounceKind, m Message, rcpts []Recipient, body []byte) (*Message, []byte) {
-		bounced <- bytes.Clone(body)
+	s.Bounce = func(kind BounceKind, m Message, rcpts []Recipient, body Body) (*Message, []byte) {
+		bounced <- content(t, body)
 		return b.bounce(kind, m, rcpts, body)
 	}
 	done := doneChan(s, 2)
@@ -341,19 +394,19 @@ func TestSpoolFileLost(t *testing.T) {
 	if _, err := st.Body(m.ID); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Body without its file: %v, want ErrNotFound", err)
 	}
-	s := newScheduler(t, st, func(_ context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(_ context.Context, m Message, body Body) []Result {
 		if !m.DSN {
-			t.Errorf("message without content delivered: %d bytes", len(body))
+			t.Errorf("message without content delivered: %d bytes", body.Size())
 		}
 		return results(m, Delivered, "250 ok")
 	})
 	bounced := make(chan []byte, 1)
 	b := &bouncer{}
-	s.Bounce = func(kind BounceKind, m Message, rcpts []Recipient, body []byte) (*Message, []byte) {
+	s.Bounce = func(kind BounceKind, m Message, rcpts []Recipient, body Body) (*Message, []byte) {
 		if len(rcpts) != 1 || rcpts[0].State != Failed || !strings.Contains(rcpts[0].Reply, "lost") {
 			t.Errorf("bounced %+v", rcpts)
 		}
-		bounced <- bytes.Clone(body)
+		bounced <- content(t, body)
 		return b.bounce(kind, m, rcpts, body)
 	}
 	start(t, s)

@@ -238,7 +238,7 @@ func TestObserver(t *testing.T) {
 	t.Cleanup(func() { st.Close() })
 	// The local part decides: ok@ is delivered, bad@ refused, later@
 	// deferred every time; DSNs go to the sender and are delivered.
-	s := newScheduler(t, st, func(ctx context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, st, func(ctx context.Context, m Message, body Body) []Result {
 		var out []Result
 		for _, r := range m.Pending() {
 			state := Delivered

@@ -579,8 +579,8 @@ type delivery struct {
 	msg  Message
 	body []byte
 	kind BounceKind // for a DSN to store: what it reports
-	// spooled: body is only the head; the worker reads the rest from the
-	// spool file (Store.loadBody), outside the transaction.
+	// spooled: body is only the head; the worker streams the rest from
+	// the spool file (Store.openBody), outside the transaction.
 	spooled bool
 }
 

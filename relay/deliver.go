@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"strings"
@@ -86,7 +87,10 @@ type Deliverer struct {
 // sender, and sent from the upstream's DSNFrom, or from the null sender
 // (RFC 3461 section 6.2, RFC 5321 section 4.5.5). An upstream with
 // EnvelopeFrom gets that as the sender instead (see Upstream.MailFrom).
-func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body []byte) []queue.Result {
+//
+// The content is streamed from body to each upstream tried, never held
+// whole: a spooled message costs a copy buffer, not its size.
+func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body queue.Body) []queue.Result {
 	rcpts := m.Pending()
 	if len(rcpts) == 0 {
 		return nil
@@ -137,7 +141,8 @@ func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body []byte) [
 		from := up.MailFrom(m)
 		data := body
 		if up.HeaderFromRewrite && up.EnvelopeFrom != "" {
-			data = rewriteHeaderFrom(body, up.EnvelopeFrom)
+			// The head holds the whole header section.
+			data = body.WithHead(rewriteHeaderFrom(body.Head(), up.EnvelopeFrom))
 		}
 		start := time.Now()
 		a := d.try(ctx, up, from, sub, data)
@@ -256,7 +261,7 @@ const probeRetry = 2 * time.Second
 
 // try delivers to rcpts through up, or leaves up out when it is down or its
 // rate limit is further away than MaxRateWait.
-func (d *Deliverer) try(ctx context.Context, up *Upstream, from string, rcpts []string, body []byte) attempt {
+func (d *Deliverer) try(ctx context.Context, up *Upstream, from string, rcpts []string, body queue.Body) attempt {
 	d.mu.Lock()
 	st := d.state(up)
 	probe, until, ok := d.admit(st, d.now())
@@ -526,7 +531,7 @@ func (o *txOutcome) set(i int, rcpt, upstream string, state queue.RcptState, rep
 // every recipient, a 5xx to RCPT that recipient, a 5xx to DATA or after the
 // final dot every accepted one; 4xx leaves them pending for the next
 // upstream, except when the reply after the final dot never came.
-func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body []byte) txOutcome {
+func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body queue.Body) txOutcome {
 	c := uc.client
 	upName := uc.upstream
 	out := txOutcome{results: make([]queue.Result, len(rcpts)), failover: make([]bool, len(rcpts))}
@@ -564,7 +569,7 @@ func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body
 		all[i] = i
 	}
 
-	opts := &smtp.MailOptions{Size: int64(len(body)), UTF8: !isASCII(from)}
+	opts := &smtp.MailOptions{Size: body.Size(), UTF8: !isASCII(from)}
 	for _, r := range rcpts {
 		opts.UTF8 = opts.UTF8 || !isASCII(r)
 	}
@@ -627,7 +632,21 @@ func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body
 	}
 	// The client sets no deadline while the message is written.
 	_ = uc.raw.SetDeadline(time.Now().Add(d.dataTimeout()))
-	if _, err := w.Write(body); err != nil {
+	src := &sourceReader{r: body.Reader()}
+	if _, err := io.Copy(w, src); err != nil {
+		if src.err != nil {
+			// Our copy of the message failed to read: the final dot must
+			// not go out after a part of it, so the connection is dropped
+			// without QUIT. Not the upstream's failure, and another one
+			// would read the same file: the attempt is retried later.
+			out.err = &stageError{stage: "data", err: src.err}
+			out.reusable, out.canQuit = false, false
+			set(accepted, queue.Pending, errContentUnreadable)
+			for _, i := range accepted {
+				out.failover[i] = false
+			}
+			return out
+		}
 		// The final dot has not gone out: the upstream cannot have taken
 		// the message.
 		return broken("data", err, accepted, true)
@@ -647,6 +666,27 @@ func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body
 	set(accepted, queue.Delivered, "250 "+oneLine(resp.StatusText))
 	out.reusable, out.canQuit = true, true
 	return out
+}
+
+// errContentUnreadable is the reply recorded when a message's content
+// could not be read while it was sent, as the queue records one it cannot
+// open.
+const errContentUnreadable = "local error: message content unreadable"
+
+// sourceReader passes reads through and keeps the first error other than
+// io.EOF, so that a failure to read the message is told apart from one
+// to send it.
+type sourceReader struct {
+	r   io.Reader
+	err error
+}
+
+func (s *sourceReader) Read(p []byte) (int, error) {
+	n, err := s.r.Read(p)
+	if err != nil && err != io.EOF && s.err == nil {
+		s.err = err
+	}
+	return n, err
 }
 
 func (d *Deliverer) hostname() string {

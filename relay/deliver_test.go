@@ -91,7 +91,7 @@ func testMessage(from string, rcpts ...string) queue.Message {
 
 func deliver(t *testing.T, d *Deliverer, m queue.Message, body string) []queue.Result {
 	t.Helper()
-	res := d.Deliver(context.Background(), m, []byte(body))
+	res := d.Deliver(context.Background(), m, queue.NewBody([]byte(body)))
 	if want := len(m.Pending()); len(res) != want {
 		t.Fatalf("%d results for %d pending recipients: %+v", len(res), want, res)
 	}
@@ -393,7 +393,7 @@ func TestDeliverMaxConnections(t *testing.T) {
 	for i := range n {
 		wg.Go(func() {
 			m := testMessage("app@example.com", fmt.Sprintf("r%d@example.net", i))
-			results[i] = env.d.Deliver(context.Background(), m, []byte(deliverBody))
+			results[i] = env.d.Deliver(context.Background(), m, queue.NewBody([]byte(deliverBody)))
 		})
 	}
 	wg.Wait()
@@ -425,14 +425,14 @@ func TestDeliverCancelledWhileWaiting(t *testing.T) {
 
 	first := make(chan []queue.Result)
 	go func() {
-		first <- env.d.Deliver(context.Background(), testMessage("app@example.com", "x@example.net"), []byte(deliverBody))
+		first <- env.d.Deliver(context.Background(), testMessage("app@example.com", "x@example.net"), queue.NewBody([]byte(deliverBody)))
 	}()
 	<-entered // the only connection slot is taken
 
 	ctx, cancel := context.WithCancel(context.Background())
 	second := make(chan []queue.Result)
 	go func() {
-		second <- env.d.Deliver(ctx, testMessage("app@example.com", "y@example.net"), []byte(deliverBody))
+		second <- env.d.Deliver(ctx, testMessage("app@example.com", "y@example.net"), queue.NewBody([]byte(deliverBody)))
 	}()
 	waitFor(t, 5*time.Second, "second delivery not waiting for the connection", func() bool {
 		env.d.mu.Lock()
@@ -465,7 +465,7 @@ func TestDeliverNotCancelledDuringData(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan []queue.Result)
 	go func() {
-		done <- env.d.Deliver(ctx, testMessage("app@example.com", "x@example.net"), []byte(deliverBody))
+		done <- env.d.Deliver(ctx, testMessage("app@example.com", "x@example.net"), queue.NewBody([]byte(deliverBody)))
 	}()
 	<-entered // the whole message has been sent
 	cancel()
@@ -489,7 +489,7 @@ func TestDeliverCancelledBeforeData(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan []queue.Result)
 	go func() {
-		done <- env.d.Deliver(ctx, testMessage("app@example.com", "x@example.net"), []byte(deliverBody))
+		done <- env.d.Deliver(ctx, testMessage("app@example.com", "x@example.net"), queue.NewBody([]byte(deliverBody)))
 	}()
 	<-entered
 	cancel()
@@ -505,7 +505,7 @@ func TestDeliverCancelledBeforeData(t *testing.T) {
 
 func TestDeliverNoRoute(t *testing.T) {
 	d := &Deliverer{Routes: []Route{{FromDomain: "example.com", Upstreams: []string{"a"}}}, Logger: slog.New(slog.DiscardHandler)}
-	res := d.Deliver(context.Background(), testMessage("app@other.example", "x@example.net"), []byte(deliverBody))
+	res := d.Deliver(context.Background(), testMessage("app@other.example", "x@example.net"), queue.NewBody([]byte(deliverBody)))
 	if len(res) != 1 || res[0].State != queue.Pending || res[0].Reply != "no route for sender domain" {
 		t.Errorf("unroutable sender: %+v", res)
 	}

@@ -24,7 +24,7 @@ type Bouncer struct {
 // Bounce builds the DSN for m about rcpts; it matches queue.Scheduler's
 // Bounce hook. It returns nil for a null sender or a DSN (RFC 3461
 // section 6.2: never a DSN about a DSN).
-func (b *Bouncer) Bounce(kind queue.BounceKind, m queue.Message, rcpts []queue.Recipient, body []byte) (*queue.Message, []byte) {
+func (b *Bouncer) Bounce(kind queue.BounceKind, m queue.Message, rcpts []queue.Recipient, body queue.Body) (*queue.Message, []byte) {
 	if m.From == "" || m.DSN || len(rcpts) == 0 {
 		return nil, nil
 	}
@@ -91,10 +91,12 @@ func (b *Bouncer) Bounce(kind queue.BounceKind, m queue.Message, rcpts []queue.R
 	}
 	w("\r\n")
 
-	// The original header section (RFC 6522 text/rfc822-headers).
+	// The original header section (RFC 6522 text/rfc822-headers), which
+	// the head holds whole: the rest is never read.
 	w("--%s\r\nContent-Type: text/rfc822-headers\r\n\r\n", boundary)
-	end, _ := headerEnd(body)
-	buf.Write(body[:end])
+	head := body.Head()
+	end, _ := headerEnd(head)
+	buf.Write(head[:end])
 	w("\r\n--%s--\r\n", boundary)
 
 	dsn := &queue.Message{

@@ -74,7 +74,7 @@ func TestBounceFailed(t *testing.T) {
 		{Addr: "c@example.net", State: queue.Failed, Reply: "expired after 120h0m0s in queue; last reply: 451 4.3.0 Try again later"},
 		{Addr: "d@example.net", State: queue.Failed, Reply: "expired after 120h0m0s in queue; last reply: connect: connection refused"},
 	}
-	dm, body := b.Bounce(queue.BounceFailed, m, failed, []byte(original))
+	dm, body := b.Bounce(queue.BounceFailed, m, failed, queue.NewBody([]byte(original)))
 	if dm == nil {
 		t.Fatal("no DSN")
 	}
@@ -125,7 +125,7 @@ func TestBounceDelayed(t *testing.T) {
 	now := time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC)
 	b := &Bouncer{Hostname: "relay.test", MaxAge: 120 * time.Hour, Now: func() time.Time { return now }}
 	m := queue.Message{ID: "x", From: "app@example.com", Received: now.Add(-4 * time.Hour)}
-	_, body := b.Bounce(queue.BounceDelayed, m, []queue.Recipient{{Addr: "a@example.net", Reply: "421 4.7.0 Try again later"}}, []byte(original))
+	_, body := b.Bounce(queue.BounceDelayed, m, []queue.Recipient{{Addr: "a@example.net", Reply: "421 4.7.0 Try again later"}}, queue.NewBody([]byte(original)))
 	_, _, parts, _ := dsnParts(t, body)
 	g := statusGroups(t, parts[1])
 	if len(g) != 2 || g[1].Get("Action") != "delayed" || g[1].Get("Status") != "4.7.0" || g[1].Get("Will-Retry-Until") == "" {
@@ -136,10 +136,10 @@ func TestBounceDelayed(t *testing.T) {
 func TestNoBounceForNullSenderOrDSN(t *testing.T) {
 	b := &Bouncer{Hostname: "relay.test"}
 	rcpts := []queue.Recipient{{Addr: "a@example.net", Reply: "550 no"}}
-	if m, body := b.Bounce(queue.BounceFailed, queue.Message{From: ""}, rcpts, []byte(original)); m != nil || body != nil {
+	if m, body := b.Bounce(queue.BounceFailed, queue.Message{From: ""}, rcpts, queue.NewBody([]byte(original))); m != nil || body != nil {
 		t.Error("DSN for the null sender")
 	}
-	if m, _ := b.Bounce(queue.BounceFailed, queue.Message{From: "postmaster@example.com", DSN: true}, rcpts, []byte(original)); m != nil {
+	if m, _ := b.Bounce(queue.BounceFailed, queue.Message{From: "postmaster@example.com", DSN: true}, rcpts, queue.NewBody([]byte(original))); m != nil {
 		t.Error("DSN for a DSN")
 	}
 }

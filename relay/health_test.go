@@ -165,7 +165,7 @@ func TestUpstreamSingleProbe(t *testing.T) {
 	clock.Advance(time.Minute)
 	probe := make(chan []queue.Result)
 	go func() {
-		probe <- env.d.Deliver(context.Background(), testMessage("app@example.com", "r2@example.net"), []byte(deliverBody))
+		probe <- env.d.Deliver(context.Background(), testMessage("app@example.com", "r2@example.net"), queue.NewBody([]byte(deliverBody)))
 	}()
 	<-entered
 

@@ -82,7 +82,7 @@ func TestPoolReuse(t *testing.T) {
 		wg.Go(func() {
 			for i := range next {
 				m := testMessage("app@example.com", fmt.Sprintf("r%d@example.net", i))
-				results[i] = env.d.Deliver(context.Background(), m, []byte(deliverBody))
+				results[i] = env.d.Deliver(context.Background(), m, queue.NewBody([]byte(deliverBody)))
 			}
 		})
 	}
@@ -178,7 +178,7 @@ func TestPoolClose(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range 3 {
 		wg.Go(func() {
-			env.d.Deliver(context.Background(), testMessage("app@example.com", fmt.Sprintf("r%d@example.net", i)), []byte(deliverBody))
+			env.d.Deliver(context.Background(), testMessage("app@example.com", fmt.Sprintf("r%d@example.net", i)), queue.NewBody([]byte(deliverBody)))
 		})
 	}
 	for range 3 {

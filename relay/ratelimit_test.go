@@ -68,7 +68,7 @@ func TestRateLimitPacing(t *testing.T) {
 	for i := range n {
 		wg.Go(func() {
 			m := testMessage("app@example.com", fmt.Sprintf("r%d@example.net", i))
-			results[i] = env.d.Deliver(context.Background(), m, []byte(deliverBody))
+			results[i] = env.d.Deliver(context.Background(), m, queue.NewBody([]byte(deliverBody)))
 		})
 	}
 	wg.Wait()
@@ -146,7 +146,7 @@ func TestRateLimitWaitCancelled(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan []queue.Result)
 	go func() {
-		done <- env.d.Deliver(ctx, testMessage("app@example.com", "y@example.net"), []byte(deliverBody))
+		done <- env.d.Deliver(ctx, testMessage("app@example.com", "y@example.net"), queue.NewBody([]byte(deliverBody)))
 	}()
 	waitFor(t, 5*time.Second, "no delivery waiting", func() bool {
 		env.d.mu.Lock()

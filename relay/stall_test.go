@@ -94,7 +94,7 @@ func TestDeliverStartTLSStallBounded(t *testing.T) {
 			done := make(chan []queue.Result, 1)
 			start := time.Now()
 			go func() {
-				done <- env.d.Deliver(context.Background(), testMessage("app@example.com", "x@example.net"), []byte(deliverBody))
+				done <- env.d.Deliver(context.Background(), testMessage("app@example.com", "x@example.net"), queue.NewBody([]byte(deliverBody)))
 			}()
 			select {
 			case res := <-done:

@@ -32,7 +32,7 @@ func TestTakeOverRateLimit(t *testing.T) {
 	checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "a")
 	slow := make(chan []queue.Result, 1)
 	go func() {
-		slow <- old.Deliver(context.Background(), testMessage("app@example.com", "slow@example.net"), []byte(deliverBody))
+		slow <- old.Deliver(context.Background(), testMessage("app@example.com", "slow@example.net"), queue.NewBody([]byte(deliverBody)))
 	}()
 	<-inData
 

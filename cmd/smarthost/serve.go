@@ -261,7 +261,7 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 	sched := &queue.Scheduler{
 		Store: store,
 		// Through the instance: a reload swaps the Deliverer.
-		Deliver: func(ctx context.Context, m queue.Message, body []byte) []queue.Result {
+		Deliver: func(ctx context.Context, m queue.Message, body queue.Body) []queue.Result {
 			return inst.deliverer().Deliver(ctx, m, body)
 		},
 		Workers:      cfg.Queue.Workers,
