@@ -22,16 +22,24 @@ const headroom = 8 << 10
 // (RFC 5321 section 6.3; Postfix's hopcount_limit).
 const maxReceived = 50
 
-// spoolThreshold is how much of a message the door holds in memory. A
-// larger one goes on to a spool file in chunks as it arrives, so that the
-// memory a session uses stays bounded whatever the message size; its
-// header section must end within these first bytes (the header limit,
-// 552 5.3.4 past it).
+// spoolThreshold is the most of a message the door holds in memory, and
+// then only with bytes lent by the relay's message memory budget (see
+// memory.go). A larger message, or one that gets no loan, goes on to a
+// spool file in chunks as it arrives.
 const spoolThreshold = 1 << 20
 
+// headerLimit is how far into a message its header section must end
+// (552 5.3.4 otherwise), and so the memory a session in DATA holds
+// without a loan: the header section is parsed and signed in memory.
+// Postfix's header_size_limit is 100 KiB (it moves the excess to the
+// body), sendmail's 32 KiB; real mail needs a few KiB, long recipient
+// lists and ARC chains tens.
+const headerLimit = 64 << 10
+
 // readChunk is the size of one read from the client. Normalising at most
-// doubles it (a bare LF becomes CRLF), so a spool write is at most 64 KiB.
-const readChunk = 32 << 10
+// doubles it (a bare LF becomes CRLF), so a spool write is at most 16 KiB:
+// a spooling session holds its header section and these two buffers.
+const readChunk = 8 << 10
 
 // normalizer reads a message and converts every line ending to CRLF: a
 // bare LF or a bare CR becomes CRLF. A message stored this way cannot carry
@@ -57,8 +65,9 @@ func newNormalizer(r io.Reader) *normalizer {
 
 // fill reads from r and appends the normalised bytes to dst until dst
 // holds at least limit bytes or the message ends (eof). Each read asks for
-// no more than limit−len(dst) bytes, so dst never grows past
-// 2·limit+2 bytes on account of this call.
+// no more than limit−len(dst) bytes, and a byte read becomes at most two,
+// plus a CR held from the read before and a final CRLF: dst ends within
+// 2·limit − len(dst) + 4 bytes.
 func (n *normalizer) fill(dst []byte, limit int) ([]byte, error) {
 	for !n.eof && len(dst) < limit {
 		k, err := n.r.Read(n.chunk[:min(len(n.chunk), limit-len(dst))])

@@ -73,6 +73,7 @@ type Server struct {
 	creds    *credentialCache
 	limiter  *authLimiter
 	clients  *clientCounts // connections per client address
+	memory   *memoryBudget // Limits.MessageMemory, lent to sessions in DATA
 	shutting atomic.Bool
 
 	mu    sync.Mutex
@@ -106,6 +107,7 @@ func (s *Server) Listen() error {
 	}
 	s.limiter = newAuthLimiter(s.Limits.AuthFailuresPerIP, window, s.Now)
 	s.clients = newClientCounts(s.Limits.MaxConnectionsPerIP)
+	s.memory = newMemoryBudget(s.Limits.MessageMemory)
 	s.conns = make(map[*trackedConn]struct{})
 	s.idle = make(chan struct{}, 1)
 

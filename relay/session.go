@@ -250,35 +250,29 @@ func (s *session) Data(r io.Reader) error {
 }
 
 func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (string, error) {
-	limits := s.srv.Limits
 	threshold := spoolThreshold
 	if s.srv.spoolAfter > 0 {
 		threshold = s.srv.spoolAfter
 	}
-	hint := int64(4 << 10)
-	if size > hint {
-		hint = size
-	}
-	if limits.MaxMessageBytes > 0 && hint > limits.MaxMessageBytes {
-		hint = limits.MaxMessageBytes
-	}
-	hint = min(hint, int64(threshold))
 	s.beginData()
 	norm := newNormalizer(r)
-	buf := make([]byte, headroom, headroom+int(hint)+int(hint)/32+64)
-	// Up to the threshold in memory; if the message goes on, the rest is
-	// spooled and only the header section is kept here.
-	buf, err := norm.fill(buf, headroom+threshold+1)
+	// In memory while the floor and the relay's budget allow; if the
+	// message goes on, the rest is spooled and only the header section is
+	// kept here. Whatever happens, the loan goes back when this returns.
+	mb := newMessageBuffer(s.srv.memory, headerLimit, threshold, size)
+	defer mb.release()
+	spool, err := mb.read(norm)
 	if err != nil {
 		return "", s.readFailed(err)
 	}
-	msg := buf[headroom:]
-	spool := !norm.eof
+	msg := mb.message()
 
+	// The header section must be known to end (a blank line, a line that
+	// is not a field, or the end of the message) within the floor, on
+	// either path, so that what is accepted does not depend on the load.
 	end, blank := headerEnd(msg)
-	// A header section not known to end within what is in memory (no
-	// complete line after the last field) may go on: refuse it.
-	if spool && !blank && bytes.Index(msg[end:], []byte("\r\n")) < 0 {
+	ended := blank || !spool || bytes.Contains(msg[end:], []byte("\r\n"))
+	if !ended || end > mb.floor {
 		return "", s.reject("too_large", errHeaderTooLarge, "limit", "header_section")
 	}
 	h, headerFrom, err := s.checkHeader(msg[:end], from)
@@ -304,9 +298,9 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 
 	var signed bool
 	if spool {
-		signed, err = s.storeSpooled(m, norm, msg, end, blank, fields, headerFrom)
+		signed, err = s.storeSpooled(m, norm, mb, end, blank, fields, headerFrom)
 	} else {
-		signed, err = s.store(m, buf, end, blank, fields, headerFrom)
+		signed, err = s.store(m, mb.buf, end, blank, fields, headerFrom)
 	}
 	if err != nil {
 		return "", err
@@ -422,10 +416,11 @@ func (s *session) store(m *queue.Message, buf []byte, end int, blank bool, field
 	if !blank && end < len(buf)-headroom {
 		// A body line right after the fields: insert the empty line that
 		// separates them, as the fields we add must not run into the body.
-		fixed := make([]byte, 0, len(buf)+2)
-		fixed = append(fixed, buf[:headroom+end]...)
-		fixed = append(fixed, '\r', '\n')
-		buf = append(fixed, buf[headroom+end:]...)
+		// The buffer keeps room for it (messageSpare).
+		at := headroom + end
+		buf = append(buf, "\r\n"...)
+		copy(buf[at+2:], buf[at:len(buf)-2])
+		buf[at], buf[at+1] = '\r', '\n'
 	}
 	d := door{buf: buf, start: headroom}
 	d.prepend(fields)
@@ -451,13 +446,16 @@ func (s *session) store(m *queue.Message, buf []byte, end int, blank bool, field
 	return signed, nil
 }
 
-// storeSpooled stores a message too large to hold in memory. msg is its
-// first part, normalised, whose header section ends at end within it; the
-// rest is read from norm. The fields added at the door, the header section
-// and the empty line after it are the head, kept in memory; the body goes
-// to a spool file chunk by chunk, and through the DKIM signer on the way,
-// so that the stored bytes are those store would have stored.
-func (s *session) storeSpooled(m *queue.Message, norm *normalizer, msg []byte, end int, blank bool, fields []byte, headerFrom string) (signed bool, err error) {
+// storeSpooled stores a message too large to hold in memory. mb holds its
+// first part, normalised, whose header section ends at end; the rest is
+// read from norm. The fields added at the door, the header section and the
+// empty line after it are the head, kept in memory; the body goes to a
+// spool file chunk by chunk, and through the DKIM signer on the way, so
+// that the stored bytes are those store would have stored. Once the first
+// part is written, mb is released: a spooling session holds the head and
+// two chunks of readChunk, not its message.
+func (s *session) storeSpooled(m *queue.Message, norm *normalizer, mb *messageBuffer, end int, blank bool, fields []byte, headerFrom string) (signed bool, err error) {
+	msg := mb.message()
 	head := make([]byte, 0, len(fields)+end+2)
 	head = append(head, fields...)
 	head = append(head, msg[:end]...)
@@ -485,7 +483,7 @@ func (s *session) storeSpooled(m *queue.Message, norm *normalizer, msg []byte, e
 			return false, s.signingFailed(m.ID, err)
 		}
 	}
-	chunk := make([]byte, 0, 2*readChunk+2)
+	var chunk []byte
 	for {
 		if _, err := sp.Write(body); err != nil {
 			return false, s.storageFailed(m.ID, err)
@@ -497,6 +495,12 @@ func (s *session) storeSpooled(m *queue.Message, norm *normalizer, msg []byte, e
 		}
 		if norm.eof {
 			break
+		}
+		if chunk == nil {
+			// The first part is on disk: give its memory back.
+			mb.release()
+			// fill's bound: 2·readChunk + 4 bytes, never more.
+			chunk = make([]byte, 0, 2*readChunk+4)
 		}
 		if chunk, err = norm.fill(chunk[:0], readChunk); err != nil {
 			return false, s.readFailed(err)

@@ -183,8 +183,9 @@ func TestSpooledSameAsInMemory(t *testing.T) {
 }
 
 // TestHeaderSectionTooLarge: a header section that does not end within
-// the first 1 MiB is refused with 552 5.3.4, and nothing is left behind;
-// one that ends just before is accepted and spooled.
+// the first 64 KiB is refused with 552 5.3.4, whether the message would be
+// held in memory or spooled, and nothing is left behind; one that ends
+// just before is accepted, on either path.
 func TestHeaderSectionTooLarge(t *testing.T) {
 	env := startPlain(t, 0, nil)
 	c := dialPlain(t, env)
@@ -196,31 +197,41 @@ func TestHeaderSectionTooLarge(t *testing.T) {
 		}
 		return b.String()
 	}
-	body := strings.Repeat(strings.Repeat("b", 76)+"\r\n", 20000) // 1.5 MB
+	large := strings.Repeat(strings.Repeat("b", 76)+"\r\n", 20000) // 1.5 MB: spooled
+	small := "A short body.\r\n"
 
-	code, msg := c.send("app@example.com", []string{"bob@example.net"}, fields(spoolThreshold+100)+"\r\n"+body)
-	if code != 552 || msg != "5.3.4 Message header section too large" {
-		t.Errorf("header over 1 MiB: %d %s, want 552 5.3.4", code, msg)
-	}
-	// Only fields, no body at all: the same.
-	if code, _ := c.send("app@example.com", []string{"bob@example.net"}, fields(spoolThreshold+100)); code != 552 {
-		t.Errorf("fields only, over 1 MiB: %d, want 552", code)
+	for _, tc := range []struct{ name, msg string }{
+		{"spooled", fields(headerLimit+100) + "\r\n" + large},
+		{"in memory", fields(headerLimit+100) + "\r\n" + small},
+		{"fields only", fields(headerLimit + 100)},
+		{"fields only, over 1 MiB", fields(spoolThreshold + 100)},
+	} {
+		code, msg := c.send("app@example.com", []string{"bob@example.net"}, tc.msg)
+		if code != 552 || msg != "5.3.4 Message header section too large" {
+			t.Errorf("%s, header over 64 KiB: %d %s, want 552 5.3.4", tc.name, code, msg)
+		}
 	}
 	if n := len(env.q.all()); n != 0 {
 		t.Fatalf("%d messages queued", n)
 	}
 
 	// The session goes on; a header that ends within the limit passes.
-	hdr := fields(spoolThreshold - 1000)
-	if code, msg := c.send("app@example.com", []string{"bob@example.net"}, hdr+"\r\n"+body); code != 250 {
-		t.Fatalf("header just under 1 MiB: %d %s", code, msg)
+	hdr := fields(headerLimit - 1000)
+	for _, body := range []string{large, small} {
+		if code, msg := c.send("app@example.com", []string{"bob@example.net"}, hdr+"\r\n"+body); code != 250 {
+			t.Fatalf("header just under 64 KiB: %d %s", code, msg)
+		}
 	}
 	got := env.q.all()
-	if len(got) != 1 || !got[0].spooled || !bytes.HasSuffix(got[0].body, []byte(hdr+"\r\n"+body)) {
-		t.Errorf("queued %d messages; want the one, spooled and intact", len(got))
+	if len(got) != 2 || !got[0].spooled || got[1].spooled ||
+		!bytes.HasSuffix(got[0].body, []byte(hdr+"\r\n"+large)) || !bytes.HasSuffix(got[1].body, []byte(hdr+"\r\n"+small)) {
+		t.Errorf("queued %d messages; want the two, the large one spooled, intact", len(got))
 	}
 	if files := env.q.spoolFiles(t); len(files) != 0 {
 		t.Errorf("spool files left: %q", files)
+	}
+	if n := env.srv.memory.inUse(); n != 0 {
+		t.Errorf("%d bytes of message memory still lent out", n)
 	}
 }
 

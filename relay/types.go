@@ -63,6 +63,11 @@ type Limits struct {
 	AuthFailureWindow time.Duration // one minute unless a test shortens it
 	ReadTimeout       time.Duration // per command line and per read in DATA
 	DataTimeout       time.Duration // a whole DATA or BDAT transfer
+	// MessageMemory bounds the bytes of messages that sessions in DATA
+	// hold in memory past their own 64 KiB, all sessions together; a
+	// session that cannot have more spools the rest of its message to
+	// disk. 0 spools every message past 64 KiB.
+	MessageMemory int64
 }
 
 // Upstream is a provider that the relay hands messages to.
