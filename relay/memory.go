@@ -3,10 +3,10 @@ package relay
 import "sync/atomic"
 
 // The memory of sessions in DATA is bounded by configuration, not by
-// traffic. Each session holds up to a fixed floor of its message on its
-// own (headerLimit, which the header section must end within, since the
-// header is parsed and signed in memory); past it, a message is held in
-// memory only with bytes borrowed from one relay-wide budget
+// traffic. Each session holds on its own its message's header section,
+// which is parsed and signed in memory and must end within a fixed floor
+// (headerLimit), and at least minFree bytes of it; past that, a message is
+// held in memory only with bytes borrowed from one relay-wide budget
 // (Limits.MessageMemory), up to the spool threshold. A session that cannot
 // borrow spools the rest of its message, as a message over the threshold
 // does, and then holds only its header section and two small buffers.
@@ -45,17 +45,25 @@ func (b *memoryBudget) give(n int64) { b.used.Add(-n) }
 // inUse returns the bytes lent out now.
 func (b *memoryBudget) inUse() int64 { return b.used.Load() }
 
+// minFree is what a session may hold of its message without a loan once
+// its header section is known to end before that: small messages are
+// received without touching the budget.
+const minFree = 16 << 10
+
 // messageSpare is kept free at the end of a message buffer, for the empty
 // line that store inserts after a header section that has none.
 const messageSpare = 2
 
 // messageBuffer is what one session in DATA reads its message into:
 // headroom for the fields added at the door, then the message, which may
-// take floor bytes of its own and, past them, what budget lends, up to
-// max. release gives the loan back; it must be called on every path.
+// take up to floor bytes of its own while its header section goes on, its
+// header section or minFree once that has ended, and past them what
+// budget lends, up to max. release gives the loan back; it must be called
+// on every path.
 type messageBuffer struct {
 	budget *memoryBudget
-	floor  int   // message bytes held without borrowing
+	floor  int   // message bytes held without borrowing, at most
+	free   int   // message bytes held without borrowing now
 	max    int   // message bytes held at most: past them, the message is spooled
 	held   int64 // borrowed from budget
 	buf    []byte
@@ -66,7 +74,7 @@ type messageBuffer struct {
 // borrowed at once, so that such a message is read without growing.
 func newMessageBuffer(budget *memoryBudget, floor, maxSize int, hint int64) *messageBuffer {
 	floor = min(floor, maxSize)
-	mb := &messageBuffer{budget: budget, floor: floor, max: maxSize}
+	mb := &messageBuffer{budget: budget, floor: floor, free: floor, max: maxSize}
 	want := 4 << 10
 	if hint > 0 {
 		// Normalising may add bytes: a CR before each bare LF.
@@ -80,9 +88,10 @@ func newMessageBuffer(budget *memoryBudget, floor, maxSize int, hint int64) *mes
 	return mb
 }
 
-// borrow makes the loan what a message of size bytes needs past the floor.
+// borrow makes the loan what a message of size bytes needs past what the
+// session may hold on its own.
 func (mb *messageBuffer) borrow(size int) bool {
-	need := int64(size-mb.floor) - mb.held
+	need := int64(size-mb.free) - mb.held
 	if need <= 0 {
 		return true
 	}
@@ -118,12 +127,24 @@ func (mb *messageBuffer) read(norm *normalizer) (spool bool, err error) {
 		if size >= mb.max {
 			return true, nil
 		}
-		next := min(2*size, mb.max)
-		if !mb.borrow(next) {
-			if size >= mb.floor {
+		if mb.free == mb.floor {
+			// Once the header section has ended, the session holds only
+			// it, or minFree, without a loan. One that goes on past the
+			// floor is refused: nothing more is read for it.
+			end, _, ended := headerSection(mb.message(), false)
+			switch {
+			case ended:
+				mb.free = min(mb.floor, max(end+2, minFree))
+			case size >= mb.floor:
 				return true, nil
 			}
-			next = mb.floor // free of the budget
+		}
+		next := min(2*size, mb.max)
+		if !mb.borrow(next) {
+			if size >= mb.free {
+				return true, nil
+			}
+			next = mb.free // no loan needed
 		}
 		grown := make([]byte, len(mb.buf), headroom+next+messageSpare)
 		copy(grown, mb.buf)

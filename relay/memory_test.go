@@ -276,3 +276,22 @@ func TestSpoolingSessionMemory(t *testing.T) {
 	}
 	eventually(t, "the sessions to end", func() bool { return tmpSpools(t, env) == 0 })
 }
+
+// TestSmallMessagesNeedNoLoan: with no memory to lend, a message within
+// what a session holds on its own (16 KiB, or its header section) is
+// still stored from memory, and a larger one is spooled, both intact.
+func TestSmallMessagesNeedNoLoan(t *testing.T) {
+	env := startPlain(t, 0, func(s *Server) { s.Limits.MessageMemory = 0 })
+	c := dialPlain(t, env)
+	small, large := largeBody("small", 12<<10), largeBody("large", 100<<10)
+	for _, msg := range []string{small, large} {
+		if code, text := c.send("app@example.com", []string{"bob@example.net"}, msg); code != 250 {
+			t.Fatalf("%d %s", code, text)
+		}
+	}
+	got := env.q.all()
+	if len(got) != 2 || got[0].spooled || !got[1].spooled ||
+		!bytes.HasSuffix(got[0].body, []byte(small)) || !bytes.HasSuffix(got[1].body, []byte(large)) {
+		t.Errorf("want the 12 KB message stored from memory and the 100 KB one spooled, both intact: %d stored", len(got))
+	}
+}

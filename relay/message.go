@@ -145,6 +145,17 @@ func headerEnd(msg []byte) (end int, blank bool) {
 	return pos, false
 }
 
+// headerSection finds where the header section of msg, the start of a
+// CRLF-normalised message, ends (see headerEnd), and whether that is known
+// yet: a blank line follows, or a line that is not a field, or complete
+// says msg is the whole message. A header section not known to end may go
+// on past msg.
+func headerSection(msg []byte, complete bool) (end int, blank, ended bool) {
+	end, blank = headerEnd(msg)
+	ended = blank || complete || bytes.Contains(msg[end:], []byte("\r\n"))
+	return end, blank, ended
+}
+
 // isFieldLine reports whether line starts with a field name and a colon
 // (RFC 5322 section 2.2: printable ASCII except colon).
 func isFieldLine(line []byte) bool {

@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -270,8 +269,7 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 	// The header section must be known to end (a blank line, a line that
 	// is not a field, or the end of the message) within the floor, on
 	// either path, so that what is accepted does not depend on the load.
-	end, blank := headerEnd(msg)
-	ended := blank || !spool || bytes.Contains(msg[end:], []byte("\r\n"))
+	end, blank, ended := headerSection(msg, !spool)
 	if !ended || end > mb.floor {
 		return "", s.reject("too_large", errHeaderTooLarge, "limit", "header_section")
 	}
