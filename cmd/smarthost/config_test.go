@@ -238,7 +238,7 @@ upstreams = ["local"]
 			MaxMessageBytes: 25 << 20, MaxRecipients: 100, MaxConnections: 1000,
 			MaxConnectionsPerIP: 20, AuthTimeout: time.Minute,
 			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
-			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute,
+			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute, MessageMemory: 32 << 20,
 		},
 		Upstreams:          []relay.Upstream{{Name: "local", Address: "localhost:2525", TLS: relay.TLSNone, MaxConnections: 4}},
 		Routes:             []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
@@ -295,6 +295,7 @@ auth_timeout = "20s"
 auth_failures_per_ip = 2
 read_timeout = "30s"
 data_timeout = "1m"
+message_memory = "16MB"
 
 [[user]]
 name = "billing"
@@ -378,7 +379,8 @@ max_connections = 64
 		t.Errorf("listeners = %+v\nwant %+v", cfg.Listeners, wantListeners)
 	}
 	wantLimits := relay.Limits{MaxMessageBytes: 512 << 10, MaxRecipients: 7, MaxConnections: 9,
-		MaxConnectionsPerIP: 3, AuthTimeout: 20 * time.Second, AuthFailuresPerIP: 2, AuthFailureWindow: time.Minute, ReadTimeout: 30 * time.Second, DataTimeout: time.Minute}
+		MaxConnectionsPerIP: 3, AuthTimeout: 20 * time.Second, AuthFailuresPerIP: 2, AuthFailureWindow: time.Minute, ReadTimeout: 30 * time.Second, DataTimeout: time.Minute,
+		MessageMemory: 16 << 20}
 	if cfg.Limits != wantLimits {
 		t.Errorf("limits = %+v, want %+v", cfg.Limits, wantLimits)
 	}
@@ -571,6 +573,8 @@ func TestParseConfigRules(t *testing.T) {
 		{"auth timeout zero", map[string]string{"limits": "[limits]\nauth_timeout = \"0s\""}, "limits.auth_timeout", "must be positive"},
 		{"read timeout zero", map[string]string{"limits": "[limits]\nread_timeout = \"0\""}, "limits.read_timeout", "positive"},
 		{"data timeout junk", map[string]string{"limits": "[limits]\ndata_timeout = \"ten minutes\""}, "limits.data_timeout", "not a duration"},
+		{"message memory zero", map[string]string{"limits": "[limits]\nmessage_memory = \"0\""}, "limits.message_memory", "positive"},
+		{"message memory junk", map[string]string{"limits": "[limits]\nmessage_memory = \"lots\""}, "limits.message_memory", "want a whole number"},
 
 		// users
 		{"user name empty", map[string]string{"user": "[[user]]\nname = \"\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*@example.com\"]"}, "user[0].name", "empty"},
@@ -855,8 +859,8 @@ func TestExampleConfig(t *testing.T) {
 		if cfg.Queue.DelayWarning != 0 || !cfg.Queue.Bounce || cfg.Upstreams[0].DSNFrom != "" {
 			t.Errorf("delay warning %v, bounce %v, dsn_from %q: want the defaults", cfg.Queue.DelayWarning, cfg.Queue.Bounce, cfg.Upstreams[0].DSNFrom)
 		}
-		if cfg.Limits.MaxMessageBytes != 25<<20 {
-			t.Errorf("max message = %d", cfg.Limits.MaxMessageBytes)
+		if cfg.Limits.MaxMessageBytes != 25<<20 || cfg.Limits.MessageMemory != defaultMessageMemory {
+			t.Errorf("max message = %d, message memory = %d", cfg.Limits.MaxMessageBytes, cfg.Limits.MessageMemory)
 		}
 	})
 
@@ -912,6 +916,7 @@ func TestExampleConfig(t *testing.T) {
 			"name", "address", "tls", "auth", "trusted_networks", "allow_public_networks",
 			"max_message_size", "max_recipients", "max_connections", "max_connections_per_ip", "auth_timeout",
 			"auth_failures_per_ip", "read_timeout", "data_timeout",
+			"message_memory",
 			"password_hash", "allowed_from",
 			"domain", "selector", "headers", "canonicalization", "expiration", "subdomains",
 			"username", "password_env", "password_file", "ca_file", "rate_limit", "dsn_from",

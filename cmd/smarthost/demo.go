@@ -106,6 +106,7 @@ func demo(ctx context.Context, listen, httpAddr, dir string, logger *slog.Logger
 			MaxConnectionsPerIP: defaultMaxConnectionsPerIP, AuthTimeout: defaultAuthTimeout,
 			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
 			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute,
+			MessageMemory: defaultMessageMemory,
 		},
 		Users:       []relay.User{{Name: "demo", PasswordHash: hash, AllowedFrom: []string{"*@example.com"}}},
 		Upstreams:   []relay.Upstream{{Name: "local", Address: up.addr, TLS: relay.TLSNone, MaxConnections: 4}},
