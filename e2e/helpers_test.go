@@ -30,8 +30,9 @@ import (
 	"smarthost/internal/testpki"
 )
 
-// binary is the smarthost executable built once for all tests.
-var binary string
+// binary is the smarthost executable built once for all tests, in
+// buildDir, which is removed after them.
+var binary, buildDir string
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "smarthost-e2e-")
@@ -39,6 +40,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	buildDir = dir
 	binary = filepath.Join(dir, "smarthost")
 	build := exec.Command("go", "build", "-race", "-o", binary, "../cmd/smarthost")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
@@ -193,6 +195,12 @@ type relay struct {
 
 // startRelay runs `smarthost serve` and waits until it listens.
 func startRelay(t *testing.T, configPath string) *relay {
+	t.Helper()
+	return startRelayBinary(t, binary, configPath)
+}
+
+// startRelayBinary is startRelay with another build of smarthost.
+func startRelayBinary(t *testing.T, binary, configPath string) *relay {
 	t.Helper()
 	logPath := filepath.Join(filepath.Dir(configPath), fmt.Sprintf("relay-%d.log", time.Now().UnixNano()))
 	logFile, err := os.Create(logPath)
