@@ -61,6 +61,9 @@ type Options struct {
 	Verbose bool
 	// Memory measures smarthost's memory instead of the matrix.
 	Memory bool
+	// Baseline, with Memory, is a second smarthost binary (an earlier
+	// build) whose peaks under load are measured beside Smarthost's.
+	Baseline string
 	// Milter is how Postfix reaches OpenDKIM: "unix" (a socket) or
 	// "inet" (a loopback port).
 	Milter string
@@ -146,14 +149,15 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	fs.StringVar(&o.Milter, "milter", "unix", `how Postfix reaches OpenDKIM: "unix" (a socket, as Debian's opendkim package sets up) or "inet" (a 127.0.0.1 port)`)
 	fs.BoolVar(&o.Verbose, "v", false, "log every process started and stopped")
 	fs.BoolVar(&o.Quick, "quick", false, "smoke run: 1KB × 10 sessions, 500 messages (unless given)")
-	fs.BoolVar(&o.Memory, "memory", false, "measure smarthost's memory (idle with 1,000 queued, restart, 20 × 25 MB at once) instead of the matrix")
+	fs.BoolVar(&o.Memory, "memory", false, "measure smarthost's memory (idle with 1,000 queued, restart, 20 × 25 MB at once, peaks under load) instead of the matrix")
+	fs.StringVar(&o.Baseline, "baseline", "", "with -memory: an earlier smarthost binary whose peaks under load are measured too, for a before/after")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
 	// Paths and verbosity do not change what is measured.
 	fs.Visit(func(f *flag.Flag) {
 		switch f.Name {
-		case "smarthost", "workdir", "keep", "o", "v":
+		case "smarthost", "baseline", "workdir", "keep", "o", "v":
 		case "quick":
 			o.Args = append(o.Args, "-quick")
 		default:
@@ -202,6 +206,9 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	}
 	if o.Smarthost == "" && (o.Memory || slices.ContainsFunc(o.Targets, func(n string) bool { return strings.HasPrefix(n, "smarthost") })) {
 		return fail("-smarthost: the smarthost binary is required")
+	}
+	if o.Baseline != "" && !o.Memory {
+		return fail("-baseline: only with -memory")
 	}
 	return o, nil
 }

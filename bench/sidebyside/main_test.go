@@ -52,7 +52,8 @@ func TestParseFlags(t *testing.T) {
 		{"-sessions", "0", "-smarthost", "s"},
 		{"-n", "0", "-smarthost", "s"},
 		{"-smarthost", "s", "extra"},
-		{"-memory", "-targets", "direct"}, // -memory measures smarthost: the binary is needed
+		{"-memory", "-targets", "direct"},       // -memory measures smarthost: the binary is needed
+		{"-baseline", "old", "-smarthost", "s"}, // a baseline is for -memory only
 	} {
 		if _, err := parseFlags(bad, io.Discard); err == nil {
 			t.Errorf("parseFlags(%q) accepted", bad)

@@ -5,11 +5,15 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -25,6 +29,18 @@ const (
 	bigMessage     = 25 << 20
 )
 
+// The memory bounds of the hardening issue: peak RSS while manySessions
+// each send one manySize message at once, and while a backlog of
+// backlogMessages of backlogSize is delivered to a sink by the default 16
+// workers, each under memoryBound.
+const (
+	manySessions    = 1000
+	manySize        = 900 << 10
+	backlogMessages = 200
+	backlogSize     = 25 << 20
+	memoryBound     = 256 << 20
+)
+
 // memoryLimits let bigMessage through.
 const memoryLimits = `max_message_size = "30MB"
 `
@@ -33,7 +49,9 @@ const memoryLimits = `max_message_size = "30MB"
 // connection, so that what it accepts stays queued: RSS idle with
 // queuedMessages queued, the time to restart on that queue, and the RSS
 // growth while bigClients send bigMessage each, with and without SIZE
-// declared. It returns a Markdown report.
+// declared. Then, with an upstream that takes everything, the peaks under
+// load (manyAtOnce, backlog), for the baseline binary too if there is one.
+// It returns a Markdown report.
 func (b *Bench) Memory(ctx context.Context) (string, error) {
 	work, err := os.MkdirTemp(b.opts.WorkDir, "smarthost-memory-")
 	if err != nil {
@@ -87,8 +105,7 @@ func (b *Bench) Memory(ctx context.Context) (string, error) {
 			return "", err
 		}
 		pid := inst.Roots[0].PID
-		// Writing 5 to clear_refs resets VmHWM to the current RSS.
-		_ = os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pid), []byte("5"), 0)
+		resetPeak(pid)
 		before := procStatus(pid, "VmRSS")
 		err = sendMessages(inst.Addr, bigClients, bigClients, bigMessage, declare)
 		peak := procStatus(pid, "VmHWM")
@@ -104,18 +121,299 @@ func (b *Bench) Memory(ctx context.Context) (string, error) {
 		fmt.Fprintf(&r, "| RSS growth, %d clients × %d MB at once, %s | %s (%.2f× the %s in flight) |\n",
 			bigClients, bigMessage>>20, how, mib(peak-before), float64(peak-before)/float64(inFlight), mib(inFlight))
 	}
+
+	fmt.Fprintf(&r, "\nPeak RSS (VmHWM, reset once the relay is ready) with the default configuration and an upstream that takes every message (an in-process SMTP server that discards them), against a bound of %s. VmHWM counts the pages of the queue file that the relay read through bbolt's mapping (page cache, which the kernel reclaims under pressure); the anonymous peak (RssAnon, sampled every 20 ms) leaves them out.\n\n", mib(memoryBound))
+	fmt.Fprintf(&r, "| measurement | smarthost | peak RSS | |\n| --- | --- | ---: | --- |\n")
+	bins := []string{b.opts.Smarthost}
+	if b.opts.Baseline != "" {
+		bins = []string{b.opts.Baseline, b.opts.Smarthost}
+	}
+	for i, bin := range bins {
+		rows, err := b.peaks(ctx, filepath.Join(work, fmt.Sprintf("peaks-%d", i)), down, bin)
+		if err != nil {
+			return "", err
+		}
+		r.WriteString(rows)
+	}
 	return r.String(), nil
+}
+
+// peaks measures manyAtOnce and backlog with the smarthost binary bin, in
+// folders under work, and returns their rows.
+func (b *Bench) peaks(ctx context.Context, work, down, bin string) (string, error) {
+	if err := os.Mkdir(work, 0o755); err != nil {
+		return "", err
+	}
+	saved := b.opts.Smarthost
+	b.opts.Smarthost = bin
+	defer func() { b.opts.Smarthost = saved }()
+	version := binaryVersion(bin)
+	var rows strings.Builder
+	for _, measure := range []func(context.Context, string, string) (string, string, error){b.manyAtOnce, b.backlog} {
+		what, result, err := measure(ctx, work, down)
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(&rows, "| %s | %s | %s |\n", what, version, result)
+	}
+	return rows.String(), nil
+}
+
+// binaryVersion is what `smarthost version` prints, on one line.
+func binaryVersion(bin string) string {
+	out, err := exec.Command(bin, "version").Output()
+	if err != nil {
+		return "?"
+	}
+	return strings.Join(strings.Fields(string(out)), " ")
+}
+
+// anonPeak samples RssAnon of a process (its heap, stacks and runtime:
+// what VmHWM holds besides the queue file's pages that bbolt's mapping
+// touched) until stopped, and keeps the highest value.
+type anonPeak struct {
+	peak atomic.Int64
+	stop chan struct{}
+	done chan struct{}
+}
+
+func sampleAnon(pid int) *anonPeak {
+	a := &anonPeak{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(a.done)
+		t := time.NewTicker(20 * time.Millisecond)
+		defer t.Stop()
+		for {
+			a.peak.Store(max(a.peak.Load(), procStatus(pid, "RssAnon")))
+			select {
+			case <-a.stop:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return a
+}
+
+// Stop ends the sampling and returns the peak.
+func (a *anonPeak) Stop() int64 {
+	close(a.stop)
+	<-a.done
+	return a.peak.Load()
+}
+
+// verdict says whether a peak is within memoryBound.
+func verdict(peak int64) string {
+	if peak <= memoryBound {
+		return "under " + mib(memoryBound)
+	}
+	return "**over " + mib(memoryBound) + "**"
+}
+
+// resetPeak makes VmHWM the current RSS: writing 5 to clear_refs does.
+func resetPeak(pid int) {
+	_ = os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pid), []byte("5"), 0)
+}
+
+// manyAtOnce measures the peak while manySessions clients, all in DATA at
+// the same moment, each send a manySize message (no SIZE declared), until
+// the sink has every one. It returns what it measured and the result.
+func (b *Bench) manyAtOnce(ctx context.Context, work, _ string) (what, result string, err error) {
+	what = fmt.Sprintf("%d sessions each send %d KB at once, all delivered", manySessions, manySize>>10)
+	sink, err := startDiscard()
+	if err != nil {
+		return "", "", err
+	}
+	defer sink.Close()
+	dir := filepath.Join(work, "many")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		return "", "", err
+	}
+	inst, err := b.startSmarthost(ctx, dir, sink.Addr, false)
+	if err != nil {
+		return "", "", err
+	}
+	defer inst.stop(b.sup)
+	pid := inst.Roots[0].PID
+	resetPeak(pid)
+	anon := sampleAnon(pid)
+	began := time.Now()
+	if err := sendAtOnce(inst.Addr, manySessions, manySize); err != nil {
+		anon.Stop()
+		return "", "", err
+	}
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	if _, err := sink.Counter.WaitFor(wctx, manySessions); err != nil {
+		anon.Stop()
+		return "", "", fmt.Errorf("delivering the %d messages: %w", manySessions, err)
+	}
+	took := time.Since(began)
+	peak, anonymous := procStatus(pid, "VmHWM"), anon.Stop()
+	spooled := countLines(inst.Logs[0], "msg=accepted", "spooled=true")
+	return what, fmt.Sprintf("%s | %s (anonymous at most %s); %d of the %d spooled, the rest received into memory; %.1f s",
+		mib(peak), verdict(peak), mib(anonymous), spooled, manySessions, took.Seconds()), nil
+}
+
+// backlog queues backlogMessages of backlogSize with the upstream down,
+// restarts the relay with the sink as its upstream, and measures the peak
+// while the default 16 workers deliver them all. It returns what it
+// measured and the result.
+func (b *Bench) backlog(ctx context.Context, work, down string) (what, result string, err error) {
+	what = fmt.Sprintf("%d queued messages of %d MB delivered by 16 workers", backlogMessages, backlogSize>>20)
+	dir := filepath.Join(work, "backlog")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		return "", "", err
+	}
+	inst, err := b.startSmarthost(ctx, dir, down, false)
+	if err != nil {
+		return "", "", err
+	}
+	err = sendMessages(inst.Addr, backlogMessages, 8, backlogSize, true)
+	inst.stop(b.sup)
+	if err != nil {
+		return "", "", err
+	}
+
+	sink, err := startDiscard()
+	if err != nil {
+		return "", "", err
+	}
+	defer sink.Close()
+	inst, err = b.startSmarthost(ctx, dir, sink.Addr, false)
+	if err != nil {
+		return "", "", err
+	}
+	defer inst.stop(b.sup)
+	pid := inst.Roots[0].PID
+	resetPeak(pid)
+	anon := sampleAnon(pid)
+	began := time.Now()
+	// The deferred messages wait for their retry: make them due now.
+	if err := flushQueue(ctx, inst.HTTP); err != nil {
+		anon.Stop()
+		return "", "", err
+	}
+	wctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
+	defer cancel()
+	if _, err := sink.Counter.WaitFor(wctx, backlogMessages); err != nil {
+		anon.Stop()
+		return "", "", fmt.Errorf("delivering the backlog: %w", err)
+	}
+	took := time.Since(began)
+	peak, anonymous := procStatus(pid, "VmHWM"), anon.Stop()
+	return what, fmt.Sprintf("%s | %s (anonymous at most %s); %.1f s", mib(peak), verdict(peak), mib(anonymous), took.Seconds()), nil
+}
+
+// sendAtOnce opens n sessions, brings each into DATA, then sends a
+// message of about size bytes on all of them at the same moment, and
+// returns once every one was answered 250.
+func sendAtOnce(addr string, n, size int) error {
+	msg := messageOf(size)
+	var (
+		wg    sync.WaitGroup
+		ready sync.WaitGroup
+		mu    sync.Mutex
+		first error
+	)
+	fail := func(err error) {
+		mu.Lock()
+		first = cmp.Or(first, err)
+		mu.Unlock()
+	}
+	start := make(chan struct{})
+	ready.Add(n)
+	for range n {
+		wg.Go(func() {
+			w, c, err := openData(addr)
+			ready.Done()
+			if err != nil {
+				fail(err)
+				return
+			}
+			defer c.Close()
+			<-start
+			if _, err := w.Write(msg); err != nil {
+				fail(err)
+				return
+			}
+			if err := w.Close(); err != nil {
+				fail(err)
+				return
+			}
+			if err := c.Quit(); err != nil {
+				fail(err)
+			}
+		})
+	}
+	ready.Wait()
+	close(start)
+	wg.Wait()
+	return first
+}
+
+// openData connects and starts a transaction up to DATA.
+func openData(addr string) (io.WriteCloser, *smtp.Client, error) {
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := c.Mail(mailFrom, nil); err != nil {
+		c.Close()
+		return nil, nil, err
+	}
+	if err := c.Rcpt(rcptTo, nil); err != nil {
+		c.Close()
+		return nil, nil, err
+	}
+	w, err := c.Data()
+	if err != nil {
+		c.Close()
+		return nil, nil, err
+	}
+	return w, c, nil
+}
+
+// flushQueue asks the admin API to make every queued message due now.
+func flushQueue(ctx context.Context, httpAddr string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+httpAddr+"/api/queue/flush", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("flush: %s", resp.Status)
+	}
+	return nil
+}
+
+// countLines counts the lines of a file that contain every one of words.
+func countLines(path string, words ...string) int {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	n := 0
+lines:
+	for line := range strings.SplitSeq(string(data), "\n") {
+		for _, w := range words {
+			if !strings.Contains(line, w) {
+				continue lines
+			}
+		}
+		n++
+	}
+	return n
 }
 
 // sendMessages sends n messages of about size bytes over sessions
 // concurrent connections, each answered 250.
 func sendMessages(addr string, n, sessions, size int, declare bool) error {
-	var body bytes.Buffer
-	fmt.Fprintf(&body, "From: <%s>\r\nTo: <%s>\r\nSubject: memory\r\n\r\n", mailFrom, rcptTo)
-	line := strings.Repeat("x", 76) + "\r\n"
-	for body.Len() < size {
-		body.WriteString(line)
-	}
+	body := messageOf(size)
 	var (
 		wg    sync.WaitGroup
 		mu    sync.Mutex
@@ -128,7 +426,7 @@ func sendMessages(addr string, n, sessions, size int, declare bool) error {
 	close(next)
 	for range sessions {
 		wg.Go(func() {
-			if err := sendEach(addr, body.Bytes(), declare, next); err != nil {
+			if err := sendEach(addr, body, declare, next); err != nil {
 				mu.Lock()
 				first = cmp.Or(first, err)
 				mu.Unlock()
@@ -137,6 +435,17 @@ func sendMessages(addr string, n, sessions, size int, declare bool) error {
 	}
 	wg.Wait()
 	return first
+}
+
+// messageOf is a message of about size bytes.
+func messageOf(size int) []byte {
+	var body bytes.Buffer
+	fmt.Fprintf(&body, "From: <%s>\r\nTo: <%s>\r\nSubject: memory\r\n\r\n", mailFrom, rcptTo)
+	line := strings.Repeat("x", 76) + "\r\n"
+	for body.Len() < size {
+		body.WriteString(line)
+	}
+	return body.Bytes()
 }
 
 func sendEach(addr string, msg []byte, declare bool, next <-chan struct{}) error {

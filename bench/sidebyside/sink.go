@@ -158,6 +158,60 @@ func startSink(sup *Supervisor, bin, addr string, logFile *os.File) (*Sink, erro
 	return s, nil
 }
 
+// Discard is an in-process SMTP server that reads each message to its
+// end, throws it away and counts it: an upstream for the memory
+// measurements that needs no Postfix and keeps nothing.
+type Discard struct {
+	Addr    string
+	Counter *Counter
+	srv     *smtp.Server
+	mu      sync.Mutex
+	count   int
+}
+
+// startDiscard listens on a loopback port.
+func startDiscard() (*Discard, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	d := &Discard{Addr: l.Addr().String(), Counter: NewCounter()}
+	d.srv = smtp.NewServer(smtp.BackendFunc(func(*smtp.Conn) (smtp.Session, error) {
+		return &discardSession{d: d}, nil
+	}))
+	d.srv.Domain = "discard.bench.invalid"
+	d.srv.MaxMessageBytes = 64 << 20
+	d.srv.ReadTimeout = time.Minute
+	d.srv.WriteTimeout = time.Minute
+	go func() { _ = d.srv.Serve(l) }()
+	return d, nil
+}
+
+// Close stops the server.
+func (d *Discard) Close() { _ = d.srv.Close() }
+
+type discardSession struct{ d *Discard }
+
+func (s *discardSession) Reset()        {}
+func (s *discardSession) Logout() error { return nil }
+func (s *discardSession) Mail(string, *smtp.MailOptions) error {
+	return nil
+}
+func (s *discardSession) Rcpt(string, *smtp.RcptOptions) error {
+	return nil
+}
+func (s *discardSession) Data(r io.Reader) error {
+	if _, err := io.Copy(io.Discard, r); err != nil {
+		return err
+	}
+	s.d.mu.Lock()
+	s.d.count++
+	n := s.d.count
+	s.d.mu.Unlock()
+	s.d.Counter.set(n, time.Now())
+	return nil
+}
+
 // Capture is a small in-process SMTP server that keeps the messages it
 // receives, used once per relay to check what the relay delivers (intact,
 // and DKIM-signed where it should be) before any timing.

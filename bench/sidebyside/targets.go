@@ -51,6 +51,7 @@ var targets = []Target{
 // relayInstance is one running relay.
 type relayInstance struct {
 	Addr  string     // its SMTP listener
+	HTTP  string     // smarthost's [http] listener
 	Roots []*Process // the roots of its process trees (all its CPU and memory)
 	// Logs are the relay's log files, scanned for warnings afterwards.
 	Logs []string
@@ -456,7 +457,7 @@ func (b *Bench) startSmarthost(ctx context.Context, dir, upstream string, dkim b
 	if err != nil {
 		return nil, err
 	}
-	inst := &relayInstance{Addr: addr, Roots: []*Process{p}, Logs: []string{logPath}, problem: smarthostProblem}
+	inst := &relayInstance{Addr: addr, HTTP: httpAddr, Roots: []*Process{p}, Logs: []string{logPath}, problem: smarthostProblem}
 	if err := waitReady(ctx, "http://"+httpAddr+"/readyz", p, 30*time.Second); err != nil {
 		inst.stop(b.sup)
 		return nil, fmt.Errorf("smarthost: %w (see %s)", err, logPath)
