@@ -355,7 +355,9 @@ func NewID() string {
 // Put stores m and its body durably and makes the message due at once. It
 // fills in m.ID (if empty), m.Received (if zero), m.Size (if zero) and
 // m.NextAttempt, and sets every recipient Pending. It returns only after
-// the data is fsynced; concurrent Puts share one commit.
+// the data is fsynced; concurrent Puts share one commit. A first attempt
+// started at once reads body itself rather than a copy: the caller must
+// not change it once Put has returned.
 func (s *Store) Put(ctx context.Context, m *Message, body []byte) error {
 	return s.put(ctx, m, body, false)
 }
@@ -436,7 +438,9 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 		return storageError("put "+m.ID, err)
 	}
 	if started {
-		go sch.work(delivery{msg: rec.Message, body: bytes.Clone(body), spooled: spooled})
+		// body itself, not a copy: a message received into memory is not
+		// held twice while its first attempt runs.
+		go sch.work(delivery{msg: rec.Message, body: body, spooled: spooled})
 		return nil
 	}
 	s.notify()

@@ -36,10 +36,11 @@ const spoolThreshold = 1 << 20
 // lists and ARC chains tens.
 const headerLimit = 64 << 10
 
-// readChunk is the size of one read from the client. Normalising at most
-// doubles it (a bare LF becomes CRLF), so a spool write is at most 16 KiB:
-// a spooling session holds its header section and these two buffers.
-const readChunk = 8 << 10
+// readChunk is the size of one read from the client, that of go-smtp's
+// own buffer. Normalising at most doubles it (a bare LF becomes CRLF), so
+// a spool write is at most 8 KiB: a spooling session holds its header
+// section and these two buffers.
+const readChunk = 4 << 10
 
 // normalizer reads a message and converts every line ending to CRLF: a
 // bare LF or a bare CR becomes CRLF. A message stored this way cannot carry

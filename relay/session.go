@@ -438,6 +438,8 @@ func (s *session) store(m *queue.Message, buf []byte, end int, blank bool, field
 	}
 	body := d.bytes()
 	m.Size = int64(len(body))
+	// The queue may hand body to the message's first attempt as it is:
+	// nothing changes it after Put.
 	if err := s.srv.Queue.Put(context.Background(), m, body); err != nil {
 		return false, s.storageFailed(m.ID, err)
 	}
