@@ -175,7 +175,7 @@ func startServer(t *testing.T, tweak func(*Server)) *testEnv {
 			AuthFailuresPerIP: 5,
 			ReadTimeout:       10 * time.Second,
 			DataTimeout:       30 * time.Second,
-			MessageMemory:     32 << 20, // the configuration's default
+			MessageMemory:     16 << 20, // the configuration's default
 		},
 		Queue: q,
 	}

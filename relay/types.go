@@ -64,9 +64,10 @@ type Limits struct {
 	ReadTimeout       time.Duration // per command line and per read in DATA
 	DataTimeout       time.Duration // a whole DATA or BDAT transfer
 	// MessageMemory bounds the bytes of messages that sessions in DATA
-	// hold in memory past their own 64 KiB, all sessions together; a
-	// session that cannot have more spools the rest of its message to
-	// disk. 0 spools every message past 64 KiB.
+	// hold in memory past what each holds on its own (its header section,
+	// at least 16 KiB), all sessions together; a session that cannot have
+	// more spools the rest of its message to disk. 0 spools every message
+	// past that.
 	MessageMemory int64
 }
 

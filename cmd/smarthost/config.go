@@ -124,11 +124,12 @@ const (
 	// cannot hold a listener's places; Postfix's own default is 50.
 	defaultMaxConnectionsPerIP = 20
 	defaultAuthTimeout         = time.Minute
-	// defaultMessageMemory lets 32 messages of 1 MiB, or some 250 of
+	// defaultMessageMemory lets 16 messages of 1 MiB, or some 150 of
 	// 100 KB, be received into memory at once and stored in one commit;
 	// past it, messages spool to disk. 1,000 sessions sending 900 KB at
-	// once then peak near 220 MiB (bench/MEMORY.md). See README, "Memory".
-	defaultMessageMemory = 32 << 20
+	// once then peak near 150 MiB, where 32 MB peaked at 220-280 MiB
+	// (bench/MEMORY.md). See README, "Memory".
+	defaultMessageMemory = 16 << 20
 )
 
 // LoadConfig reads the file at path and validates it with ParseConfig.

@@ -238,7 +238,7 @@ upstreams = ["local"]
 			MaxMessageBytes: 25 << 20, MaxRecipients: 100, MaxConnections: 1000,
 			MaxConnectionsPerIP: 20, AuthTimeout: time.Minute,
 			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
-			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute, MessageMemory: 32 << 20,
+			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute, MessageMemory: 16 << 20,
 		},
 		Upstreams:          []relay.Upstream{{Name: "local", Address: "localhost:2525", TLS: relay.TLSNone, MaxConnections: 4}},
 		Routes:             []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
