@@ -95,8 +95,13 @@ type (
 		RestartPolicy string   `yaml:"restartPolicy"`
 		Args          []string `yaml:"args"`
 		Env           []struct {
-			Name  string `yaml:"name"`
-			Value string `yaml:"value"`
+			Name      string `yaml:"name"`
+			Value     string `yaml:"value"`
+			ValueFrom *struct {
+				ResourceFieldRef *struct {
+					Resource string `yaml:"resource"`
+				} `yaml:"resourceFieldRef"`
+			} `yaml:"valueFrom"`
 		} `yaml:"env"`
 		EnvFrom []struct {
 			SecretRef struct {
@@ -429,13 +434,25 @@ func checkStatefulSet(t *testing.T, c chartCase, sts statefulSet, ctr container,
 	if !slices.Equal(ctr.Args, []string{"serve", "-config", configPath}) {
 		t.Errorf("args %q", ctr.Args)
 	}
-	if !slices.ContainsFunc(ctr.Env, func(e struct {
-		Name  string `yaml:"name"`
-		Value string `yaml:"value"`
-	}) bool {
-		return e.Name == "SMARTHOST_CONFIG" && e.Value == configPath
-	}) {
-		t.Errorf("env %v lacks SMARTHOST_CONFIG=%s, which `smarthost queue` in the pod needs", ctr.Env, configPath)
+	env := map[string][]string{} // name → each value, or "from " + the resource
+	for _, e := range ctr.Env {
+		v := e.Value
+		if e.ValueFrom != nil && e.ValueFrom.ResourceFieldRef != nil {
+			v = "from " + e.ValueFrom.ResourceFieldRef.Resource
+		}
+		env[e.Name] = append(env[e.Name], v)
+	}
+	if !slices.Equal(env["SMARTHOST_CONFIG"], []string{configPath}) {
+		t.Errorf("env %v lacks SMARTHOST_CONFIG=%s, which `smarthost queue` in the pod needs", env, configPath)
+	}
+	// The Go runtime knows the container's memory limit, unless the
+	// values set GOMEMLIMIT themselves (values-full.yaml does).
+	wantLimit := []string{"from limits.memory"}
+	if c.name == "every option" {
+		wantLimit = []string{"400MiB"}
+	}
+	if !slices.Equal(env["GOMEMLIMIT"], wantLimit) {
+		t.Errorf("GOMEMLIMIT %q, want %q", env["GOMEMLIMIT"], wantLimit)
 	}
 	if len(ctr.EnvFrom) != 1 || ctr.EnvFrom[0].SecretRef.Name != c.secret {
 		t.Errorf("envFrom %+v, want the Secret %s", ctr.EnvFrom, c.secret)
@@ -849,5 +866,43 @@ func TestChartSecretToken(t *testing.T) {
 	}
 	if got := token("--set", "secret.adminToken=given-token"); got != "given-token" {
 		t.Errorf("token %q, want the given one", got)
+	}
+}
+
+// TestChartMemoryLimit: GOMEMLIMIT follows the container's memory limit,
+// and is left out when there is none.
+func TestChartMemoryLimit(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		values string
+		want   []string
+	}{
+		{"limit", "resources: {limits: {memory: 768Mi}}", []string{"limits.memory"}},
+		{"no limit", "resources: {limits: null}", nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			path := filepath.Join(t.TempDir(), "values.yaml")
+			if err := os.WriteFile(path, []byte(c.values), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			out, err := helmTemplate(t, "-f", path, "--show-only", "templates/statefulset.yaml")
+			if err != nil {
+				t.Fatal(err)
+			}
+			var sts statefulSet
+			decodeInto(t, release(splitDocuments(t, out)).get(t, "StatefulSet", fullname), &sts)
+			var got []string
+			for _, e := range sts.Spec.Template.Spec.Containers[0].Env {
+				if e.Name == "GOMEMLIMIT" && e.ValueFrom != nil && e.ValueFrom.ResourceFieldRef != nil {
+					got = append(got, e.ValueFrom.ResourceFieldRef.Resource)
+				} else if e.Name == "GOMEMLIMIT" {
+					got = append(got, e.Value)
+				}
+			}
+			if !slices.Equal(got, c.want) {
+				t.Errorf("GOMEMLIMIT from %q, want %q", got, c.want)
+			}
+		})
 	}
 }
