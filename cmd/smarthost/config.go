@@ -127,7 +127,7 @@ const (
 	// defaultMessageMemory lets 16 messages of 1 MiB, or some 150 of
 	// 100 KB, be received into memory at once and stored in one commit;
 	// past it, messages spool to disk. 1,000 sessions sending 900 KB at
-	// once then peak near 150 MiB, where 32 MB peaked at 220-280 MiB
+	// once then peak at 150-180 MiB, where 32 MB peaked at 220-280 MiB
 	// (bench/MEMORY.md). See README, "Memory".
 	defaultMessageMemory = 16 << 20
 )
