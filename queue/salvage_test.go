@@ -274,10 +274,11 @@ func TestSalvage(t *testing.T) {
 	}
 	var mu sync.Mutex
 	delivered := map[string][]byte{}
-	s := newScheduler(t, dst, func(_ context.Context, m Message, body []byte) []Result {
+	s := newScheduler(t, dst, func(_ context.Context, m Message, body Body) []Result {
+		data := content(t, body)
 		mu.Lock()
 		defer mu.Unlock()
-		delivered[m.ID] = bytes.Clone(body)
+		delivered[m.ID] = data
 		return results(m, Delivered, "250 ok")
 	})
 	done := doneChan(s, rep.Saved)

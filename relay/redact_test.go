@@ -224,7 +224,7 @@ func TestDeliverRedactsEchoedSecrets(t *testing.T) {
 	m := testMessage("app@example.com", "x@example.net")
 	var dsns []string
 	for _, r := range results {
-		_, dsn := b.Bounce(queue.BounceFailed, m, []queue.Recipient{{Addr: r.Rcpt, State: r.State, Reply: r.Reply, Upstream: r.Upstream}}, []byte(deliverBody))
+		_, dsn := b.Bounce(queue.BounceFailed, m, []queue.Recipient{{Addr: r.Rcpt, State: r.State, Reply: r.Reply, Upstream: r.Upstream}}, queue.NewBody([]byte(deliverBody)))
 		dsns = append(dsns, string(dsn))
 	}
 	for name, text := range map[string]string{
