@@ -51,6 +51,7 @@ trusted_networks = ["127.0.0.0/8"]
 [limits]
 max_message_size = "30MB"
 message_memory = "8MB"
+max_connections_per_ip = 0            # every session comes from 127.0.0.1
 
 [[upstream]]
 name = "sink"
