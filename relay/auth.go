@@ -110,22 +110,24 @@ func (c *credentialCache) check(u *User, password string) bool {
 	return true
 }
 
-// authLimiter counts failed logins, and logins still being checked, per
-// client (an IPv4 address or an IPv6 /64, clientKey) in a fixed window.
-// Once an address reaches the limit, all its logins are refused until the
-// window that started with its first failed attempt has passed.
+// authLimiter counts failed logins per client (an IPv4 address or an IPv6
+// /64, clientKey) in a fixed window. Once a client has failed limit
+// times, all its logins are refused until the window that started with
+// its first login has passed.
 type authLimiter struct {
 	limit  int
 	window time.Duration
 	now    func() time.Time
 
-	mu sync.Mutex
-	m  map[netip.Prefix]*failures
+	mu    sync.Mutex
+	ended *sync.Cond // on mu: a check ended
+	m     map[netip.Prefix]*failures
 }
 
 type failures struct {
-	start time.Time
-	n     int
+	start    time.Time
+	failed   int
+	checking int // logins whose password is being compared now
 }
 
 // maxTrackedAddrs bounds the limiter's memory under a distributed attack.
@@ -135,14 +137,18 @@ func newAuthLimiter(limit int, window time.Duration, now func() time.Time) *auth
 	if window <= 0 {
 		window = time.Minute
 	}
-	return &authLimiter{limit: limit, window: window, now: now, m: make(map[netip.Prefix]*failures)}
+	l := &authLimiter{limit: limit, window: window, now: now, m: make(map[netip.Prefix]*failures)}
+	l.ended = sync.NewCond(&l.mu)
+	return l
 }
 
-// attempt counts a login from ip against its limit before the password is
-// checked, and reports false, counting nothing, once the limit is reached.
-// Counting first means that parallel logins from one address cannot all
-// pass the check while each other's password is still being compared.
-// A login that succeeds gives its count back with forgive.
+// attempt lets a login from ip have its password checked, or reports
+// false once the client has failed limit times. Checks in progress count
+// against the limit too, so that parallel guesses cannot all be compared
+// while each other's outcome is unknown: while they could reach the limit,
+// a login waits for one of them to end, rather than being refused while
+// it may be right (an application's workers log in at once). Each true
+// is followed by one done.
 func (l *authLimiter) attempt(ip netip.Addr) bool {
 	if l.limit <= 0 {
 		return true
@@ -150,35 +156,58 @@ func (l *authLimiter) attempt(ip netip.Addr) bool {
 	k := clientKey(ip)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	now := l.now()
-	f := l.m[k]
-	if f == nil || now.Sub(f.start) >= l.window {
-		if len(l.m) >= maxTrackedAddrs {
-			l.prune(now)
+	for {
+		f := l.entry(k)
+		if f.failed >= l.limit {
+			return false
 		}
-		f = &failures{start: now}
-		l.m[k] = f
+		if f.failed+f.checking < l.limit {
+			f.checking++
+			return true
+		}
+		l.ended.Wait()
 	}
-	if f.n >= l.limit {
-		return false
-	}
-	f.n++
-	return true
 }
 
-// forgive takes back the count of a login from ip that succeeded.
-func (l *authLimiter) forgive(ip netip.Addr) {
+// done ends a check that attempt let through: a failure counts, a
+// success counts nothing.
+func (l *authLimiter) done(ip netip.Addr, ok bool) {
 	if l.limit <= 0 {
 		return
 	}
 	k := clientKey(ip)
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if f := l.m[k]; f != nil {
-		if f.n--; f.n <= 0 {
-			delete(l.m, k) // the window starts again at the next failure
-		}
+	defer l.ended.Broadcast()
+	f := l.m[k]
+	if f == nil {
+		return // pruned meanwhile
 	}
+	f.checking = max(f.checking-1, 0)
+	if !ok {
+		f.failed++
+	}
+	if f.failed == 0 && f.checking == 0 {
+		delete(l.m, k) // the window starts again at the next login
+	}
+}
+
+// entry returns k's counts, in a window that has not passed. l.mu must
+// be held.
+func (l *authLimiter) entry(k netip.Prefix) *failures {
+	now := l.now()
+	f := l.m[k]
+	switch {
+	case f == nil:
+		if len(l.m) >= maxTrackedAddrs {
+			l.prune(now)
+		}
+		f = &failures{start: now}
+		l.m[k] = f
+	case now.Sub(f.start) >= l.window:
+		f.start, f.failed = now, 0
+	}
+	return f
 }
 
 // prune drops expired entries; if none expired, it drops everything rather

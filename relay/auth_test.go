@@ -2,9 +2,11 @@ package relay
 
 import (
 	"bytes"
+	"encoding/base64"
 	"log/slog"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -64,5 +66,49 @@ func TestUnknownUserCostsAsMuch(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "different bcrypt costs") {
 		t.Errorf("no warning about mixed costs:\n%s", logs.String())
+	}
+}
+
+// TestParallelLoginsNotRefused: more logins at once from one address than
+// auth_failures_per_ip, all with the right password (an application's
+// workers starting together), all succeed: a login waits for the checks
+// in progress rather than being refused as if they had failed.
+func TestParallelLoginsNotRefused(t *testing.T) {
+	// A realistic cost keeps each check in progress long enough for the
+	// logins to overlap.
+	hash, err := bcrypt.GenerateFromPassword([]byte(testPassword), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const limit, parallel = 3, 12
+	env := startServer(t, func(s *Server) {
+		s.Users = []User{{Name: "app", PasswordHash: hash, AllowedFrom: []string{"app@example.com"}}}
+		s.Limits.AuthFailuresPerIP = limit
+	})
+	clients := make([]*client, parallel)
+	for i := range clients {
+		c := dial(t, env.addrs[0])
+		c.expect(250, "EHLO client.test")
+		c.startTLS(env.pki.ClientTLS())
+		c.expect(250, "EHLO client.test")
+		c.conn.SetDeadline(time.Now().Add(30 * time.Second))
+		clients[i] = c
+	}
+	ir := base64.StdEncoding.EncodeToString([]byte("\x00app\x00" + testPassword))
+	codes := make([]int, parallel)
+	var wg sync.WaitGroup
+	for i, c := range clients {
+		wg.Go(func() {
+			if err := c.tp.PrintfLine("AUTH PLAIN %s", ir); err != nil {
+				return
+			}
+			codes[i], _, _ = c.tp.ReadResponse(0)
+		})
+	}
+	wg.Wait()
+	for i, code := range codes {
+		if code != 235 {
+			t.Errorf("login %d of %d at once with the right password: %d", i, parallel, code)
+		}
 	}
 }

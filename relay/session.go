@@ -123,10 +123,10 @@ func (s *session) login(username, password string) error {
 	} else {
 		ok = s.srv.creds.check(u, password)
 	}
+	s.srv.limiter.done(s.ip, ok)
 	if !ok {
 		return s.reject("auth_failed", errAuthInvalid, "username", username)
 	}
-	s.srv.limiter.forgive(s.ip)
 	s.tc.loggedIn()
 	s.user = u
 	s.log = s.log.With("user", u.Name)
