@@ -73,26 +73,7 @@ func (s *Store) Import(ctx context.Context, m Message, body []byte, rest io.Read
 	}
 	err = s.commit.write(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
-		msgs := tx.Bucket(msgsBucket)
-		if msgs.Get(id) != nil {
-			return ErrExists
-		}
-		if err := msgs.Put(id, v); err != nil {
-			return err
-		}
-		if err := tx.Bucket(bodiesBucket).Put(id, body); err != nil {
-			return err
-		}
-		if err := tx.Bucket(receivedBucket).Put(receivedKey(m.Received, m.ID), nil); err != nil {
-			return err
-		}
-		if err := addCounts(tx, 1, b2i(m.Held)); err != nil {
-			return err
-		}
-		if m.Held {
-			return nil // a held message has no due index entry
-		}
-		return tx.Bucket(dueBucket).Put(dueKey(m.NextAttempt, m.ID), nil)
+		return insert(tx, &rec, v, body)
 	})
 	if errors.Is(err, ErrExists) {
 		return fmt.Errorf("queue: import %s: %w", m.ID, err)

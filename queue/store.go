@@ -403,33 +403,9 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 		}
 		return fmt.Errorf("queue: put: %w", err)
 	}
-	id := []byte(m.ID)
-	due := dueKey(rec.NextAttempt, m.ID)
-
 	err = s.commit.writeClient(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
-		msgs := tx.Bucket(msgsBucket)
-		if msgs.Get(id) != nil {
-			return fmt.Errorf("message %s already exists", m.ID)
-		}
-		if err := msgs.Put(id, v); err != nil {
-			return err
-		}
-		if err := tx.Bucket(bodiesBucket).Put(id, body); err != nil {
-			return err
-		}
-		if err := tx.Bucket(receivedBucket).Put(receivedKey(m.Received, m.ID), nil); err != nil {
-			return err
-		}
-		if err := addCounts(tx, 1, 0); err != nil {
-			return err
-		}
-		if started {
-			if err := tx.Bucket(claimedBucket).Put(id, nil); err != nil {
-				return err
-			}
-		}
-		return tx.Bucket(dueBucket).Put(due, nil)
+		return insert(tx, &rec, v, body)
 	})
 	if err != nil {
 		if started {
@@ -456,6 +432,39 @@ func checkPut(ctx context.Context, m *Message) error {
 		return errors.New("queue: put: message has no recipients")
 	}
 	return nil
+}
+
+// insert stores a new message in tx: its record rec, encoded as v, its
+// body, and its entries in the indexes and counts; a held one is not due,
+// and one that rec marks claimed is recorded as in progress. It returns
+// ErrExists if the ID is taken.
+func insert(tx *bolt.Tx, rec *record, v, body []byte) error {
+	id := []byte(rec.ID)
+	msgs := tx.Bucket(msgsBucket)
+	if msgs.Get(id) != nil {
+		return ErrExists
+	}
+	if err := msgs.Put(id, v); err != nil {
+		return err
+	}
+	if err := tx.Bucket(bodiesBucket).Put(id, body); err != nil {
+		return err
+	}
+	if err := tx.Bucket(receivedBucket).Put(receivedKey(rec.Received, rec.ID), nil); err != nil {
+		return err
+	}
+	if err := addCounts(tx, 1, b2i(rec.Held)); err != nil {
+		return err
+	}
+	if rec.Claimed {
+		if err := tx.Bucket(claimedBucket).Put(id, nil); err != nil {
+			return err
+		}
+	}
+	if rec.Held {
+		return nil // a held message has no due index entry
+	}
+	return tx.Bucket(dueBucket).Put(dueKey(rec.NextAttempt, rec.ID), nil)
 }
 
 // notify tells the scheduler that a message may be due now.
@@ -761,25 +770,14 @@ func (s *Store) finish(id string, update func(m *Message) (remove bool, add []de
 			return err
 		}
 		for _, n := range add {
-			nid := []byte(n.msg.ID)
-			if msgs.Get(nid) != nil {
-				return fmt.Errorf("message %s already exists", n.msg.ID)
-			}
-			if err := putRecord(msgs, &record{Message: n.msg}); err != nil {
+			rec := record{Message: n.msg}
+			v, err := encodeRecord(&rec)
+			if err != nil {
 				return err
 			}
-			if err := bodies.Put(nid, n.body); err != nil {
+			if err := insert(tx, &rec, v, n.body); err != nil {
 				return err
 			}
-			if err := due.Put(dueKey(n.msg.NextAttempt, n.msg.ID), nil); err != nil {
-				return err
-			}
-			if err := tx.Bucket(receivedBucket).Put(receivedKey(n.msg.Received, n.msg.ID), nil); err != nil {
-				return err
-			}
-		}
-		if err := addCounts(tx, int64(len(add)), 0); err != nil {
-			return err
 		}
 		if err := due.Delete(oldDue); err != nil {
 			return err
