@@ -234,22 +234,12 @@ func (b *Bench) manyAtOnce(ctx context.Context, work, _ string) (what, result st
 		return "", "", err
 	}
 	defer inst.stop(b.sup)
-	pid := inst.Roots[0].PID
-	resetPeak(pid)
-	anon := sampleAnon(pid)
-	began := time.Now()
-	if err := sendAtOnce(inst.Addr, manySessions, manySize); err != nil {
-		anon.Stop()
+	peak, anonymous, took, err := measurePeak(ctx, inst, sink, manySessions, 5*time.Minute, func() error {
+		return sendAtOnce(inst.Addr, manySessions, manySize)
+	})
+	if err != nil {
 		return "", "", err
 	}
-	wctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
-	defer cancel()
-	if _, err := sink.Counter.WaitFor(wctx, manySessions); err != nil {
-		anon.Stop()
-		return "", "", fmt.Errorf("delivering the %d messages: %w", manySessions, err)
-	}
-	took := time.Since(began)
-	peak, anonymous := procStatus(pid, "VmHWM"), anon.Stop()
 	spooled := countLines(inst.Logs[0], "msg=accepted", "spooled=true")
 	return what, fmt.Sprintf("%s | %s (anonymous at most %s); %d of the %d spooled, the rest received into memory; %.1f s",
 		mib(peak), verdict(peak), mib(anonymous), spooled, manySessions, took.Seconds()), nil
@@ -285,24 +275,34 @@ func (b *Bench) backlog(ctx context.Context, work, down string) (what, result st
 		return "", "", err
 	}
 	defer inst.stop(b.sup)
+	// The deferred messages wait for their retry: make them due now.
+	peak, anonymous, took, err := measurePeak(ctx, inst, sink, backlogMessages, 15*time.Minute, func() error {
+		return flushQueue(ctx, inst.HTTP)
+	})
+	if err != nil {
+		return "", "", err
+	}
+	return what, fmt.Sprintf("%s | %s (anonymous at most %s); %.1f s", mib(peak), verdict(peak), mib(anonymous), took.Seconds()), nil
+}
+
+// measurePeak starts the relay inst's peak anew, runs work, and waits
+// until sink has n messages. It returns the relay's peak RSS (VmHWM), the
+// most anonymous memory it held meanwhile, and how long it took.
+func measurePeak(ctx context.Context, inst *relayInstance, sink *Discard, n int, timeout time.Duration, work func() error) (peak, anonymous int64, took time.Duration, err error) {
 	pid := inst.Roots[0].PID
 	resetPeak(pid)
 	anon := sampleAnon(pid)
+	defer func() { anonymous = anon.Stop() }()
 	began := time.Now()
-	// The deferred messages wait for their retry: make them due now.
-	if err := flushQueue(ctx, inst.HTTP); err != nil {
-		anon.Stop()
-		return "", "", err
+	if err := work(); err != nil {
+		return 0, 0, 0, err
 	}
-	wctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
+	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	if _, err := sink.Counter.WaitFor(wctx, backlogMessages); err != nil {
-		anon.Stop()
-		return "", "", fmt.Errorf("delivering the backlog: %w", err)
+	if _, err := sink.Counter.WaitFor(wctx, n); err != nil {
+		return 0, 0, 0, fmt.Errorf("delivering the %d messages: %w", n, err)
 	}
-	took := time.Since(began)
-	peak, anonymous := procStatus(pid, "VmHWM"), anon.Stop()
-	return what, fmt.Sprintf("%s | %s (anonymous at most %s); %.1f s", mib(peak), verdict(peak), mib(anonymous), took.Seconds()), nil
+	return procStatus(pid, "VmHWM"), 0, time.Since(began), nil
 }
 
 // sendAtOnce opens n sessions, brings each into DATA, then sends a
