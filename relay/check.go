@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"smarthost/internal/mailproto"
+
 	"github.com/emersion/go-smtp"
 )
 
@@ -84,10 +86,10 @@ const (
 
 // CheckReport is what CheckUpstream found out about one upstream.
 type CheckReport struct {
-	Upstream string      `json:"upstream"`
-	Address  string      `json:"address"`
-	TLSMode  TLSMode     `json:"tls_mode"`
-	Steps    []CheckStep `json:"steps"`
+	Upstream string            `json:"upstream"`
+	Address  string            `json:"address"`
+	TLSMode  mailproto.TLSMode `json:"tls_mode"`
+	Steps    []CheckStep       `json:"steps"`
 	// TLS is the negotiated session, or the certificate chain that failed
 	// verification; nil without TLS or when no certificate was seen.
 	TLS *TLSReport `json:"tls,omitempty"`
@@ -228,7 +230,7 @@ func (ck *checker) run(ctx context.Context) {
 			_ = c.Close()
 		}
 	}()
-	if up.TLS == TLSStartTLS {
+	if up.TLS == mailproto.TLSStartTLS {
 		ck.step(StepStartTLS, StepOK, "offered and accepted (220)")
 	}
 	ck.tlsSession(c)
@@ -408,7 +410,7 @@ func (ck *checker) sessionFailed(ctx context.Context, err error, rec *recordingC
 
 	case errors.As(cause, &header):
 		first := rec.firstLine()
-		if ck.up.TLS == TLSImplicit && looksLikeSMTP(header.RecordHeader[:]) {
+		if ck.up.TLS == mailproto.TLSImplicit && looksLikeSMTP(header.RecordHeader[:]) {
 			ck.step(StepTLS, StepFailed, "not TLS: the server sent an SMTP greeting first: %q", first)
 			ck.fail(fmt.Sprintf("port %s speaks plain SMTP, not implicit TLS", ck.port),
 				`use tls = "starttls" (usually port 587)`)
@@ -427,7 +429,7 @@ func (ck *checker) sessionFailed(ctx context.Context, err error, rec *recordingC
 		ck.step(stepOf(se.stage), StepFailed, "interrupted")
 		ck.fail("the check was interrupted", "")
 
-	case ck.up.TLS != TLSImplicit && (rec.bytes() == 0 || looksLikeTLS(rec.first())):
+	case ck.up.TLS != mailproto.TLSImplicit && (rec.bytes() == 0 || looksLikeTLS(rec.first())):
 		// The client waits for the greeting while a server that speaks
 		// TLS at once waits for its handshake: both wait until the
 		// timeout, or until the server gives up. A second connection
@@ -454,7 +456,7 @@ func (ck *checker) sessionFailed(ctx context.Context, err error, rec *recordingC
 	case isTimeout(cause):
 		ck.step(stepOf(se.stage), StepFailed, "no reply within %v", ck.d.commandTimeout())
 		fix := "check address and port"
-		if ck.up.TLS == TLSImplicit && rec.bytes() > 0 {
+		if ck.up.TLS == mailproto.TLSImplicit && rec.bytes() > 0 {
 			fix = "TLS works but no SMTP greeting followed: check that port " + ck.port + " is an SMTP port"
 		}
 		ck.fail(fmt.Sprintf("the upstream did not answer within %v", ck.d.commandTimeout()), fix)
@@ -565,7 +567,7 @@ func (ck *checker) authFailed(mech string, err error) {
 				`a password needs PLAIN or LOGIN; OAuth2 needs XOAUTH2 or OAUTHBEARER (auth = "xoauth2" or "oauthbearer" with the oauth_* keys)`)
 			return
 		}
-		if up.TLS == TLSNone {
+		if up.TLS == mailproto.TLSNone {
 			ck.fail("the upstream offers no AUTH over plain text",
 				`it may offer AUTH only after TLS: use tls = "starttls" (port 587) or "implicit" (port 465); `+
 					"or leave username out if the upstream accepts this host by its IP address")

@@ -13,6 +13,7 @@ import (
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 
+	"smarthost/internal/mailproto"
 	"smarthost/internal/smtptest"
 	"smarthost/internal/testpki"
 )
@@ -110,7 +111,7 @@ func TestCheckUpstreamImplicitTLSOK(t *testing.T) {
 	pki := testpki.New(t)
 	srv := startCheckServer(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(),
 		Username: upUser, Password: upPass})
-	up := Upstream{Name: "good", Address: srv.Addr(), TLS: TLSImplicit, Username: upUser, Password: upPass, RootCAs: pki.CAPool}
+	up := Upstream{Name: "good", Address: srv.Addr(), TLS: mailproto.TLSImplicit, Username: upUser, Password: upPass, RootCAs: pki.CAPool}
 
 	rep := CheckUpstream(context.Background(), up, CheckOptions{Hostname: "relay.test", Timeout: checkTimeout,
 		Recipient: "someone@example.net"})
@@ -147,7 +148,7 @@ func TestCheckUpstreamStartTLSOK(t *testing.T) {
 	pki := testpki.New(t)
 	srv := startCheckServer(t, smtptest.Options{TLS: smtptest.TLSStartTLS, TLSConfig: pki.ServerTLS(),
 		Username: upUser, Password: upPass})
-	up := Upstream{Name: "587", Address: srv.Addr(), TLS: TLSStartTLS, Username: upUser, Password: upPass, RootCAs: pki.CAPool}
+	up := Upstream{Name: "587", Address: srv.Addr(), TLS: mailproto.TLSStartTLS, Username: upUser, Password: upPass, RootCAs: pki.CAPool}
 
 	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
 	requireSteps(t, rep, "connect:ok", "starttls:ok", "tls:ok", "ehlo:ok", "auth:ok", "mail:ok", "rcpt:skipped", "rset:ok")
@@ -166,7 +167,7 @@ func TestCheckUpstreamStartTLSOK(t *testing.T) {
 func TestCheckImplicitAgainstPlainSMTP(t *testing.T) {
 	pki := testpki.New(t)
 	srv := startCheckServer(t, smtptest.Options{TLS: smtptest.TLSStartTLS, TLSConfig: pki.ServerTLS()})
-	up := Upstream{Name: "wrong", Address: srv.Addr(), TLS: TLSImplicit, RootCAs: pki.CAPool}
+	up := Upstream{Name: "wrong", Address: srv.Addr(), TLS: mailproto.TLSImplicit, RootCAs: pki.CAPool}
 	_, port, _ := net.SplitHostPort(srv.Addr())
 
 	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
@@ -178,7 +179,7 @@ func TestCheckImplicitAgainstPlainSMTP(t *testing.T) {
 }
 
 func TestCheckPlainAgainstImplicitTLS(t *testing.T) {
-	for _, mode := range []TLSMode{TLSStartTLS, TLSNone} {
+	for _, mode := range []mailproto.TLSMode{mailproto.TLSStartTLS, mailproto.TLSNone} {
 		t.Run(string(mode), func(t *testing.T) {
 			t.Parallel() // each waits out its timeout
 			pki := testpki.New(t)
@@ -193,7 +194,7 @@ func TestCheckPlainAgainstImplicitTLS(t *testing.T) {
 				t.Errorf("check took %v", took)
 			}
 			first := StepEHLO
-			if mode == TLSStartTLS {
+			if mode == mailproto.TLSStartTLS {
 				first = StepStartTLS
 			}
 			requireSteps(t, rep, "connect:ok", first+":failed")
@@ -235,7 +236,7 @@ func TestCheckNoGreeting(t *testing.T) {
 					})
 				}
 			}()
-			up := Upstream{Name: "silent", Address: ln.Addr().String(), TLS: TLSStartTLS}
+			up := Upstream{Name: "silent", Address: ln.Addr().String(), TLS: mailproto.TLSStartTLS}
 			rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: time.Second})
 			requireSteps(t, rep, "connect:ok", "starttls:failed")
 			requireVerdict(t, rep, tt.problem+up.Address, "firewall")
@@ -245,14 +246,14 @@ func TestCheckNoGreeting(t *testing.T) {
 
 func TestCheckStartTLSNotOffered(t *testing.T) {
 	srv := startCheckServer(t, smtptest.Options{})
-	up := Upstream{Name: "plain", Address: srv.Addr(), TLS: TLSStartTLS}
+	up := Upstream{Name: "plain", Address: srv.Addr(), TLS: mailproto.TLSStartTLS}
 	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
 	requireSteps(t, rep, "connect:ok", "starttls:failed")
 	requireVerdict(t, rep, "does not offer STARTTLS", `587 with tls = "starttls"`)
 }
 
 func TestCheckUntrustedCertificate(t *testing.T) {
-	for _, mode := range []TLSMode{TLSImplicit, TLSStartTLS} {
+	for _, mode := range []mailproto.TLSMode{mailproto.TLSImplicit, mailproto.TLSStartTLS} {
 		t.Run(string(mode), func(t *testing.T) {
 			pki := testpki.New(t)
 			other := testpki.New(t) // trusted instead of the server's CA
@@ -277,7 +278,7 @@ func TestCheckCertificateNameMismatch(t *testing.T) {
 	srv := startCheckServer(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS()})
 	// The configured name is not the certificate's; the dialer still
 	// reaches the loopback server.
-	up := Upstream{Name: "renamed", Address: "mail.example.test:465", TLS: TLSImplicit, RootCAs: pki.CAPool}
+	up := Upstream{Name: "renamed", Address: "mail.example.test:465", TLS: mailproto.TLSImplicit, RootCAs: pki.CAPool}
 	dial := func(ctx context.Context, network, _ string) (net.Conn, error) {
 		return (&net.Dialer{}).DialContext(ctx, network, srv.Addr())
 	}
@@ -296,7 +297,7 @@ func TestCheckConnectionRefused(t *testing.T) {
 	_ = ln.Close()
 	_, port, _ := net.SplitHostPort(addr)
 
-	rep := CheckUpstream(context.Background(), Upstream{Name: "down", Address: addr, TLS: TLSImplicit},
+	rep := CheckUpstream(context.Background(), Upstream{Name: "down", Address: addr, TLS: mailproto.TLSImplicit},
 		CheckOptions{Timeout: checkTimeout})
 	requireSteps(t, rep, "connect:failed")
 	requireVerdict(t, rep, "refused: nothing listens on port "+port, "check address and port")
@@ -311,7 +312,7 @@ func TestCheckConnectTimeout(t *testing.T) {
 		<-ctx.Done()
 		return nil, ctx.Err()
 	}
-	up := Upstream{Name: "blocked", Address: "127.0.0.1:465", TLS: TLSImplicit}
+	up := Upstream{Name: "blocked", Address: "127.0.0.1:465", TLS: mailproto.TLSImplicit}
 	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: time.Second, Dial: dial})
 	requireSteps(t, rep, "connect:failed")
 	requireVerdict(t, rep, "no answer from 127.0.0.1:465 within 1s", "firewall")
@@ -320,7 +321,7 @@ func TestCheckConnectTimeout(t *testing.T) {
 func TestCheckGreetingRefused(t *testing.T) {
 	srv := startCheckServer(t, smtptest.Options{GreetReply: &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1},
 		Message: "Client host rejected: listed at a blocklist"}})
-	rep := CheckUpstream(context.Background(), Upstream{Name: "blocked", Address: srv.Addr(), TLS: TLSNone},
+	rep := CheckUpstream(context.Background(), Upstream{Name: "blocked", Address: srv.Addr(), TLS: mailproto.TLSNone},
 		CheckOptions{Timeout: checkTimeout})
 	requireSteps(t, rep, "connect:ok", "ehlo:failed")
 	requireVerdict(t, rep, "refused the session: 554 5.7.1 Client host rejected", "IP address")
@@ -330,7 +331,7 @@ func TestCheckPasswordRefused(t *testing.T) {
 	pki := testpki.New(t)
 	srv := startCheckServer(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(),
 		Username: upUser, Password: upPass})
-	up := Upstream{Name: "gmail", Address: srv.Addr(), TLS: TLSImplicit, Username: upUser, Password: "account-password",
+	up := Upstream{Name: "gmail", Address: srv.Addr(), TLS: mailproto.TLSImplicit, Username: upUser, Password: "account-password",
 		RootCAs: pki.CAPool}
 
 	tests := []struct {
@@ -363,14 +364,14 @@ func TestCheckAuthNotOffered(t *testing.T) {
 	tests := []struct {
 		name string
 		opts smtptest.Options
-		mode TLSMode
+		mode mailproto.TLSMode
 		want string
 		fix  string
 	}{
-		{"plain text", smtptest.Options{}, TLSNone, "offers no AUTH over plain text", `tls = "starttls"`},
-		{"port 25", smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS()}, TLSImplicit,
+		{"plain text", smtptest.Options{}, mailproto.TLSNone, "offers no AUTH over plain text", `tls = "starttls"`},
+		{"port 25", smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS()}, mailproto.TLSImplicit,
 			"offers no AUTH on port", "submission port"},
-		{"other mechanisms", smtptest.Options{Username: upUser, Password: upPass, AuthMechanisms: []string{"CRAM-MD5"}}, TLSNone,
+		{"other mechanisms", smtptest.Options{Username: upUser, Password: upPass, AuthMechanisms: []string{"CRAM-MD5"}}, mailproto.TLSNone,
 			"offers AUTH CRAM-MD5, none of which this login can use", "PLAIN or LOGIN"},
 	}
 	for _, tt := range tests {
@@ -378,7 +379,7 @@ func TestCheckAuthNotOffered(t *testing.T) {
 			srv := startCheckServer(t, tt.opts)
 			up := Upstream{Name: "x", Address: srv.Addr(), TLS: tt.mode, Username: upUser, Password: upPass, RootCAs: pki.CAPool}
 			rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
-			requireSteps(t, rep, "connect:ok", "tls:"+map[bool]string{true: "skipped", false: "ok"}[tt.mode == TLSNone], "ehlo:ok", "auth:failed")
+			requireSteps(t, rep, "connect:ok", "tls:"+map[bool]string{true: "skipped", false: "ok"}[tt.mode == mailproto.TLSNone], "ehlo:ok", "auth:failed")
 			requireVerdict(t, rep, tt.want, tt.fix)
 		})
 	}
@@ -395,7 +396,7 @@ func TestCheckSenderRefused(t *testing.T) {
 			}
 			return nil
 		}})
-	up := Upstream{Name: "yandex", Address: srv.Addr(), TLS: TLSImplicit, Username: upUser, Password: upPass, RootCAs: pki.CAPool}
+	up := Upstream{Name: "yandex", Address: srv.Addr(), TLS: mailproto.TLSImplicit, Username: upUser, Password: upPass, RootCAs: pki.CAPool}
 
 	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout, Sender: "app@example.com",
 		Recipient: "someone@example.net"})
@@ -430,7 +431,7 @@ func TestCheckRecipientRefused(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			srv := startCheckServer(t, smtptest.Options{Username: upUser, Password: upPass,
 				RcptReply: func(string) *smtp.SMTPError { return tt.reply }})
-			up := Upstream{Name: "x", Address: srv.Addr(), TLS: TLSNone, Username: upUser, Password: upPass}
+			up := Upstream{Name: "x", Address: srv.Addr(), TLS: mailproto.TLSNone, Username: upUser, Password: upPass}
 			rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout, Recipient: "nobody@example.net"})
 			requireSteps(t, rep, "connect:ok", "tls:skipped", "ehlo:ok", "auth:ok", "mail:ok", "rcpt:failed", "rset:ok")
 			requireVerdict(t, rep, tt.want, "")
@@ -440,7 +441,7 @@ func TestCheckRecipientRefused(t *testing.T) {
 
 func TestCheckAuthRequired(t *testing.T) {
 	srv := startCheckServer(t, smtptest.Options{Username: upUser, Password: upPass})
-	up := Upstream{Name: "noauth", Address: srv.Addr(), TLS: TLSNone}
+	up := Upstream{Name: "noauth", Address: srv.Addr(), TLS: mailproto.TLSNone}
 	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout, Sender: "app@example.com"})
 	requireSteps(t, rep, "connect:ok", "tls:skipped", "ehlo:ok", "auth:skipped", "mail:failed", "rset:ok")
 	requireVerdict(t, rep, "requires authentication: 530", "set username, and password_env or password_file")
@@ -469,7 +470,7 @@ func TestCheckSender(t *testing.T) {
 
 func TestCheckWithoutSender(t *testing.T) {
 	srv := startCheckServer(t, smtptest.Options{})
-	up := Upstream{Name: "x", Address: srv.Addr(), TLS: TLSNone}
+	up := Upstream{Name: "x", Address: srv.Addr(), TLS: mailproto.TLSNone}
 	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout, Recipient: "someone@example.net"})
 	requireSteps(t, rep, "connect:ok", "tls:skipped", "ehlo:ok", "auth:skipped", "mail:skipped")
 	if rep.Verdict != VerdictOK {
@@ -486,7 +487,7 @@ func TestCheckOAuth2(t *testing.T) {
 	srv := startOAuthUpstream(t, ts, xoauth2Mech)
 	cfg := refreshFlow()
 	cfg.TokenURL, cfg.Client = ts.URL(), ts.srv.Client()
-	up := Upstream{Name: "oauth", Address: srv.Addr(), TLS: TLSNone, Username: upUser, Auth: AuthXOAUTH2, OAuth: &cfg}
+	up := Upstream{Name: "oauth", Address: srv.Addr(), TLS: mailproto.TLSNone, Username: upUser, Auth: AuthXOAUTH2, OAuth: &cfg}
 
 	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
 	requireSteps(t, rep, "connect:ok", "tls:skipped", "ehlo:ok", "auth:ok", "mail:ok", "rcpt:skipped", "rset:ok")
@@ -546,7 +547,7 @@ func TestCheckCancelled(t *testing.T) {
 	srv := startCheckServer(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS()})
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	rep := CheckUpstream(ctx, Upstream{Name: "x", Address: srv.Addr(), TLS: TLSImplicit, RootCAs: pki.CAPool},
+	rep := CheckUpstream(ctx, Upstream{Name: "x", Address: srv.Addr(), TLS: mailproto.TLSImplicit, RootCAs: pki.CAPool},
 		CheckOptions{Timeout: checkTimeout})
 	if rep.Verdict != VerdictFail || len(rep.Steps) != 1 || rep.Steps[0].Name != StepConnect {
 		t.Errorf("cancelled check: %+v", rep)

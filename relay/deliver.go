@@ -16,6 +16,7 @@ import (
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 
+	"smarthost/internal/mailproto"
 	"smarthost/queue"
 )
 
@@ -190,7 +191,7 @@ func (d *Deliverer) routeFor(m queue.Message) (Route, bool) {
 // Route returns the route for an envelope sender: the one for its domain,
 // else the "*" route. The null sender "" takes the "*" route.
 func (d *Deliverer) Route(from string) (Route, bool) {
-	domain := DomainOf(from)
+	domain := mailproto.DomainOf(from)
 	var wildcard *Route
 	for i := range d.Routes {
 		r := &d.Routes[i]
@@ -434,13 +435,13 @@ func (d *Deliverer) startSession(cctx context.Context, raw net.Conn, up *Upstrea
 	}
 	var c *smtp.Client
 	switch up.TLS {
-	case TLSImplicit:
+	case mailproto.TLSImplicit:
 		tc := tls.Client(raw, cfg)
 		if err := tc.HandshakeContext(cctx); err != nil {
 			return fail("tls", err)
 		}
 		c = smtp.NewClient(tc)
-	case TLSStartTLS:
+	case mailproto.TLSStartTLS:
 		// NewClientStartTLS fails when STARTTLS is not offered: the session
 		// never continues in plain text. It introduces itself as
 		// "localhost" before TLS; the EHLO that counts is the one after
@@ -459,7 +460,7 @@ func (d *Deliverer) startSession(cctx context.Context, raw net.Conn, up *Upstrea
 		if err != nil {
 			return fail("starttls", err)
 		}
-	case TLSNone:
+	case mailproto.TLSNone:
 		c = smtp.NewClient(raw)
 	default:
 		return fail("connect", fmt.Errorf("unknown TLS mode %q", up.TLS))

@@ -12,6 +12,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"smarthost/internal/mailproto"
 	"smarthost/internal/smtptest"
 	"smarthost/internal/testpki"
 	"smarthost/queue"
@@ -78,7 +79,7 @@ func newDeliverer(t *testing.T, ups ...Upstream) *deliverEnv {
 }
 
 func plainUpstream(name string, s *smtptest.Server) Upstream {
-	return Upstream{Name: name, Address: s.Addr(), TLS: TLSNone}
+	return Upstream{Name: name, Address: s.Addr(), TLS: mailproto.TLSNone}
 }
 
 func testMessage(from string, rcpts ...string) queue.Message {
@@ -114,7 +115,7 @@ func reply(code int, ec smtp.EnhancedCode, msg string) func(string) *smtp.SMTPEr
 
 func TestDeliverTLSAuth(t *testing.T) {
 	pki := testpki.New(t)
-	for _, mode := range []TLSMode{TLSImplicit, TLSStartTLS} {
+	for _, mode := range []mailproto.TLSMode{mailproto.TLSImplicit, mailproto.TLSStartTLS} {
 		t.Run(string(mode), func(t *testing.T) {
 			s := smtptest.Start(t, smtptest.Options{
 				TLS: smtptest.TLSMode(mode), TLSConfig: pki.ServerTLS(),
@@ -161,7 +162,7 @@ func TestDeliverTLSAuth(t *testing.T) {
 
 func TestDeliverAuthLoginOnly(t *testing.T) {
 	s := smtptest.Start(t, smtptest.Options{Username: upUser, Password: upPass, AuthMechanisms: []string{"LOGIN"}})
-	env := newDeliverer(t, Upstream{Name: "a", Address: s.Addr(), TLS: TLSNone, Username: upUser, Password: upPass})
+	env := newDeliverer(t, Upstream{Name: "a", Address: s.Addr(), TLS: mailproto.TLSNone, Username: upUser, Password: upPass})
 	res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
 	checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "a")
 	if g := s.WaitMessages(t, 1, 5*time.Second)[0]; g.AuthUser != upUser {
@@ -179,7 +180,7 @@ func TestDeliverStartTLSNotOffered(t *testing.T) {
 		mails++
 		return nil
 	})
-	env := newDeliverer(t, Upstream{Name: "a", Address: s.Addr(), TLS: TLSStartTLS, RootCAs: testpki.New(t).CAPool})
+	env := newDeliverer(t, Upstream{Name: "a", Address: s.Addr(), TLS: mailproto.TLSStartTLS, RootCAs: testpki.New(t).CAPool})
 	res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
 	checkResult(t, res[0], "x@example.net", queue.Pending, "starttls: ", "a")
 	if !strings.Contains(res[0].Reply, "STARTTLS") {
@@ -195,7 +196,7 @@ func TestDeliverStartTLSNotOffered(t *testing.T) {
 func TestDeliverUntrustedCertificate(t *testing.T) {
 	pki := testpki.New(t)
 	other := testpki.New(t) // a CA that did not sign the upstream's certificate
-	for _, mode := range []TLSMode{TLSImplicit, TLSStartTLS} {
+	for _, mode := range []mailproto.TLSMode{mailproto.TLSImplicit, mailproto.TLSStartTLS} {
 		t.Run(string(mode), func(t *testing.T) {
 			s := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSMode(mode), TLSConfig: pki.ServerTLS()})
 			env := newDeliverer(t, Upstream{Name: "a", Address: s.Addr(), TLS: mode, RootCAs: other.CAPool})
@@ -302,7 +303,7 @@ func TestDeliverFailover(t *testing.T) {
 		}},
 		{"auth refused", func(t *testing.T) Upstream {
 			s := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: "other"})
-			return Upstream{Name: "a", Address: s.Addr(), TLS: TLSImplicit, RootCAs: pki.CAPool, Username: upUser, Password: upPass}
+			return Upstream{Name: "a", Address: s.Addr(), TLS: mailproto.TLSImplicit, RootCAs: pki.CAPool, Username: upUser, Password: upPass}
 		}},
 		{"421 at greeting", func(t *testing.T) Upstream {
 			s := smtptest.Start(t, smtptest.Options{GreetReply: &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "Busy"}})
@@ -318,7 +319,7 @@ func TestDeliverFailover(t *testing.T) {
 		}},
 		{"untrusted certificate", func(t *testing.T) Upstream {
 			s := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS()})
-			return Upstream{Name: "a", Address: s.Addr(), TLS: TLSImplicit}
+			return Upstream{Name: "a", Address: s.Addr(), TLS: mailproto.TLSImplicit}
 		}},
 	}
 	for _, tt := range tests {
@@ -556,7 +557,7 @@ func TestDeliverAuthRefusedMarksDown(t *testing.T) {
 	a := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: "changed"})
 	b := smtptest.Start(t, smtptest.Options{})
 	env := newDeliverer(t,
-		Upstream{Name: "a", Address: a.Addr(), TLS: TLSImplicit, RootCAs: pki.CAPool, Username: upUser, Password: upPass},
+		Upstream{Name: "a", Address: a.Addr(), TLS: mailproto.TLSImplicit, RootCAs: pki.CAPool, Username: upUser, Password: upPass},
 		plainUpstream("b", b))
 
 	res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"smarthost/internal/mailproto"
 	"smarthost/queue"
 )
 
@@ -95,7 +96,7 @@ func (b *Bouncer) Bounce(kind queue.BounceKind, m queue.Message, rcpts []queue.R
 	// the head holds whole: the rest is never read.
 	w("--%s\r\nContent-Type: text/rfc822-headers\r\n\r\n", boundary)
 	head := body.Head()
-	end, _ := headerEnd(head)
+	end, _ := mailproto.HeaderEnd(head)
 	buf.Write(head[:end])
 	w("\r\n--%s--\r\n", boundary)
 

@@ -6,6 +6,8 @@ import (
 	"math"
 	"strings"
 	"testing"
+
+	"smarthost/internal/mailproto"
 )
 
 // foldASCII lower-cases ASCII letters only and keeps every other byte as
@@ -42,7 +44,7 @@ func FuzzSenderAllowed(f *testing.F) {
 		if SenderAllowed(nil, addr) {
 			t.Errorf("SenderAllowed(nil, %q) = true", addr)
 		}
-		_ = DomainOf(addr)
+		_ = mailproto.DomainOf(addr)
 	})
 }
 
@@ -63,7 +65,7 @@ func FuzzValidPath(f *testing.F) {
 		if at <= 0 || at == len(addr)-1 || len(addr) > 320 {
 			t.Errorf("validPath(%q) = true without a local part and a domain", addr)
 		}
-		if DomainOf(addr) == "" {
+		if mailproto.DomainOf(addr) == "" {
 			t.Errorf("validPath(%q) = true but DomainOf is empty", addr)
 		}
 		if strings.Count(addr, "@") != 1 {
@@ -171,7 +173,7 @@ func FuzzReadNormalized(f *testing.F) {
 
 func FuzzHeader(f *testing.F) {
 	f.Fuzz(func(t *testing.T, raw []byte) {
-		// Raw bytes first: headerEnd must stay in bounds on anything.
+		// Raw bytes first: HeaderEnd must stay in bounds on anything.
 		checkHeaderEnd(t, raw)
 		// Then as the door sees a message: normalised.
 		buf, err := readNormalized(bytes.NewReader(raw), len(raw))
@@ -201,7 +203,7 @@ func FuzzHeader(f *testing.F) {
 				}
 				_ = SenderAllowed([]string{"*@example.com", a.Address}, a.Address)
 			}
-			_ = DomainOf(h.from[0].Address)
+			_ = mailproto.DomainOf(h.from[0].Address)
 		}
 		if strings.ContainsAny(h.messageID, "\r\n") {
 			t.Errorf("Message-ID %q spans lines", h.messageID)
@@ -209,11 +211,11 @@ func FuzzHeader(f *testing.F) {
 	})
 }
 
-// checkHeaderEnd runs headerEnd on msg and checks that its result is in
+// checkHeaderEnd runs mailproto.HeaderEnd on msg and checks that its result is in
 // bounds and on a line boundary.
 func checkHeaderEnd(t *testing.T, msg []byte) (int, bool) {
 	t.Helper()
-	end, blank := headerEnd(msg)
+	end, blank := mailproto.HeaderEnd(msg)
 	if end < 0 || end > len(msg) {
 		t.Fatalf("headerEnd = %d, out of [0, %d]", end, len(msg))
 	}

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"smarthost/internal/mailproto"
+
 	"golang.org/x/crypto/bcrypt"
 )
 
@@ -496,7 +498,7 @@ func TestHostileProtocolAbuse(t *testing.T) {
 
 func TestHostileStartTLSOnImplicit(t *testing.T) {
 	env := startServer(t, func(s *Server) {
-		s.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: TLSImplicit, AuthRequired: true}}
+		s.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: mailproto.TLSImplicit, AuthRequired: true}}
 	})
 	conn, err := tls.Dial("tcp", env.addrs[0], env.pki.ClientTLS())
 	if err != nil {
@@ -518,8 +520,8 @@ func TestHostileOldTLSRefused(t *testing.T) {
 	env := startServer(t, func(s *Server) {
 		s.TLSConfig = &tls.Config{Certificates: s.TLSConfig.Certificates}
 		s.Listeners = []Listener{
-			{Address: "127.0.0.1:0", TLS: TLSStartTLS, AuthRequired: true},
-			{Address: "127.0.0.1:0", TLS: TLSImplicit, AuthRequired: true},
+			{Address: "127.0.0.1:0", TLS: mailproto.TLSStartTLS, AuthRequired: true},
+			{Address: "127.0.0.1:0", TLS: mailproto.TLSImplicit, AuthRequired: true},
 		}
 	})
 	for _, v := range []uint16{tls.VersionTLS10, tls.VersionTLS11} {

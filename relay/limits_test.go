@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"smarthost/internal/mailproto"
 )
 
 // waitServed dials until a connection is greeted with 220, since a slot
@@ -61,7 +63,7 @@ func TestMaxConnectionsPerIPv6Prefix(t *testing.T) {
 		s.Limits.AuthFailuresPerIP = 2
 		s.Listeners = []Listener{{
 			Address:       "127.0.0.1:0",
-			TLS:           TLSStartTLS,
+			TLS:           mailproto.TLSStartTLS,
 			AuthRequired:  true,
 			ProxyProtocol: true,
 			ProxyTrusted:  []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")},
@@ -124,7 +126,7 @@ func TestListenersDoNotStarveEachOther(t *testing.T) {
 		s.Limits.MaxConnections = 4
 		s.Listeners = append(s.Listeners, Listener{
 			Address:         "127.0.0.1:0",
-			TLS:             TLSNone,
+			TLS:             mailproto.TLSNone,
 			TrustedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.9/32")},
 		})
 	})
@@ -340,7 +342,7 @@ func TestListenRefusesOpenRelay(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			srv := &Server{
 				Hostname:  "relay.test",
-				Listeners: []Listener{{Address: "127.0.0.1:0", TLS: TLSNone, TrustedNetworks: nets}},
+				Listeners: []Listener{{Address: "127.0.0.1:0", TLS: mailproto.TLSNone, TrustedNetworks: nets}},
 				Queue:     &memQueue{dir: t.TempDir()},
 			}
 			err := srv.Listen()

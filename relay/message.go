@@ -11,6 +11,8 @@ import (
 	"net/textproto"
 	"strings"
 	"time"
+
+	"smarthost/internal/mailproto"
 )
 
 // headroom is reserved in front of a message read at the door, so that the
@@ -119,57 +121,15 @@ func (n *normalizer) normalize(dst, p []byte) []byte {
 	return dst
 }
 
-// headerEnd finds where the header section of msg (CRLF-normalised) ends.
-// It returns the offset just after the last header field line, and whether
-// a blank line follows there. A line that is neither a field nor a
-// continuation ends the header section, as in Postfix: what follows is body.
-func headerEnd(msg []byte) (end int, blank bool) {
-	pos := 0
-	for pos < len(msg) {
-		eol := bytes.Index(msg[pos:], []byte("\r\n"))
-		if eol < 0 {
-			return pos, false
-		}
-		line := msg[pos : pos+eol]
-		switch {
-		case len(line) == 0:
-			return pos, true
-		case line[0] == ' ' || line[0] == '\t':
-			if pos == 0 {
-				return 0, false
-			}
-		case !isFieldLine(line):
-			return pos, false
-		}
-		pos += eol + 2
-	}
-	return pos, false
-}
-
 // headerSection finds where the header section of msg, the start of a
-// CRLF-normalised message, ends (see headerEnd), and whether that is known
+// CRLF-normalised message, ends (see mailproto.HeaderEnd), and whether that is known
 // yet: a blank line follows, or a line that is not a field, or complete
 // says msg is the whole message. A header section not known to end may go
 // on past msg.
 func headerSection(msg []byte, complete bool) (end int, blank, ended bool) {
-	end, blank = headerEnd(msg)
+	end, blank = mailproto.HeaderEnd(msg)
 	ended = blank || complete || bytes.Contains(msg[end:], []byte("\r\n"))
 	return end, blank, ended
-}
-
-// isFieldLine reports whether line starts with a field name and a colon
-// (RFC 5322 section 2.2: printable ASCII except colon).
-func isFieldLine(line []byte) bool {
-	i := bytes.IndexByte(line, ':')
-	if i <= 0 {
-		return false
-	}
-	for _, c := range line[:i] {
-		if c < 33 || c > 126 {
-			return false
-		}
-	}
-	return true
 }
 
 // header is what the door needs to know of a message's header section.
@@ -190,7 +150,7 @@ var addrParser = mail.AddressParser{WordDecoder: &mime.WordDecoder{
 
 var errBadHeader = errors.New("malformed header section")
 
-// parseHeader reads the fields of a header section that headerEnd found.
+// parseHeader reads the fields of a header section that mailproto.HeaderEnd found.
 func parseHeader(section []byte) (header, error) {
 	var h header
 	tr := textproto.NewReader(bufio.NewReader(io.MultiReader(bytes.NewReader(section), strings.NewReader("\r\n"))))

@@ -28,6 +28,7 @@ import (
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/jws"
 
+	"smarthost/internal/mailproto"
 	"smarthost/internal/smtptest"
 	"smarthost/internal/testpki"
 	"smarthost/queue"
@@ -300,7 +301,7 @@ func newOAuthEnv(t *testing.T, mode AuthMode, cfg OAuth, mechs ...string) *oauth
 		cfg.TokenURL = ts.URL()
 	}
 	cfg.Client = ts.srv.Client()
-	env := newDeliverer(t, Upstream{Name: "oauth", Address: up.Addr(), TLS: TLSNone,
+	env := newDeliverer(t, Upstream{Name: "oauth", Address: up.Addr(), TLS: mailproto.TLSNone,
 		Username: upUser, Auth: mode, OAuth: &cfg})
 	env.d.Now = clock.Now
 	env.d.Logger = slog.New(slog.NewTextHandler(env.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -593,7 +594,7 @@ func TestDeliverOAuthServiceAccount(t *testing.T) {
 	up := startOAuthUpstream(t, ts, "XOAUTH2")
 
 	newEnv := func(subject string) *oauthEnv {
-		env := newDeliverer(t, Upstream{Name: "oauth", Address: up.Addr(), TLS: TLSNone, Username: upUser,
+		env := newDeliverer(t, Upstream{Name: "oauth", Address: up.Addr(), TLS: mailproto.TLSNone, Username: upUser,
 			OAuth: &OAuth{ServiceAccount: sa, Subject: subject, Client: ts.srv.Client()}})
 		env.d.Now = clock.Now
 		env.d.Close()
@@ -782,7 +783,7 @@ func TestDeliverOAuthTLS(t *testing.T) {
 	})
 	o := refreshFlow()
 	o.TokenURL, o.Client = ts.URL(), ts.srv.Client()
-	env := newDeliverer(t, Upstream{Name: "gmail", Address: s.Addr(), TLS: TLSImplicit, RootCAs: pki.CAPool, Username: upUser, OAuth: &o})
+	env := newDeliverer(t, Upstream{Name: "gmail", Address: s.Addr(), TLS: mailproto.TLSImplicit, RootCAs: pki.CAPool, Username: upUser, OAuth: &o})
 	res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
 	checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "gmail")
 	if m := s.WaitMessages(t, 1, 5*time.Second); !m[0].TLS || m[0].AuthUser != upUser {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"smarthost/internal/mailproto"
 	"smarthost/internal/smtptest"
 )
 
@@ -141,7 +142,7 @@ func TestServerObserverRefusedConnections(t *testing.T) {
 	env := startServer(t, func(s *Server) {
 		s.Observer = rec
 		s.Limits.MaxConnections = 1
-		s.Listeners = []Listener{{Name: "cron", Address: "127.0.0.1:0", TLS: TLSNone,
+		s.Listeners = []Listener{{Name: "cron", Address: "127.0.0.1:0", TLS: mailproto.TLSNone,
 			TrustedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.2/32")}}}
 		s.TLSConfig = nil
 	})

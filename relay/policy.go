@@ -1,19 +1,23 @@
 package relay
 
-import "strings"
+import (
+	"strings"
+
+	"smarthost/internal/mailproto"
+)
 
 // SenderAllowed reports whether addr matches one of the allowed_from
 // patterns: an exact address, "*@domain" for a whole domain, or "*" for any
 // sender. Matching ignores ASCII case only; the null sender matches only
 // "*".
 func SenderAllowed(patterns []string, addr string) bool {
-	addr = lowerASCII(addr)
+	addr = mailproto.LowerASCII(addr)
 	domain := ""
 	if i := strings.LastIndexByte(addr, '@'); i >= 0 {
 		domain = addr[i+1:]
 	}
 	for _, p := range patterns {
-		p = lowerASCII(p)
+		p = mailproto.LowerASCII(p)
 		switch {
 		case p == "*":
 			return true
@@ -28,36 +32,6 @@ func SenderAllowed(patterns []string, addr string) bool {
 		}
 	}
 	return false
-}
-
-// DomainOf returns the lower-cased domain of an address, or "".
-func DomainOf(addr string) string {
-	i := strings.LastIndexByte(addr, '@')
-	if i < 0 {
-		return ""
-	}
-	return lowerASCII(addr[i+1:])
-}
-
-// lowerASCII lower-cases A-Z and nothing else. Unicode case mapping would
-// let a different address pass for an allowed one: the Kelvin sign U+212A
-// lower-cases to "k", so "*@kample.com" would admit a From: in another
-// (IDN) domain, and the message would be signed with kample.com's key.
-// Envelope addresses are ASCII (no SMTPUTF8), and domains compare
-// case-insensitively in ASCII only (RFC 5321 section 2.4).
-func lowerASCII(s string) string {
-	for i := 0; i < len(s); i++ {
-		if 'A' <= s[i] && s[i] <= 'Z' {
-			b := []byte(s)
-			for j := i; j < len(b); j++ {
-				if 'A' <= b[j] && b[j] <= 'Z' {
-					b[j] += 'a' - 'A'
-				}
-			}
-			return string(b)
-		}
-	}
-	return s
 }
 
 // validPath reports whether an envelope address is safe to store and to

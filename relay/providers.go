@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"smarthost/internal/mailproto"
 	"smarthost/queue"
 )
 
@@ -18,7 +19,7 @@ type Provider struct {
 	// Address is the submission host:port. A regional provider's holds
 	// "{region}", which Upstream fills in; see Regional.
 	Address string
-	TLS     TLSMode
+	TLS     mailproto.TLSMode
 	// Auth is how the provider expects the relay to log in: AuthPassword
 	// (an app password or SMTP credentials), AuthXOAUTH2, or "" where it
 	// may also authorise the relay by its IP address. Upstream leaves it
@@ -98,7 +99,7 @@ func Providers() []Provider {
 		// messages a day, rolling 24 hours). The lower figure is the
 		// default; a Workspace account may set rate_limit = "2000/24h".
 		{
-			Name: "gmail", Address: "smtp.gmail.com:465", TLS: TLSImplicit, Auth: AuthPassword,
+			Name: "gmail", Address: "smtp.gmail.com:465", TLS: mailproto.TLSImplicit, Auth: AuthPassword,
 			RateLimit: Rate{N: 500, Per: day},
 			Notes: "App password (2-Step Verification on) or XOAUTH2. Gmail does not refuse a foreign sender: it rewrites " +
 				"MAIL FROM and From: to the login unless the address is a verified \"Send mail as\" alias.",
@@ -107,7 +108,7 @@ func Providers() []Provider {
 		// on 587 with TLS, authorised by the sending IP address or by SMTP
 		// AUTH; each user may relay to 10,000 recipients in 24 hours.
 		{
-			Name: "google-workspace-relay", Address: "smtp-relay.gmail.com:587", TLS: TLSStartTLS,
+			Name: "google-workspace-relay", Address: "smtp-relay.gmail.com:587", TLS: mailproto.TLSStartTLS,
 			RateLimit: Rate{N: 10000, Per: day},
 			Notes: "Configured in the Workspace admin console (Gmail > Routing > SMTP relay service); " +
 				"leave username out when the relay authorises this host by IP address.",
@@ -118,7 +119,7 @@ func Providers() []Provider {
 		// 500 messages in 24 hours per mailbox, each recipient counting as
 		// one, at most 35 recipients per message over SMTP.
 		{
-			Name: "yandex", Address: "smtp.yandex.ru:465", TLS: TLSImplicit, Auth: AuthPassword,
+			Name: "yandex", Address: "smtp.yandex.ru:465", TLS: mailproto.TLSImplicit, Auth: AuthPassword,
 			RateLimit: Rate{N: 500, Per: day}, SenderMustBeLogin: true,
 			Notes: "App password (id.yandex.ru > Security). MAIL FROM must be the login's address (553 5.7.1 " +
 				"\"Sender address rejected: not owned by auth user\"); <> is refused too.",
@@ -129,7 +130,7 @@ func Providers() []Provider {
 		// 500 a day commonly reported, since exceeding an unpublished
 		// limit blocks the mailbox.
 		{
-			Name: "mailru", Address: "smtp.mail.ru:465", TLS: TLSImplicit, Auth: AuthPassword,
+			Name: "mailru", Address: "smtp.mail.ru:465", TLS: mailproto.TLSImplicit, Auth: AuthPassword,
 			RateLimit: Rate{N: 250, Per: day}, SenderMustBeLogin: true,
 			Notes: "Password for external applications (account settings > Security). " +
 				"MAIL FROM must be the login's address.",
@@ -139,7 +140,7 @@ func Providers() []Provider {
 		// app password required. Yahoo publishes no daily quota for it;
 		// the default is half of the 500 a day commonly reported.
 		{
-			Name: "yahoo", Address: "smtp.mail.yahoo.com:465", TLS: TLSImplicit, Auth: AuthPassword,
+			Name: "yahoo", Address: "smtp.mail.yahoo.com:465", TLS: mailproto.TLSImplicit, Auth: AuthPassword,
 			RateLimit: Rate{N: 250, Per: day}, SenderMustBeLogin: true,
 			Notes: "App password (Account security > Generate app password). " +
 				"MAIL FROM must be the account's address (\"553 From address not verified\").",
@@ -151,7 +152,7 @@ func Providers() []Provider {
 		// One rate must respect both: 30 in 5 minutes never exceeds 30 in
 		// one minute, and makes at most 8,640 messages a day.
 		{
-			Name: "outlook365", Address: "smtp.office365.com:587", TLS: TLSStartTLS, Auth: AuthXOAUTH2,
+			Name: "outlook365", Address: "smtp.office365.com:587", TLS: mailproto.TLSStartTLS, Auth: AuthXOAUTH2,
 			RateLimit: Rate{N: 30, Per: 5 * time.Minute}, SenderMustBeLogin: true,
 			Notes: "Basic authentication for SMTP AUTH is being retired (off by default for existing tenants from " +
 				"the end of 2026): use XOAUTH2. MAIL FROM must be the mailbox or one it has Send As rights for " +
@@ -164,7 +165,7 @@ func Providers() []Provider {
 		// out of the sandbox the quota is the account's own. The default is
 		// the sandbox's; set rate_limit to the account's quota.
 		{
-			Name: "ses", Address: "email-smtp." + regionPlaceholder + ".amazonaws.com:587", TLS: TLSStartTLS, Auth: AuthPassword,
+			Name: "ses", Address: "email-smtp." + regionPlaceholder + ".amazonaws.com:587", TLS: mailproto.TLSStartTLS, Auth: AuthPassword,
 			RateLimit: Rate{N: 200, Per: day},
 			Notes: "SMTP credentials from the SES console (not the IAM access key). The sender's address or domain " +
 				"must be a verified identity, dsn_from included.",
@@ -174,7 +175,7 @@ func Providers() []Provider {
 		// for EU domains). The quota depends on the plan; the default is
 		// the free plan's 100 messages a day.
 		{
-			Name: "mailgun", Address: "smtp.mailgun.org:587", TLS: TLSStartTLS, Auth: AuthPassword,
+			Name: "mailgun", Address: "smtp.mailgun.org:587", TLS: mailproto.TLSStartTLS, Auth: AuthPassword,
 			RateLimit: Rate{N: 100, Per: day},
 			Notes: "SMTP credentials of the sending domain (Domain settings > SMTP credentials). " +
 				"An EU domain uses address = \"smtp.eu.mailgun.org:587\".",
@@ -210,12 +211,12 @@ func (u *Upstream) MailFrom(m queue.Message) string {
 // message without one gets one.
 func rewriteHeaderFrom(msg []byte, addr string) []byte {
 	type span struct{ start, colon, stop int }
-	end, _ := headerEnd(msg)
+	end, _ := mailproto.HeaderEnd(msg)
 	var froms []span
 	hasReplyTo := false
 	for pos := 0; pos < end; {
 		f := span{start: pos}
-		// headerEnd stops at a line end, so every line below end has one.
+		// HeaderEnd stops at a line end, so every line below end has one.
 		pos += bytes.Index(msg[pos:end], []byte("\r\n")) + 2
 		for pos < end && (msg[pos] == ' ' || msg[pos] == '\t') {
 			pos += bytes.Index(msg[pos:end], []byte("\r\n")) + 2

@@ -11,6 +11,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"smarthost/internal/mailproto"
 	"smarthost/internal/smtptest"
 	"smarthost/internal/testpki"
 	"smarthost/queue"
@@ -22,20 +23,20 @@ func TestProviderProfiles(t *testing.T) {
 	tests := []struct {
 		name, region string
 		address      string
-		tls          TLSMode
+		tls          mailproto.TLSMode
 		auth         AuthMode
 		rate         Rate
 		senderLogin  bool
 	}{
-		{"gmail", "", "smtp.gmail.com:465", TLSImplicit, AuthPassword, Rate{500, 24 * time.Hour}, false},
-		{"google-workspace-relay", "", "smtp-relay.gmail.com:587", TLSStartTLS, "", Rate{10000, 24 * time.Hour}, false},
-		{"yandex", "", "smtp.yandex.ru:465", TLSImplicit, AuthPassword, Rate{500, 24 * time.Hour}, true},
-		{"mailru", "", "smtp.mail.ru:465", TLSImplicit, AuthPassword, Rate{250, 24 * time.Hour}, true},
-		{"yahoo", "", "smtp.mail.yahoo.com:465", TLSImplicit, AuthPassword, Rate{250, 24 * time.Hour}, true},
-		{"outlook365", "", "smtp.office365.com:587", TLSStartTLS, AuthXOAUTH2, Rate{30, 5 * time.Minute}, true},
-		{"ses", "eu-west-1", "email-smtp.eu-west-1.amazonaws.com:587", TLSStartTLS, AuthPassword, Rate{200, 24 * time.Hour}, false},
-		{"ses", "", "", TLSStartTLS, AuthPassword, Rate{200, 24 * time.Hour}, false},
-		{"mailgun", "", "smtp.mailgun.org:587", TLSStartTLS, AuthPassword, Rate{100, 24 * time.Hour}, false},
+		{"gmail", "", "smtp.gmail.com:465", mailproto.TLSImplicit, AuthPassword, Rate{500, 24 * time.Hour}, false},
+		{"google-workspace-relay", "", "smtp-relay.gmail.com:587", mailproto.TLSStartTLS, "", Rate{10000, 24 * time.Hour}, false},
+		{"yandex", "", "smtp.yandex.ru:465", mailproto.TLSImplicit, AuthPassword, Rate{500, 24 * time.Hour}, true},
+		{"mailru", "", "smtp.mail.ru:465", mailproto.TLSImplicit, AuthPassword, Rate{250, 24 * time.Hour}, true},
+		{"yahoo", "", "smtp.mail.yahoo.com:465", mailproto.TLSImplicit, AuthPassword, Rate{250, 24 * time.Hour}, true},
+		{"outlook365", "", "smtp.office365.com:587", mailproto.TLSStartTLS, AuthXOAUTH2, Rate{30, 5 * time.Minute}, true},
+		{"ses", "eu-west-1", "email-smtp.eu-west-1.amazonaws.com:587", mailproto.TLSStartTLS, AuthPassword, Rate{200, 24 * time.Hour}, false},
+		{"ses", "", "", mailproto.TLSStartTLS, AuthPassword, Rate{200, 24 * time.Hour}, false},
+		{"mailgun", "", "smtp.mailgun.org:587", mailproto.TLSStartTLS, AuthPassword, Rate{100, 24 * time.Hour}, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name+"/"+tt.region, func(t *testing.T) {
@@ -197,7 +198,7 @@ func yandexUpstream(t *testing.T, own ...string) (*smtptest.Server, Upstream) {
 		t.Fatal("no yandex profile")
 	}
 	up := p.Upstream("yandex", "")
-	if up.TLS != TLSImplicit {
+	if up.TLS != mailproto.TLSImplicit {
 		t.Fatalf("yandex profile TLS %q", up.TLS)
 	}
 	up.Address, up.RootCAs = s.Addr(), pki.CAPool

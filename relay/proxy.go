@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"smarthost/internal/mailproto"
+
 	"github.com/pires/go-proxyproto"
 )
 
@@ -282,7 +284,7 @@ func (c *untrustedConn) refuse() {
 	c.l.srv.Logger.Info("connection refused", "listener", c.l.cfg.Name, "client_ip", c.ip.String(),
 		"reason", "PROXY header from a source not in proxy_trusted")
 	c.l.srv.observer().Rejected(c.l.cfg.Name, "proxy_header")
-	if c.l.cfg.TLS == TLSImplicit {
+	if c.l.cfg.TLS == mailproto.TLSImplicit {
 		return
 	}
 	c.Conn.SetWriteDeadline(time.Now().Add(2 * time.Second))

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"smarthost/internal/mailproto"
+
 	"github.com/pires/go-proxyproto"
 )
 
@@ -20,7 +22,7 @@ func proxyListenerEnv(t *testing.T, trusted string, tweak func(*Server)) *testEn
 	return startServer(t, func(s *Server) {
 		s.Listeners = []Listener{{
 			Address:         "127.0.0.1:0",
-			TLS:             TLSNone,
+			TLS:             mailproto.TLSNone,
 			TrustedNetworks: []netip.Prefix{netip.MustParsePrefix("10.1.2.0/24"), netip.MustParsePrefix("127.0.0.1/32")},
 			ProxyProtocol:   true,
 			ProxyTrusted:    []netip.Prefix{netip.MustParsePrefix(trusted)},
@@ -196,7 +198,7 @@ func TestProxyImplicitTLS(t *testing.T) {
 	env := startServer(t, func(s *Server) {
 		s.Listeners = []Listener{{
 			Address:       "127.0.0.1:0",
-			TLS:           TLSImplicit,
+			TLS:           mailproto.TLSImplicit,
 			AuthRequired:  true,
 			ProxyProtocol: true,
 			ProxyTrusted:  []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")},
@@ -231,7 +233,7 @@ func TestProxyAuthLimiter(t *testing.T) {
 		s.Limits.AuthFailuresPerIP = 2
 		s.Listeners = []Listener{{
 			Address:       "127.0.0.1:0",
-			TLS:           TLSStartTLS,
+			TLS:           mailproto.TLSStartTLS,
 			AuthRequired:  true,
 			ProxyProtocol: true,
 			ProxyTrusted:  []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")},

@@ -19,6 +19,7 @@ import (
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 
+	"smarthost/internal/mailproto"
 	"smarthost/internal/smtptest"
 	"smarthost/queue"
 )
@@ -162,8 +163,8 @@ func TestDeliverRedactsEchoedSecrets(t *testing.T) {
 
 	clock := &fakeClock{now: time.Now()}
 	env := newDeliverer(t,
-		Upstream{Name: "pass", Address: passUp.Addr(), TLS: TLSNone, Username: upUser, Password: upPass},
-		Upstream{Name: "oauth", Address: oauthUp.Addr(), TLS: TLSNone, Username: upUser, Auth: AuthXOAUTH2,
+		Upstream{Name: "pass", Address: passUp.Addr(), TLS: mailproto.TLSNone, Username: upUser, Password: upPass},
+		Upstream{Name: "oauth", Address: oauthUp.Addr(), TLS: mailproto.TLSNone, Username: upUser, Auth: AuthXOAUTH2,
 			OAuth: &OAuth{ClientID: oauthClientID, ClientSecret: oauthClientSecret, RefreshToken: oauthRefreshToken,
 				TokenURL: ts.srv.URL + "/token", Client: ts.srv.Client()}},
 	)
@@ -249,7 +250,7 @@ func TestDeliverRedactsEchoedSecrets(t *testing.T) {
 // shows the replies without it.
 func TestCheckUpstreamRedactsEchoedSecrets(t *testing.T) {
 	srv := startEchoUpstream(t, sasl.Plain, func(pass string) bool { return pass == upPass })
-	up := Upstream{Name: "echo", Address: srv.Addr(), TLS: TLSNone, Username: upUser, Password: upPass}
+	up := Upstream{Name: "echo", Address: srv.Addr(), TLS: mailproto.TLSNone, Username: upUser, Password: upPass}
 	for _, refusing := range []bool{false, true} {
 		srv.setRefusing(refusing)
 		rep := CheckUpstream(context.Background(), up, CheckOptions{Recipient: "someone@example.net", Timeout: 10 * time.Second})

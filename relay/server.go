@@ -19,6 +19,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"smarthost/dkim"
+	"smarthost/internal/mailproto"
 	"smarthost/queue"
 )
 
@@ -116,7 +117,7 @@ func (s *Server) Listen() error {
 			s.closeBound()
 			return err
 		}
-		if lc.TLS != TLSNone && s.TLSConfig == nil {
+		if lc.TLS != mailproto.TLSNone && s.TLSConfig == nil {
 			s.closeBound()
 			return fmt.Errorf("listener %s: tls %q needs a certificate", lc.Address, lc.TLS)
 		}
@@ -171,12 +172,12 @@ func (s *Server) newSMTPServer(bl *boundListener) *smtp.Server {
 	srv.ReadTimeout = s.Limits.ReadTimeout
 	srv.WriteTimeout = s.Limits.ReadTimeout
 	srv.ErrorLog = smtpLogger{s.Logger}
-	if bl.cfg.TLS != TLSNone {
+	if bl.cfg.TLS != mailproto.TLSNone {
 		srv.TLSConfig = s.TLSConfig
 	}
 	// AUTH in plain text only where the listener admits trusted networks
 	// alone; configuration refuses it anywhere else.
-	srv.AllowInsecureAuth = bl.cfg.TLS == TLSNone && len(bl.cfg.TrustedNetworks) > 0
+	srv.AllowInsecureAuth = bl.cfg.TLS == mailproto.TLSNone && len(bl.cfg.TrustedNetworks) > 0
 	return srv
 }
 
@@ -238,7 +239,7 @@ func (s *Server) Serve() error {
 			base = s.newProxyListener(bl)
 		}
 		var ln net.Listener = &gate{Listener: base, srv: s, cfg: bl.cfg, slots: bl.slots}
-		if bl.cfg.TLS == TLSImplicit {
+		if bl.cfg.TLS == mailproto.TLSImplicit {
 			ln = tls.NewListener(ln, s.TLSConfig)
 		}
 		go func() { errc <- bl.smtp.Serve(ln) }()
@@ -374,7 +375,7 @@ func (g *gate) Accept() (net.Conn, error) {
 			continue
 		}
 		tc := &trackedConn{Conn: c, srv: g.srv, ip: ip, listener: g.cfg.Name, slots: g.slots}
-		if g.cfg.TLS != TLSImplicit {
+		if g.cfg.TLS != mailproto.TLSImplicit {
 			// Replies go on the connection itself until a session says
 			// otherwise (after STARTTLS); under implicit TLS only a
 			// session knows the TLS connection.
@@ -418,7 +419,7 @@ func (g *gate) trusted(ip netip.Addr) bool {
 // listener the client expects a handshake, so it is just closed.
 func (g *gate) refuse(c net.Conn, reply string) {
 	defer c.Close()
-	if g.cfg.TLS == TLSImplicit {
+	if g.cfg.TLS == mailproto.TLSImplicit {
 		return
 	}
 	c.SetWriteDeadline(time.Now().Add(2 * time.Second))

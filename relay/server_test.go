@@ -26,6 +26,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"smarthost/dkim"
+	"smarthost/internal/mailproto"
 	"smarthost/internal/testpki"
 	"smarthost/queue"
 )
@@ -165,7 +166,7 @@ func startServer(t *testing.T, tweak func(*Server)) *testEnv {
 	t.Cleanup(q.close)
 	srv := &Server{
 		Hostname:  "relay.test",
-		Listeners: []Listener{{Address: "127.0.0.1:0", TLS: TLSStartTLS, AuthRequired: true}},
+		Listeners: []Listener{{Address: "127.0.0.1:0", TLS: mailproto.TLSStartTLS, AuthRequired: true}},
 		TLSConfig: pki.ServerTLS(),
 		Users:     testUsers(t),
 		Limits: Limits{
@@ -359,7 +360,7 @@ func TestSubmitStartTLSAuthPlain(t *testing.T) {
 
 func TestSubmitImplicitTLSAuthLogin(t *testing.T) {
 	env := startServer(t, func(s *Server) {
-		s.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: TLSImplicit, AuthRequired: true}}
+		s.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: mailproto.TLSImplicit, AuthRequired: true}}
 	})
 	conn, err := tls.Dial("tcp", env.addrs[0], env.pki.ClientTLS())
 	if err != nil {
@@ -539,7 +540,7 @@ func TestAuthFailureLimit(t *testing.T) {
 
 func TestTrustedNetworks(t *testing.T) {
 	env := startServer(t, func(s *Server) {
-		s.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: TLSNone, TrustedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.2/32")}}}
+		s.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: mailproto.TLSNone, TrustedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.2/32")}}}
 		s.TLSConfig = nil
 	})
 	out := dialFrom(t, env.addrs[0], "127.0.0.1")

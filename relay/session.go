@@ -17,6 +17,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"smarthost/dkim"
+	"smarthost/internal/mailproto"
 	"smarthost/queue"
 )
 
@@ -425,7 +426,7 @@ func (s *session) store(m *queue.Message, buf []byte, end int, blank bool, field
 	if signer := s.srv.currentSigner(); signer != nil {
 		// Signed once, here, over the final bytes: the stored message is
 		// what every attempt sends, so a retry never re-signs.
-		st, err := signer.Stream(DomainOf(headerFrom), d.bytes())
+		st, err := signer.Stream(mailproto.DomainOf(headerFrom), d.bytes())
 		if err != nil {
 			return false, s.signingFailed(m.ID, err)
 		}
@@ -479,7 +480,7 @@ func (s *session) storeSpooled(m *queue.Message, norm *normalizer, mb *messageBu
 		}
 	}()
 	if signer := s.srv.currentSigner(); signer != nil {
-		if st, err = signer.Stream(DomainOf(headerFrom), head); err != nil {
+		if st, err = signer.Stream(mailproto.DomainOf(headerFrom), head); err != nil {
 			return false, s.signingFailed(m.ID, err)
 		}
 	}

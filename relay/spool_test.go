@@ -16,6 +16,7 @@ import (
 	msgauthdkim "github.com/emersion/go-msgauth/dkim"
 
 	"smarthost/dkim"
+	"smarthost/internal/mailproto"
 )
 
 // startPlain runs a Server with one plain-text listener that trusts
@@ -23,7 +24,7 @@ import (
 // (0: the default, 1 MiB).
 func startPlain(t *testing.T, spoolAfter int, tweak func(*Server)) *testEnv {
 	return startServer(t, func(s *Server) {
-		s.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: TLSNone,
+		s.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: mailproto.TLSNone,
 			TrustedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}}
 		s.Limits.MaxMessageBytes = 8 << 20
 		s.spoolAfter = spoolAfter

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"smarthost/internal/mailproto"
 	"smarthost/internal/testpki"
 	"smarthost/queue"
 )
@@ -89,7 +90,7 @@ func TestDeliverStartTLSStallBounded(t *testing.T) {
 	for _, at := range []string{"greeting", "ehlo", "starttls"} {
 		t.Run(at, func(t *testing.T) {
 			s := startStallServer(t, at)
-			env := newDeliverer(t, Upstream{Name: "a", Address: s.ln.Addr().String(), TLS: TLSStartTLS, RootCAs: pki.CAPool})
+			env := newDeliverer(t, Upstream{Name: "a", Address: s.ln.Addr().String(), TLS: mailproto.TLSStartTLS, RootCAs: pki.CAPool})
 			env.d.CommandTimeout = 500 * time.Millisecond
 			done := make(chan []queue.Result, 1)
 			start := time.Now()

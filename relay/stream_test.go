@@ -19,6 +19,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"smarthost/internal/mailproto"
 	"smarthost/internal/smtptest"
 	"smarthost/queue"
 )
@@ -175,7 +176,7 @@ func TestDeliverSpooledStreams(t *testing.T) {
 	const size = 25 << 20
 	st, _ := openQueue(t)
 	sink := startHashSink(t)
-	env := newDeliverer(t, Upstream{Name: "sink", Address: sink.addr, TLS: TLSNone})
+	env := newDeliverer(t, Upstream{Name: "sink", Address: sink.addr, TLS: mailproto.TLSNone})
 	done := runScheduler(t, st, env.d.Deliver)
 
 	sp, sum := writeSpool(t, st, size)

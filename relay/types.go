@@ -4,25 +4,15 @@ import (
 	"crypto/x509"
 	"net/netip"
 	"time"
-)
 
-// TLSMode says how a connection is protected.
-type TLSMode string
-
-const (
-	// TLSStartTLS upgrades a plain connection with STARTTLS (port 587).
-	TLSStartTLS TLSMode = "starttls"
-	// TLSImplicit speaks TLS from the first byte (port 465).
-	TLSImplicit TLSMode = "implicit"
-	// TLSNone is plain text: trusted networks and loopback only.
-	TLSNone TLSMode = "none"
+	"smarthost/internal/mailproto"
 )
 
 // Listener describes one submission listener.
 type Listener struct {
 	Name    string // for logs; defaults to the address
 	Address string
-	TLS     TLSMode
+	TLS     mailproto.TLSMode
 	// AuthRequired demands AUTH before MAIL. Without it, only clients in
 	// TrustedNetworks may submit, under any sender address.
 	AuthRequired    bool
@@ -75,7 +65,7 @@ type Limits struct {
 type Upstream struct {
 	Name     string
 	Address  string // host:port
-	TLS      TLSMode
+	TLS      mailproto.TLSMode
 	Username string // empty: no AUTH
 	Password string
 	// RootCAs verifies the upstream's certificate: system roots plus the

@@ -25,6 +25,7 @@ import (
 
 	"smarthost/dkim"
 	"smarthost/internal/bytesize"
+	"smarthost/internal/mailproto"
 	"smarthost/metrics"
 	"smarthost/relay"
 )
@@ -352,9 +353,9 @@ func (p *configParser) listeners(root *configTable) []relay.Listener {
 		}
 
 		tlsOK := true
-		switch mode := t.strDefault("tls", string(relay.TLSStartTLS)); relay.TLSMode(mode) {
-		case relay.TLSStartTLS, relay.TLSImplicit, relay.TLSNone:
-			l.TLS = relay.TLSMode(mode)
+		switch mode := t.strDefault("tls", string(mailproto.TLSStartTLS)); mailproto.TLSMode(mode) {
+		case mailproto.TLSStartTLS, mailproto.TLSImplicit, mailproto.TLSNone:
+			l.TLS = mailproto.TLSMode(mode)
 		default:
 			t.errorf("tls", `must be "starttls", "implicit" or "none", not %q`, mode)
 			tlsOK = false
@@ -398,7 +399,7 @@ func (p *configParser) listeners(root *configTable) []relay.Listener {
 		}
 		// AUTH PLAIN/LOGIN over plain text exposes passwords on the wire
 		// (RFC 4954 section 4); accept it only from trusted networks.
-		if tlsOK && authOK && l.TLS == relay.TLSNone && l.AuthRequired && !trusted {
+		if tlsOK && authOK && l.TLS == mailproto.TLSNone && l.AuthRequired && !trusted {
 			t.errorf("tls", `"none" with auth = "required" sends passwords in plain text; use "starttls" or "implicit", or restrict the listener with trusted_networks`)
 		}
 		t.done()
@@ -467,7 +468,7 @@ func parseNetwork(s string) (netip.Prefix, error) {
 func (p *configParser) servingTLS(t *configTable, listeners []relay.Listener) (certFile, keyFile string) {
 	var user string // first listener that needs the certificate
 	for i, l := range listeners {
-		if l.TLS == relay.TLSStartTLS || l.TLS == relay.TLSImplicit {
+		if l.TLS == mailproto.TLSStartTLS || l.TLS == mailproto.TLSImplicit {
 			user = fmt.Sprintf("listen[%d] uses tls = %q", i, l.TLS)
 			break
 		}
@@ -739,11 +740,11 @@ func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) (out []
 			addrOK = u.Address != "" // the profile's
 		}
 		if mode, ok := t.str("tls"); ok {
-			switch relay.TLSMode(mode) {
-			case relay.TLSImplicit, relay.TLSStartTLS:
-				u.TLS = relay.TLSMode(mode)
-			case relay.TLSNone:
-				u.TLS = relay.TLSNone
+			switch mailproto.TLSMode(mode) {
+			case mailproto.TLSImplicit, mailproto.TLSStartTLS:
+				u.TLS = mailproto.TLSMode(mode)
+			case mailproto.TLSNone:
+				u.TLS = mailproto.TLSNone
 				// Plain text would expose the upstream password and the
 				// mail; allow it only to a server on this machine.
 				if addrOK && !isLoopbackHost(u.Address) {

@@ -24,6 +24,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"smarthost/dkim"
+	"smarthost/internal/mailproto"
 	"smarthost/internal/testpki"
 	"smarthost/relay"
 )
@@ -231,7 +232,7 @@ upstreams = ["local"]
 			UpstreamCommandTimeout: 2 * time.Minute, UpstreamDataTimeout: 10 * time.Minute,
 		},
 		Listeners: []relay.Listener{{
-			Name: "127.0.0.1:0", Address: "127.0.0.1:0", TLS: relay.TLSNone,
+			Name: "127.0.0.1:0", Address: "127.0.0.1:0", TLS: mailproto.TLSNone,
 			TrustedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
 		}},
 		Limits: relay.Limits{
@@ -240,7 +241,7 @@ upstreams = ["local"]
 			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
 			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute, MessageMemory: 16 << 20,
 		},
-		Upstreams:          []relay.Upstream{{Name: "local", Address: "localhost:2525", TLS: relay.TLSNone, MaxConnections: 4}},
+		Upstreams:          []relay.Upstream{{Name: "local", Address: "localhost:2525", TLS: mailproto.TLSNone, MaxConnections: 4}},
 		Routes:             []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
 		HTTPAddress:        "127.0.0.1:9090",
 		HTTPMaxConnections: 256,
@@ -367,8 +368,8 @@ max_connections = 64
 		t.Errorf("tls files = %q %q", cfg.TLSCertFile, cfg.TLSKeyFile)
 	}
 	wantListeners := []relay.Listener{
-		{Name: "sub", Address: ":465", TLS: relay.TLSImplicit, AuthRequired: true},
-		{Name: "[::1]:2525", Address: "[::1]:2525", TLS: relay.TLSNone, TrustedNetworks: []netip.Prefix{
+		{Name: "sub", Address: ":465", TLS: mailproto.TLSImplicit, AuthRequired: true},
+		{Name: "[::1]:2525", Address: "[::1]:2525", TLS: mailproto.TLSNone, TrustedNetworks: []netip.Prefix{
 			netip.MustParsePrefix("127.0.0.1/32"),
 			netip.MustParsePrefix("10.0.0.0/8"),
 			netip.MustParsePrefix("192.168.1.0/24"),
@@ -405,7 +406,7 @@ max_connections = 64
 		t.Fatalf("upstreams = %+v", cfg.Upstreams)
 	}
 	p, b := cfg.Upstreams[0], cfg.Upstreams[1]
-	if p.Name != "primary" || p.Address != "smtp.example.net:465" || p.TLS != relay.TLSImplicit ||
+	if p.Name != "primary" || p.Address != "smtp.example.net:465" || p.TLS != mailproto.TLSImplicit ||
 		p.Username != "relay@example.com" || p.Password != "from-env" || p.MaxConnections != 2 {
 		t.Errorf("primary = %+v", p)
 	}
@@ -421,7 +422,7 @@ max_connections = 64
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: p.RootCAs, DNSName: "localhost"}); err != nil {
 		t.Errorf("RootCAs does not trust ca_file: %v", err)
 	}
-	if b.Password != "s3cret" || b.RootCAs != nil || b.MaxConnections != 4 || b.TLS != relay.TLSStartTLS {
+	if b.Password != "s3cret" || b.RootCAs != nil || b.MaxConnections != 4 || b.TLS != mailproto.TLSStartTLS {
 		t.Errorf("backup = %+v", b)
 	}
 	if p.RateLimit != (relay.Rate{N: 10, Per: time.Second}) || p.DSNFrom != "Bounces@Example.com" {
@@ -852,7 +853,7 @@ func TestExampleConfig(t *testing.T) {
 			t.Errorf("rate limits = %+v, %+v", cfg.Upstreams[0].RateLimit, cfg.Upstreams[1].RateLimit)
 		}
 		// The yandex upstream is all profile but its login and sender.
-		if y := cfg.Upstreams[1]; y.Address != "smtp.yandex.ru:465" || y.TLS != relay.TLSImplicit ||
+		if y := cfg.Upstreams[1]; y.Address != "smtp.yandex.ru:465" || y.TLS != mailproto.TLSImplicit ||
 			y.EnvelopeFrom != "relay@example.com" || y.HeaderFromRewrite || cfg.Upstreams[0].EnvelopeFrom != "" {
 			t.Errorf("provider upstreams: %+v", cfg.Upstreams)
 		}
@@ -1159,7 +1160,7 @@ func TestParseConfigProviderFill(t *testing.T) {
 	cfg := mustParse(t, f.config(map[string]string{"upstream": providerUpstream(
 		`provider = "yandex"`, `username = "relay@example.ru"`, `password_file = "{{PWFILE}}"`, `dsn_from = "relay@example.ru"`)}))
 	u := cfg.Upstreams[0]
-	if u.Address != "smtp.yandex.ru:465" || u.TLS != relay.TLSImplicit || u.RateLimit != (relay.Rate{N: 500, Per: 24 * time.Hour}) ||
+	if u.Address != "smtp.yandex.ru:465" || u.TLS != mailproto.TLSImplicit || u.RateLimit != (relay.Rate{N: 500, Per: 24 * time.Hour}) ||
 		u.DSNFrom != "relay@example.ru" || u.EnvelopeFrom != "" {
 		t.Errorf("yandex upstream %+v", u)
 	}
@@ -1184,7 +1185,7 @@ func TestParseConfigProviderOverrides(t *testing.T) {
 		`max_connections = 2`,
 	)}))
 	u := cfg.Upstreams[0]
-	if u.Address != "smtp.gmail.com:587" || u.TLS != relay.TLSStartTLS || u.RateLimit != (relay.Rate{N: 2000, Per: 24 * time.Hour}) || u.MaxConnections != 2 {
+	if u.Address != "smtp.gmail.com:587" || u.TLS != mailproto.TLSStartTLS || u.RateLimit != (relay.Rate{N: 2000, Per: 24 * time.Hour}) || u.MaxConnections != 2 {
 		t.Errorf("overrides not applied: %+v", u)
 	}
 
@@ -1198,7 +1199,7 @@ func TestParseConfigProviderOverrides(t *testing.T) {
 		`password_file = "{{PWFILE}}"`,
 	)}))
 	u = cfg.Upstreams[0]
-	if u.Address != "email-smtp.us-gov-west-1.amazonaws.com:465" || u.TLS != relay.TLSImplicit || u.RateLimit != (relay.Rate{}) {
+	if u.Address != "email-smtp.us-gov-west-1.amazonaws.com:465" || u.TLS != mailproto.TLSImplicit || u.RateLimit != (relay.Rate{}) {
 		t.Errorf("ses overrides not applied: %+v", u)
 	}
 
@@ -1213,7 +1214,7 @@ func TestParseConfigProviderOverrides(t *testing.T) {
 		`header_from_rewrite = true`,
 	)}))
 	u = cfg.Upstreams[0]
-	if u.Address != "127.0.0.1:2525" || u.TLS != relay.TLSNone || u.EnvelopeFrom != "relay@example.ru" || !u.HeaderFromRewrite ||
+	if u.Address != "127.0.0.1:2525" || u.TLS != mailproto.TLSNone || u.EnvelopeFrom != "relay@example.ru" || !u.HeaderFromRewrite ||
 		u.RateLimit != (relay.Rate{N: 500, Per: 24 * time.Hour}) {
 		t.Errorf("yandex on loopback: %+v", u)
 	}
@@ -1511,7 +1512,7 @@ func TestParseConfigProviderAuth(t *testing.T) {
 		`oauth_client_secret_file = "{{PWFILE}}"`,
 	)
 	u := mustParse(t, f.config(map[string]string{"upstream": o365})).Upstreams[0]
-	if u.Auth != relay.AuthXOAUTH2 || u.OAuth == nil || u.Address != "smtp.office365.com:587" || u.TLS != relay.TLSStartTLS {
+	if u.Auth != relay.AuthXOAUTH2 || u.OAuth == nil || u.Address != "smtp.office365.com:587" || u.TLS != mailproto.TLSStartTLS {
 		t.Errorf("outlook365 with OAuth2: %+v", u)
 	}
 	u = mustParse(t, f.config(map[string]string{"upstream": o365 + "\nauth = \"oauthbearer\""})).Upstreams[0]

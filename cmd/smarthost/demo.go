@@ -26,6 +26,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"smarthost/dkim"
+	"smarthost/internal/mailproto"
 	"smarthost/relay"
 )
 
@@ -100,7 +101,7 @@ func demo(ctx context.Context, listen, httpAddr, dir string, logger *slog.Logger
 		Queue:       QueueConfig{Path: filepath.Join(dir, "queue.db"), RetryMin: time.Second, RetryMax: 30 * time.Second, MaxAge: time.Hour, Bounce: true, Workers: 4},
 		TLSCertFile: certFile,
 		TLSKeyFile:  keyFile,
-		Listeners:   []relay.Listener{{Name: "submission", Address: listen, TLS: relay.TLSStartTLS, AuthRequired: true}},
+		Listeners:   []relay.Listener{{Name: "submission", Address: listen, TLS: mailproto.TLSStartTLS, AuthRequired: true}},
 		Limits: relay.Limits{
 			MaxMessageBytes: 25 << 20, MaxRecipients: 100, MaxConnections: 100,
 			MaxConnectionsPerIP: defaultMaxConnectionsPerIP, AuthTimeout: defaultAuthTimeout,
@@ -109,7 +110,7 @@ func demo(ctx context.Context, listen, httpAddr, dir string, logger *slog.Logger
 			MessageMemory: defaultMessageMemory,
 		},
 		Users:       []relay.User{{Name: "demo", PasswordHash: hash, AllowedFrom: []string{"*@example.com"}}},
-		Upstreams:   []relay.Upstream{{Name: "local", Address: up.addr, TLS: relay.TLSNone, MaxConnections: 4}},
+		Upstreams:   []relay.Upstream{{Name: "local", Address: up.addr, TLS: mailproto.TLSNone, MaxConnections: 4}},
 		Routes:      []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
 		DKIM:        []dkim.Key{dkimKey},
 		HTTPAddress: httpAddr, // no admin token: loopback clients only

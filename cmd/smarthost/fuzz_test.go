@@ -12,6 +12,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"smarthost/dkim"
+	"smarthost/internal/mailproto"
 	"smarthost/internal/testpki"
 	"smarthost/relay"
 )
@@ -104,9 +105,9 @@ func checkConfigInvariants(t *testing.T, cfg *Config) {
 	needCert := false
 	for i, l := range cfg.Listeners {
 		switch l.TLS {
-		case relay.TLSStartTLS, relay.TLSImplicit:
+		case mailproto.TLSStartTLS, mailproto.TLSImplicit:
 			needCert = true
-		case relay.TLSNone:
+		case mailproto.TLSNone:
 		default:
 			t.Errorf("listen[%d]: TLS mode %q", i, l.TLS)
 		}
@@ -114,7 +115,7 @@ func checkConfigInvariants(t *testing.T, cfg *Config) {
 		if !l.AuthRequired && len(l.TrustedNetworks) == 0 {
 			t.Errorf("listen[%d]: no AUTH and no trusted_networks: open relay", i)
 		}
-		if l.TLS == relay.TLSNone && l.AuthRequired && len(l.TrustedNetworks) == 0 {
+		if l.TLS == mailproto.TLSNone && l.AuthRequired && len(l.TrustedNetworks) == 0 {
 			t.Errorf("listen[%d]: plain-text AUTH from any network", i)
 		}
 		for _, p := range append(append([]netip.Prefix(nil), l.TrustedNetworks...), l.ProxyTrusted...) {
@@ -137,7 +138,7 @@ func checkConfigInvariants(t *testing.T, cfg *Config) {
 			t.Errorf("user[%d]: no allowed_from", i)
 		}
 		for _, p := range u.AllowedFrom {
-			if p != "*" && relay.DomainOf(p) == "" {
+			if p != "*" && mailproto.DomainOf(p) == "" {
 				t.Errorf("user[%d]: allowed_from %q has no domain", i, p)
 			}
 		}
@@ -149,8 +150,8 @@ func checkConfigInvariants(t *testing.T, cfg *Config) {
 		}
 		names[u.Name] = true
 		switch u.TLS {
-		case relay.TLSImplicit, relay.TLSStartTLS:
-		case relay.TLSNone:
+		case mailproto.TLSImplicit, mailproto.TLSStartTLS:
+		case mailproto.TLSNone:
 			if !isLoopbackHost(u.Address) {
 				t.Errorf("upstream[%d]: plain text to %s, not loopback", i, u.Address)
 			}

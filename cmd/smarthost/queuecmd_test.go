@@ -21,6 +21,7 @@ import (
 	"github.com/emersion/go-smtp"
 	bolt "go.etcd.io/bbolt"
 
+	"smarthost/internal/mailproto"
 	"smarthost/internal/smtptest"
 	"smarthost/metrics"
 	"smarthost/queue"
@@ -522,7 +523,7 @@ func TestQueueShowEscapesStoredFields(t *testing.T) {
 	up := smtptest.Start(t, smtptest.Options{GreetReply: &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1},
 		Message: "go away \x1b[2J\x1b]0;owned\x07 \u009b31m \u202eevil \xff"}})
 	d := &relay.Deliverer{
-		Upstreams: []relay.Upstream{{Name: "up", Address: up.Addr(), TLS: relay.TLSNone}},
+		Upstreams: []relay.Upstream{{Name: "up", Address: up.Addr(), TLS: mailproto.TLSNone}},
 		Routes:    []relay.Route{{FromDomain: "*", Upstreams: []string{"up"}}},
 		Logger:    slog.New(slog.DiscardHandler),
 	}
