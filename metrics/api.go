@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"smarthost/queue"
-	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 // QueueAdmin is what the admin API does to the queue; *queue.Store
@@ -60,7 +60,7 @@ type QueueAdmin interface {
 type API struct {
 	Queue QueueAdmin
 	// Upstreams reports the upstreams' states; nil reports none.
-	Upstreams func() []relay.UpstreamState
+	Upstreams func() []upstream.State
 	// Token is the bearer token; "" restricts the API to loopback
 	// clients that are not web pages.
 	Token string
@@ -323,7 +323,7 @@ func (a *API) flush(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *API) upstreams(w http.ResponseWriter, r *http.Request) {
-	states := []relay.UpstreamState{}
+	states := []upstream.State{}
 	if a.Upstreams != nil {
 		if s := a.Upstreams(); s != nil {
 			states = s

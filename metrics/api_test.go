@@ -18,7 +18,7 @@ import (
 	"time"
 
 	"smarthost/queue"
-	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 var _ QueueAdmin = (*queue.Store)(nil)
@@ -161,8 +161,8 @@ func newTestAPI(token string) (*API, *fakeAdmin) {
 	admin := &fakeAdmin{msgs: testMessages()}
 	api := &API{
 		Queue: admin,
-		Upstreams: func() []relay.UpstreamState {
-			return []relay.UpstreamState{{Name: "gmail", Up: true}, {Name: "yandex", Up: false}}
+		Upstreams: func() []upstream.State {
+			return []upstream.State{{Name: "gmail", Up: true}, {Name: "yandex", Up: false}}
 		},
 		Token:  token,
 		Now:    func() time.Time { return testNow },
@@ -410,7 +410,7 @@ func TestAPIActions(t *testing.T) {
 
 func TestAPIUpstreams(t *testing.T) {
 	api, _ := newTestAPI("")
-	var got []relay.UpstreamState
+	var got []upstream.State
 	resp := call(t, api, "GET", "/api/upstreams", loopback4, "")
 	decode(t, resp, &got)
 	if len(got) != 2 || got[0].Name != "gmail" || !got[0].Up || got[1].Name != "yandex" || got[1].Up {

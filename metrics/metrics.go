@@ -13,11 +13,12 @@ import (
 
 	"smarthost/queue"
 	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 // Metrics is smarthost's Prometheus instrumentation. It is the observer
 // that the submission server (relay.Observer), the Deliverer
-// (relay.DeliveryObserver) and the queue (queue.Observer) report to, and
+// (upstream.Observer) and the queue (queue.Observer) report to, and
 // it reads the queue's and the upstreams' state at every scrape. Labels
 // take bounded values only: listener and upstream names from the
 // configuration, and fixed words for reason, result, outcome, state and
@@ -47,9 +48,9 @@ type Metrics struct {
 }
 
 var (
-	_ relay.Observer         = (*Metrics)(nil)
-	_ relay.DeliveryObserver = (*Metrics)(nil)
-	_ queue.Observer         = (*Metrics)(nil)
+	_ relay.Observer    = (*Metrics)(nil)
+	_ upstream.Observer = (*Metrics)(nil)
+	_ queue.Observer    = (*Metrics)(nil)
 )
 
 // RejectReasons are the reasons of smarthost_messages_rejected_total: the
@@ -66,7 +67,7 @@ var RejectReasons = []string{
 var RefuseReasons = []string{"untrusted_network", "max_connections", "max_connections_per_ip"}
 
 // attemptResults are the results of smarthost_delivery_attempts_total.
-var attemptResults = []string{relay.ResultDelivered, relay.ResultDeferred, relay.ResultFailed, "skipped"}
+var attemptResults = []string{upstream.ResultDelivered, upstream.ResultDeferred, upstream.ResultFailed, "skipped"}
 
 // Histogram buckets. Message sizes run from a one-line notification to
 // the largest attachments providers take; a delivery may wait in the
@@ -228,7 +229,7 @@ func (m *Metrics) SetQueue(q QueueState) { m.state.setQueue(q) }
 // SetUpstreams makes the upstream gauges and counters read states at every
 // scrape: the current Deliverer's UpstreamStates, set again when a reload
 // replaces the Deliverer.
-func (m *Metrics) SetUpstreams(states func() []relay.UpstreamState) { m.state.setUpstreams(states) }
+func (m *Metrics) SetUpstreams(states func() []upstream.State) { m.state.setUpstreams(states) }
 
 // ConfigReloaded counts a configuration reload: err nil for one that took
 // effect, else one that was rejected.
@@ -279,18 +280,18 @@ func (m *Metrics) AuthFailed(listener string) { m.authFailures.WithLabelValues(l
 // AuthBlocked implements relay.Observer.
 func (m *Metrics) AuthBlocked(listener string) { m.authBlocked.WithLabelValues(listener).Inc() }
 
-// Transaction implements relay.DeliveryObserver.
+// Transaction implements upstream.Observer.
 func (m *Metrics) Transaction(upstream, result string, took time.Duration) {
 	m.attempts.WithLabelValues(upstream, result).Inc()
 	m.transactionTime.WithLabelValues(upstream).Observe(took.Seconds())
 }
 
-// Skipped implements relay.DeliveryObserver.
+// Skipped implements upstream.Observer.
 func (m *Metrics) Skipped(upstream string) {
 	m.attempts.WithLabelValues(upstream, "skipped").Inc()
 }
 
-// Delivered implements relay.DeliveryObserver.
+// Delivered implements upstream.Observer.
 func (m *Metrics) Delivered(upstream string, sinceAccepted time.Duration) {
 	m.deliveryDuration.WithLabelValues(upstream).Observe(max(sinceAccepted, 0).Seconds())
 }
@@ -329,7 +330,7 @@ type stateCollector struct {
 
 	mu        sync.Mutex
 	queue     QueueState
-	upstreams func() []relay.UpstreamState
+	upstreams func() []upstream.State
 
 	queueMessages  *prometheus.Desc
 	oldestAge      *prometheus.Desc
@@ -373,7 +374,7 @@ func (c *stateCollector) setQueue(q QueueState) {
 	c.queue = q
 }
 
-func (c *stateCollector) setUpstreams(f func() []relay.UpstreamState) {
+func (c *stateCollector) setUpstreams(f func() []upstream.State) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.upstreams = f

@@ -20,6 +20,7 @@ import (
 
 	"smarthost/queue"
 	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 // fakeQueue is a QueueState with fixed answers.
@@ -105,9 +106,9 @@ func TestObserverCounts(t *testing.T) {
 	ro.AuthFailed("submission")
 	ro.AuthBlocked("submission")
 
-	var do relay.DeliveryObserver = m
-	do.Transaction("ses", relay.ResultDeferred, 2*time.Second)
-	do.Transaction("ses", relay.ResultDelivered, 300*time.Millisecond)
+	var do upstream.Observer = m
+	do.Transaction("ses", upstream.ResultDeferred, 2*time.Second)
+	do.Transaction("ses", upstream.ResultDelivered, 300*time.Millisecond)
 	do.Delivered("ses", 90*time.Second)
 	do.Skipped("ses")
 
@@ -179,8 +180,8 @@ func TestStateCollector(t *testing.T) {
 	now := time.Date(2030, 1, 1, 12, 0, 0, 0, time.UTC)
 	m.state.now = func() time.Time { return now }
 	m.SetQueue(fakeQueue{stats: queue.Stats{Queued: 5, Held: 2, InFlight: 1, Oldest: now.Add(-90 * time.Second)}, recovered: 3})
-	m.SetUpstreams(func() []relay.UpstreamState {
-		return []relay.UpstreamState{
+	m.SetUpstreams(func() []upstream.State {
+		return []upstream.State{
 			{Name: "ses", Up: true, RateLimitWaited: 1500 * time.Millisecond, RateLimited: 4},
 			{Name: "backup", Up: false},
 		}
@@ -209,7 +210,7 @@ func TestStateCollector(t *testing.T) {
 
 	// A reload replaces the Deliverer: the next scrape reads the new one,
 	// and an upstream it no longer has is gone.
-	m.SetUpstreams(func() []relay.UpstreamState { return []relay.UpstreamState{{Name: "ses", Up: true}} })
+	m.SetUpstreams(func() []upstream.State { return []upstream.State{{Name: "ses", Up: true}} })
 	m.SetQueue(fakeQueue{})
 	f = scrape(t, reg, nil)
 	if n := len(f["smarthost_upstream_up"].GetMetric()); n != 1 {
@@ -279,7 +280,7 @@ func fullRegistry() *prometheus.Registry {
 	m.SetVersion("v1")
 	m.InitLabels([]string{"submission"}, []string{"ses"})
 	m.SetQueue(fakeQueue{})
-	m.SetUpstreams(func() []relay.UpstreamState { return []relay.UpstreamState{{Name: "ses", Up: true}} })
+	m.SetUpstreams(func() []upstream.State { return []upstream.State{{Name: "ses", Up: true}} })
 	return reg
 }
 
@@ -374,8 +375,8 @@ func TestUpstreamTokenExpiry(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m := New(reg)
 	expiry := time.Date(2030, 1, 1, 13, 0, 0, 500_000_000, time.UTC)
-	m.SetUpstreams(func() []relay.UpstreamState {
-		return []relay.UpstreamState{
+	m.SetUpstreams(func() []upstream.State {
+		return []upstream.State{
 			{Name: "gmail", Up: true, TokenExpiry: expiry},
 			{Name: "ses", Up: true},
 		}

@@ -7,11 +7,30 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"smarthost/internal/testpki"
 )
+
+// logBuffer collects log output written from several goroutines.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
 
 func serialOf(t *testing.T, c *tls.Certificate) string {
 	t.Helper()
@@ -59,7 +78,7 @@ func TestCertReloaderRotation(t *testing.T) {
 	next, certFile, keyFile := pki.Issue(t, "next", "localhost")
 	secret.Update(certFile, keyFile)
 	newSerial := serialOf(t, &next)
-	waitFor(t, 5*time.Second, "the new certificate", func() bool { return servedSerial(t, r) == newSerial })
+	eventually(t, "the new certificate", func() bool { return servedSerial(t, r) == newSerial })
 
 	after := dial(t, env.addrs[0])
 	after.login(pki)

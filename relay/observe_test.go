@@ -4,25 +4,19 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/emersion/go-smtp"
-
 	"smarthost/internal/mailproto"
-	"smarthost/internal/smtptest"
 )
 
-// recorder counts what an Observer and a DeliveryObserver are told, by
-// "event listener-or-upstream detail".
+// recorder counts what an Observer is told, by "event listener detail".
 type recorder struct {
-	mu      sync.Mutex
-	events  map[string]int
-	sizes   []int
-	latency []time.Duration
+	mu     sync.Mutex
+	events map[string]int
+	sizes  []int
 }
 
 func newRecorder() *recorder { return &recorder{events: map[string]int{}} }
@@ -45,17 +39,6 @@ func (r *recorder) Accepted(l string, size int, signed bool) {
 	r.sizes = append(r.sizes, size)
 	r.mu.Unlock()
 }
-func (r *recorder) Transaction(up, result string, took time.Duration) {
-	r.add("transaction %s %s", up, result)
-}
-func (r *recorder) Skipped(up string) { r.add("skipped %s", up) }
-func (r *recorder) Delivered(up string, since time.Duration) {
-	r.add("delivered %s", up)
-	r.mu.Lock()
-	r.latency = append(r.latency, since)
-	r.mu.Unlock()
-}
-
 func (r *recorder) snapshot() map[string]int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -167,57 +150,5 @@ func TestServerObserverRefusedConnections(t *testing.T) {
 		"closed cron":                    1,
 		"refused cron untrusted_network": 1,
 		"refused cron max_connections":   1,
-	})
-}
-
-func TestDeliveryObserver(t *testing.T) {
-	deferring := smtptest.Start(t, smtptest.Options{MailReply: reply(451, smtp.EnhancedCode{4, 3, 0}, "Try later")})
-	ok := smtptest.Start(t, smtptest.Options{
-		RcptReply: func(to string) *smtp.SMTPError {
-			if strings.HasPrefix(to, "bad@") {
-				return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "No such user"}
-			}
-			return nil
-		},
-	})
-	down := smtptest.Start(t, smtptest.Options{})
-	down.Close()
-	env := newDeliverer(t, plainUpstream("down", down), plainUpstream("deferring", deferring), plainUpstream("ok", ok))
-	env.d.DownAfter = 1
-	env.d.DownFor = time.Hour
-	rec := newRecorder()
-	env.d.Observer = rec
-
-	// down fails to connect and goes down, deferring defers, ok takes one
-	// recipient and refuses the other: delivered.
-	m := testMessage("app@example.com", "x@example.net", "bad@example.net")
-	m.Received = time.Now().Add(-time.Minute)
-	deliver(t, env.d, m, deliverBody)
-	rec.waitEvents(t, map[string]int{
-		"transaction down deferred":      1,
-		"transaction deferring deferred": 1,
-		"transaction ok delivered":       1,
-		"delivered ok":                   1,
-	})
-	rec.mu.Lock()
-	latency := rec.latency
-	rec.mu.Unlock()
-	if len(latency) != 1 || latency[0] < time.Minute || latency[0] > time.Hour {
-		t.Errorf("latency %v, want the minute since Received", latency)
-	}
-
-	// Now down is left out; ok refuses the only recipient: failed. A DSN
-	// delivered counts as a transaction, not as a delivered message.
-	deliver(t, env.d, testMessage("app@example.com", "bad@example.net"), deliverBody)
-	dsn := testMessage("", "app@example.com")
-	dsn.DSN = true
-	deliver(t, env.d, dsn, deliverBody)
-	rec.waitEvents(t, map[string]int{
-		"transaction down deferred":      1,
-		"transaction deferring deferred": 3,
-		"transaction ok delivered":       2,
-		"transaction ok failed":          1,
-		"delivered ok":                   1,
-		"skipped down":                   2,
 	})
 }

@@ -1,6 +1,6 @@
-// Package relay is both sides of the smarthost: the submission server that
-// authenticates clients, checks their senders and queues their messages,
-// and the upstream side that delivers queued messages to providers.
+// Package relay is the submission side of the smarthost: the server that
+// authenticates clients, checks their senders, signs their messages with
+// DKIM at the door and queues them. Package relay/upstream delivers them.
 package relay
 
 import (

@@ -12,7 +12,7 @@ import (
 	"sync"
 	"time"
 
-	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 const checkUpstreamUsage = `usage: smarthost check-upstream [-config PATH] [-from ADDR] [-to ADDR] [-timeout 15s] [-json] [NAME]
@@ -32,8 +32,8 @@ bad command line or configuration.
 
 // stepLabels are the names check-upstream prints for the steps.
 var stepLabels = map[string]string{
-	relay.StepMail: "mail from",
-	relay.StepRcpt: "rcpt to",
+	upstream.StepMail: "mail from",
+	upstream.StepRcpt: "rcpt to",
 }
 
 func runCheckUpstream(args []string, stdout, stderr io.Writer) int {
@@ -89,11 +89,11 @@ func runCheckUpstream(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 	// Upstreams are checked at once, so that several unreachable ones
 	// cost one timeout, and reported in the configuration's order.
-	reports := make([]relay.CheckReport, len(ups))
+	reports := make([]upstream.CheckReport, len(ups))
 	var wg sync.WaitGroup
 	for i, up := range ups {
 		wg.Go(func() {
-			reports[i] = relay.CheckUpstream(ctx, up, relay.CheckOptions{
+			reports[i] = upstream.Check(ctx, up, upstream.CheckOptions{
 				Hostname:  cfg.Hostname,
 				Timeout:   *timeout,
 				Sender:    *from,
@@ -106,7 +106,7 @@ func runCheckUpstream(args []string, stdout, stderr io.Writer) int {
 
 	code := 0
 	for _, r := range reports {
-		if r.Verdict != relay.VerdictOK {
+		if r.Verdict != upstream.VerdictOK {
 			code = 1
 		}
 	}
@@ -129,7 +129,7 @@ func runCheckUpstream(args []string, stdout, stderr io.Writer) int {
 }
 
 // printCheckReport writes one upstream's report, one step a line.
-func printCheckReport(w io.Writer, r relay.CheckReport) {
+func printCheckReport(w io.Writer, r upstream.CheckReport) {
 	fmt.Fprintf(w, "upstream %q (%s, tls %s)\n", r.Upstream, r.Address, r.TLSMode)
 	line := func(label, text string) { fmt.Fprintf(w, "  %-9s %s\n", label, text) }
 	for _, s := range r.Steps {
@@ -138,15 +138,15 @@ func printCheckReport(w io.Writer, r relay.CheckReport) {
 			label = l
 		}
 		switch s.Result {
-		case relay.StepOK:
+		case upstream.StepOK:
 			line(label, s.Detail)
-		case relay.StepSkipped:
+		case upstream.StepSkipped:
 			line(label, "(skipped: "+s.Detail+skipHint(s.Name)+")")
 		default:
 			line(label, "FAILED: "+s.Detail)
 		}
 	}
-	if r.Verdict == relay.VerdictOK {
+	if r.Verdict == upstream.VerdictOK {
 		line("verdict", "OK")
 		return
 	}
@@ -159,15 +159,15 @@ func printCheckReport(w io.Writer, r relay.CheckReport) {
 // skipHint names the flag that would have made a skipped step run.
 func skipHint(step string) string {
 	switch step {
-	case relay.StepMail:
+	case upstream.StepMail:
 		return "; give one with -from"
-	case relay.StepRcpt:
+	case upstream.StepRcpt:
 		return "; give one with -to"
 	}
 	return ""
 }
 
-func upstreamIndex(ups []relay.Upstream, name string) int {
+func upstreamIndex(ups []upstream.Upstream, name string) int {
 	for i, u := range ups {
 		if u.Name == name {
 			return i

@@ -15,7 +15,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"smarthost/internal/smtptest"
-	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 var updateGolden = flag.Bool("update", false, "rewrite testdata/check-upstream/*.golden from the output")
@@ -177,12 +177,12 @@ func TestCheckUpstreamGolden(t *testing.T) {
 		if code != 1 {
 			t.Errorf("exit %d, want 1", code)
 		}
-		var reports []relay.CheckReport
+		var reports []upstream.CheckReport
 		if err := json.Unmarshal([]byte(stdout), &reports); err != nil {
 			t.Fatalf("%v:\n%s", err, stdout)
 		}
-		want := map[string]relay.Verdict{"good": relay.VerdictOK, "wrong-tls": relay.VerdictFail,
-			"bad-password": relay.VerdictFail, "bad-sender": relay.VerdictFail}
+		want := map[string]upstream.Verdict{"good": upstream.VerdictOK, "wrong-tls": upstream.VerdictFail,
+			"bad-password": upstream.VerdictFail, "bad-sender": upstream.VerdictFail}
 		if len(reports) != len(want) {
 			t.Fatalf("%d reports, want %d", len(reports), len(want))
 		}

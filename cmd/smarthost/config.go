@@ -28,6 +28,7 @@ import (
 	"smarthost/internal/mailproto"
 	"smarthost/metrics"
 	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 // Config is a validated configuration: every part the binary builds gets
@@ -46,9 +47,9 @@ type Config struct {
 	Listeners []relay.Listener
 	Limits    relay.Limits
 	Users     []relay.User
-	DKIM      []dkim.Key       // loaded and checked; one Key per [[dkim]]
-	Upstreams []relay.Upstream // with rate_limit and dsn_from
-	Routes    []relay.Route
+	DKIM      []dkim.Key          // loaded and checked; one Key per [[dkim]]
+	Upstreams []upstream.Upstream // with rate_limit and dsn_from
+	Routes    []upstream.Route
 
 	// UpstreamProviders maps the name of each upstream configured from a
 	// provider profile to that profile's name, for check-upstream's
@@ -706,7 +707,7 @@ func parseCanonicalization(c string) (header, body string, err error) {
 // those keys given explicitly wins. dkimKeys decide whether the header
 // From: may be rewritten. providers maps the names of the upstreams
 // configured from a profile to the profile's name.
-func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) (out []relay.Upstream, providers map[string]string) {
+func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) (out []upstream.Upstream, providers map[string]string) {
 	tables := root.tables("upstream")
 	if len(tables) == 0 && !root.has("upstream") {
 		p.errorf("upstream", "at least one [[upstream]] is required")
@@ -717,7 +718,7 @@ func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) (out []
 		// A provider key, known or not, means the operator did not mean to
 		// spell out the address and TLS mode.
 		named := t.has("provider")
-		u := relay.Upstream{}
+		u := upstream.Upstream{}
 		if hasProf {
 			u = prof.Upstream("", region)
 		}
@@ -799,7 +800,7 @@ func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) (out []
 		if s, ok := t.str("rate_limit"); ok {
 			if s == "none" {
 				// Lifts a provider profile's default.
-				u.RateLimit = relay.Rate{}
+				u.RateLimit = upstream.Rate{}
 			} else if r, err := ParseRate(s); err != nil {
 				t.errorf("rate_limit", "%v", err)
 			} else {
@@ -818,7 +819,7 @@ func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) (out []
 			checkProviderRules(t, prof, u)
 			// With OAuth credentials and no mechanism chosen, take the
 			// provider's (Microsoft 365: XOAUTH2) rather than probing.
-			if u.Auth == "" && u.OAuth != nil && prof.Auth != "" && prof.Auth != relay.AuthPassword {
+			if u.Auth == "" && u.OAuth != nil && prof.Auth != "" && prof.Auth != upstream.AuthPassword {
 				u.Auth = prof.Auth
 			}
 			if providers == nil {
@@ -844,7 +845,7 @@ var oauthKeys = []string{
 func usesOAuth(t *configTable) bool {
 	if v, ok := t.m["auth"]; ok {
 		mode, _ := v.(string)
-		return relay.AuthMode(mode) == relay.AuthXOAUTH2 || relay.AuthMode(mode) == relay.AuthOAuthBearer
+		return upstream.AuthMode(mode) == upstream.AuthXOAUTH2 || upstream.AuthMode(mode) == upstream.AuthOAuthBearer
 	}
 	for _, k := range oauthKeys {
 		if _, ok := t.m[k]; ok {
@@ -857,7 +858,7 @@ func usesOAuth(t *configTable) bool {
 // upstreamOAuth reads an [[upstream]]'s auth key and, for an OAuth2 login,
 // where its tokens come from: a refresh token, a Google service account,
 // or Microsoft's client credentials. Secrets come from files only.
-func upstreamOAuth(t *configTable, u *relay.Upstream) {
+func upstreamOAuth(t *configTable, u *upstream.Upstream) {
 	var present []string
 	for _, k := range oauthKeys {
 		if t.has(k) {
@@ -870,15 +871,15 @@ func upstreamOAuth(t *configTable, u *relay.Upstream) {
 		}
 	}
 	if mode, ok := t.str("auth"); ok {
-		switch relay.AuthMode(mode) {
-		case relay.AuthPassword:
-			u.Auth = relay.AuthPassword
+		switch upstream.AuthMode(mode) {
+		case upstream.AuthPassword:
+			u.Auth = upstream.AuthPassword
 			for _, k := range present {
 				t.errorf(k, `not used with auth = "password"`)
 			}
 			return
-		case relay.AuthXOAUTH2, relay.AuthOAuthBearer:
-			u.Auth = relay.AuthMode(mode)
+		case upstream.AuthXOAUTH2, upstream.AuthOAuthBearer:
+			u.Auth = upstream.AuthMode(mode)
 		default:
 			t.errorf("auth", `must be "password", "xoauth2" or "oauthbearer", not %q`, mode)
 			return
@@ -921,7 +922,7 @@ func upstreamOAuth(t *configTable, u *relay.Upstream) {
 		return
 	}
 
-	o := &relay.OAuth{}
+	o := &upstream.OAuth{}
 	tokenURL, hasURL := t.str("oauth_token_url")
 	if hasURL {
 		if err := checkTokenURL(tokenURL); err != nil {
@@ -955,7 +956,7 @@ func upstreamOAuth(t *configTable, u *relay.Upstream) {
 	switch {
 	case hasSA:
 		if data := t.readFile("oauth_service_account_file", saFile); data != nil {
-			sa, err := relay.ParseServiceAccount(data)
+			sa, err := upstream.ParseServiceAccount(data)
 			if err != nil {
 				t.errorf("oauth_service_account_file", "%s: %v", saFile, err)
 			} else if !hasURL {
@@ -1033,19 +1034,19 @@ func checkTokenURL(s string) error {
 
 // upstreamProvider reads an upstream's provider and region keys. ok is
 // false without a provider, or with one that is not known (reported).
-func upstreamProvider(t *configTable) (prof relay.Provider, region string, ok bool) {
+func upstreamProvider(t *configTable) (prof upstream.Provider, region string, ok bool) {
 	name, named := t.str("provider")
 	region, hasRegion := t.str("region")
 	if !named {
 		if hasRegion {
 			t.errorf("region", `set without provider; only provider = "ses" takes a region`)
 		}
-		return relay.Provider{}, "", false
+		return upstream.Provider{}, "", false
 	}
-	prof, ok = relay.LookupProvider(name)
+	prof, ok = upstream.LookupProvider(name)
 	if !ok {
-		t.errorf("provider", "unknown provider %q; known: %s", name, strings.Join(relay.ProviderNames(), ", "))
-		return relay.Provider{}, "", false
+		t.errorf("provider", "unknown provider %q; known: %s", name, strings.Join(upstream.ProviderNames(), ", "))
+		return upstream.Provider{}, "", false
 	}
 	if hasRegion {
 		switch {
@@ -1062,7 +1063,7 @@ func upstreamProvider(t *configTable) (prof relay.Provider, region string, ok bo
 }
 
 // senderRewrite reads envelope_from and header_from_rewrite into u.
-func (p *configParser) senderRewrite(t *configTable, u *relay.Upstream, dkimKeys []dkim.Key) {
+func (p *configParser) senderRewrite(t *configTable, u *upstream.Upstream, dkimKeys []dkim.Key) {
 	if a, ok := t.str("envelope_from"); ok {
 		if err := checkMailbox(a); err != nil {
 			t.errorf("envelope_from", "%v", err)
@@ -1090,7 +1091,7 @@ func (p *configParser) senderRewrite(t *configTable, u *relay.Upstream, dkimKeys
 
 // checkProviderRules reports an upstream that its provider would refuse
 // to carry mail for.
-func checkProviderRules(t *configTable, prof relay.Provider, u relay.Upstream) {
+func checkProviderRules(t *configTable, prof upstream.Provider, u upstream.Upstream) {
 	// An OAuth2 login reports its own missing username.
 	if prof.Auth != "" && !t.has("username") && !usesOAuth(t) {
 		t.errorf("username", "required: provider %q needs SMTP AUTH (%s)", prof.Name, prof.Auth)
@@ -1172,7 +1173,7 @@ func (t *configTable) caPool(key, file string) *x509.CertPool {
 	return pool
 }
 
-func (p *configParser) routes(root *configTable, ups []relay.Upstream) []relay.Route {
+func (p *configParser) routes(root *configTable, ups []upstream.Upstream) []upstream.Route {
 	tables := root.tables("route")
 	if len(tables) == 0 && !root.has("route") {
 		p.errorf("route", `at least one [[route]] is required (from_domain = "*" routes every sender)`)
@@ -1181,10 +1182,10 @@ func (p *configParser) routes(root *configTable, ups []relay.Upstream) []relay.R
 	for _, u := range ups {
 		known[u.Name] = true
 	}
-	var out []relay.Route
+	var out []upstream.Route
 	seen := map[string]string{}
 	for _, t := range tables {
-		var r relay.Route
+		var r upstream.Route
 		if d, ok := t.str("from_domain"); ok {
 			r.FromDomain = strings.ToLower(d)
 			if r.FromDomain != "*" && !validDomain(r.FromDomain) {
@@ -1220,7 +1221,7 @@ func (p *configParser) routes(root *configTable, ups []relay.Upstream) []relay.R
 
 // checkRoutable reports every allowed_from entry whose mail no route
 // would carry: such a user could submit mail that can never leave.
-func (p *configParser) checkRoutable(froms []allowedFrom, routes []relay.Route) {
+func (p *configParser) checkRoutable(froms []allowedFrom, routes []upstream.Route) {
 	routed := map[string]bool{}
 	for _, r := range routes {
 		routed[r.FromDomain] = true
@@ -1294,14 +1295,14 @@ func ParseSize(s string) (int64, error) { return bytesize.Parse(s) }
 
 // ParseRate parses "N/duration", e.g. "2000/24h" or "10/1s"; a bare unit
 // ("300/h") means one of it. N and the duration must be positive.
-func ParseRate(s string) (relay.Rate, error) {
+func ParseRate(s string) (upstream.Rate, error) {
 	num, per, ok := strings.Cut(strings.TrimSpace(s), "/")
 	if !ok {
-		return relay.Rate{}, fmt.Errorf(`rate %q: want N/duration, e.g. "2000/24h"`, s)
+		return upstream.Rate{}, fmt.Errorf(`rate %q: want N/duration, e.g. "2000/24h"`, s)
 	}
 	n, err := strconv.Atoi(strings.TrimSpace(num))
 	if err != nil || n <= 0 {
-		return relay.Rate{}, fmt.Errorf("rate %q: %q is not a positive whole number", s, num)
+		return upstream.Rate{}, fmt.Errorf("rate %q: %q is not a positive whole number", s, num)
 	}
 	per = strings.TrimSpace(per)
 	if per != "" && (per[0] < '0' || per[0] > '9') && per[0] != '.' {
@@ -1309,9 +1310,9 @@ func ParseRate(s string) (relay.Rate, error) {
 	}
 	d, err := time.ParseDuration(per)
 	if err != nil || d <= 0 {
-		return relay.Rate{}, fmt.Errorf("rate %q: %q is not a positive duration such as 1s, 1h, 24h", s, per)
+		return upstream.Rate{}, fmt.Errorf("rate %q: %q is not a positive duration such as 1s, 1h, 24h", s, per)
 	}
-	return relay.Rate{N: n, Per: d}, nil
+	return upstream.Rate{N: n, Per: d}, nil
 }
 
 // configTable reads one TOML table. Each accessor marks its key as known and

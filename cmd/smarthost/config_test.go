@@ -27,6 +27,7 @@ import (
 	"smarthost/internal/mailproto"
 	"smarthost/internal/testpki"
 	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 // testFiles are real files that configurations under test point at.
@@ -241,8 +242,8 @@ upstreams = ["local"]
 			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
 			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute, MessageMemory: 16 << 20,
 		},
-		Upstreams:          []relay.Upstream{{Name: "local", Address: "localhost:2525", TLS: mailproto.TLSNone, MaxConnections: 4}},
-		Routes:             []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
+		Upstreams:          []upstream.Upstream{{Name: "local", Address: "localhost:2525", TLS: mailproto.TLSNone, MaxConnections: 4}},
+		Routes:             []upstream.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
 		HTTPAddress:        "127.0.0.1:9090",
 		HTTPMaxConnections: 256,
 		ShutdownTimeout:    25 * time.Second,
@@ -425,13 +426,13 @@ max_connections = 64
 	if b.Password != "s3cret" || b.RootCAs != nil || b.MaxConnections != 4 || b.TLS != mailproto.TLSStartTLS {
 		t.Errorf("backup = %+v", b)
 	}
-	if p.RateLimit != (relay.Rate{N: 10, Per: time.Second}) || p.DSNFrom != "Bounces@Example.com" {
+	if p.RateLimit != (upstream.Rate{N: 10, Per: time.Second}) || p.DSNFrom != "Bounces@Example.com" {
 		t.Errorf("primary rate_limit, dsn_from = %+v, %q", p.RateLimit, p.DSNFrom)
 	}
-	if b.RateLimit != (relay.Rate{}) || b.DSNFrom != "" {
+	if b.RateLimit != (upstream.Rate{}) || b.DSNFrom != "" {
 		t.Errorf("backup rate_limit, dsn_from = %+v, %q; want none", b.RateLimit, b.DSNFrom)
 	}
-	wantRoutes := []relay.Route{
+	wantRoutes := []upstream.Route{
 		{FromDomain: "example.com", Upstreams: []string{"primary", "backup"}},
 		{FromDomain: "*", Upstreams: []string{"backup"}},
 	}
@@ -780,27 +781,27 @@ func TestParseSize(t *testing.T) {
 func TestParseRate(t *testing.T) {
 	tests := []struct {
 		in   string
-		want relay.Rate
+		want upstream.Rate
 		ok   bool
 	}{
-		{"2000/24h", relay.Rate{N: 2000, Per: 24 * time.Hour}, true},
-		{"10/1s", relay.Rate{N: 10, Per: time.Second}, true},
-		{"300/1h", relay.Rate{N: 300, Per: time.Hour}, true},
-		{"300/h", relay.Rate{N: 300, Per: time.Hour}, true},
-		{"5/90m", relay.Rate{N: 5, Per: 90 * time.Minute}, true},
-		{" 1 / 1m ", relay.Rate{N: 1, Per: time.Minute}, true},
-		{"", relay.Rate{}, false},
-		{"100", relay.Rate{}, false},
-		{"/1h", relay.Rate{}, false},
-		{"0/1h", relay.Rate{}, false},
-		{"-1/1h", relay.Rate{}, false},
-		{"1.5/1h", relay.Rate{}, false},
-		{"10/", relay.Rate{}, false},
-		{"10/0s", relay.Rate{}, false},
-		{"10/-1s", relay.Rate{}, false},
-		{"10/day", relay.Rate{}, false},
-		{"10/1h/2", relay.Rate{}, false},
-		{"ten/1h", relay.Rate{}, false},
+		{"2000/24h", upstream.Rate{N: 2000, Per: 24 * time.Hour}, true},
+		{"10/1s", upstream.Rate{N: 10, Per: time.Second}, true},
+		{"300/1h", upstream.Rate{N: 300, Per: time.Hour}, true},
+		{"300/h", upstream.Rate{N: 300, Per: time.Hour}, true},
+		{"5/90m", upstream.Rate{N: 5, Per: 90 * time.Minute}, true},
+		{" 1 / 1m ", upstream.Rate{N: 1, Per: time.Minute}, true},
+		{"", upstream.Rate{}, false},
+		{"100", upstream.Rate{}, false},
+		{"/1h", upstream.Rate{}, false},
+		{"0/1h", upstream.Rate{}, false},
+		{"-1/1h", upstream.Rate{}, false},
+		{"1.5/1h", upstream.Rate{}, false},
+		{"10/", upstream.Rate{}, false},
+		{"10/0s", upstream.Rate{}, false},
+		{"10/-1s", upstream.Rate{}, false},
+		{"10/day", upstream.Rate{}, false},
+		{"10/1h/2", upstream.Rate{}, false},
+		{"ten/1h", upstream.Rate{}, false},
 	}
 	for _, tt := range tests {
 		got, err := ParseRate(tt.in)
@@ -848,8 +849,8 @@ func TestExampleConfig(t *testing.T) {
 		if cfg.Upstreams[0].Password != "app-password" || cfg.Upstreams[1].Password != "s3cret" {
 			t.Errorf("upstream passwords not loaded")
 		}
-		if cfg.Upstreams[0].RateLimit != (relay.Rate{N: 2000, Per: 24 * time.Hour}) ||
-			cfg.Upstreams[1].RateLimit != (relay.Rate{N: 500, Per: 24 * time.Hour}) {
+		if cfg.Upstreams[0].RateLimit != (upstream.Rate{N: 2000, Per: 24 * time.Hour}) ||
+			cfg.Upstreams[1].RateLimit != (upstream.Rate{N: 500, Per: 24 * time.Hour}) {
 			t.Errorf("rate limits = %+v, %+v", cfg.Upstreams[0].RateLimit, cfg.Upstreams[1].RateLimit)
 		}
 		// The yandex upstream is all profile but its login and sender.
@@ -1129,9 +1130,9 @@ func providerUpstream(lines ...string) string {
 // and rate limit of every profile, and the configuration may leave them out.
 func TestParseConfigProviderFill(t *testing.T) {
 	f := newTestFiles(t)
-	for _, name := range relay.ProviderNames() {
+	for _, name := range upstream.ProviderNames() {
 		t.Run(name, func(t *testing.T) {
-			prof, _ := relay.LookupProvider(name)
+			prof, _ := upstream.LookupProvider(name)
 			region := ""
 			lines := []string{
 				`provider = "` + name + `"`,
@@ -1160,7 +1161,7 @@ func TestParseConfigProviderFill(t *testing.T) {
 	cfg := mustParse(t, f.config(map[string]string{"upstream": providerUpstream(
 		`provider = "yandex"`, `username = "relay@example.ru"`, `password_file = "{{PWFILE}}"`, `dsn_from = "relay@example.ru"`)}))
 	u := cfg.Upstreams[0]
-	if u.Address != "smtp.yandex.ru:465" || u.TLS != mailproto.TLSImplicit || u.RateLimit != (relay.Rate{N: 500, Per: 24 * time.Hour}) ||
+	if u.Address != "smtp.yandex.ru:465" || u.TLS != mailproto.TLSImplicit || u.RateLimit != (upstream.Rate{N: 500, Per: 24 * time.Hour}) ||
 		u.DSNFrom != "relay@example.ru" || u.EnvelopeFrom != "" {
 		t.Errorf("yandex upstream %+v", u)
 	}
@@ -1185,7 +1186,7 @@ func TestParseConfigProviderOverrides(t *testing.T) {
 		`max_connections = 2`,
 	)}))
 	u := cfg.Upstreams[0]
-	if u.Address != "smtp.gmail.com:587" || u.TLS != mailproto.TLSStartTLS || u.RateLimit != (relay.Rate{N: 2000, Per: 24 * time.Hour}) || u.MaxConnections != 2 {
+	if u.Address != "smtp.gmail.com:587" || u.TLS != mailproto.TLSStartTLS || u.RateLimit != (upstream.Rate{N: 2000, Per: 24 * time.Hour}) || u.MaxConnections != 2 {
 		t.Errorf("overrides not applied: %+v", u)
 	}
 
@@ -1199,7 +1200,7 @@ func TestParseConfigProviderOverrides(t *testing.T) {
 		`password_file = "{{PWFILE}}"`,
 	)}))
 	u = cfg.Upstreams[0]
-	if u.Address != "email-smtp.us-gov-west-1.amazonaws.com:465" || u.TLS != mailproto.TLSImplicit || u.RateLimit != (relay.Rate{}) {
+	if u.Address != "email-smtp.us-gov-west-1.amazonaws.com:465" || u.TLS != mailproto.TLSImplicit || u.RateLimit != (upstream.Rate{}) {
 		t.Errorf("ses overrides not applied: %+v", u)
 	}
 
@@ -1215,14 +1216,14 @@ func TestParseConfigProviderOverrides(t *testing.T) {
 	)}))
 	u = cfg.Upstreams[0]
 	if u.Address != "127.0.0.1:2525" || u.TLS != mailproto.TLSNone || u.EnvelopeFrom != "relay@example.ru" || !u.HeaderFromRewrite ||
-		u.RateLimit != (relay.Rate{N: 500, Per: 24 * time.Hour}) {
+		u.RateLimit != (upstream.Rate{N: 500, Per: 24 * time.Hour}) {
 		t.Errorf("yandex on loopback: %+v", u)
 	}
 
 	// Without a provider, envelope_from works on any upstream; and the
 	// Workspace relay may authorise by IP address, without a username.
 	cfg = mustParse(t, f.config(map[string]string{"upstream": baseSections["upstream"] + "\nenvelope_from = \"relay@example.com\""}))
-	if u := cfg.Upstreams[0]; u.EnvelopeFrom != "relay@example.com" || u.HeaderFromRewrite || u.RateLimit != (relay.Rate{}) {
+	if u := cfg.Upstreams[0]; u.EnvelopeFrom != "relay@example.com" || u.HeaderFromRewrite || u.RateLimit != (upstream.Rate{}) {
 		t.Errorf("plain upstream with envelope_from: %+v", u)
 	}
 	cfg = mustParse(t, f.config(map[string]string{"upstream": providerUpstream(`provider = "google-workspace-relay"`)}))
@@ -1336,14 +1337,14 @@ oauth_token_url = "https://login.microsoftonline.com/tenant/oauth2/v2.0/token"
 oauth_client_id = "app-id"
 oauth_client_secret_file = "{{SECRET}}"
 `
-	parse := func(t *testing.T, upstream string) relay.Upstream {
+	parse := func(t *testing.T, upstream string) upstream.Upstream {
 		t.Helper()
 		return mustParse(t, of.expand(f.config(map[string]string{"upstream": upstream}))).Upstreams[0]
 	}
 
 	t.Run("refresh token", func(t *testing.T) {
 		u := parse(t, refresh)
-		want := &relay.OAuth{TokenURL: "https://oauth2.googleapis.com/token", ClientID: "id.apps.googleusercontent.com",
+		want := &upstream.OAuth{TokenURL: "https://oauth2.googleapis.com/token", ClientID: "id.apps.googleusercontent.com",
 			ClientSecret: "GOCSPX-secret", RefreshToken: "1//refresh"}
 		if u.Auth != "" || u.Password != "" || !reflect.DeepEqual(u.OAuth, want) {
 			t.Errorf("auth %q, password %q, OAuth %+v; want OAuth %+v", u.Auth, u.Password, u.OAuth, want)
@@ -1351,14 +1352,14 @@ oauth_client_secret_file = "{{SECRET}}"
 	})
 	t.Run("public client, mechanism named", func(t *testing.T) {
 		u := parse(t, strings.Replace(refresh, "oauth_client_secret_file = \"{{SECRET}}\"\n", "auth = \"oauthbearer\"\n", 1))
-		if u.Auth != relay.AuthOAuthBearer || u.OAuth == nil || u.OAuth.ClientSecret != "" || u.OAuth.RefreshToken != "1//refresh" {
+		if u.Auth != upstream.AuthOAuthBearer || u.OAuth == nil || u.OAuth.ClientSecret != "" || u.OAuth.RefreshToken != "1//refresh" {
 			t.Errorf("auth %q, OAuth %+v", u.Auth, u.OAuth)
 		}
 	})
 	t.Run("service account", func(t *testing.T) {
 		u := parse(t, base+"auth = \"xoauth2\"\noauth_service_account_file = \"{{SA}}\"\n")
 		o := u.OAuth
-		if u.Auth != relay.AuthXOAUTH2 || o == nil || o.ServiceAccount == nil || o.Subject != "relay@example.com" ||
+		if u.Auth != upstream.AuthXOAUTH2 || o == nil || o.ServiceAccount == nil || o.Subject != "relay@example.com" ||
 			o.ServiceAccount.TokenURI != "https://oauth2.googleapis.com/token" || o.TokenURL != "" {
 			t.Errorf("auth %q, OAuth %+v", u.Auth, o)
 		}
@@ -1377,7 +1378,7 @@ oauth_client_secret_file = "{{SECRET}}"
 	})
 	t.Run("password", func(t *testing.T) {
 		u := parse(t, base+"auth = \"password\"\npassword_env = \"SMARTHOST_TEST_PW\"\n")
-		if u.Auth != relay.AuthPassword || u.Password != "x" || u.OAuth != nil {
+		if u.Auth != upstream.AuthPassword || u.Password != "x" || u.OAuth != nil {
 			t.Errorf("auth %q, password %q, OAuth %+v", u.Auth, u.Password, u.OAuth)
 		}
 	})
@@ -1472,7 +1473,7 @@ func TestExampleConfigOAuth(t *testing.T) {
 		}
 		return mustParse(t, out)
 	}
-	gmail := func(cfg *Config) relay.Upstream { return cfg.Upstreams[0] }
+	gmail := func(cfg *Config) upstream.Upstream { return cfg.Upstreams[0] }
 
 	t.Run("refresh token", func(t *testing.T) {
 		u := gmail(enable(t, `oauth_token_url = "https://oauth2`, "oauth_client_id", "oauth_client_secret_file", "oauth_refresh_token_file"))
@@ -1480,7 +1481,7 @@ func TestExampleConfigOAuth(t *testing.T) {
 			t.Errorf("gmail upstream %+v, OAuth %+v", u, u.OAuth)
 		}
 		u = gmail(enable(t, "auth = ", `oauth_token_url = "https://oauth2`, "oauth_client_id", "oauth_refresh_token_file"))
-		if u.Auth != relay.AuthXOAUTH2 || u.OAuth == nil || u.OAuth.ClientSecret != "" {
+		if u.Auth != upstream.AuthXOAUTH2 || u.OAuth == nil || u.OAuth.ClientSecret != "" {
 			t.Errorf("gmail upstream %+v, OAuth %+v", u, u.OAuth)
 		}
 	})
@@ -1512,11 +1513,11 @@ func TestParseConfigProviderAuth(t *testing.T) {
 		`oauth_client_secret_file = "{{PWFILE}}"`,
 	)
 	u := mustParse(t, f.config(map[string]string{"upstream": o365})).Upstreams[0]
-	if u.Auth != relay.AuthXOAUTH2 || u.OAuth == nil || u.Address != "smtp.office365.com:587" || u.TLS != mailproto.TLSStartTLS {
+	if u.Auth != upstream.AuthXOAUTH2 || u.OAuth == nil || u.Address != "smtp.office365.com:587" || u.TLS != mailproto.TLSStartTLS {
 		t.Errorf("outlook365 with OAuth2: %+v", u)
 	}
 	u = mustParse(t, f.config(map[string]string{"upstream": o365 + "\nauth = \"oauthbearer\""})).Upstreams[0]
-	if u.Auth != relay.AuthOAuthBearer {
+	if u.Auth != upstream.AuthOAuthBearer {
 		t.Errorf("explicit auth: %q", u.Auth)
 	}
 	// A password login keeps the default mechanism choice.

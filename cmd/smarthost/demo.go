@@ -28,6 +28,7 @@ import (
 	"smarthost/dkim"
 	"smarthost/internal/mailproto"
 	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 // runDemo runs the whole job on loopback with nothing set up: a relay with
@@ -110,8 +111,8 @@ func demo(ctx context.Context, listen, httpAddr, dir string, logger *slog.Logger
 			MessageMemory: defaultMessageMemory,
 		},
 		Users:       []relay.User{{Name: "demo", PasswordHash: hash, AllowedFrom: []string{"*@example.com"}}},
-		Upstreams:   []relay.Upstream{{Name: "local", Address: up.addr, TLS: mailproto.TLSNone, MaxConnections: 4}},
-		Routes:      []relay.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
+		Upstreams:   []upstream.Upstream{{Name: "local", Address: up.addr, TLS: mailproto.TLSNone, MaxConnections: 4}},
+		Routes:      []upstream.Route{{FromDomain: "*", Upstreams: []string{"local"}}},
 		DKIM:        []dkim.Key{dkimKey},
 		HTTPAddress: httpAddr, // no admin token: loopback clients only
 	}

@@ -14,7 +14,7 @@ import (
 	"smarthost/dkim"
 	"smarthost/internal/mailproto"
 	"smarthost/internal/testpki"
-	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 // fuzzConfigFiles writes the files the seed configurations name, under
@@ -161,7 +161,7 @@ func checkConfigInvariants(t *testing.T, cfg *Config) {
 		if u.Username != "" && u.Password == "" {
 			t.Errorf("upstream[%d]: username without password", i)
 		}
-		if u.RateLimit != (relay.Rate{}) && (u.RateLimit.N <= 0 || u.RateLimit.Per <= 0) {
+		if u.RateLimit != (upstream.Rate{}) && (u.RateLimit.N <= 0 || u.RateLimit.Per <= 0) {
 			t.Errorf("upstream[%d]: rate %+v", i, u.RateLimit)
 		}
 	}
@@ -221,7 +221,7 @@ func FuzzParseRate(f *testing.F) {
 	f.Fuzz(func(t *testing.T, s string) {
 		r, err := ParseRate(s)
 		if err != nil {
-			if r != (relay.Rate{}) {
+			if r != (upstream.Rate{}) {
 				t.Errorf("ParseRate(%q) = %+v with error %v", s, r, err)
 			}
 			return

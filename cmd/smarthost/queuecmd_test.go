@@ -25,7 +25,7 @@ import (
 	"smarthost/internal/smtptest"
 	"smarthost/metrics"
 	"smarthost/queue"
-	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 // adminServer is a queue with an admin API in front of it, as a running
@@ -522,9 +522,9 @@ func TestQueueShowEscapesStoredFields(t *testing.T) {
 	t.Cleanup(func() { store.Close() })
 	up := smtptest.Start(t, smtptest.Options{GreetReply: &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1},
 		Message: "go away \x1b[2J\x1b]0;owned\x07 \u009b31m \u202eevil \xff"}})
-	d := &relay.Deliverer{
-		Upstreams: []relay.Upstream{{Name: "up", Address: up.Addr(), TLS: mailproto.TLSNone}},
-		Routes:    []relay.Route{{FromDomain: "*", Upstreams: []string{"up"}}},
+	d := &upstream.Deliverer{
+		Upstreams: []upstream.Upstream{{Name: "up", Address: up.Addr(), TLS: mailproto.TLSNone}},
+		Routes:    []upstream.Route{{FromDomain: "*", Upstreams: []string{"up"}}},
 		Logger:    slog.New(slog.DiscardHandler),
 	}
 	t.Cleanup(func() { d.Close() })

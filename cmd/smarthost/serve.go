@@ -26,6 +26,7 @@ import (
 	"smarthost/metrics"
 	"smarthost/queue"
 	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 // shutdownTimeout is the default of shutdown_timeout, which bounds a
@@ -151,7 +152,7 @@ type instance struct {
 	sched *queue.Scheduler
 	// delivery is the current Deliverer; a reload replaces it. Use
 	// deliverer() rather than keeping one.
-	delivery atomic.Pointer[relay.Deliverer]
+	delivery atomic.Pointer[upstream.Deliverer]
 	certs    *relay.CertReloader // nil without [tls]
 	srv      *relay.Server
 	http     *metrics.Server
@@ -167,7 +168,7 @@ type instance struct {
 }
 
 // deliverer returns the Deliverer in use.
-func (in *instance) deliverer() *relay.Deliverer {
+func (in *instance) deliverer() *upstream.Deliverer {
 	return in.delivery.Load()
 }
 
@@ -182,8 +183,8 @@ func (in *instance) shutdownTimeout() time.Duration {
 }
 
 // newDeliverer builds the upstream side from a configuration.
-func newDeliverer(cfg *Config, logger *slog.Logger) *relay.Deliverer {
-	return &relay.Deliverer{
+func newDeliverer(cfg *Config, logger *slog.Logger) *upstream.Deliverer {
+	return &upstream.Deliverer{
 		Hostname:  cfg.Hostname,
 		Upstreams: cfg.Upstreams,
 		Routes:    cfg.Routes,
@@ -257,7 +258,7 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 	inst := &instance{log: logger, store: store, certs: certs, cfg: cfg, failed: make(chan error, 3)}
 	inst.delivery.Store(deliverer)
 	inst.onReload = m.ConfigReloaded
-	m.SetUpstreams(func() []relay.UpstreamState { return inst.deliverer().UpstreamStates() })
+	m.SetUpstreams(func() []upstream.State { return inst.deliverer().UpstreamStates() })
 	sched := &queue.Scheduler{
 		Store: store,
 		// Through the instance: a reload swaps the Deliverer.
@@ -272,7 +273,7 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		Logger:       logger,
 	}
 	if cfg.Queue.Bounce {
-		b := &relay.Bouncer{Hostname: cfg.Hostname, MaxAge: cfg.Queue.MaxAge}
+		b := &upstream.Bouncer{Hostname: cfg.Hostname, MaxAge: cfg.Queue.MaxAge}
 		sched.Bounce = b.Bounce
 	} else {
 		logger.Info("bounces off ([queue] bounce = false): senders are not told about failed or expired mail")
@@ -291,7 +292,7 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		Ready: func() bool { return inst.ready.Load() && store.Writable() },
 		API: &metrics.API{
 			Queue: adminQueue{store, inst},
-			Upstreams: func() []relay.UpstreamState {
+			Upstreams: func() []upstream.State {
 				return inst.deliverer().UpstreamStates()
 			},
 			Token:  token,
@@ -361,7 +362,7 @@ func listenerNames(ls []relay.Listener) []string {
 	return out
 }
 
-func upstreamNames(ups []relay.Upstream) []string {
+func upstreamNames(ups []upstream.Upstream) []string {
 	out := make([]string, len(ups))
 	for i, u := range ups {
 		out[i] = u.Name

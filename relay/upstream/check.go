@@ -1,4 +1,4 @@
-package relay
+package upstream
 
 import (
 	"context"
@@ -19,7 +19,7 @@ import (
 	"github.com/emersion/go-smtp"
 )
 
-// CheckOptions configure CheckUpstream.
+// CheckOptions configure Check.
 type CheckOptions struct {
 	// Hostname is the EHLO name; default "localhost".
 	Hostname string
@@ -84,7 +84,7 @@ const (
 	VerdictFail Verdict = "FAIL"
 )
 
-// CheckReport is what CheckUpstream found out about one upstream.
+// CheckReport is what Check found out about one upstream.
 type CheckReport struct {
 	Upstream string            `json:"upstream"`
 	Address  string            `json:"address"`
@@ -127,13 +127,13 @@ type CertSummary struct {
 	NotAfter time.Time `json:"not_after"`
 }
 
-// CheckUpstream connects to up as a delivery would, through the
+// Check connects to up as a delivery would, through the
 // Deliverer's own dial, TLS, EHLO and AUTH code, and reports each step: the
 // TLS session and its certificate, the EHLO extensions, the login, and
 // the replies to MAIL FROM and RCPT TO for test addresses, ended by RSET.
 // It never sends DATA. The verdict names the first problem found and, for
 // the usual mistakes, how to fix it.
-func CheckUpstream(ctx context.Context, up Upstream, opts CheckOptions) CheckReport {
+func Check(ctx context.Context, up Upstream, opts CheckOptions) CheckReport {
 	if opts.Timeout <= 0 {
 		opts.Timeout = 15 * time.Second
 	}
@@ -177,7 +177,7 @@ func (ck *checker) redact() {
 	rep.Problem, rep.Fix = red.Replace(rep.Problem), red.Replace(rep.Fix)
 }
 
-// checker runs one CheckUpstream.
+// checker runs one Check.
 type checker struct {
 	d       *Deliverer
 	up      *Upstream

@@ -1,4 +1,11 @@
-package relay
+// Package upstream is the delivery side of the smarthost: it hands queued
+// messages to the upstream providers of their route, in order, reusing
+// connections, leaving out upstreams that keep failing, pacing each under
+// its rate limit and logging in with a password or OAuth2; it writes the
+// bounces (DSNs) and checks an upstream's settings for check-upstream.
+// It shares with the submission side, package relay, only what is in
+// internal/mailproto.
+package upstream
 
 import (
 	"context"
@@ -63,7 +70,7 @@ type Deliverer struct {
 	Now    func() time.Time
 	Logger *slog.Logger // default slog.Default()
 	// Observer, if set, is told about every upstream transaction and skip.
-	Observer DeliveryObserver
+	Observer Observer
 
 	mu     sync.Mutex
 	states map[string]*upstreamState // by upstream name

@@ -1,4 +1,4 @@
-package relay
+package upstream
 
 import (
 	"context"
@@ -113,7 +113,7 @@ func TestCheckUpstreamImplicitTLSOK(t *testing.T) {
 		Username: upUser, Password: upPass})
 	up := Upstream{Name: "good", Address: srv.Addr(), TLS: mailproto.TLSImplicit, Username: upUser, Password: upPass, RootCAs: pki.CAPool}
 
-	rep := CheckUpstream(context.Background(), up, CheckOptions{Hostname: "relay.test", Timeout: checkTimeout,
+	rep := Check(context.Background(), up, CheckOptions{Hostname: "relay.test", Timeout: checkTimeout,
 		Recipient: "someone@example.net"})
 	requireSteps(t, rep, "connect:ok", "tls:ok", "ehlo:ok", "auth:ok", "mail:ok", "rcpt:ok", "rset:ok")
 	if rep.Verdict != VerdictOK || rep.Problem != "" || rep.Fix != "" {
@@ -150,7 +150,7 @@ func TestCheckUpstreamStartTLSOK(t *testing.T) {
 		Username: upUser, Password: upPass})
 	up := Upstream{Name: "587", Address: srv.Addr(), TLS: mailproto.TLSStartTLS, Username: upUser, Password: upPass, RootCAs: pki.CAPool}
 
-	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
+	rep := Check(context.Background(), up, CheckOptions{Timeout: checkTimeout})
 	requireSteps(t, rep, "connect:ok", "starttls:ok", "tls:ok", "ehlo:ok", "auth:ok", "mail:ok", "rcpt:skipped", "rset:ok")
 	if rep.Verdict != VerdictOK {
 		t.Errorf("verdict %s: %s", rep.Verdict, rep.Problem)
@@ -170,7 +170,7 @@ func TestCheckImplicitAgainstPlainSMTP(t *testing.T) {
 	up := Upstream{Name: "wrong", Address: srv.Addr(), TLS: mailproto.TLSImplicit, RootCAs: pki.CAPool}
 	_, port, _ := net.SplitHostPort(srv.Addr())
 
-	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
+	rep := Check(context.Background(), up, CheckOptions{Timeout: checkTimeout})
 	requireSteps(t, rep, "connect:ok", "tls:failed")
 	requireVerdict(t, rep, "port "+port+" speaks plain SMTP", `use tls = "starttls" (usually port 587)`)
 	if d := stepDetail(rep, StepTLS); !strings.Contains(d, `"220 smtptest.localhost`) {
@@ -189,7 +189,7 @@ func TestCheckPlainAgainstImplicitTLS(t *testing.T) {
 
 			// The greeting never comes: the check waits out its timeout.
 			start := time.Now()
-			rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: 2 * time.Second})
+			rep := Check(context.Background(), up, CheckOptions{Timeout: 2 * time.Second})
 			if took := time.Since(start); took > 8*time.Second {
 				t.Errorf("check took %v", took)
 			}
@@ -237,7 +237,7 @@ func TestCheckNoGreeting(t *testing.T) {
 				}
 			}()
 			up := Upstream{Name: "silent", Address: ln.Addr().String(), TLS: mailproto.TLSStartTLS}
-			rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: time.Second})
+			rep := Check(context.Background(), up, CheckOptions{Timeout: time.Second})
 			requireSteps(t, rep, "connect:ok", "starttls:failed")
 			requireVerdict(t, rep, tt.problem+up.Address, "firewall")
 		})
@@ -247,7 +247,7 @@ func TestCheckNoGreeting(t *testing.T) {
 func TestCheckStartTLSNotOffered(t *testing.T) {
 	srv := startCheckServer(t, smtptest.Options{})
 	up := Upstream{Name: "plain", Address: srv.Addr(), TLS: mailproto.TLSStartTLS}
-	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
+	rep := Check(context.Background(), up, CheckOptions{Timeout: checkTimeout})
 	requireSteps(t, rep, "connect:ok", "starttls:failed")
 	requireVerdict(t, rep, "does not offer STARTTLS", `587 with tls = "starttls"`)
 }
@@ -260,7 +260,7 @@ func TestCheckUntrustedCertificate(t *testing.T) {
 			srv := startCheckServer(t, smtptest.Options{TLS: smtptest.TLSMode(mode), TLSConfig: pki.ServerTLS()})
 			up := Upstream{Name: "private", Address: srv.Addr(), TLS: mode, RootCAs: other.CAPool}
 
-			rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
+			rep := Check(context.Background(), up, CheckOptions{Timeout: checkTimeout})
 			requireSteps(t, rep, "connect:ok", "tls:failed")
 			requireVerdict(t, rep, `issued by "smarthost test CA", which this host does not trust`, `ca_file = "/path/to/ca.pem"`)
 			if rep.TLS == nil || rep.TLS.Verified || len(rep.TLS.Chain) == 0 || rep.TLS.Chain[0].Issuer != "smarthost test CA" {
@@ -282,7 +282,7 @@ func TestCheckCertificateNameMismatch(t *testing.T) {
 	dial := func(ctx context.Context, network, _ string) (net.Conn, error) {
 		return (&net.Dialer{}).DialContext(ctx, network, srv.Addr())
 	}
-	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout, Dial: dial})
+	rep := Check(context.Background(), up, CheckOptions{Timeout: checkTimeout, Dial: dial})
 	requireSteps(t, rep, "connect:ok", "tls:failed")
 	requireVerdict(t, rep, "the certificate is for localhost, not mail.example.test", `"localhost:465"`)
 }
@@ -297,7 +297,7 @@ func TestCheckConnectionRefused(t *testing.T) {
 	_ = ln.Close()
 	_, port, _ := net.SplitHostPort(addr)
 
-	rep := CheckUpstream(context.Background(), Upstream{Name: "down", Address: addr, TLS: mailproto.TLSImplicit},
+	rep := Check(context.Background(), Upstream{Name: "down", Address: addr, TLS: mailproto.TLSImplicit},
 		CheckOptions{Timeout: checkTimeout})
 	requireSteps(t, rep, "connect:failed")
 	requireVerdict(t, rep, "refused: nothing listens on port "+port, "check address and port")
@@ -313,7 +313,7 @@ func TestCheckConnectTimeout(t *testing.T) {
 		return nil, ctx.Err()
 	}
 	up := Upstream{Name: "blocked", Address: "127.0.0.1:465", TLS: mailproto.TLSImplicit}
-	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: time.Second, Dial: dial})
+	rep := Check(context.Background(), up, CheckOptions{Timeout: time.Second, Dial: dial})
 	requireSteps(t, rep, "connect:failed")
 	requireVerdict(t, rep, "no answer from 127.0.0.1:465 within 1s", "firewall")
 }
@@ -321,7 +321,7 @@ func TestCheckConnectTimeout(t *testing.T) {
 func TestCheckGreetingRefused(t *testing.T) {
 	srv := startCheckServer(t, smtptest.Options{GreetReply: &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1},
 		Message: "Client host rejected: listed at a blocklist"}})
-	rep := CheckUpstream(context.Background(), Upstream{Name: "blocked", Address: srv.Addr(), TLS: mailproto.TLSNone},
+	rep := Check(context.Background(), Upstream{Name: "blocked", Address: srv.Addr(), TLS: mailproto.TLSNone},
 		CheckOptions{Timeout: checkTimeout})
 	requireSteps(t, rep, "connect:ok", "ehlo:failed")
 	requireVerdict(t, rep, "refused the session: 554 5.7.1 Client host rejected", "IP address")
@@ -344,7 +344,7 @@ func TestCheckPasswordRefused(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run("provider="+tt.provider, func(t *testing.T) {
-			rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout, Provider: tt.provider})
+			rep := Check(context.Background(), up, CheckOptions{Timeout: checkTimeout, Provider: tt.provider})
 			requireSteps(t, rep, "connect:ok", "tls:ok", "ehlo:ok", "auth:failed")
 			requireVerdict(t, rep, "password refused: 535 5.7.8", tt.fix)
 			// Neither password appears anywhere in the report.
@@ -378,7 +378,7 @@ func TestCheckAuthNotOffered(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			srv := startCheckServer(t, tt.opts)
 			up := Upstream{Name: "x", Address: srv.Addr(), TLS: tt.mode, Username: upUser, Password: upPass, RootCAs: pki.CAPool}
-			rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
+			rep := Check(context.Background(), up, CheckOptions{Timeout: checkTimeout})
 			requireSteps(t, rep, "connect:ok", "tls:"+map[bool]string{true: "skipped", false: "ok"}[tt.mode == mailproto.TLSNone], "ehlo:ok", "auth:failed")
 			requireVerdict(t, rep, tt.want, tt.fix)
 		})
@@ -398,7 +398,7 @@ func TestCheckSenderRefused(t *testing.T) {
 		}})
 	up := Upstream{Name: "yandex", Address: srv.Addr(), TLS: mailproto.TLSImplicit, Username: upUser, Password: upPass, RootCAs: pki.CAPool}
 
-	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout, Sender: "app@example.com",
+	rep := Check(context.Background(), up, CheckOptions{Timeout: checkTimeout, Sender: "app@example.com",
 		Recipient: "someone@example.net"})
 	// RCPT is not tried after a refused MAIL; RSET still ends the
 	// transaction.
@@ -408,7 +408,7 @@ func TestCheckSenderRefused(t *testing.T) {
 
 	// The login's own address, which envelope_from would send, passes.
 	up.EnvelopeFrom = upUser
-	rep = CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
+	rep = Check(context.Background(), up, CheckOptions{Timeout: checkTimeout})
 	if rep.Verdict != VerdictOK || rep.Sender != upUser {
 		t.Errorf("with envelope_from: verdict %s (%s), sender %q", rep.Verdict, rep.Problem, rep.Sender)
 	}
@@ -432,7 +432,7 @@ func TestCheckRecipientRefused(t *testing.T) {
 			srv := startCheckServer(t, smtptest.Options{Username: upUser, Password: upPass,
 				RcptReply: func(string) *smtp.SMTPError { return tt.reply }})
 			up := Upstream{Name: "x", Address: srv.Addr(), TLS: mailproto.TLSNone, Username: upUser, Password: upPass}
-			rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout, Recipient: "nobody@example.net"})
+			rep := Check(context.Background(), up, CheckOptions{Timeout: checkTimeout, Recipient: "nobody@example.net"})
 			requireSteps(t, rep, "connect:ok", "tls:skipped", "ehlo:ok", "auth:ok", "mail:ok", "rcpt:failed", "rset:ok")
 			requireVerdict(t, rep, tt.want, "")
 		})
@@ -442,7 +442,7 @@ func TestCheckRecipientRefused(t *testing.T) {
 func TestCheckAuthRequired(t *testing.T) {
 	srv := startCheckServer(t, smtptest.Options{Username: upUser, Password: upPass})
 	up := Upstream{Name: "noauth", Address: srv.Addr(), TLS: mailproto.TLSNone}
-	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout, Sender: "app@example.com"})
+	rep := Check(context.Background(), up, CheckOptions{Timeout: checkTimeout, Sender: "app@example.com"})
 	requireSteps(t, rep, "connect:ok", "tls:skipped", "ehlo:ok", "auth:skipped", "mail:failed", "rset:ok")
 	requireVerdict(t, rep, "requires authentication: 530", "set username, and password_env or password_file")
 }
@@ -471,7 +471,7 @@ func TestCheckSender(t *testing.T) {
 func TestCheckWithoutSender(t *testing.T) {
 	srv := startCheckServer(t, smtptest.Options{})
 	up := Upstream{Name: "x", Address: srv.Addr(), TLS: mailproto.TLSNone}
-	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout, Recipient: "someone@example.net"})
+	rep := Check(context.Background(), up, CheckOptions{Timeout: checkTimeout, Recipient: "someone@example.net"})
 	requireSteps(t, rep, "connect:ok", "tls:skipped", "ehlo:ok", "auth:skipped", "mail:skipped")
 	if rep.Verdict != VerdictOK {
 		t.Errorf("verdict %s: %s", rep.Verdict, rep.Problem)
@@ -489,7 +489,7 @@ func TestCheckOAuth2(t *testing.T) {
 	cfg.TokenURL, cfg.Client = ts.URL(), ts.srv.Client()
 	up := Upstream{Name: "oauth", Address: srv.Addr(), TLS: mailproto.TLSNone, Username: upUser, Auth: AuthXOAUTH2, OAuth: &cfg}
 
-	rep := CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
+	rep := Check(context.Background(), up, CheckOptions{Timeout: checkTimeout})
 	requireSteps(t, rep, "connect:ok", "tls:skipped", "ehlo:ok", "auth:ok", "mail:ok", "rcpt:skipped", "rset:ok")
 	if rep.AuthMechanism != xoauth2Mech || rep.Verdict != VerdictOK {
 		t.Errorf("mechanism %q, verdict %s: %s", rep.AuthMechanism, rep.Verdict, rep.Problem)
@@ -502,14 +502,14 @@ func TestCheckOAuth2(t *testing.T) {
 	bad := cfg
 	bad.RefreshToken = "1//revoked"
 	up.OAuth = &bad
-	rep = CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
+	rep = Check(context.Background(), up, CheckOptions{Timeout: checkTimeout})
 	requireSteps(t, rep, "connect:ok", "tls:skipped", "ehlo:ok", "auth:failed")
 	requireVerdict(t, rep, "token endpoint refused the grant: oauth2 token request refused: invalid_grant", "renew the refresh token")
 
 	// A token the upstream refuses.
 	up.OAuth = &cfg
 	srv.setRejectAll(true)
-	rep = CheckUpstream(context.Background(), up, CheckOptions{Timeout: checkTimeout})
+	rep = Check(context.Background(), up, CheckOptions{Timeout: checkTimeout})
 	requireVerdict(t, rep, "refused the OAuth2 access token for relay@example.com: 535 5.7.8", "scope")
 
 	data, err := json.Marshal(rep)
@@ -547,7 +547,7 @@ func TestCheckCancelled(t *testing.T) {
 	srv := startCheckServer(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS()})
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	rep := CheckUpstream(ctx, Upstream{Name: "x", Address: srv.Addr(), TLS: mailproto.TLSImplicit, RootCAs: pki.CAPool},
+	rep := Check(ctx, Upstream{Name: "x", Address: srv.Addr(), TLS: mailproto.TLSImplicit, RootCAs: pki.CAPool},
 		CheckOptions{Timeout: checkTimeout})
 	if rep.Verdict != VerdictFail || len(rep.Steps) != 1 || rep.Steps[0].Name != StepConnect {
 		t.Errorf("cancelled check: %+v", rep)

@@ -1,4 +1,4 @@
-package relay
+package upstream
 
 import (
 	"bytes"
@@ -541,7 +541,7 @@ func TestRoute(t *testing.T) {
 }
 
 // stateOf returns the named upstream's state from UpstreamStates.
-func stateOf(t *testing.T, d *Deliverer, name string) UpstreamState {
+func stateOf(t *testing.T, d *Deliverer, name string) State {
 	t.Helper()
 	for _, s := range d.UpstreamStates() {
 		if s.Name == name {
@@ -549,7 +549,7 @@ func stateOf(t *testing.T, d *Deliverer, name string) UpstreamState {
 		}
 	}
 	t.Fatalf("no state for upstream %q in %+v", name, d.UpstreamStates())
-	return UpstreamState{}
+	return State{}
 }
 
 func TestDeliverAuthRefusedMarksDown(t *testing.T) {

@@ -1,12 +1,12 @@
-package relay
+package upstream
 
 import (
 	"time"
 )
 
-// UpstreamState is a snapshot of one upstream's health, connections and
+// State is a snapshot of one upstream's health, connections and
 // counters, for the HTTP API and metrics.
-type UpstreamState struct {
+type State struct {
 	Name string `json:"name"`
 	// Up is false while the upstream is left out of deliveries after
 	// failing, including while a probe is in flight.
@@ -59,7 +59,7 @@ type upstreamState struct {
 	tokens *tokenCache // for an OAuth2 upstream, once first used
 }
 
-// upstreamCounters are the counters of UpstreamState, kept together so
+// upstreamCounters are the counters of State, kept together so
 // that TakeOver carries them over as one.
 type upstreamCounters struct {
 	attempts    uint64
@@ -210,15 +210,15 @@ func (d *Deliverer) downAfter() int {
 
 // UpstreamStates returns the state of every configured upstream, in the
 // order of Deliverer.Upstreams.
-func (d *Deliverer) UpstreamStates() []UpstreamState {
+func (d *Deliverer) UpstreamStates() []State {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	out := make([]UpstreamState, 0, len(d.Upstreams))
+	out := make([]State, 0, len(d.Upstreams))
 	for i := range d.Upstreams {
 		up := &d.Upstreams[i]
 		st := d.state(up)
 		h := &st.health
-		s := UpstreamState{
+		s := State{
 			Name:                up.Name,
 			Up:                  !h.down,
 			Since:               h.since,

@@ -1,4 +1,4 @@
-package relay
+package upstream
 
 import (
 	"context"
@@ -253,7 +253,7 @@ func TestCheckUpstreamRedactsEchoedSecrets(t *testing.T) {
 	up := Upstream{Name: "echo", Address: srv.Addr(), TLS: mailproto.TLSNone, Username: upUser, Password: upPass}
 	for _, refusing := range []bool{false, true} {
 		srv.setRefusing(refusing)
-		rep := CheckUpstream(context.Background(), up, CheckOptions{Recipient: "someone@example.net", Timeout: 10 * time.Second})
+		rep := Check(context.Background(), up, CheckOptions{Recipient: "someone@example.net", Timeout: 10 * time.Second})
 		text, err := json.Marshal(rep)
 		if err != nil {
 			t.Fatal(err)

@@ -1,4 +1,4 @@
-package relay
+package upstream
 
 import (
 	"cmp"
@@ -17,7 +17,7 @@ const redacted = "[redacted]"
 // was sent: a password, a token, or the whole request. Each such text is
 // redacted where it enters the relay: tokenError for a token endpoint's
 // answer, and for an upstream's replies Deliverer.try, which every result,
-// health report and log line of a delivery passes, and CheckUpstream for
+// health report and log line of a delivery passes, and Check for
 // its report.
 
 // redactor returns the replacer that removes from a text every form of
