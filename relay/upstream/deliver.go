@@ -9,19 +9,12 @@ package upstream
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
-	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
-
-	"github.com/emersion/go-sasl"
-	"github.com/emersion/go-smtp"
 
 	"smarthost/internal/mailproto"
 	"smarthost/queue"
@@ -357,346 +350,6 @@ func failAll(rcpts []string, upstream, reply string, err error) attempt {
 	return a
 }
 
-// authRefused reports whether an AUTH failure is our misconfiguration:
-// the credentials refused (535), the mechanism too weak (534), encryption
-// or authentication required (538, 530), or no mechanism we can use.
-func authRefused(err error) bool {
-	var se *smtp.SMTPError
-	if errors.As(err, &se) {
-		switch se.Code {
-		case 530, 534, 535, 538:
-			return true
-		}
-		return false
-	}
-	// authenticate's own errors: AUTH not offered, or no usable
-	// mechanism; an OAuth2 token refused by OAUTHBEARER's error
-	// challenge; the token endpoint refusing our grant.
-	return errors.Is(err, errNoAuth) || errors.Is(err, errTokenRefused) || errors.Is(err, errGrantRefused)
-}
-
-// errNoAuth is an upstream that offers no AUTH mechanism we can use while
-// credentials are configured for it.
-var errNoAuth = errors.New("no usable AUTH")
-
-// upstreamConn is an open, greeted and authenticated upstream connection.
-type upstreamConn struct {
-	upstream string // name, for results
-	client   *smtp.Client
-	raw      net.Conn // below TLS, for deadlines
-	// stop detaches the connection from the context of the delivery using
-	// it (see attach); nil when detached.
-	stop      func() bool
-	closed    bool        // closed by a delivery's context
-	idleTimer *time.Timer // while idle: closes it after IdleTimeout
-}
-
-// connect dials up and prepares a session: TLS as configured, EHLO, AUTH.
-// The connection is attached to ctx. Any failure here is the upstream's or
-// ours, never the message's.
-func (d *Deliverer) connect(ctx context.Context, up *Upstream) (*upstreamConn, error) {
-	cctx, cancel := context.WithTimeout(ctx, d.commandTimeout())
-	defer cancel()
-	raw, err := d.dial(cctx, up)
-	if err != nil {
-		return nil, &stageError{stage: "connect", err: err}
-	}
-	uc := &upstreamConn{upstream: up.Name, raw: raw}
-	uc.attach(ctx)
-	c, err := d.startSession(cctx, raw, up)
-	if err != nil {
-		uc.detach()
-		_ = raw.Close()
-		return nil, err
-	}
-	uc.client = c
-	if up.Username != "" {
-		if _, err := d.authenticate(cctx, c, up); err != nil {
-			uc.close(isSMTPError(err))
-			return nil, &stageError{stage: "auth", err: err}
-		}
-	}
-	return uc, nil
-}
-
-// dial opens a TCP connection to up with the Deliverer's Dial.
-func (d *Deliverer) dial(ctx context.Context, up *Upstream) (net.Conn, error) {
-	dial := d.Dial
-	if dial == nil {
-		dial = (&net.Dialer{}).DialContext
-	}
-	return dial(ctx, "tcp", up.Address)
-}
-
-// startSession protects raw as up.TLS says and introduces the relay with
-// EHLO. cctx bounds the TLS handshake and, with STARTTLS, everything
-// before TLS. A failure is a *stageError naming the step ("connect",
-// "tls", "starttls", "hello"); the caller closes raw.
-func (d *Deliverer) startSession(cctx context.Context, raw net.Conn, up *Upstream) (*smtp.Client, error) {
-	fail := func(stage string, err error) (*smtp.Client, error) {
-		return nil, &stageError{stage: stage, err: err}
-	}
-	cfg, err := up.clientTLS()
-	if err != nil {
-		return fail("connect", err)
-	}
-	var c *smtp.Client
-	switch up.TLS {
-	case mailproto.TLSImplicit:
-		tc := tls.Client(raw, cfg)
-		if err := tc.HandshakeContext(cctx); err != nil {
-			return fail("tls", err)
-		}
-		c = smtp.NewClient(tc)
-	case mailproto.TLSStartTLS:
-		// NewClientStartTLS fails when STARTTLS is not offered: the session
-		// never continues in plain text. It introduces itself as
-		// "localhost" before TLS; the EHLO that counts is the one after
-		// (RFC 3207 section 4.2), which uses Hostname.
-		//
-		// It reads the greeting and the EHLO and STARTTLS replies under
-		// go-smtp's own five-minute timeout, before CommandTimeout can be
-		// set on the client; an upstream silent there would hold the
-		// delivery that long. Closing the connection when cctx ends
-		// bounds the three by one CommandTimeout.
-		stop := context.AfterFunc(cctx, func() { _ = raw.Close() })
-		c, err = smtp.NewClientStartTLS(raw, cfg)
-		if !stop() {
-			return fail("starttls", fmt.Errorf("no reply within %v: %w", d.commandTimeout(), context.Cause(cctx)))
-		}
-		if err != nil {
-			return fail("starttls", err)
-		}
-	case mailproto.TLSNone:
-		c = smtp.NewClient(raw)
-	default:
-		return fail("connect", fmt.Errorf("unknown TLS mode %q", up.TLS))
-	}
-	c.CommandTimeout = d.commandTimeout()
-	c.SubmissionTimeout = d.dataTimeout()
-	if err := c.Hello(d.hostname()); err != nil {
-		if isTLSError(err) {
-			// After STARTTLS the handshake happens at the first EHLO.
-			return fail("tls", err)
-		}
-		return fail("hello", err)
-	}
-	return c, nil
-}
-
-// clientTLS is the TLS configuration for connections to up: its host name
-// verified against RootCAs, TLS 1.2 or later.
-func (up *Upstream) clientTLS() (*tls.Config, error) {
-	host, _, err := net.SplitHostPort(up.Address)
-	if err != nil {
-		return nil, err
-	}
-	return &tls.Config{ServerName: host, RootCAs: up.RootCAs, MinVersion: tls.VersionTLS12}, nil
-}
-
-// authenticate logs in with PLAIN, or LOGIN where PLAIN is not offered
-// (RFC 4954), and returns the mechanism it chose ("" when none fits).
-// Both send the password in the clear, which is why the connection is
-// protected by TLS unless configured otherwise. An upstream with OAuth2
-// gets an access token instead (see authenticateOAuth).
-func (d *Deliverer) authenticate(ctx context.Context, c *smtp.Client, up *Upstream) (mech string, err error) {
-	if mode := up.authMode(); mode != AuthPassword {
-		return d.authenticateOAuth(ctx, c, up, mode)
-	}
-	switch {
-	case c.SupportsAuth(sasl.Plain):
-		return sasl.Plain, c.Auth(sasl.NewPlainClient("", up.Username, up.Password))
-	case c.SupportsAuth(sasl.Login):
-		return sasl.Login, c.Auth(sasl.NewLoginClient(up.Username, up.Password))
-	}
-	return "", noAuth(c)
-}
-
-// txOutcome is what one mail transaction did.
-type txOutcome struct {
-	results []queue.Result // one per recipient, in order
-	// failover marks the pending results that another upstream may try at
-	// once.
-	failover []bool
-	err      error // the session broke; the connection is unusable
-	reusable bool  // the connection may carry another transaction
-	canQuit  bool  // the upstream can still answer QUIT
-	dataSent bool  // the final dot went out: the message counts for the rate limit
-	health   healthEvent
-	// healthReason is the failure that health reports, if any.
-	healthReason string
-}
-
-// set records a recipient's result; a temporary failure may go to the
-// next upstream unless the caller says otherwise.
-func (o *txOutcome) set(i int, rcpt, upstream string, state queue.RcptState, reply string) {
-	o.results[i] = queue.Result{Rcpt: rcpt, State: state, Reply: reply, Upstream: upstream}
-	o.failover[i] = state == queue.Pending
-}
-
-// transact runs one mail transaction (RFC 5321 section 3.3) on an open
-// connection and returns one result per recipient. A 5xx to MAIL fails
-// every recipient, a 5xx to RCPT that recipient, a 5xx to DATA or after the
-// final dot every accepted one; 4xx leaves them pending for the next
-// upstream, except when the reply after the final dot never came.
-func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body queue.Body) txOutcome {
-	c := uc.client
-	upName := uc.upstream
-	out := txOutcome{results: make([]queue.Result, len(rcpts)), failover: make([]bool, len(rcpts))}
-	set := func(idx []int, state queue.RcptState, reply string) {
-		for _, i := range idx {
-			out.set(i, rcpts[i], upName, state, reply)
-		}
-	}
-	// broken ends the transaction on a lost connection: the recipients idx
-	// stay pending, free to fail over unless the message may have been
-	// taken.
-	broken := func(stage string, err error, idx []int, failover bool) txOutcome {
-		err = &stageError{stage: stage, err: err}
-		out.err, out.reusable, out.canQuit = err, false, false
-		out.health, out.healthReason = healthFailed, replyText(err)
-		set(idx, queue.Pending, replyText(err))
-		for _, i := range idx {
-			out.failover[i] = failover
-		}
-		return out
-	}
-	// refused handles an SMTP reply that refuses a step for recipients idx.
-	refused := func(se *smtp.SMTPError, idx []int) txOutcome {
-		set(idx, stateFor(se), formatReply(se))
-		out.reusable, out.canQuit = true, true
-		if se.Code == 421 {
-			// RFC 5321 section 3.8: the upstream is closing the connection.
-			out.reusable, out.canQuit = false, false
-			out.health, out.healthReason = healthFailed, formatReply(se)
-		}
-		return out
-	}
-	all := make([]int, len(rcpts))
-	for i := range all {
-		all[i] = i
-	}
-
-	opts := &smtp.MailOptions{Size: body.Size(), UTF8: !isASCII(from)}
-	for _, r := range rcpts {
-		opts.UTF8 = opts.UTF8 || !isASCII(r)
-	}
-	if err := c.Mail(from, opts); err != nil {
-		var se *smtp.SMTPError
-		if !errors.As(err, &se) {
-			return broken("mail", err, all, true)
-		}
-		if se.Code == 530 {
-			// Authentication required (RFC 4954 section 6): our
-			// configuration, not the message's.
-			set(all, queue.Pending, formatReply(se))
-			out.canQuit = true
-			out.health, out.healthReason = healthMisconfigured, formatReply(se)
-			return out
-		}
-		out.health = healthOK
-		return refused(se, all)
-	}
-	out.health = healthOK
-
-	var accepted []int
-	for i, r := range rcpts {
-		err := c.Rcpt(r, nil)
-		if err == nil {
-			accepted = append(accepted, i)
-			continue
-		}
-		var se *smtp.SMTPError
-		if !errors.As(err, &se) {
-			// Without a connection nothing more is decided: the accepted
-			// recipients and the rest stay pending.
-			return broken("rcpt", err, append(accepted, all[i:]...), true)
-		}
-		if se.Code == 421 {
-			return refused(se, append(accepted, all[i:]...))
-		}
-		set([]int{i}, stateFor(se), formatReply(se))
-	}
-	if len(accepted) == 0 {
-		out.reusable, out.canQuit = true, true
-		return out
-	}
-
-	// From DATA on the upstream may take the message: cancellation no
-	// longer closes the connection, since a message cut off half-way is
-	// worse than a late one. Deadlines still bound every step.
-	if !uc.detach() {
-		broken("interrupted", errors.New("cancelled before DATA"), accepted, true)
-		out.health, out.healthReason = healthNone, ""
-		return out
-	}
-	w, err := c.Data()
-	if err != nil {
-		var se *smtp.SMTPError
-		if errors.As(err, &se) {
-			return refused(se, accepted)
-		}
-		return broken("data", err, accepted, true)
-	}
-	// The client sets no deadline while the message is written.
-	_ = uc.raw.SetDeadline(time.Now().Add(d.dataTimeout()))
-	src := &sourceReader{r: body.Reader()}
-	if _, err := io.Copy(w, src); err != nil {
-		if src.err != nil {
-			// Our copy of the message failed to read: the final dot must
-			// not go out after a part of it, so the connection is dropped
-			// without QUIT. Not the upstream's failure, and another one
-			// would read the same file: the attempt is retried later.
-			out.err = &stageError{stage: "data", err: src.err}
-			out.reusable, out.canQuit = false, false
-			set(accepted, queue.Pending, errContentUnreadable)
-			for _, i := range accepted {
-				out.failover[i] = false
-			}
-			return out
-		}
-		// The final dot has not gone out: the upstream cannot have taken
-		// the message.
-		return broken("data", err, accepted, true)
-	}
-	resp, err := w.CloseWithResponse()
-	out.dataSent = true
-	if err != nil {
-		var se *smtp.SMTPError
-		if errors.As(err, &se) {
-			return refused(se, accepted)
-		}
-		// The upstream may or may not have taken it (RFC 1047). Another
-		// upstream now would likely make a duplicate; giving up risks a
-		// loss: retry later.
-		return broken("end of data", err, accepted, false)
-	}
-	set(accepted, queue.Delivered, "250 "+oneLine(resp.StatusText))
-	out.reusable, out.canQuit = true, true
-	return out
-}
-
-// errContentUnreadable is the reply recorded when a message's content
-// could not be read while it was sent, as the queue records one it cannot
-// open.
-const errContentUnreadable = "local error: message content unreadable"
-
-// sourceReader passes reads through and keeps the first error other than
-// io.EOF, so that a failure to read the message is told apart from one
-// to send it.
-type sourceReader struct {
-	r   io.Reader
-	err error
-}
-
-func (s *sourceReader) Read(p []byte) (int, error) {
-	n, err := s.r.Read(p)
-	if err != nil && err != io.EOF && s.err == nil {
-		s.err = err
-	}
-	return n, err
-}
-
 func (d *Deliverer) hostname() string {
 	if d.Hostname == "" {
 		return "localhost"
@@ -792,82 +445,6 @@ func (d *Deliverer) logAttempt(ctx context.Context, m queue.Message, upstream st
 	d.logger().LogAttrs(ctx, level, "delivery attempt", attrs...)
 }
 
-// stageError is a failure of one step of an upstream session.
-type stageError struct {
-	stage string
-	err   error
-}
-
-func (e *stageError) Error() string { return e.stage + ": " + e.err.Error() }
-func (e *stageError) Unwrap() error { return e.err }
-
-// replyText is what a Result records for err: the upstream's reply when
-// there was one, else a short local text such as "connect: connection
-// refused", free of addresses and credentials.
-func replyText(err error) string {
-	var se *smtp.SMTPError
-	if errors.As(err, &se) {
-		return formatReply(se)
-	}
-	var st *stageError
-	if !errors.As(err, &st) {
-		return oneLine(err.Error())
-	}
-	detail := st.err
-	var op *net.OpError
-	if errors.As(detail, &op) && op.Err != nil {
-		detail = op.Err // drop "dial tcp 127.0.0.1:25" and the like
-	}
-	text := strings.TrimPrefix(detail.Error(), "smtp: ")
-	if !strings.HasPrefix(text, st.stage+": ") {
-		text = st.stage + ": " + text
-	}
-	return oneLine(text)
-}
-
-// formatReply renders an upstream reply as "550 5.1.1 No such user".
-func formatReply(se *smtp.SMTPError) string {
-	ec := se.EnhancedCode
-	if ec == smtp.EnhancedCodeNotSet || ec == smtp.NoEnhancedCode {
-		return fmt.Sprintf("%d %s", se.Code, oneLine(se.Message))
-	}
-	return fmt.Sprintf("%d %d.%d.%d %s", se.Code, ec[0], ec[1], ec[2], oneLine(se.Message))
-}
-
-func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
-
-// stateFor maps a reply to a recipient state: 5xx is permanent, anything
-// else (4xx, or a code outside the standard classes) is retried.
-func stateFor(se *smtp.SMTPError) queue.RcptState {
-	if se.Code/100 == 5 {
-		return queue.Failed
-	}
-	return queue.Pending
-}
-
-func isSMTPError(err error) bool {
-	var se *smtp.SMTPError
-	return errors.As(err, &se)
-}
-
-func isTLSError(err error) bool {
-	var (
-		verify *tls.CertificateVerificationError
-		alert  tls.AlertError
-		record tls.RecordHeaderError
-	)
-	return errors.As(err, &verify) || errors.As(err, &alert) || errors.As(err, &record)
-}
-
-func isASCII(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] >= utf8.RuneSelf {
-			return false
-		}
-	}
-	return true
-}
-
 func allResults(rcpts []string, state queue.RcptState, reply, upstream string) []queue.Result {
 	out := make([]queue.Result, len(rcpts))
 	for i, r := range rcpts {
@@ -888,4 +465,32 @@ func summaryReply(results []queue.Result, err error) string {
 		}
 	}
 	return results[0].Reply
+}
+
+// Close ends the idle upstream connections with QUIT, for shutdown.
+// Deliveries still in progress close their connections when they end;
+// Deliver still works after Close but no longer keeps connections open.
+func (d *Deliverer) Close() {
+	type owned struct {
+		st *upstreamState
+		uc *upstreamConn
+	}
+	var idle []owned
+	d.mu.Lock()
+	d.closed = true
+	for _, st := range d.states {
+		for _, uc := range st.pool.idle {
+			idle = append(idle, owned{st, uc})
+		}
+		st.pool.idle = nil
+	}
+	d.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, o := range idle {
+		wg.Go(func() {
+			o.uc.idleTimer.Stop()
+			d.discard(o.st, o.uc, true)
+		})
+	}
+	wg.Wait()
 }

@@ -9,7 +9,9 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"smarthost/internal/mailproto"
 	"smarthost/internal/smtptest"
+	"smarthost/internal/testpki"
 	"smarthost/queue"
 )
 
@@ -233,5 +235,41 @@ func TestProbeNow(t *testing.T) {
 	}
 	if st := env.d.UpstreamStates()[0]; !st.Up {
 		t.Errorf("still down after a successful probe: %+v", st)
+	}
+}
+
+func TestDeliverAuthRefusedMarksDown(t *testing.T) {
+	pki := testpki.New(t)
+	a := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: "changed"})
+	b := smtptest.Start(t, smtptest.Options{})
+	env := newDeliverer(t,
+		Upstream{Name: "a", Address: a.Addr(), TLS: mailproto.TLSImplicit, RootCAs: pki.CAPool, Username: upUser, Password: upPass},
+		plainUpstream("b", b))
+
+	res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
+	checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "b")
+	st := stateOf(t, env.d, "a")
+	if st.Up || !strings.HasPrefix(st.LastError, "535 ") || st.DownUntil.IsZero() || st.Failures != 1 {
+		t.Errorf("after a refused AUTH, state of a: %+v", st)
+	}
+	if !stateOf(t, env.d, "b").Up {
+		t.Errorf("b reported down")
+	}
+	logs := env.log.String()
+	if !strings.Contains(logs, `msg="upstream down" upstream=a reason="535 `) {
+		t.Errorf("no down line for a:\n%s", logs)
+	}
+
+	conns := a.Connections()
+	res = deliver(t, env.d, testMessage("app@example.com", "y@example.net"), deliverBody)
+	checkResult(t, res[0], "y@example.net", queue.Delivered, "250 ", "b")
+	if got := a.Connections(); got != conns {
+		t.Errorf("a down, yet connected to: %d connections, was %d", got, conns)
+	}
+	if got := len(a.AuthAttempts()); got != 1 {
+		t.Errorf("%d AUTH attempts on a, want 1", got)
+	}
+	if got := len(b.WaitMessages(t, 2, 5*time.Second)); got != 2 {
+		t.Errorf("b got %d messages", got)
 	}
 }

@@ -3,7 +3,6 @@ package upstream
 import (
 	"context"
 	"slices"
-	"sync"
 	"time"
 )
 
@@ -154,68 +153,9 @@ func (d *Deliverer) discard(st *upstreamState, uc *upstreamConn, quit bool) {
 	d.mu.Unlock()
 }
 
-// Close ends the idle upstream connections with QUIT, for shutdown.
-// Deliveries still in progress close their connections when they end;
-// Deliver still works after Close but no longer keeps connections open.
-func (d *Deliverer) Close() {
-	type owned struct {
-		st *upstreamState
-		uc *upstreamConn
-	}
-	var idle []owned
-	d.mu.Lock()
-	d.closed = true
-	for _, st := range d.states {
-		for _, uc := range st.pool.idle {
-			idle = append(idle, owned{st, uc})
-		}
-		st.pool.idle = nil
-	}
-	d.mu.Unlock()
-	var wg sync.WaitGroup
-	for _, o := range idle {
-		wg.Go(func() {
-			o.uc.idleTimer.Stop()
-			d.discard(o.st, o.uc, true)
-		})
-	}
-	wg.Wait()
-}
-
 func (d *Deliverer) idleTimeout() time.Duration {
 	if d.IdleTimeout <= 0 {
 		return 30 * time.Second
 	}
 	return d.IdleTimeout
-}
-
-// attach makes cancelling ctx close the connection: go-smtp's client takes
-// no context, and closing the connection is what interrupts a command in
-// progress.
-func (uc *upstreamConn) attach(ctx context.Context) {
-	raw := uc.raw
-	uc.stop = context.AfterFunc(ctx, func() { _ = raw.Close() })
-}
-
-// detach undoes attach. It reports false if the context has closed the
-// connection.
-func (uc *upstreamConn) detach() bool {
-	if uc.stop != nil {
-		if !uc.stop() {
-			uc.closed = true
-		}
-		uc.stop = nil
-	}
-	return !uc.closed
-}
-
-// close ends the session with QUIT when quit says the upstream can still
-// answer, else just closes the connection.
-func (uc *upstreamConn) close(quit bool) {
-	if uc.detach() && quit {
-		if err := uc.client.Quit(); err == nil {
-			return
-		}
-	}
-	_ = uc.client.Close()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -251,5 +252,99 @@ func TestPoolBrokenConnectionNotReused(t *testing.T) {
 				t.Errorf("delivered over connection %d, want a new one", got[0].ConnID)
 			}
 		})
+	}
+}
+
+func TestDeliverMaxConnections(t *testing.T) {
+	var (
+		mu     sync.Mutex
+		inData int
+		third  = make(chan struct{}) // closed if three deliveries overlap
+	)
+	s := smtptest.Start(t, smtptest.Options{DataReply: func(string, []string, []byte) *smtp.SMTPError {
+		mu.Lock()
+		inData++
+		if inData == 3 {
+			close(third)
+		}
+		mu.Unlock()
+		// Hold the connection a little so that deliveries overlap; a third
+		// one arriving ends the wait at once (and fails the test).
+		select {
+		case <-third:
+		case <-time.After(30 * time.Millisecond):
+		}
+		mu.Lock()
+		inData--
+		mu.Unlock()
+		return nil
+	}})
+	up := plainUpstream("a", s)
+	up.MaxConnections = 2
+	env := newDeliverer(t, up)
+
+	const n = 10
+	var wg sync.WaitGroup
+	results := make([][]queue.Result, n)
+	for i := range n {
+		wg.Go(func() {
+			m := testMessage("app@example.com", fmt.Sprintf("r%d@example.net", i))
+			results[i] = env.d.Deliver(context.Background(), m, queue.NewBody([]byte(deliverBody)))
+		})
+	}
+	wg.Wait()
+	for i, res := range results {
+		if len(res) != 1 || res[0].State != queue.Delivered {
+			t.Errorf("delivery %d: %+v", i, res)
+		}
+	}
+	if got := s.MaxConcurrent(); got > 2 {
+		t.Errorf("upstream saw %d connections at once, want at most 2", got)
+	}
+	// Connections are reused: one per slot at most.
+	if got := s.Connections(); got > 2 {
+		t.Errorf("%d connections, want at most 2", got)
+	}
+}
+
+func TestDeliverCancelledWhileWaiting(t *testing.T) {
+	entered := make(chan struct{})
+	proceed := make(chan struct{})
+	s := smtptest.Start(t, smtptest.Options{DataReply: func(string, []string, []byte) *smtp.SMTPError {
+		close(entered)
+		<-proceed
+		return nil
+	}})
+	up := plainUpstream("a", s)
+	up.MaxConnections = 1
+	env := newDeliverer(t, up)
+
+	first := make(chan []queue.Result)
+	go func() {
+		first <- env.d.Deliver(context.Background(), testMessage("app@example.com", "x@example.net"), queue.NewBody([]byte(deliverBody)))
+	}()
+	<-entered // the only connection slot is taken
+
+	ctx, cancel := context.WithCancel(context.Background())
+	second := make(chan []queue.Result)
+	go func() {
+		second <- env.d.Deliver(ctx, testMessage("app@example.com", "y@example.net"), queue.NewBody([]byte(deliverBody)))
+	}()
+	waitFor(t, 5*time.Second, "second delivery not waiting for the connection", func() bool {
+		env.d.mu.Lock()
+		defer env.d.mu.Unlock()
+		return env.d.states["a"].pool.freed != nil // a waiter asked to be woken
+	})
+	cancel()
+	res := <-second
+	if len(res) != 1 || res[0].State != queue.Pending || !strings.HasPrefix(res[0].Reply, "interrupted: ") {
+		t.Errorf("cancelled delivery: %+v", res)
+	}
+	close(proceed)
+	if res := <-first; len(res) != 1 || res[0].State != queue.Delivered {
+		t.Errorf("first delivery: %+v", res)
+	}
+	if s.Connections() != 1 {
+		t.Errorf("%d connections, want 1", s.Connections())
 	}
 }
