@@ -488,7 +488,7 @@ func TestParseConfigDelayWarning(t *testing.T) {
 func TestParseConfigUpstreamTimeouts(t *testing.T) {
 	f := newTestFiles(t)
 	cfg := mustParse(t, f.config(map[string]string{"queue": "[queue]\nupstream_command_timeout = \"1s\"\nupstream_data_timeout = \"90s\""}))
-	d := newDeliverer(cfg, slog.New(slog.DiscardHandler))
+	d := newDeliverer(cfg, slog.New(slog.DiscardHandler)).Config()
 	if d.CommandTimeout != time.Second || d.DataTimeout != 90*time.Second {
 		t.Errorf("Deliverer timeouts %v and %v, want 1s and 1m30s", d.CommandTimeout, d.DataTimeout)
 	}

@@ -54,15 +54,10 @@ func (in *instance) applyConfig(path string) error {
 
 	in.srv.SetUsers(cfg.Users)
 	in.srv.SetSigner(signer)
-	// A new Deliverer for the new upstreams and routes. Deliveries in
-	// flight finish on the old one; Close then ends its idle connections
-	// and keeps it from pooling more.
-	prev := in.deliverer()
-	next := newDeliverer(cfg, in.log)
-	next.Observer = prev.Observer
-	next.TakeOver(prev)
-	in.delivery.Store(next)
-	prev.Close()
+	// Deliveries in flight finish under the configuration they started
+	// with; what the Deliverer learnt about the upstreams that stay the
+	// same is kept.
+	in.delivery.SetConfig(deliveryConfig(cfg))
 	in.cfg = cfg
 
 	if len(restart) > 0 {

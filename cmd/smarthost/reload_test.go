@@ -56,12 +56,11 @@ func TestReload(t *testing.T) {
 	if err := os.WriteFile(path, []byte(edited), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	prev := inst.deliverer()
 	if err := inst.reload(path); err != nil {
 		t.Fatalf("reload: %v\n%s", err, logs.String())
 	}
-	if inst.deliverer() == prev || inst.deliverer().Upstreams[0].Address != b.Addr() {
-		t.Error("the Deliverer was not replaced")
+	if inst.delivery.Config().Upstreams[0].Address != b.Addr() {
+		t.Error("the Deliverer's configuration was not replaced")
 	}
 	send("two@example.net")
 	if got := b.WaitMessages(t, 1, 10*time.Second); got[0].To[0] != "two@example.net" {
@@ -86,11 +85,11 @@ func TestReload(t *testing.T) {
 	if err := os.WriteFile(path, []byte(broken), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	current := inst.deliverer()
+	current := inst.delivery.Config()
 	if err := inst.reload(path); err == nil {
 		t.Fatal("a broken configuration was applied")
 	}
-	if inst.deliverer() != current || inst.shutdownTimeout() != 3*time.Second {
+	if !reflect.DeepEqual(inst.delivery.Config(), current) || inst.shutdownTimeout() != 3*time.Second {
 		t.Error("a broken configuration changed the running one")
 	}
 	line := logs.find("configuration reload failed")

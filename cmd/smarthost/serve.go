@@ -150,9 +150,9 @@ type instance struct {
 	log   *slog.Logger
 	store *queue.Store
 	sched *queue.Scheduler
-	// delivery is the current Deliverer; a reload replaces it. Use
-	// deliverer() rather than keeping one.
-	delivery atomic.Pointer[upstream.Deliverer]
+	// delivery lives as long as the instance; a reload changes its
+	// configuration in place (SetConfig).
+	delivery *upstream.Deliverer
 	certs    *relay.CertReloader // nil without [tls]
 	srv      *relay.Server
 	http     *metrics.Server
@@ -167,11 +167,6 @@ type instance struct {
 	onReload func(err error)
 }
 
-// deliverer returns the Deliverer in use.
-func (in *instance) deliverer() *upstream.Deliverer {
-	return in.delivery.Load()
-}
-
 // shutdownTimeout is the configured shutdown_timeout.
 func (in *instance) shutdownTimeout() time.Duration {
 	in.reloadMu.Lock()
@@ -182,20 +177,29 @@ func (in *instance) shutdownTimeout() time.Duration {
 	return in.cfg.ShutdownTimeout
 }
 
-// newDeliverer builds the upstream side from a configuration.
+// newDeliverer builds the delivery side, for the life of the process,
+// with cfg's upstreams and routes in effect.
 func newDeliverer(cfg *Config, logger *slog.Logger) *upstream.Deliverer {
-	return &upstream.Deliverer{
-		Hostname:  cfg.Hostname,
-		Upstreams: cfg.Upstreams,
-		Routes:    cfg.Routes,
+	d := &upstream.Deliverer{
+		Hostname: cfg.Hostname,
 		// An upstream marked down stays skipped on the operator's retry
 		// timing, so that it never holds mail back much longer than the
 		// queue's own backoff would.
-		DownFor:        min(cfg.Queue.RetryMin, 30*time.Second),
-		MaxDownFor:     min(cfg.Queue.RetryMax, 5*time.Minute),
+		DownFor:    min(cfg.Queue.RetryMin, 30*time.Second),
+		MaxDownFor: min(cfg.Queue.RetryMax, 5*time.Minute),
+		Logger:     logger,
+	}
+	d.SetConfig(deliveryConfig(cfg))
+	return d
+}
+
+// deliveryConfig is what of cfg a reload changes in the Deliverer.
+func deliveryConfig(cfg *Config) upstream.Config {
+	return upstream.Config{
+		Upstreams:      cfg.Upstreams,
+		Routes:         cfg.Routes,
 		CommandTimeout: cfg.Queue.UpstreamCommandTimeout,
 		DataTimeout:    cfg.Queue.UpstreamDataTimeout,
-		Logger:         logger,
 	}
 }
 
@@ -254,17 +258,13 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		logger.Warn("resuming deliveries interrupted by a crash; these may be delivered twice", "messages", n)
 	}
 	deliverer := newDeliverer(cfg, logger)
-	deliverer.Observer = m // a reload hands it on to the next Deliverer
-	inst := &instance{log: logger, store: store, certs: certs, cfg: cfg, failed: make(chan error, 3)}
-	inst.delivery.Store(deliverer)
+	deliverer.Observer = m
+	inst := &instance{log: logger, store: store, delivery: deliverer, certs: certs, cfg: cfg, failed: make(chan error, 3)}
 	inst.onReload = m.ConfigReloaded
-	m.SetUpstreams(func() []upstream.State { return inst.deliverer().UpstreamStates() })
+	m.SetUpstreams(deliverer.UpstreamStates)
 	sched := &queue.Scheduler{
-		Store: store,
-		// Through the instance: a reload swaps the Deliverer.
-		Deliver: func(ctx context.Context, m queue.Message, body queue.Body) []queue.Result {
-			return inst.deliverer().Deliver(ctx, m, body)
-		},
+		Store:        store,
+		Deliver:      deliverer.Deliver,
 		Workers:      cfg.Queue.Workers,
 		RetryMin:     cfg.Queue.RetryMin,
 		RetryMax:     cfg.Queue.RetryMax,
@@ -291,12 +291,10 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		// written: a relay that answers 452 to everything is no use.
 		Ready: func() bool { return inst.ready.Load() && store.Writable() },
 		API: &metrics.API{
-			Queue: adminQueue{store, inst},
-			Upstreams: func() []upstream.State {
-				return inst.deliverer().UpstreamStates()
-			},
-			Token:  token,
-			Logger: logger,
+			Queue:     adminQueue{store, deliverer},
+			Upstreams: deliverer.UpstreamStates,
+			Token:     token,
+			Logger:    logger,
 		},
 		Metrics: metrics.Handler(reg, logger),
 		Logger:  logger,
@@ -317,12 +315,9 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 		Limits:    cfg.Limits,
 		Queue:     store,
 		Signer:    signer,
-		Routable: func(from string) bool {
-			_, ok := inst.deliverer().Route(from)
-			return ok
-		},
-		Logger:   logger,
-		Observer: m,
+		Routable:  deliverer.Routable,
+		Logger:    logger,
+		Observer:  m,
 	}
 	if err := srv.Listen(); err != nil {
 		inst.http.Close()
@@ -439,7 +434,7 @@ func (in *instance) shutdown(ctx context.Context) error {
 		in.certs.Close()
 	}
 	// Idle upstream connections are closed once no delivery can use them.
-	in.deliverer().Close()
+	in.delivery.Close()
 	if err := in.store.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("queue: %w", err))
 	}
@@ -451,15 +446,15 @@ func (in *instance) shutdown(ctx context.Context) error {
 // mail to go now.
 type adminQueue struct {
 	*queue.Store
-	inst *instance
+	delivery *upstream.Deliverer
 }
 
 func (a adminQueue) Flush() (int, error) {
-	a.inst.deliverer().ProbeNow()
+	a.delivery.ProbeNow()
 	return a.Store.Flush()
 }
 
 func (a adminQueue) Retry(id string) error {
-	a.inst.deliverer().ProbeNow()
+	a.delivery.ProbeNow()
 	return a.Store.Retry(id)
 }

@@ -141,16 +141,14 @@ func Check(ctx context.Context, up Upstream, opts CheckOptions) CheckReport {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
+	d := &Deliverer{Hostname: opts.Hostname, Dial: opts.Dial, Logger: logger}
+	d.SetConfig(Config{CommandTimeout: opts.Timeout})
 	ck := &checker{
-		d: &Deliverer{
-			Hostname:       opts.Hostname,
-			Dial:           opts.Dial,
-			CommandTimeout: opts.Timeout,
-			Logger:         logger,
-		},
-		up:   &up,
-		opts: opts,
-		rep:  CheckReport{Upstream: up.Name, Address: up.Address, TLSMode: up.TLS, Verdict: VerdictOK},
+		d:      d,
+		up:     &up,
+		tokens: newTokenCache(&up, d.now, d.logger),
+		opts:   opts,
+		rep:    CheckReport{Upstream: up.Name, Address: up.Address, TLSMode: up.TLS, Verdict: VerdictOK},
 	}
 	ck.port = up.Address
 	if _, port, err := net.SplitHostPort(up.Address); err == nil {
@@ -166,7 +164,7 @@ func Check(ctx context.Context, up Upstream, opts CheckOptions) CheckReport {
 // or its token endpoint's answers may repeat: every text in it that may
 // hold one.
 func (ck *checker) redact() {
-	red := ck.d.redactor(ck.up)
+	red := redactorFor(ck.up, ck.tokens)
 	rep := &ck.rep
 	for i := range rep.Steps {
 		rep.Steps[i].Detail = red.Replace(rep.Steps[i].Detail)
@@ -179,8 +177,9 @@ func (ck *checker) redact() {
 
 // checker runs one Check.
 type checker struct {
-	d       *Deliverer
+	d       *Deliverer // its session code, for this one upstream
 	up      *Upstream
+	tokens  *tokenCache // for an OAuth2 login
 	opts    CheckOptions
 	rep     CheckReport
 	port    string
@@ -239,7 +238,7 @@ func (ck *checker) run(ctx context.Context) {
 	if up.Username == "" {
 		ck.step(StepAuth, StepSkipped, "no username configured")
 	} else {
-		mech, err := d.authenticate(cctx, c, up)
+		mech, err := authenticate(cctx, c, up, ck.tokens)
 		ck.rep.AuthMechanism = mech
 		if err != nil {
 			quit = isSMTPError(err)

@@ -20,28 +20,22 @@ import (
 	"smarthost/queue"
 )
 
-// Deliverer is the upstream side: it hands queued messages to the upstream
-// providers of the sender's route, in order, and reports per recipient what
-// happened. It keeps connections open for reuse, leaves out upstreams that
-// keep failing, and paces each upstream under its RateLimit. Set the fields
-// before the first Deliver and do not change them afterwards; Deliver may
-// be called concurrently. Close releases the idle connections.
+// Deliverer is the delivery side: it hands queued messages to the
+// upstream providers of the sender's route, in order, and reports per
+// recipient what happened. It keeps connections open for reuse, leaves out
+// upstreams that keep failing, and paces each upstream under its
+// RateLimit.
+//
+// One Deliverer lives as long as the process: SetConfig puts its first
+// configuration in effect and every reload's after it, keeping what it
+// has learnt about the upstreams that stay the same. Set the fields before
+// the first Deliver (NewHealth and NewRateWindow before the first
+// SetConfig) and leave them afterwards; Deliver may be called
+// concurrently. Close releases the idle connections.
 type Deliverer struct {
-	Hostname  string // EHLO name; default "localhost"
-	Upstreams []Upstream
-	// Routes choose upstreams by the envelope sender's domain; FromDomain
-	// "*" takes every other sender, the null sender <> included. A DSN is
-	// routed by its recipient's domain instead (see Deliver).
-	Routes []Route
+	Hostname string // EHLO name; default "localhost"
 	// Dial opens connections; default (&net.Dialer{}).DialContext.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
-	// CommandTimeout bounds connecting and each command's reply; default
-	// 2m. With STARTTLS, it bounds the greeting, EHLO and STARTTLS before
-	// TLS together.
-	CommandTimeout time.Duration
-	// DataTimeout bounds sending the message and the reply after the final
-	// dot; default 10m.
-	DataTimeout time.Duration
 	// DownAfter is how many connection-level failures in a row (connect,
 	// TLS, greeting, EHLO, 421, a connection lost in a session) mark an
 	// upstream down; default 3. A refused AUTH (530, 534, 535) marks it
@@ -64,10 +58,18 @@ type Deliverer struct {
 	Logger *slog.Logger // default slog.Default()
 	// Observer, if set, is told about every upstream transaction and skip.
 	Observer Observer
+	// NewHealth makes the up/down state of the upstream called name, and
+	// NewRateWindow its rate-limit window; nil keeps them in this
+	// process's memory. Kept in a store that several relays share, they
+	// hold for all of them: an upstream that one found down is left out
+	// by all, and a provider's quota counts the messages of all. SetConfig
+	// calls them with the Deliverer's lock held: they must be quick.
+	NewHealth     func(name string) Health
+	NewRateWindow func(name string) RateWindow
 
 	mu     sync.Mutex
-	states map[string]*upstreamState // by upstream name
-	closed bool                      // Close was called: keep no idle connections
+	cur    *setup // the configuration in effect; see SetConfig
+	closed bool   // Close was called: keep no idle connections
 }
 
 // Deliver delivers m's pending recipients and returns one Result per
@@ -96,7 +98,8 @@ func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body queue.Bod
 	if len(rcpts) == 0 {
 		return nil
 	}
-	route, ok := d.routeFor(m)
+	s := d.current()
+	route, ok := s.routeFor(m)
 	if !ok {
 		// The submission side refuses such senders; a route may come back
 		// with a reload, so this is not the message's fault.
@@ -124,7 +127,7 @@ func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body queue.Bod
 			}
 			return results
 		}
-		up, ok := d.upstream(name)
+		up, ep, ok := s.upstream(name)
 		if !ok {
 			reply := "unknown upstream"
 			d.logAttempt(ctx, m, name, 0, len(todo), nil, reply, errors.New(reply))
@@ -146,7 +149,7 @@ func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body queue.Bod
 			data = body.WithHead(rewriteHeaderFrom(body.Head(), up.EnvelopeFrom))
 		}
 		start := time.Now()
-		a := d.try(ctx, up, from, sub, data)
+		a := d.try(ctx, up, ep, from, sub, data)
 		if a.skip != nil {
 			d.logger().LogAttrs(ctx, slog.LevelDebug, "upstream left out",
 				slog.String("queue_id", m.ID), slog.String("upstream", up.Name), slog.String("reason", a.skip.reply))
@@ -181,20 +184,19 @@ func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body queue.Bod
 // routeFor returns the route for m: by the envelope sender's domain, or
 // for a DSN by its recipient's, since the DSN goes back to the original
 // sender through the route that sender's own mail takes.
-func (d *Deliverer) routeFor(m queue.Message) (Route, bool) {
+func (s *setup) routeFor(m queue.Message) (Route, bool) {
 	if m.DSN && len(m.Recipients) > 0 {
-		return d.Route(m.Recipients[0].Addr)
+		return s.route(m.Recipients[0].Addr)
 	}
-	return d.Route(m.From)
+	return s.route(m.From)
 }
 
-// Route returns the route for an envelope sender: the one for its domain,
-// else the "*" route. The null sender "" takes the "*" route.
-func (d *Deliverer) Route(from string) (Route, bool) {
+// route is Deliverer.Route under s's routes.
+func (s *setup) route(from string) (Route, bool) {
 	domain := mailproto.DomainOf(from)
 	var wildcard *Route
-	for i := range d.Routes {
-		r := &d.Routes[i]
+	for i := range s.Routes {
+		r := &s.Routes[i]
 		switch {
 		case r.FromDomain == "*":
 			if wildcard == nil {
@@ -210,13 +212,17 @@ func (d *Deliverer) Route(from string) (Route, bool) {
 	return Route{}, false
 }
 
-func (d *Deliverer) upstream(name string) (*Upstream, bool) {
-	for i := range d.Upstreams {
-		if d.Upstreams[i].Name == name {
-			return &d.Upstreams[i], true
-		}
-	}
-	return nil, false
+// Route returns the route for an envelope sender: the one for its domain,
+// else the "*" route. The null sender "" takes the "*" route.
+func (d *Deliverer) Route(from string) (Route, bool) {
+	return d.current().route(from)
+}
+
+// Routable reports whether a route takes mail from the envelope sender
+// from, for the submission side to refuse a sender that none takes.
+func (d *Deliverer) Routable(from string) bool {
+	_, ok := d.Route(from)
+	return ok
 }
 
 // skip is an upstream left out of a delivery without being tried.
@@ -262,57 +268,57 @@ const probeRetry = 2 * time.Second
 
 // try delivers to rcpts through up, or leaves up out when it is down or its
 // rate limit is further away than MaxRateWait.
-func (d *Deliverer) try(ctx context.Context, up *Upstream, from string, rcpts []string, body queue.Body) attempt {
-	d.mu.Lock()
-	st := d.state(up)
-	probe, until, ok := d.admit(st, d.now())
-	d.mu.Unlock()
-	if !ok {
-		if until.IsZero() {
+func (d *Deliverer) try(ctx context.Context, up *Upstream, ep *endpoint, from string, rcpts []string, body queue.Body) attempt {
+	now := d.now()
+	probe, health, err := ep.health.Admit(ctx, now)
+	if err != nil {
+		err = &stageError{stage: "health", err: err}
+		return failAll(rcpts, up.Name, replyText(err), err)
+	}
+	if health.Down && !probe {
+		if !now.Before(health.DownUntil) {
 			// Another delivery is probing it: come back once that has
 			// told whether it is up, without counting a failure.
 			return attempt{skip: &skip{upstream: up.Name, reply: "upstream " + up.Name + " is being probed", until: d.now().Add(probeRetry)}}
 		}
-		return attempt{skip: &skip{upstream: up.Name, reply: "upstream " + up.Name + " is down", until: until, down: true}}
+		return attempt{skip: &skip{upstream: up.Name, reply: "upstream " + up.Name + " is down", until: health.DownUntil, down: true}}
 	}
-	release, until, err := d.takeRateSlot(ctx, st, up)
+	release, until, err := d.takeRateSlot(ctx, up, ep)
 	if err != nil || release == nil {
-		d.report(st, up.Name, probe, healthNone, "")
+		d.report(ctx, up, ep, probe, HealthNone, "")
 		if err != nil {
-			return failAll(rcpts, up.Name, replyText(err), err) // cancelled: no text of the upstream
+			return failAll(rcpts, up.Name, replyText(err), err) // no text of the upstream
 		}
 		return attempt{skip: &skip{upstream: up.Name, reply: "rate limit of " + up.Name + " reached", until: until}}
 	}
-	d.mu.Lock()
-	st.attempts++
-	d.mu.Unlock()
+	ep.counters.attempts.Add(1)
 
-	uc, err := d.getConn(ctx, st, up)
+	uc, err := d.getConn(ctx, up, ep)
 	if errors.Is(err, errTokenRefused) && ctx.Err() == nil {
 		// The OAuth2 token was revoked or expired early; authenticate
 		// has dropped it. One new token, on a new connection, since a
 		// provider may close or distrust a session after a failed AUTH.
 		d.logger().LogAttrs(ctx, slog.LevelWarn, "upstream refused oauth2 token, retrying with a new one",
-			slog.String("upstream", up.Name), slog.String("reply", d.redactor(up).Replace(replyText(err))))
-		uc, err = d.getConn(ctx, st, up)
+			slog.String("upstream", up.Name), slog.String("reply", redactorFor(up, ep.tokens).Replace(replyText(err))))
+		uc, err = d.getConn(ctx, up, ep)
 	}
 	if err != nil {
 		release(false)
-		ev := healthFailed
+		ev := HealthFailed
 		var se *stageError
 		switch {
 		case ctx.Err() != nil:
-			ev, err = healthNone, &stageError{stage: "interrupted", err: context.Cause(ctx)}
+			ev, err = HealthNone, &stageError{stage: "interrupted", err: context.Cause(ctx)}
 		case errors.As(err, &se) && se.stage == "auth" && authRefused(se.err):
-			ev = healthMisconfigured
+			ev = HealthMisconfigured
 		}
-		reply := d.redactor(up).Replace(replyText(err))
-		d.report(st, up.Name, probe, ev, reply)
+		reply := redactorFor(up, ep.tokens).Replace(replyText(err))
+		d.report(ctx, up, ep, probe, ev, reply)
 		return failAll(rcpts, up.Name, reply, err)
 	}
 	tx := d.transact(uc, from, rcpts, body)
 	release(tx.dataSent)
-	d.putConn(st, uc, tx.err == nil && tx.reusable, tx.canQuit)
+	d.putConn(ep, uc, tx.err == nil && tx.reusable, tx.canQuit)
 	if tx.err != nil && uc.closed {
 		// The delivery's context closed the connection: not the
 		// upstream's failure.
@@ -322,16 +328,16 @@ func (d *Deliverer) try(ctx context.Context, up *Upstream, from string, rcpts []
 				tx.results[i].Reply = replyText(ierr)
 			}
 		}
-		tx.err, tx.health = ierr, healthNone
+		tx.err, tx.health = ierr, HealthNone
 	}
 	// The upstream's words leave the session here, for the results, the
 	// logs and the health report.
-	red := d.redactor(up)
+	red := redactorFor(up, ep.tokens)
 	for i := range tx.results {
 		tx.results[i].Reply = red.Replace(tx.results[i].Reply)
 	}
 	tx.healthReason = red.Replace(tx.healthReason)
-	d.report(st, up.Name, probe, tx.health, tx.healthReason)
+	d.report(ctx, up, ep, probe, tx.health, tx.healthReason)
 	return attempt{results: tx.results, failover: tx.failover, err: tx.err}
 }
 
@@ -357,19 +363,9 @@ func (d *Deliverer) hostname() string {
 	return d.Hostname
 }
 
-func (d *Deliverer) commandTimeout() time.Duration {
-	if d.CommandTimeout <= 0 {
-		return 2 * time.Minute
-	}
-	return d.CommandTimeout
-}
+func (d *Deliverer) commandTimeout() time.Duration { return d.current().commandTimeout() }
 
-func (d *Deliverer) dataTimeout() time.Duration {
-	if d.DataTimeout <= 0 {
-		return 10 * time.Minute
-	}
-	return d.DataTimeout
-}
+func (d *Deliverer) dataTimeout() time.Duration { return d.current().dataTimeout() }
 
 func (d *Deliverer) now() time.Time {
 	if d.Now == nil {
@@ -471,26 +467,14 @@ func summaryReply(results []queue.Result, err error) string {
 // Deliveries still in progress close their connections when they end;
 // Deliver still works after Close but no longer keeps connections open.
 func (d *Deliverer) Close() {
-	type owned struct {
-		st *upstreamState
-		uc *upstreamConn
-	}
-	var idle []owned
 	d.mu.Lock()
 	d.closed = true
-	for _, st := range d.states {
-		for _, uc := range st.pool.idle {
-			idle = append(idle, owned{st, uc})
+	var eps []*endpoint
+	if d.cur != nil {
+		for _, ep := range d.cur.endpoints {
+			eps = append(eps, ep)
 		}
-		st.pool.idle = nil
 	}
 	d.mu.Unlock()
-	var wg sync.WaitGroup
-	for _, o := range idle {
-		wg.Go(func() {
-			o.uc.idleTimer.Stop()
-			d.discard(o.st, o.uc, true)
-		})
-	}
-	wg.Wait()
+	closePools(eps)
 }

@@ -54,10 +54,6 @@ type deliverEnv struct {
 // newDeliverer routes every sender through the upstreams in the given order.
 func newDeliverer(t *testing.T, ups ...Upstream) *deliverEnv {
 	t.Helper()
-	var names []string
-	for _, u := range ups {
-		names = append(names, u.Name)
-	}
 	lb := &logBuffer{}
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -65,16 +61,34 @@ func newDeliverer(t *testing.T, ups ...Upstream) *deliverEnv {
 		}
 	})
 	d := &Deliverer{
-		Hostname:       "relay.test",
+		Hostname: "relay.test",
+		Logger:   slog.New(slog.NewTextHandler(lb, nil)),
+	}
+	d.SetConfig(testConfig(ups...))
+	// Registered after the upstreams started, so it runs before they stop.
+	t.Cleanup(d.Close)
+	return &deliverEnv{d: d, log: lb}
+}
+
+// testConfig routes every sender through ups in the given order.
+func testConfig(ups ...Upstream) Config {
+	var names []string
+	for _, u := range ups {
+		names = append(names, u.Name)
+	}
+	return Config{
 		Upstreams:      ups,
 		Routes:         []Route{{FromDomain: "*", Upstreams: names}},
 		CommandTimeout: 10 * time.Second,
 		DataTimeout:    10 * time.Second,
-		Logger:         slog.New(slog.NewTextHandler(lb, nil)),
 	}
-	// Registered after the upstreams started, so it runs before they stop.
-	t.Cleanup(d.Close)
-	return &deliverEnv{d: d, log: lb}
+}
+
+// setRoutes puts routes in effect in d, instead of its routes.
+func setRoutes(d *Deliverer, routes ...Route) {
+	cfg := d.Config()
+	cfg.Routes = routes
+	d.SetConfig(cfg)
 }
 
 func plainUpstream(name string, s *smtptest.Server) Upstream {
@@ -172,7 +186,8 @@ func TestDeliverAllUpstreamsFail(t *testing.T) {
 }
 
 func TestDeliverNoRoute(t *testing.T) {
-	d := &Deliverer{Routes: []Route{{FromDomain: "example.com", Upstreams: []string{"a"}}}, Logger: slog.New(slog.DiscardHandler)}
+	d := &Deliverer{Logger: slog.New(slog.DiscardHandler)}
+	d.SetConfig(Config{Routes: []Route{{FromDomain: "example.com", Upstreams: []string{"a"}}}})
 	res := d.Deliver(context.Background(), testMessage("app@other.example", "x@example.net"), queue.NewBody([]byte(deliverBody)))
 	if len(res) != 1 || res[0].State != queue.Pending || res[0].Reply != "no route for sender domain" {
 		t.Errorf("unroutable sender: %+v", res)
@@ -180,11 +195,13 @@ func TestDeliverNoRoute(t *testing.T) {
 }
 
 func TestRoute(t *testing.T) {
-	d := &Deliverer{Routes: []Route{
+	routes := []Route{
 		{FromDomain: "example.com", Upstreams: []string{"gmail"}},
 		{FromDomain: "*", Upstreams: []string{"ses"}},
 		{FromDomain: "Notify.Example.com", Upstreams: []string{"yandex"}},
-	}}
+	}
+	d := &Deliverer{}
+	d.SetConfig(Config{Routes: routes})
 	tests := []struct{ from, want string }{
 		{"a@example.com", "gmail"},
 		{"a@EXAMPLE.COM", "gmail"},
@@ -199,7 +216,7 @@ func TestRoute(t *testing.T) {
 			t.Errorf("Route(%q) = %v, %v; want %s", tt.from, r, ok, tt.want)
 		}
 	}
-	d.Routes = d.Routes[:1]
+	setRoutes(d, routes[:1]...)
 	for _, from := range []string{"", "a@other.example"} {
 		if r, ok := d.Route(from); ok {
 			t.Errorf("Route(%q) = %v without a \"*\" route", from, r)
@@ -278,10 +295,10 @@ func TestDeliverDSNRouting(t *testing.T) {
 	up1 := smtptest.Start(t, smtptest.Options{})
 	up2 := smtptest.Start(t, smtptest.Options{})
 	env := newDeliverer(t, plainUpstream("up1", up1), plainUpstream("up2", up2))
-	env.d.Routes = []Route{
-		{FromDomain: "b.example", Upstreams: []string{"up2"}},
-		{FromDomain: "*", Upstreams: []string{"up1"}},
-	}
+	setRoutes(env.d,
+		Route{FromDomain: "b.example", Upstreams: []string{"up2"}},
+		Route{FromDomain: "*", Upstreams: []string{"up1"}},
+	)
 	dsn := testMessage("", "sender@b.example")
 	dsn.DSN = true
 
@@ -296,7 +313,9 @@ func TestDeliverDSNRouting(t *testing.T) {
 	checkResult(t, res[0], "sender@b.example", queue.Delivered, "250 ", "up1")
 
 	// The upstream may demand a sender of its own.
-	env.d.Upstreams[1].DSNFrom = "bounces@b.example"
+	cfg := env.d.Config()
+	cfg.Upstreams[1].DSNFrom = "bounces@b.example"
+	env.d.SetConfig(cfg)
 	res = deliver(t, env.d, dsn, deliverBody)
 	checkResult(t, res[0], "sender@b.example", queue.Delivered, "250 ", "up2")
 	if got := up2.WaitMessages(t, 2, 5*time.Second)[1]; got.From != "bounces@b.example" {

@@ -1,196 +1,102 @@
 package upstream
 
 import (
+	"context"
+	"sync"
 	"time"
 )
 
-// State is a snapshot of one upstream's health, connections and
-// counters, for the HTTP API and metrics.
-type State struct {
-	Name string `json:"name"`
-	// Up is false while the upstream is left out of deliveries after
-	// failing, including while a probe is in flight.
-	Up bool `json:"up"`
-	// Since is when the upstream last went down or came back up; zero if
-	// it has been up since the Deliverer started.
-	Since time.Time `json:"since,omitzero"`
-	// DownUntil, while the upstream is down, is when a delivery may probe
-	// it again.
-	DownUntil time.Time `json:"down_until,omitzero"`
-	// LastError is the last connection-level failure, "" if none yet.
-	LastError string `json:"last_error,omitempty"`
-	// ConsecutiveFailures counts connection-level failures since the last
-	// success; DownAfter of them mark the upstream down.
-	ConsecutiveFailures int `json:"consecutive_failures"`
-
-	OpenConnections int `json:"open_connections"` // busy or idle
-	IdleConnections int `json:"idle_connections"`
-
-	// Attempts counts deliveries tried through the upstream (not those
-	// that left it out because it was down or rate limited).
-	Attempts uint64 `json:"attempts"`
-	// Failures counts connection-level failures: connect, TLS, greeting,
-	// EHLO, AUTH, 421 replies, and connections lost in a session.
-	Failures uint64 `json:"failures"`
-	// Dials counts connections dialled, successfully or not; with reuse,
-	// far fewer than Attempts.
-	Dials uint64 `json:"dials"`
-	// RateLimitWaits counts deliveries that waited for a slot under the
-	// upstream's RateLimit, and RateLimitWaited is the time they waited in
-	// all (nanoseconds in JSON).
-	RateLimitWaits  uint64        `json:"rate_limit_waits"`
-	RateLimitWaited time.Duration `json:"rate_limit_waited"`
-	// RateLimited counts deliveries that passed the upstream by because a
-	// slot was more than MaxRateWait away.
-	RateLimited uint64 `json:"rate_limited"`
-	// TokenExpiry is when the cached OAuth2 access token expires; zero
-	// when none is cached or it has no expiry.
-	TokenExpiry time.Time `json:"token_expiry,omitzero"`
-}
-
-// upstreamState is what the Deliverer keeps for one upstream. Guarded by
-// Deliverer.mu.
-type upstreamState struct {
-	health health
-	pool   pool
-	rate   rateLog
-	upstreamCounters
-
-	tokens *tokenCache // for an OAuth2 upstream, once first used
-}
-
-// upstreamCounters are the counters of State, kept together so
-// that TakeOver carries them over as one.
-type upstreamCounters struct {
-	attempts    uint64
-	failures    uint64
-	dials       uint64
-	rateWaits   uint64
-	rateWaited  time.Duration
-	rateLimited uint64
-}
-
-// health tracks whether an upstream is worth trying. An upstream that keeps
+// Health is the up/down state of one upstream. An upstream that keeps
 // failing at the connection level is left out for a while, so that not
 // every message pays a timeout or a refusal before it reaches the next
-// upstream; after that, one delivery probes it.
-type health struct {
-	down      bool
-	downUntil time.Time // while down: when the next probe may go
-	since     time.Time // when it last went down or came back up
-	probing   bool      // a delivery is probing the down upstream
-	failures  int       // consecutive connection-level failures
-	downs     int       // consecutive failed probes plus one, for backoff
-	lastError string
+// upstream; after that, one delivery probes it. The Deliverer keeps each
+// upstream's Health in memory unless its NewHealth makes them otherwise.
+// The methods are safe for concurrent use.
+type Health interface {
+	// Admit tells whether a delivery may try the upstream at now. While
+	// it is up, yes. While it is down, no until st.DownUntil; then yes
+	// for one delivery, the probe (probe is true), and no for the others
+	// until the probe has reported.
+	Admit(ctx context.Context, now time.Time) (probe bool, st HealthStatus, err error)
+	// Report records what an attempt showed and returns the status
+	// before and after it.
+	Report(ctx context.Context, now time.Time, r HealthReport) (before, after HealthStatus, err error)
+	// Status returns the current status.
+	Status(ctx context.Context) (HealthStatus, error)
+	// ProbeNow ends a down period at now, so that the next delivery
+	// probes the upstream.
+	ProbeNow(ctx context.Context, now time.Time) error
 }
 
-// healthEvent is what an attempt showed about an upstream's health.
-type healthEvent int
+// HealthStatus is an upstream's up/down state at one moment.
+type HealthStatus struct {
+	Down bool
+	// DownUntil, while Down, is when a delivery may probe the upstream.
+	DownUntil time.Time
+	// Since is when the upstream last went down or came back up; zero if
+	// it has never been down.
+	Since time.Time
+	// Failures counts connection-level failures since the last success.
+	Failures int
+	// LastError is the last connection-level failure, "" if none yet.
+	LastError string
+}
+
+// HealthEvent is what an attempt showed about an upstream's health.
+type HealthEvent int
 
 const (
-	// healthNone: nothing learnt, e.g. the delivery was cancelled.
-	healthNone healthEvent = iota
-	// healthOK: the upstream answered a transaction on its merits.
-	healthOK
-	// healthFailed: a connection-level failure (connect, TLS, greeting,
+	// HealthNone: nothing learnt, e.g. the delivery was cancelled.
+	HealthNone HealthEvent = iota
+	// HealthOK: the upstream answered a transaction on its merits.
+	HealthOK
+	// HealthFailed: a connection-level failure (connect, TLS, greeting,
 	// EHLO, 421, a connection lost in a session).
-	healthFailed
-	// healthMisconfigured: the upstream refused our AUTH or demanded it
+	HealthFailed
+	// HealthMisconfigured: the upstream refused our AUTH or demanded it
 	// (530, 534, 535). Retrying soon cannot help, so it is down at once.
-	healthMisconfigured
+	HealthMisconfigured
 )
 
-// state returns the state kept for up, creating it on first use.
-// d.mu must be held.
-func (d *Deliverer) state(up *Upstream) *upstreamState {
-	if d.states == nil {
-		d.states = make(map[string]*upstreamState)
-	}
-	st, ok := d.states[up.Name]
-	if !ok {
-		st = &upstreamState{rate: rateLog{rate: up.RateLimit}}
-		d.states[up.Name] = st
-	}
-	return st
+// HealthReport is what one attempt tells Health.Report.
+type HealthReport struct {
+	Event HealthEvent
+	// Reason is the failure, for HealthFailed and HealthMisconfigured,
+	// with the upstream's secrets redacted.
+	Reason string
+	// Probe says whether the attempt was the probe that Admit allowed.
+	Probe  bool
+	Policy HealthPolicy
 }
 
-// admit decides whether a delivery may try the upstream now. A down
-// upstream is left out until DownUntil; then the first delivery probes it
-// while the others still leave it out. until is when a left-out upstream
-// may be tried again, zero if that is unknown (a probe is in flight).
-// d.mu must be held.
-func (d *Deliverer) admit(st *upstreamState, now time.Time) (probe bool, until time.Time, ok bool) {
-	h := &st.health
-	switch {
-	case !h.down:
-		return false, time.Time{}, true
-	case now.Before(h.downUntil):
-		return false, h.downUntil, false
-	case h.probing:
-		return false, time.Time{}, false
-	}
-	h.probing = true
-	return true, time.Time{}, true
+// HealthPolicy says when an upstream goes down and for how long; zero
+// fields take the defaults.
+type HealthPolicy struct {
+	// DownAfter is how many connection-level failures in a row mark an
+	// upstream down; default 3. HealthMisconfigured marks it down at once.
+	DownAfter int
+	// DownFor is how long a down upstream is left out before one
+	// delivery probes it; it doubles each time the probe fails, up to
+	// MaxDownFor. Defaults 30s and 5m.
+	DownFor    time.Duration
+	MaxDownFor time.Duration
 }
 
-// report records what an attempt showed about the upstream's health; probe
-// says whether the attempt was the probe that admit allowed. It logs when
-// the upstream goes down or comes back up.
-func (d *Deliverer) report(st *upstreamState, name string, probe bool, ev healthEvent, reason string) {
-	d.mu.Lock()
-	h := &st.health
-	now := d.now()
-	if probe {
-		h.probing = false
+func (p HealthPolicy) downAfter() int {
+	if p.DownAfter <= 0 {
+		return 3
 	}
-	var (
-		wentDown, cameUp bool
-		downFor          time.Duration
-		failures         int
-	)
-	switch ev {
-	case healthOK:
-		h.failures = 0
-		if h.down {
-			cameUp, downFor = true, now.Sub(h.since)
-			h.down, h.downs, h.downUntil, h.since = false, 0, time.Time{}, now
-		}
-	case healthFailed, healthMisconfigured:
-		h.failures++
-		st.failures++
-		h.lastError = reason
-		failures = h.failures
-		// A failed probe puts it down again, for longer; an upstream that
-		// is already down because of another delivery stays as it is.
-		if (h.down && probe) || (!h.down && (ev == healthMisconfigured || h.failures >= d.downAfter())) {
-			wentDown = true
-			if !h.down {
-				h.down, h.since = true, now
-			}
-			h.downs++
-			h.downUntil = now.Add(d.downFor(h.downs))
-		}
-	}
-	until := h.downUntil
-	d.mu.Unlock()
-
-	switch {
-	case wentDown:
-		d.logger().Warn("upstream down", "upstream", name, "reason", reason,
-			"failures", failures, "until", until.Format(time.RFC3339Nano), "probe", probe)
-	case cameUp:
-		d.logger().Info("upstream up", "upstream", name, "down_for", downFor.Round(time.Millisecond))
-	}
+	return p.DownAfter
 }
 
 // downFor is how long an upstream stays down the n-th time in a row:
 // DownFor, doubling up to MaxDownFor.
-func (d *Deliverer) downFor(n int) time.Duration {
-	dur := d.DownFor
+func (p HealthPolicy) downFor(n int) time.Duration {
+	dur := p.DownFor
 	if dur <= 0 {
 		dur = 30 * time.Second
 	}
-	limit := d.MaxDownFor
+	limit := p.MaxDownFor
 	if limit <= 0 {
 		limit = 5 * time.Minute
 	}
@@ -201,57 +107,94 @@ func (d *Deliverer) downFor(n int) time.Duration {
 	return min(dur, limit)
 }
 
-func (d *Deliverer) downAfter() int {
-	if d.DownAfter <= 0 {
-		return 3
-	}
-	return d.DownAfter
+// localHealth is a Health kept in this process's memory.
+type localHealth struct {
+	mu      sync.Mutex
+	st      HealthStatus
+	probing bool // a delivery is probing the down upstream
+	downs   int  // consecutive failed probes plus one, for backoff
 }
 
-// UpstreamStates returns the state of every configured upstream, in the
-// order of Deliverer.Upstreams.
-func (d *Deliverer) UpstreamStates() []State {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	out := make([]State, 0, len(d.Upstreams))
-	for i := range d.Upstreams {
-		up := &d.Upstreams[i]
-		st := d.state(up)
-		h := &st.health
-		s := State{
-			Name:                up.Name,
-			Up:                  !h.down,
-			Since:               h.since,
-			LastError:           h.lastError,
-			ConsecutiveFailures: h.failures,
-			OpenConnections:     st.pool.open,
-			IdleConnections:     len(st.pool.idle),
-			Attempts:            st.attempts,
-			Failures:            st.failures,
-			Dials:               st.dials,
-			RateLimitWaits:      st.rateWaits,
-			RateLimitWaited:     st.rateWaited,
-			RateLimited:         st.rateLimited,
-			TokenExpiry:         st.tokens.expiry(),
-		}
-		if h.down {
-			s.DownUntil = h.downUntil
-		}
-		out = append(out, s)
+func (h *localHealth) Admit(_ context.Context, now time.Time) (bool, HealthStatus, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.st.Down || now.Before(h.st.DownUntil) || h.probing {
+		return false, h.st, nil
 	}
-	return out
+	h.probing = true
+	return true, h.st, nil
 }
 
-// ProbeNow lets the next delivery probe every upstream that is down, as an
-// operator's flush or retry asks: they want mail to go now, not when the
-// down period ends.
-func (d *Deliverer) ProbeNow() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+func (h *localHealth) Report(_ context.Context, now time.Time, r HealthReport) (before, after HealthStatus, err error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	before = h.st
+	st := &h.st
+	if r.Probe {
+		h.probing = false
+	}
+	switch r.Event {
+	case HealthOK:
+		st.Failures = 0
+		if st.Down {
+			st.Down, st.DownUntil, st.Since = false, time.Time{}, now
+			h.downs = 0
+		}
+	case HealthFailed, HealthMisconfigured:
+		st.Failures++
+		st.LastError = r.Reason
+		// A failed probe puts it down again, for longer; an upstream that
+		// is already down because of another delivery stays as it is.
+		if (st.Down && r.Probe) || (!st.Down && (r.Event == HealthMisconfigured || st.Failures >= r.Policy.downAfter())) {
+			if !st.Down {
+				st.Down, st.Since = true, now
+			}
+			h.downs++
+			st.DownUntil = now.Add(r.Policy.downFor(h.downs))
+		}
+	}
+	return before, h.st, nil
+}
+
+func (h *localHealth) Status(context.Context) (HealthStatus, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.st, nil
+}
+
+func (h *localHealth) ProbeNow(_ context.Context, now time.Time) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.st.Down && now.Before(h.st.DownUntil) {
+		h.st.DownUntil = now
+	}
+	return nil
+}
+
+// healthPolicy is the Deliverer's HealthPolicy.
+func (d *Deliverer) healthPolicy() HealthPolicy {
+	return HealthPolicy{DownAfter: d.DownAfter, DownFor: d.DownFor, MaxDownFor: d.MaxDownFor}
+}
+
+// report records what an attempt through up showed about its health;
+// probe says whether the attempt was the probe that Admit allowed. It
+// logs when the upstream goes down or comes back up.
+func (d *Deliverer) report(ctx context.Context, up *Upstream, ep *endpoint, probe bool, ev HealthEvent, reason string) {
+	if ev == HealthFailed || ev == HealthMisconfigured {
+		ep.counters.failures.Add(1)
+	}
 	now := d.now()
-	for _, st := range d.states {
-		if st.health.down && now.Before(st.health.downUntil) {
-			st.health.downUntil = now
-		}
+	// Recorded even for a delivery that was cancelled: it is about the
+	// upstream, not the delivery.
+	before, after, err := ep.health.Report(context.WithoutCancel(ctx), now,
+		HealthReport{Event: ev, Reason: reason, Probe: probe, Policy: d.healthPolicy()})
+	switch {
+	case err != nil:
+		d.logger().Warn("upstream health not recorded", "upstream", up.Name, "err", err)
+	case after.Down && !after.DownUntil.Equal(before.DownUntil):
+		d.logger().Warn("upstream down", "upstream", up.Name, "reason", reason,
+			"failures", after.Failures, "until", after.DownUntil.Format(time.RFC3339Nano), "probe", probe)
+	case before.Down && !after.Down:
+		d.logger().Info("upstream up", "upstream", up.Name, "down_for", now.Sub(before.Since).Round(time.Millisecond))
 	}
 }

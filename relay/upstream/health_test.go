@@ -118,7 +118,7 @@ func TestAllUpstreamsDown(t *testing.T) {
 	clock := newFakeClock()
 	env.d.Now = clock.Now
 	env.d.DownAfter = 1
-	env.d.Routes = append([]Route{{FromDomain: "only-a.example", Upstreams: []string{"a"}}}, env.d.Routes...)
+	setRoutes(env.d, append([]Route{{FromDomain: "only-a.example", Upstreams: []string{"a"}}}, env.d.Config().Routes...)...)
 
 	res := deliver(t, env.d, testMessage("app@only-a.example", "x@example.net"), deliverBody)
 	checkResult(t, res[0], "x@example.net", queue.Pending, "421 4.3.2 Busy", "a")
@@ -271,5 +271,59 @@ func TestDeliverAuthRefusedMarksDown(t *testing.T) {
 	}
 	if got := len(b.WaitMessages(t, 2, 5*time.Second)); got != 2 {
 		t.Errorf("b got %d messages", got)
+	}
+}
+
+// TestLocalHealth drives one upstream's health alone, without a
+// Deliverer: down after DownAfter failures, one probe at a time, a longer
+// down period after a failed probe, ProbeNow, and up again.
+func TestLocalHealth(t *testing.T) {
+	ctx := context.Background()
+	t0 := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	p := HealthPolicy{DownAfter: 2, DownFor: 10 * time.Second, MaxDownFor: time.Minute}
+	h := &localHealth{}
+	admit := func(now time.Time, wantProbe, wantDown bool) {
+		t.Helper()
+		probe, st, err := h.Admit(ctx, now)
+		if err != nil || probe != wantProbe || st.Down != wantDown {
+			t.Fatalf("Admit at %v: probe %v, %+v, %v; want probe %v, down %v", now.Sub(t0), probe, st, err, wantProbe, wantDown)
+		}
+	}
+	fail := func(now time.Time, probe bool) HealthStatus {
+		t.Helper()
+		_, after, err := h.Report(ctx, now, HealthReport{Event: HealthFailed, Reason: "421 busy", Probe: probe, Policy: p})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return after
+	}
+
+	admit(t0, false, false)
+	if st := fail(t0, false); st.Down || st.Failures != 1 || st.LastError != "421 busy" {
+		t.Fatalf("after one failure: %+v", st)
+	}
+	if st := fail(t0, false); !st.Down || !st.DownUntil.Equal(t0.Add(10*time.Second)) || !st.Since.Equal(t0) {
+		t.Fatalf("after two: %+v", st)
+	}
+	admit(t0.Add(5*time.Second), false, true)
+	// The down period over: one probe, the others still left out.
+	admit(t0.Add(10*time.Second), true, true)
+	admit(t0.Add(10*time.Second), false, true)
+	if st := fail(t0.Add(11*time.Second), true); !st.DownUntil.Equal(t0.Add(31*time.Second)) || !st.Since.Equal(t0) {
+		t.Fatalf("after a failed probe: %+v", st)
+	}
+	if err := h.ProbeNow(ctx, t0.Add(12*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	admit(t0.Add(12*time.Second), true, true)
+	before, after, err := h.Report(ctx, t0.Add(13*time.Second), HealthReport{Event: HealthOK, Probe: true, Policy: p})
+	if err != nil || !before.Down || after.Down || after.Failures != 0 || !after.Since.Equal(t0.Add(13*time.Second)) {
+		t.Fatalf("after a good probe: before %+v, after %+v, %v", before, after, err)
+	}
+	admit(t0.Add(13*time.Second), false, false)
+	// A refused login takes it down at once, for DownFor again.
+	_, after, _ = h.Report(ctx, t0.Add(14*time.Second), HealthReport{Event: HealthMisconfigured, Reason: "535", Policy: p})
+	if !after.Down || !after.DownUntil.Equal(t0.Add(24*time.Second)) {
+		t.Fatalf("after a refused login: %+v", after)
 	}
 }

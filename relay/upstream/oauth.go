@@ -195,7 +195,7 @@ var (
 // the cache, and the error wraps errTokenRefused so that the caller may try
 // once more with a new one. It returns the mechanism it chose, "" when the
 // upstream offers none that fits.
-func (d *Deliverer) authenticateOAuth(ctx context.Context, c *smtp.Client, up *Upstream, mode AuthMode) (string, error) {
+func authenticateOAuth(ctx context.Context, c *smtp.Client, up *Upstream, mode AuthMode, tokens *tokenCache) (string, error) {
 	mech := ""
 	switch {
 	case mode == AuthOAuthBearer || mode == AuthOAuth2 && c.SupportsAuth(sasl.OAuthBearer):
@@ -208,7 +208,6 @@ func (d *Deliverer) authenticateOAuth(ctx context.Context, c *smtp.Client, up *U
 	if !c.SupportsAuth(mech) {
 		return "", noAuth(c)
 	}
-	tokens := d.tokenCache(up)
 	if tokens == nil {
 		return "", fmt.Errorf("%w: %s without OAuth2 configuration", errNoAuth, mech)
 	}
@@ -288,7 +287,7 @@ type tokenCache struct {
 	oauth    *OAuth
 	client   *http.Client
 	now      func() time.Time
-	logger   *slog.Logger
+	logger   func() *slog.Logger // the Deliverer's, read when used
 
 	mu      sync.Mutex
 	tok     *oauth2.Token
@@ -313,30 +312,24 @@ type tokenCall struct {
 	err   error
 }
 
-// tokenCache returns up's token cache, creating it on first use; nil when
-// up has no OAuth configuration.
-func (d *Deliverer) tokenCache(up *Upstream) *tokenCache {
+// newTokenCache returns an empty token cache for up, nil when up has no
+// OAuth configuration.
+func newTokenCache(up *Upstream, now func() time.Time, logger func() *slog.Logger) *tokenCache {
 	if up.OAuth == nil {
 		return nil
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	st := d.state(up)
-	if st.tokens == nil {
-		client := up.OAuth.Client
-		if client == nil {
-			client = &http.Client{Timeout: 30 * time.Second}
-		}
-		st.tokens = &tokenCache{
-			upstream: up.Name,
-			oauth:    up.OAuth,
-			client:   client,
-			now:      d.now,
-			logger:   d.logger(),
-			refresh:  up.OAuth.RefreshToken,
-		}
+	client := up.OAuth.Client
+	if client == nil {
+		client = &http.Client{Timeout: 30 * time.Second}
 	}
-	return st.tokens
+	return &tokenCache{
+		upstream: up.Name,
+		oauth:    up.OAuth,
+		client:   client,
+		now:      now,
+		logger:   logger,
+		refresh:  up.OAuth.RefreshToken,
+	}
 }
 
 // token returns a valid access token: the cached one, or a new one.
@@ -390,7 +383,7 @@ func (tc *tokenCache) fetch(ctx context.Context, call *tokenCall) {
 		call.err = tokenError(err, redactor(append(oauthSecrets(tc.oauth), tc.issued...)))
 		tc.mu.Unlock()
 		close(call.done)
-		tc.logger.Warn("oauth2 token request failed", "upstream", tc.upstream, "err", call.err)
+		tc.logger().Warn("oauth2 token request failed", "upstream", tc.upstream, "err", call.err)
 		return
 	}
 	tc.tok, tc.fetched, call.token = tok, start, tok.AccessToken
@@ -411,7 +404,7 @@ func (tc *tokenCache) fetch(ctx context.Context, call *tokenCall) {
 		// Kept in memory only: the file is the operator's.
 		attrs = append(attrs, "refresh_token_rotated", true)
 	}
-	tc.logger.Info("oauth2 token obtained", attrs...)
+	tc.logger().Info("oauth2 token obtained", attrs...)
 }
 
 // remember adds token to issued. tc.mu must be held.
@@ -498,7 +491,7 @@ func (tc *tokenCache) invalidate(token string) {
 	}
 	tc.mu.Unlock()
 	if dropped {
-		tc.logger.Debug("oauth2 token dropped after the upstream refused it", "upstream", tc.upstream)
+		tc.logger().Debug("oauth2 token dropped after the upstream refused it", "upstream", tc.upstream)
 	}
 }
 

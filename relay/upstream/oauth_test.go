@@ -659,9 +659,10 @@ func TestTokenCacheConcurrent(t *testing.T) {
 	o := refreshFlow()
 	o.TokenURL, o.Client = ts.URL(), ts.srv.Client()
 	d := &Deliverer{Now: clock.Now, Logger: slog.New(slog.DiscardHandler)}
-	up := &Upstream{Name: "oauth", OAuth: &o}
-	tc := d.tokenCache(up)
-	if d.tokenCache(up) != tc {
+	d.SetConfig(Config{Upstreams: []Upstream{{Name: "oauth", OAuth: &o}}})
+	tokenCache := func() *tokenCache { return d.current().endpoints["oauth"].tokens }
+	tc := tokenCache()
+	if tokenCache() != tc {
 		t.Fatal("a second cache for the same upstream")
 	}
 

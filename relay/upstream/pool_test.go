@@ -331,9 +331,10 @@ func TestDeliverCancelledWhileWaiting(t *testing.T) {
 		second <- env.d.Deliver(ctx, testMessage("app@example.com", "y@example.net"), queue.NewBody([]byte(deliverBody)))
 	}()
 	waitFor(t, 5*time.Second, "second delivery not waiting for the connection", func() bool {
-		env.d.mu.Lock()
-		defer env.d.mu.Unlock()
-		return env.d.states["a"].pool.freed != nil // a waiter asked to be woken
+		p := env.d.current().endpoints["a"].pool
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.freed != nil // a waiter asked to be woken
 	})
 	cancel()
 	res := <-second
@@ -346,5 +347,39 @@ func TestDeliverCancelledWhileWaiting(t *testing.T) {
 	}
 	if s.Connections() != 1 {
 		t.Errorf("%d connections, want 1", s.Connections())
+	}
+}
+
+// TestPoolPlaces drives a pool's places alone: reserved up to its limit,
+// then a wait that a freed place or a higher limit ends; a closed pool
+// keeps no idle connection.
+func TestPoolPlaces(t *testing.T) {
+	p := newPool(2, false)
+	for i := range 2 {
+		if uc, reserved, _ := p.take(); uc != nil || !reserved {
+			t.Fatalf("take %d: %v %v, want a place", i, uc, reserved)
+		}
+	}
+	_, reserved, freed := p.take()
+	if reserved || freed == nil {
+		t.Fatal("a third place at a limit of 2")
+	}
+	p.free()
+	<-freed // woken by the place given back
+	if _, reserved, _ := p.take(); !reserved {
+		t.Fatal("no place after one was given back")
+	}
+	_, _, freed = p.take()
+	p.setLimit(3)
+	<-freed // woken by the higher limit
+	if _, reserved, _ := p.take(); !reserved {
+		t.Fatal("no place under the higher limit")
+	}
+	if open, idle := p.size(); open != 3 || idle != 0 {
+		t.Errorf("size %d open, %d idle; want 3, 0", open, idle)
+	}
+	p.close()
+	if p.put(&upstreamConn{}, time.Minute) {
+		t.Error("a closed pool kept an idle connection")
 	}
 }

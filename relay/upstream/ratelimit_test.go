@@ -105,7 +105,7 @@ func TestRateLimitLongWait(t *testing.T) {
 	upA := plainUpstream("a", a)
 	upA.RateLimit = Rate{N: 1, Per: time.Hour}
 	env := newDeliverer(t, upA, plainUpstream("b", b))
-	env.d.Routes = append([]Route{{FromDomain: "only-a.example", Upstreams: []string{"a"}}}, env.d.Routes...)
+	setRoutes(env.d, append([]Route{{FromDomain: "only-a.example", Upstreams: []string{"a"}}}, env.d.Config().Routes...)...)
 
 	res := deliver(t, env.d, testMessage("app@only-a.example", "x@example.net"), deliverBody)
 	checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "a")
@@ -149,13 +149,38 @@ func TestRateLimitWaitCancelled(t *testing.T) {
 		done <- env.d.Deliver(ctx, testMessage("app@example.com", "y@example.net"), queue.NewBody([]byte(deliverBody)))
 	}()
 	waitFor(t, 5*time.Second, "no delivery waiting", func() bool {
-		env.d.mu.Lock()
-		defer env.d.mu.Unlock()
-		return env.d.states["a"].rate.changed != nil // a waiter asked to be woken
+		w := env.d.current().endpoints["a"].window.(*localWindow)
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.changed != nil // a waiter asked to be woken
 	})
 	cancel()
 	res = <-done
 	if len(res) != 1 || res[0].State != queue.Pending || !strings.HasPrefix(res[0].Reply, "interrupted: ") {
 		t.Errorf("cancelled wait: %+v", res)
+	}
+}
+
+// TestRateLogSetRate: a changed rate keeps the newest end times it has
+// room for, so that a reload goes on counting the quota.
+func TestRateLogSetRate(t *testing.T) {
+	t0 := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	at := func(s float64) time.Time { return t0.Add(time.Duration(s * float64(time.Second))) }
+	r := &rateLog{rate: Rate{N: 3, Per: 10 * time.Second}}
+	for i := range 3 {
+		if wait, _ := r.take(at(float64(i))); wait != 0 {
+			t.Fatalf("take %d: wait %v", i, wait)
+		}
+		r.release(at(float64(i)), true)
+	}
+	// Ended at 0, 1 and 2; two fit under the new rate: 1 and 2.
+	r.setRate(Rate{N: 2, Per: 10 * time.Second})
+	if wait, exact := r.take(at(3)); wait != 8*time.Second || !exact {
+		t.Errorf("after shrinking: wait %v exact %v, want 8s", wait, exact)
+	}
+	// Grown again: the two kept, and room for one more at once.
+	r.setRate(Rate{N: 3, Per: 10 * time.Second})
+	if wait, _ := r.take(at(3)); wait != 0 {
+		t.Errorf("after growing: wait %v, want 0", wait)
 	}
 }

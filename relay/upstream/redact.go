@@ -79,19 +79,13 @@ func oauthSecrets(o *OAuth) []string {
 	return out
 }
 
-// redactor returns the replacer for texts from up and its token endpoint:
-// the secrets of up's configuration and the tokens that its token cache
-// holds now.
-func (d *Deliverer) redactor(up *Upstream) *strings.Replacer {
+// redactorFor returns the replacer for texts from up and its token
+// endpoint: the secrets of up's configuration and the tokens that its
+// token cache (nil for none) holds now.
+func redactorFor(up *Upstream, tokens *tokenCache) *strings.Replacer {
 	secrets := upstreamSecrets(up)
-	var tc *tokenCache
-	d.mu.Lock()
-	if st, ok := d.states[up.Name]; ok {
-		tc = st.tokens
-	}
-	d.mu.Unlock()
-	if tc != nil {
-		secrets = append(secrets, tc.tokens()...)
+	if tokens != nil {
+		secrets = append(secrets, tokens.tokens()...)
 	}
 	return redactor(secrets)
 }

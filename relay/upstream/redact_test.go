@@ -169,7 +169,7 @@ func TestDeliverRedactsEchoedSecrets(t *testing.T) {
 				TokenURL: ts.srv.URL + "/token", Client: ts.srv.Client()}},
 	)
 	d := env.d
-	d.Routes = []Route{{FromDomain: "pass.example", Upstreams: []string{"pass"}}, {FromDomain: "oauth.example", Upstreams: []string{"oauth"}}}
+	setRoutes(d, Route{FromDomain: "pass.example", Upstreams: []string{"pass"}}, Route{FromDomain: "oauth.example", Upstreams: []string{"oauth"}})
 	d.Now = clock.Now
 	d.Logger = slog.New(slog.NewTextHandler(env.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	d.Close() // no idle connections: every delivery logs in afresh

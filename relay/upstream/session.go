@@ -26,10 +26,10 @@ type upstreamConn struct {
 	idleTimer *time.Timer // while idle: closes it after IdleTimeout
 }
 
-// connect dials up and prepares a session: TLS as configured, EHLO, AUTH.
-// The connection is attached to ctx. Any failure here is the upstream's or
-// ours, never the message's.
-func (d *Deliverer) connect(ctx context.Context, up *Upstream) (*upstreamConn, error) {
+// connect dials up and prepares a session: TLS as configured, EHLO, AUTH
+// (an OAuth2 login with a token from tokens). The connection is attached
+// to ctx. Any failure here is the upstream's or ours, never the message's.
+func (d *Deliverer) connect(ctx context.Context, up *Upstream, tokens *tokenCache) (*upstreamConn, error) {
 	cctx, cancel := context.WithTimeout(ctx, d.commandTimeout())
 	defer cancel()
 	raw, err := d.dial(cctx, up)
@@ -46,7 +46,7 @@ func (d *Deliverer) connect(ctx context.Context, up *Upstream) (*upstreamConn, e
 	}
 	uc.client = c
 	if up.Username != "" {
-		if _, err := d.authenticate(cctx, c, up); err != nil {
+		if _, err := authenticate(cctx, c, up, tokens); err != nil {
 			uc.close(isSMTPError(err))
 			return nil, &stageError{stage: "auth", err: err}
 		}
@@ -133,10 +133,10 @@ func (up *Upstream) clientTLS() (*tls.Config, error) {
 // (RFC 4954), and returns the mechanism it chose ("" when none fits).
 // Both send the password in the clear, which is why the connection is
 // protected by TLS unless configured otherwise. An upstream with OAuth2
-// gets an access token instead (see authenticateOAuth).
-func (d *Deliverer) authenticate(ctx context.Context, c *smtp.Client, up *Upstream) (mech string, err error) {
+// gets an access token from tokens instead (see authenticateOAuth).
+func authenticate(ctx context.Context, c *smtp.Client, up *Upstream, tokens *tokenCache) (mech string, err error) {
 	if mode := up.authMode(); mode != AuthPassword {
-		return d.authenticateOAuth(ctx, c, up, mode)
+		return authenticateOAuth(ctx, c, up, mode, tokens)
 	}
 	switch {
 	case c.SupportsAuth(sasl.Plain):

@@ -91,7 +91,9 @@ func TestDeliverStartTLSStallBounded(t *testing.T) {
 		t.Run(at, func(t *testing.T) {
 			s := startStallServer(t, at)
 			env := newDeliverer(t, Upstream{Name: "a", Address: s.ln.Addr().String(), TLS: mailproto.TLSStartTLS, RootCAs: pki.CAPool})
-			env.d.CommandTimeout = 500 * time.Millisecond
+			cfg := env.d.Config()
+			cfg.CommandTimeout = 500 * time.Millisecond
+			env.d.SetConfig(cfg)
 			done := make(chan []queue.Result, 1)
 			start := time.Now()
 			go func() {

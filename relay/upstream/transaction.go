@@ -21,7 +21,7 @@ type txOutcome struct {
 	reusable bool  // the connection may carry another transaction
 	canQuit  bool  // the upstream can still answer QUIT
 	dataSent bool  // the final dot went out: the message counts for the rate limit
-	health   healthEvent
+	health   HealthEvent
 	// healthReason is the failure that health reports, if any.
 	healthReason string
 }
@@ -53,7 +53,7 @@ func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body
 	broken := func(stage string, err error, idx []int, failover bool) txOutcome {
 		err = &stageError{stage: stage, err: err}
 		out.err, out.reusable, out.canQuit = err, false, false
-		out.health, out.healthReason = healthFailed, replyText(err)
+		out.health, out.healthReason = HealthFailed, replyText(err)
 		set(idx, queue.Pending, replyText(err))
 		for _, i := range idx {
 			out.failover[i] = failover
@@ -67,7 +67,7 @@ func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body
 		if se.Code == 421 {
 			// RFC 5321 section 3.8: the upstream is closing the connection.
 			out.reusable, out.canQuit = false, false
-			out.health, out.healthReason = healthFailed, formatReply(se)
+			out.health, out.healthReason = HealthFailed, formatReply(se)
 		}
 		return out
 	}
@@ -90,13 +90,13 @@ func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body
 			// configuration, not the message's.
 			set(all, queue.Pending, formatReply(se))
 			out.canQuit = true
-			out.health, out.healthReason = healthMisconfigured, formatReply(se)
+			out.health, out.healthReason = HealthMisconfigured, formatReply(se)
 			return out
 		}
-		out.health = healthOK
+		out.health = HealthOK
 		return refused(se, all)
 	}
-	out.health = healthOK
+	out.health = HealthOK
 
 	var accepted []int
 	for i, r := range rcpts {
@@ -126,7 +126,7 @@ func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body
 	// worse than a late one. Deadlines still bound every step.
 	if !uc.detach() {
 		broken("interrupted", errors.New("cancelled before DATA"), accepted, true)
-		out.health, out.healthReason = healthNone, ""
+		out.health, out.healthReason = HealthNone, ""
 		return out
 	}
 	w, err := c.Data()
