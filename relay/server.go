@@ -33,14 +33,6 @@ type Queue interface {
 	PutSpooled(ctx context.Context, m *queue.Message, head []byte, sp *queue.Spool) error
 }
 
-// Signer signs a message at the door (*dkim.Signer is one): Stream takes
-// the start of the message, its whole header section included, then the
-// rest, and Finish returns header fields (each ending in CRLF) to put in
-// front of it, or nil to leave it unsigned.
-type Signer interface {
-	Stream(fromDomain string, header []byte) (*dkim.Stream, error)
-}
-
 // maxLineLength bounds one command line, and one line of message data.
 // RFC 5321 section 4.5.3.1.6 allows 1000 octets; real mail has longer lines
 // and upstreams accept them, so this is a memory bound, not a syntax rule.
@@ -55,7 +47,7 @@ type Server struct {
 	Users     []User
 	Limits    Limits
 	Queue     Queue
-	Signer    Signer                 // optional DKIM signer; SetSigner replaces it
+	Signer    *dkim.Signer           // optional: nil relays unsigned; SetSigner replaces it
 	Routable  func(from string) bool // optional: refuse senders no route delivers
 	Logger    *slog.Logger
 	Now       func() time.Time
@@ -70,7 +62,7 @@ type Server struct {
 	spoolAfter int
 
 	users    atomic.Pointer[users]
-	signer   atomic.Pointer[signerBox]
+	signer   atomic.Pointer[dkim.Signer]
 	creds    *credentialCache
 	limiter  *authLimiter
 	clients  *clientCounts // connections per client address
@@ -198,20 +190,9 @@ func (s *Server) SetUsers(list []User) {
 // SetSigner replaces the DKIM signer; nil turns signing off. A message
 // is signed by the signer current when its DATA ends or, for one too
 // large to hold in memory, when its header section has arrived.
-func (s *Server) SetSigner(sig Signer) {
-	s.signer.Store(&signerBox{sig})
+func (s *Server) SetSigner(sig *dkim.Signer) {
+	s.signer.Store(sig)
 }
-
-// currentSigner is the signer set last, nil for none.
-func (s *Server) currentSigner() Signer {
-	if b := s.signer.Load(); b != nil {
-		return b.Signer
-	}
-	return nil
-}
-
-// signerBox lets an interface value, nil included, live in an atomic.Pointer.
-type signerBox struct{ Signer }
 
 // Addrs returns the bound address of each listener, in configuration order.
 func (s *Server) Addrs() []net.Addr {

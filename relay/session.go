@@ -423,7 +423,7 @@ func (s *session) store(m *queue.Message, buf []byte, end int, blank bool, field
 	}
 	d := door{buf: buf, start: headroom}
 	d.prepend(fields)
-	if signer := s.srv.currentSigner(); signer != nil {
+	if signer := s.srv.signer.Load(); signer != nil {
 		// Signed once, here, over the final bytes: the stored message is
 		// what every attempt sends, so a retry never re-signs.
 		st, err := signer.Stream(mailproto.DomainOf(headerFrom), d.bytes())
@@ -479,7 +479,7 @@ func (s *session) storeSpooled(m *queue.Message, norm *normalizer, mb *messageBu
 			}
 		}
 	}()
-	if signer := s.srv.currentSigner(); signer != nil {
+	if signer := s.srv.signer.Load(); signer != nil {
 		if st, err = signer.Stream(mailproto.DomainOf(headerFrom), head); err != nil {
 			return false, s.signingFailed(m.ID, err)
 		}

@@ -203,10 +203,9 @@ func deliveryConfig(cfg *Config) upstream.Config {
 	}
 }
 
-// newSigner builds the DKIM signer of a configuration: nil, not a nil
-// *dkim.Signer, when there are no keys, since that in the relay.Signer
-// interface would not be nil.
-func newSigner(cfg *Config) (relay.Signer, error) {
+// newSigner builds the DKIM signer of a configuration, nil when it has no
+// keys.
+func newSigner(cfg *Config) (*dkim.Signer, error) {
 	if len(cfg.DKIM) == 0 {
 		return nil, nil
 	}
