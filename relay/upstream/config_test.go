@@ -7,7 +7,9 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"smarthost/internal/mailproto"
 	"smarthost/internal/smtptest"
+	"smarthost/internal/testpki"
 	"smarthost/queue"
 )
 
@@ -124,5 +126,38 @@ func TestSetConfigRateWindowByName(t *testing.T) {
 	checkResult(t, res[0], "z@example.net", queue.Delivered, "250 ", "b")
 	if len(s1.Messages()) != 1 || len(s2.Messages()) != 1 {
 		t.Errorf("messages: %d to the first server, %d to the second; want 1 and 1", len(s1.Messages()), len(s2.Messages()))
+	}
+}
+
+// TestSameEndpoint: what makes an upstream another server or another
+// login for SetConfig, and what does not.
+func TestSameEndpoint(t *testing.T) {
+	pki := testpki.New(t)
+	base := Upstream{Name: "a", Address: "smtp.example.com:465", TLS: mailproto.TLSImplicit, Username: upUser, Password: upPass,
+		RootCAs: pki.CAPool, OAuth: &OAuth{ClientID: "id", RefreshToken: "r1"}}
+	for _, tt := range []struct {
+		name   string
+		change func(*Upstream)
+		same   bool
+	}{
+		{"nothing", func(*Upstream) {}, true},
+		{"max_connections", func(u *Upstream) { u.MaxConnections = 9 }, true},
+		{"rate_limit", func(u *Upstream) { u.RateLimit = Rate{N: 1, Per: time.Hour} }, true},
+		{"envelope_from", func(u *Upstream) { u.EnvelopeFrom, u.DSNFrom, u.HeaderFromRewrite = upUser, upUser, true }, true},
+		{"the same OAuth settings read again", func(u *Upstream) { u.OAuth = &OAuth{ClientID: "id", RefreshToken: "r1"} }, true},
+		{"the same CA read again", func(u *Upstream) { u.RootCAs = pki.CAPool.Clone() }, true},
+		{"address", func(u *Upstream) { u.Address = "smtp.example.com:587" }, false},
+		{"tls", func(u *Upstream) { u.TLS = mailproto.TLSStartTLS }, false},
+		{"ca_file", func(u *Upstream) { u.RootCAs = testpki.New(t).CAPool }, false},
+		{"username", func(u *Upstream) { u.Username = "other@example.com" }, false},
+		{"password", func(u *Upstream) { u.Password = "rotated" }, false},
+		{"auth", func(u *Upstream) { u.Auth = AuthXOAUTH2 }, false},
+		{"refresh token", func(u *Upstream) { u.OAuth = &OAuth{ClientID: "id", RefreshToken: "r2"} }, false},
+	} {
+		u := base
+		tt.change(&u)
+		if got := sameEndpoint(base, u); got != tt.same {
+			t.Errorf("%s changed: sameEndpoint %v, want %v", tt.name, got, tt.same)
+		}
 	}
 }

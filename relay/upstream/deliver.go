@@ -272,6 +272,8 @@ func (d *Deliverer) try(ctx context.Context, up *Upstream, ep *endpoint, from st
 	now := d.now()
 	probe, health, err := ep.health.Admit(ctx, now)
 	if err != nil {
+		// Where the health is kept could not answer: not the upstream's
+		// failure, and not a reason to leave it out for long.
 		err = &stageError{stage: "health", err: err}
 		return failAll(rcpts, up.Name, replyText(err), err)
 	}

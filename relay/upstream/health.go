@@ -180,7 +180,10 @@ func (d *Deliverer) healthPolicy() HealthPolicy {
 // probe says whether the attempt was the probe that Admit allowed. It
 // logs when the upstream goes down or comes back up.
 func (d *Deliverer) report(ctx context.Context, up *Upstream, ep *endpoint, probe bool, ev HealthEvent, reason string) {
-	if ev == HealthFailed || ev == HealthMisconfigured {
+	switch {
+	case ev == HealthNone && !probe:
+		return // nothing to record
+	case ev == HealthFailed || ev == HealthMisconfigured:
 		ep.counters.failures.Add(1)
 	}
 	now := d.now()
