@@ -53,19 +53,6 @@ var (
 	_ queue.Observer    = (*Metrics)(nil)
 )
 
-// RejectReasons are the reasons of smarthost_messages_rejected_total: the
-// "reason" of the submission side's "rejected" log lines, and
-// shutting_down. too_many_recipients is not among them: go-smtp answers
-// that itself, unseen.
-var RejectReasons = []string{
-	"auth_required", "sender_not_allowed", "bad_sender", "bad_recipient", "no_route",
-	"bad_header", "loop", "too_large", "line_too_long", "timeout", "storage", "internal",
-	"auth_timeout", "credentials_changed", "shutting_down",
-}
-
-// RefuseReasons are the reasons of smarthost_connections_refused_total.
-var RefuseReasons = []string{"untrusted_network", "max_connections", "max_connections_per_ip"}
-
 // attemptResults are the results of smarthost_delivery_attempts_total.
 var attemptResults = []string{upstream.ResultDelivered, upstream.ResultDeferred, upstream.ResultFailed, "skipped"}
 
@@ -206,11 +193,11 @@ func (m *Metrics) InitLabels(listeners, upstreams []string) {
 		m.authBlocked.WithLabelValues(l)
 		m.connectionsOpen.WithLabelValues(l)
 		m.connections.WithLabelValues(l)
-		for _, r := range RejectReasons {
-			m.rejected.WithLabelValues(l, r)
+		for _, r := range relay.RejectReasons() {
+			m.rejected.WithLabelValues(l, string(r))
 		}
-		for _, r := range RefuseReasons {
-			m.connectionsRefused.WithLabelValues(l, r)
+		for _, r := range relay.RefuseReasons() {
+			m.connectionsRefused.WithLabelValues(l, string(r))
 		}
 	}
 	for _, u := range upstreams {
@@ -254,8 +241,8 @@ func (m *Metrics) ConnectionClosed(listener string) {
 }
 
 // ConnectionRefused implements relay.Observer.
-func (m *Metrics) ConnectionRefused(listener, reason string) {
-	m.connectionsRefused.WithLabelValues(listener, reason).Inc()
+func (m *Metrics) ConnectionRefused(listener string, reason relay.Reason) {
+	m.connectionsRefused.WithLabelValues(listener, string(reason)).Inc()
 }
 
 // Accepted implements relay.Observer.
@@ -270,8 +257,8 @@ func (m *Metrics) Accepted(listener string, size int, signed bool) {
 }
 
 // Rejected implements relay.Observer.
-func (m *Metrics) Rejected(listener, reason string) {
-	m.rejected.WithLabelValues(listener, reason).Inc()
+func (m *Metrics) Rejected(listener string, reason relay.Reason) {
+	m.rejected.WithLabelValues(listener, string(reason)).Inc()
 }
 
 // AuthFailed implements relay.Observer.

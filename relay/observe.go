@@ -1,8 +1,8 @@
 package relay
 
 // Observer is told what the submission side does, for metrics. listener is
-// the Listener's Name; reasons are the fixed words the logs use
-// ("sender_not_allowed", "untrusted_network", …), never an address. Calls
+// the Listener's Name; reasons are the fixed words the logs use (Reason,
+// see RejectReasons and RefuseReasons), never an address. Calls
 // come from the connections' goroutines: they must be quick and safe for
 // concurrent use.
 type Observer interface {
@@ -11,15 +11,14 @@ type Observer interface {
 	ConnectionOpened(listener string)
 	ConnectionClosed(listener string)
 	// ConnectionRefused: a connection was turned away before SMTP, for
-	// reason "untrusted_network", "max_connections" or
-	// "max_connections_per_ip".
-	ConnectionRefused(listener, reason string)
+	// one of RefuseReasons.
+	ConnectionRefused(listener string, reason Reason)
 	// Accepted: a message was queued and answered 250; size is what was
 	// stored, signed whether it carries our DKIM signature.
 	Accepted(listener string, size int, signed bool)
-	// Rejected: a command or a message was refused, for reason (the
-	// "reason" of the "rejected" log line, or "shutting_down").
-	Rejected(listener, reason string)
+	// Rejected: a command or a message was refused, for one of
+	// RejectReasons (the "reason" of the "rejected" log line).
+	Rejected(listener string, reason Reason)
 	// AuthFailed: an AUTH attempt failed. AuthBlocked: one was refused
 	// with 421 because the client failed too often.
 	AuthFailed(listener string)
@@ -38,19 +37,19 @@ type nopObserver struct{}
 
 func (nopObserver) ConnectionOpened(string)          {}
 func (nopObserver) ConnectionClosed(string)          {}
-func (nopObserver) ConnectionRefused(string, string) {}
+func (nopObserver) ConnectionRefused(string, Reason) {}
 func (nopObserver) Accepted(string, int, bool)       {}
-func (nopObserver) Rejected(string, string)          {}
+func (nopObserver) Rejected(string, Reason)          {}
 func (nopObserver) AuthFailed(string)                {}
 func (nopObserver) AuthBlocked(string)               {}
 
 // observeReject tells the Observer about a refusal logged with reason.
-func (s *session) observeReject(reason string) {
+func (s *session) observeReject(reason Reason) {
 	o, name := s.srv.observer(), s.lis.cfg.Name
 	switch reason {
-	case "auth_failed", "auth_identity":
+	case ReasonAuthFailed, ReasonAuthIdentity:
 		o.AuthFailed(name)
-	case "auth_blocked":
+	case ReasonAuthBlocked:
 		o.AuthBlocked(name)
 	default:
 		o.Rejected(name, reason)

@@ -27,12 +27,12 @@ func (r *recorder) add(format string, args ...any) {
 	r.events[fmt.Sprintf(format, args...)]++
 }
 
-func (r *recorder) ConnectionOpened(l string)       { r.add("opened %s", l) }
-func (r *recorder) ConnectionClosed(l string)       { r.add("closed %s", l) }
-func (r *recorder) ConnectionRefused(l, why string) { r.add("refused %s %s", l, why) }
-func (r *recorder) Rejected(l, why string)          { r.add("rejected %s %s", l, why) }
-func (r *recorder) AuthFailed(l string)             { r.add("auth_failed %s", l) }
-func (r *recorder) AuthBlocked(l string)            { r.add("auth_blocked %s", l) }
+func (r *recorder) ConnectionOpened(l string)              { r.add("opened %s", l) }
+func (r *recorder) ConnectionClosed(l string)              { r.add("closed %s", l) }
+func (r *recorder) ConnectionRefused(l string, why Reason) { r.add("refused %s %s", l, why) }
+func (r *recorder) Rejected(l string, why Reason)          { r.add("rejected %s %s", l, why) }
+func (r *recorder) AuthFailed(l string)                    { r.add("auth_failed %s", l) }
+func (r *recorder) AuthBlocked(l string)                   { r.add("auth_blocked %s", l) }
 func (r *recorder) Accepted(l string, size int, signed bool) {
 	r.add("accepted %s signed=%v", l, signed)
 	r.mu.Lock()

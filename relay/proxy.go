@@ -108,8 +108,8 @@ func (l *proxyListener) run() {
 		select {
 		case l.slots <- struct{}{}:
 		default:
-			l.srv.Logger.Warn("connection refused", "listener", l.cfg.Name, "proxy_ip", src.String(), "reason", "too many PROXY headers pending")
-			l.srv.observer().ConnectionRefused(l.cfg.Name, "max_connections")
+			l.srv.Logger.Warn("connection refused", "listener", l.cfg.Name, "proxy_ip", src.String(), "reason", ReasonMaxConnections, "detail", "too many PROXY headers pending")
+			l.srv.observer().ConnectionRefused(l.cfg.Name, ReasonMaxConnections)
 			c.Close()
 			continue
 		}
@@ -186,12 +186,12 @@ func (l *proxyListener) readHeader(c net.Conn, proxyIP netip.Addr) {
 			return
 		default:
 		}
-		reason := "no valid PROXY header"
+		detail := "no valid PROXY header"
 		if errors.Is(err, proxyproto.ErrNoProxyProtocol) {
-			reason = "no PROXY header"
+			detail = "no PROXY header"
 		}
-		l.srv.Logger.Info("connection refused", "listener", l.cfg.Name, "proxy_ip", proxyIP.String(), "reason", reason, "error", err)
-		l.srv.observer().ConnectionRefused(l.cfg.Name, "proxy_header")
+		l.srv.Logger.Info("connection refused", "listener", l.cfg.Name, "proxy_ip", proxyIP.String(), "reason", ReasonProxyHeader, "detail", detail, "error", err)
+		l.srv.observer().ConnectionRefused(l.cfg.Name, ReasonProxyHeader)
 		c.Close()
 		return
 	}
@@ -206,8 +206,8 @@ func (l *proxyListener) readHeader(c net.Conn, proxyIP netip.Addr) {
 		remote = src
 	default:
 		l.srv.Logger.Info("connection refused", "listener", l.cfg.Name, "proxy_ip", proxyIP.String(),
-			"reason", "PROXY header for a transport other than TCP")
-		l.srv.observer().ConnectionRefused(l.cfg.Name, "proxy_header")
+			"reason", ReasonProxyHeader, "detail", "PROXY header for a transport other than TCP")
+		l.srv.observer().ConnectionRefused(l.cfg.Name, ReasonProxyHeader)
 		c.Close()
 		return
 	}
@@ -282,8 +282,8 @@ func (c *untrustedConn) Read(p []byte) (int, error) {
 // mid-handshake and just loses the connection.
 func (c *untrustedConn) refuse() {
 	c.l.srv.Logger.Info("connection refused", "listener", c.l.cfg.Name, "client_ip", c.ip.String(),
-		"reason", "PROXY header from a source not in proxy_trusted")
-	c.l.srv.observer().Rejected(c.l.cfg.Name, "proxy_header")
+		"reason", ReasonProxyHeader, "detail", "PROXY header from a source not in proxy_trusted")
+	c.l.srv.observer().Rejected(c.l.cfg.Name, ReasonProxyHeader)
 	if c.l.cfg.TLS == mailproto.TLSImplicit {
 		return
 	}

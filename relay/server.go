@@ -331,8 +331,8 @@ func (g *gate) Accept() (net.Conn, error) {
 		g.retry.reset()
 		ip := remoteIP(c)
 		if !g.trusted(ip) {
-			g.srv.Logger.Info("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", "not in trusted_networks")
-			g.srv.observer().ConnectionRefused(g.cfg.Name, "untrusted_network")
+			g.srv.Logger.Info("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", ReasonUntrustedNetwork)
+			g.srv.observer().ConnectionRefused(g.cfg.Name, ReasonUntrustedNetwork)
 			go g.refuse(c, "554 5.7.1 Access denied")
 			continue
 		}
@@ -340,8 +340,8 @@ func (g *gate) Accept() (net.Conn, error) {
 			select {
 			case g.slots <- struct{}{}:
 			default:
-				g.srv.Logger.Warn("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", "max_connections reached")
-				g.srv.observer().ConnectionRefused(g.cfg.Name, "max_connections")
+				g.srv.Logger.Warn("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", ReasonMaxConnections)
+				g.srv.observer().ConnectionRefused(g.cfg.Name, ReasonMaxConnections)
 				go g.refuse(c, "421 4.7.0 Too many connections, try again later")
 				continue
 			}
@@ -350,8 +350,8 @@ func (g *gate) Accept() (net.Conn, error) {
 			if g.slots != nil {
 				<-g.slots
 			}
-			g.srv.Logger.Warn("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", "max_connections_per_ip reached")
-			g.srv.observer().ConnectionRefused(g.cfg.Name, "max_connections_per_ip")
+			g.srv.Logger.Warn("connection refused", "listener", g.cfg.Name, "client_ip", ip.String(), "reason", ReasonMaxConnectionsPerIP)
+			g.srv.observer().ConnectionRefused(g.cfg.Name, ReasonMaxConnectionsPerIP)
 			go g.refuse(c, "421 4.7.0 Too many connections from your address, try again later")
 			continue
 		}
@@ -581,8 +581,8 @@ func (c *trackedConn) authExpired() {
 	if c.authed.Load() || c.hungUp.Swap(true) {
 		return
 	}
-	c.srv.Logger.Info("rejected", "listener", c.listener, "client_ip", c.ip.String(), "reason", "auth_timeout", "reply", 421)
-	c.srv.observer().Rejected(c.listener, "auth_timeout")
+	c.srv.Logger.Info("rejected", "listener", c.listener, "client_ip", c.ip.String(), "reason", ReasonAuthTimeout, "reply", 421)
+	c.srv.observer().Rejected(c.listener, ReasonAuthTimeout)
 	c.sayAndClose("421 4.7.0 %s Authentication timeout, closing connection")
 }
 

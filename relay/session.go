@@ -48,7 +48,7 @@ func (s *Server) newSession(bl *boundListener, c *smtp.Conn) (smtp.Session, erro
 	}
 	if s.shutting.Load() {
 		tc.closeAfterReply.Store(true)
-		s.observer().Rejected(bl.cfg.Name, "shutting_down")
+		s.observer().Rejected(bl.cfg.Name, ReasonShuttingDown)
 		return nil, errShuttingDown
 	}
 	sess := &session{srv: s, lis: bl, conn: c, tc: tc, ip: tc.ip}
@@ -74,7 +74,7 @@ func (s *session) inTransaction() bool {
 	return s.inTx
 }
 
-func (s *session) reject(reason string, err *smtp.SMTPError, attrs ...any) error {
+func (s *session) reject(reason Reason, err *smtp.SMTPError, attrs ...any) error {
 	attrs = append(attrs, "reason", reason, "reply", err.Code)
 	s.log.Info("rejected", attrs...) // s.log names the user once logged in
 	s.observeReject(reason)
@@ -101,7 +101,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 			// RFC 4616: an authorization identity other than the user
 			// would mean acting as someone else; we do not allow it.
 			if identity != "" && identity != username {
-				return s.reject("auth_identity", errAuthIdentity, "username", username)
+				return s.reject(ReasonAuthIdentity, errAuthIdentity, "username", username)
 			}
 			return s.login(username, password)
 		}), nil
@@ -114,7 +114,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 func (s *session) login(username, password string) error {
 	if !s.srv.limiter.attempt(s.ip) {
 		s.tc.closeAfterReply.Store(true)
-		return s.reject("auth_blocked", errAuthBlocked, "username", username)
+		return s.reject(ReasonAuthBlocked, errAuthBlocked, "username", username)
 	}
 	us := s.srv.users.Load()
 	u := us.byName[username]
@@ -126,7 +126,7 @@ func (s *session) login(username, password string) error {
 	}
 	s.srv.limiter.done(s.ip, ok)
 	if !ok {
-		return s.reject("auth_failed", errAuthInvalid, "username", username)
+		return s.reject(ReasonAuthFailed, errAuthInvalid, "username", username)
 	}
 	s.tc.loggedIn()
 	s.user = u
@@ -144,7 +144,7 @@ func (s *session) currentUser() (*User, error) {
 	u := s.srv.users.Load().current(s.user)
 	if u == nil {
 		s.tc.closeAfterReply.Store(true)
-		return nil, s.reject("credentials_changed", errCredentialsChanged)
+		return nil, s.reject(ReasonCredentialsChanged, errCredentialsChanged)
 	}
 	return u, nil
 }
@@ -153,11 +153,11 @@ func (s *session) currentUser() (*User, error) {
 func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if s.srv.shutting.Load() {
 		s.tc.closeAfterReply.Store(true)
-		s.srv.observer().Rejected(s.lis.cfg.Name, "shutting_down")
+		s.srv.observer().Rejected(s.lis.cfg.Name, ReasonShuttingDown)
 		return errShuttingDown
 	}
 	if s.lis.cfg.AuthRequired && s.user == nil {
-		return s.reject("auth_required", errAuthRequired)
+		return s.reject(ReasonAuthRequired, errAuthRequired)
 	}
 	if s.user != nil {
 		u, err := s.currentUser()
@@ -167,13 +167,13 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 		s.user = u
 	}
 	if from != "" && !validPath(from) {
-		return s.reject("bad_sender", errBadSender)
+		return s.reject(ReasonBadSender, errBadSender)
 	}
 	if s.user != nil && !SenderAllowed(s.user.AllowedFrom, from) {
-		return s.reject("sender_not_allowed", errSenderDenied, "from", from)
+		return s.reject(ReasonSenderNotAllowed, errSenderDenied, "from", from)
 	}
 	if s.srv.Routable != nil && !s.srv.Routable(from) {
-		return s.reject("no_route", errNoRoute, "from", from)
+		return s.reject(ReasonNoRoute, errNoRoute, "from", from)
 	}
 	var size int64
 	if opts != nil {
@@ -182,7 +182,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	// RFC 1870 section 6.2: a declared size over the limit is refused at
 	// MAIL (go-smtp has no limit of its own here; see newSMTPServer).
 	if max := s.srv.Limits.MaxMessageBytes; max > 0 && size > max {
-		return s.reject("too_large", smtp.ErrDataTooLarge, "size", size)
+		return s.reject(ReasonTooLarge, smtp.ErrDataTooLarge, "size", size)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -196,7 +196,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 // Rcpt adds a recipient; go-smtp enforces the recipient limit (452 4.5.3).
 func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 	if !validPath(to) {
-		return s.reject("bad_recipient", errBadRcpt)
+		return s.reject(ReasonBadRecipient, errBadRcpt)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -272,7 +272,7 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 	// either path, so that what is accepted does not depend on the load.
 	end, blank, ended := headerSection(msg, !spool)
 	if !ended || end > mb.floor {
-		return "", s.reject("too_large", errHeaderTooLarge, "limit", "header_section")
+		return "", s.reject(ReasonTooLarge, errHeaderTooLarge, "limit", "header_section")
 	}
 	h, headerFrom, err := s.checkHeader(msg[:end], from)
 	if err != nil {
@@ -344,17 +344,17 @@ func (s *session) readFailed(err error) error {
 	var ne net.Error
 	switch {
 	case errors.Is(err, smtp.ErrTooLongLine):
-		return s.reject("line_too_long", errLineTooLong)
+		return s.reject(ReasonLineTooLong, errLineTooLong)
 	case errors.As(err, &ne) && ne.Timeout():
 		// go-smtp drains the rest of DATA before it replies; a deadline
 		// already past ends that at once instead of after another wait.
 		s.tc.beginData(0, time.Now())
 		s.tc.closeAfterReply.Store(true)
-		return s.reject("timeout", errTimeout)
+		return s.reject(ReasonTimeout, errTimeout)
 	}
 	var se *smtp.SMTPError
 	if errors.As(err, &se) {
-		return s.reject("too_large", se)
+		return s.reject(ReasonTooLarge, se)
 	}
 	return err
 }
@@ -365,25 +365,25 @@ func (s *session) readFailed(err error) error {
 func (s *session) checkHeader(section []byte, from string) (header, string, error) {
 	h, err := parseHeader(section)
 	if err != nil {
-		return h, "", s.reject("bad_header", &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 6, 0}, Message: "Malformed message header"})
+		return h, "", s.reject(ReasonBadHeader, &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 6, 0}, Message: "Malformed message header"})
 	}
 	if h.received > maxReceived {
-		return h, "", s.reject("loop", errLoop)
+		return h, "", s.reject(ReasonLoop, errLoop)
 	}
 	headerFrom := from
 	switch {
 	case h.fromCount > 1:
-		return h, "", s.reject("bad_header", errManyFrom)
+		return h, "", s.reject(ReasonBadHeader, errManyFrom)
 	case h.fromCount == 0 && from == "":
-		return h, "", s.reject("bad_header", errNoFrom)
+		return h, "", s.reject(ReasonBadHeader, errNoFrom)
 	case h.fromCount == 1 && h.fromErr != nil:
-		return h, "", s.reject("bad_header", errBadFrom)
+		return h, "", s.reject(ReasonBadHeader, errBadFrom)
 	case h.fromCount == 1:
 		headerFrom = h.from[0].Address
 		if s.user != nil {
 			for _, a := range h.from {
 				if !SenderAllowed(s.user.AllowedFrom, a.Address) {
-					return h, "", s.reject("sender_not_allowed", errSenderDenied, "header_from", a.Address)
+					return h, "", s.reject(ReasonSenderNotAllowed, errSenderDenied, "header_from", a.Address)
 				}
 			}
 		}
@@ -526,14 +526,14 @@ func (s *session) storeSpooled(m *queue.Message, norm *normalizer, mb *messageBu
 // never 250 for a message that is not on disk.
 func (s *session) storageFailed(id string, err error) error {
 	s.log.Error("queue write failed", "queue_id", id, "error", err)
-	s.srv.observer().Rejected(s.lis.cfg.Name, "storage")
+	s.srv.observer().Rejected(s.lis.cfg.Name, ReasonStorage)
 	return errStorage
 }
 
 // signingFailed logs a DKIM failure and returns a temporary failure.
 func (s *session) signingFailed(id string, err error) error {
 	s.log.Error("signing failed", "queue_id", id, "error", err)
-	s.srv.observer().Rejected(s.lis.cfg.Name, "internal")
+	s.srv.observer().Rejected(s.lis.cfg.Name, ReasonInternal)
 	return errInternal
 }
 
