@@ -353,19 +353,15 @@ func benchRounds(b *testing.B, s *Store, prepare func(k int), round func(k int),
 // benchScheduler returns a scheduler over s whose deliveries all succeed,
 // for its claim pass and its recording of outcomes; it is never Run.
 func benchScheduler(s *Store) *Scheduler {
-	sch := &Scheduler{
-		Store: s,
-		Deliver: func(_ context.Context, m Message, _ Body) []Result {
-			var out []Result
-			for _, r := range m.Pending() {
-				out = append(out, Result{Rcpt: r, State: Delivered, Reply: "250 2.0.0 OK", Upstream: "gmail"})
-			}
-			return out
-		},
-		Now:    func() time.Time { return benchNow },
-		Logger: slog.New(slog.DiscardHandler),
-	}
-	sch.init()
+	sch := NewScheduler(s, func(_ context.Context, m Message, _ Body) []Result {
+		var out []Result
+		for _, r := range m.Pending() {
+			out = append(out, Result{Rcpt: r, State: Delivered, Reply: "250 2.0.0 OK", Upstream: "gmail"})
+		}
+		return out
+	})
+	sch.Now = func() time.Time { return benchNow }
+	sch.Logger = slog.New(slog.DiscardHandler)
 	return sch
 }
 
@@ -373,9 +369,7 @@ func benchScheduler(s *Store) *Scheduler {
 // limit workers are free.
 func benchClaim(b testing.TB, sch *Scheduler, limit int) []delivery {
 	now := sch.Now()
-	next := func(attempts int) time.Time {
-		return now.Add(Backoff(attempts, sch.RetryMin, sch.RetryMax, sch.Jitter()))
-	}
+	next := func(attempts int) time.Time { return now.Add(sch.backoff(attempts)) }
 	out, _, bad, err := sch.Store.claim(now, limit, func(string) bool { return false }, next)
 	if err != nil || len(bad) > 0 {
 		b.Fatalf("claim: %v (unreadable: %v)", err, bad)

@@ -548,8 +548,7 @@ func TestApplyNotBefore(t *testing.T) {
 		}, backoff, 0, "deferred"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := &Scheduler{}
-			s.init()
+			s := NewScheduler(nil, nil)
 			m := &Message{
 				ID: "x", Received: now.Add(-time.Minute), Attempts: 3, Paced: 0, NextAttempt: backoff,
 				Recipients: []Recipient{{Addr: "a"}, {Addr: "b"}},

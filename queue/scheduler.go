@@ -53,25 +53,29 @@ type BounceFunc func(kind BounceKind, m Message, rcpts []Recipient, body Body) (
 
 // Scheduler claims due messages from Store and delivers them with Deliver,
 // at most Workers at a time, retrying with exponential backoff until every
-// recipient is delivered or failed, or MaxAge has passed. Set the fields,
-// then call Run; do not change them afterwards.
+// recipient is delivered or failed, or MaxAge has passed. Make one with
+// NewScheduler, change the fields you need, then call Run; do not change
+// them afterwards.
 type Scheduler struct {
 	Store   *Store
 	Deliver DeliverFunc
-	// Workers bounds concurrent deliveries. Default 16.
+	// Workers bounds concurrent deliveries. NewScheduler sets 16.
 	Workers int
 	// RetryMin is the delay after the first attempt; it doubles with each
-	// further attempt up to RetryMax. Defaults 1m and 1h.
+	// further attempt up to RetryMax (or RetryMin, if that is longer).
+	// NewScheduler sets 1m and 1h.
 	RetryMin, RetryMax time.Duration
 	// MaxAge is how long a message may stay queued; after an attempt past
-	// it, the recipients still pending fail as expired. Default 120h.
+	// it, the recipients still pending fail as expired. NewScheduler sets
+	// 120h.
 	MaxAge time.Duration
-	// Now is the clock. Default time.Now.
+	// Now is the clock. NewScheduler sets time.Now.
 	Now func() time.Time
 	// Jitter returns a value in [0,1) that spreads retries within ±25%.
-	// Default math/rand/v2.Float64.
+	// NewScheduler sets math/rand/v2.Float64.
 	Jitter func() float64
-	// Logger receives one line per delivery attempt. Default slog.Default().
+	// Logger receives one line per delivery attempt. NewScheduler sets
+	// slog.Default().
 	Logger *slog.Logger
 	// OnDone, if set, is called once a message has no Pending recipient
 	// left, after it was removed from the store.
@@ -88,7 +92,6 @@ type Scheduler struct {
 	// per message. 0 turns warnings off.
 	DelayWarning time.Duration
 
-	initOnce sync.Once
 	stop     chan struct{} // closed by Shutdown/Close
 	stopOnce sync.Once
 	loopDone chan struct{} // closed when Run's loop has returned
@@ -115,38 +118,47 @@ const (
 	storeErrorDelay = time.Second
 )
 
-func (s *Scheduler) init() {
-	s.initOnce.Do(func() {
-		if s.Workers <= 0 {
-			s.Workers = defaultWorkers
-		}
-		if s.RetryMin <= 0 {
-			s.RetryMin = defaultRetryMin
-		}
-		if s.RetryMax <= 0 {
-			s.RetryMax = defaultRetryMax
-		}
-		if s.RetryMax < s.RetryMin {
-			s.RetryMax = s.RetryMin
-		}
-		if s.MaxAge <= 0 {
-			s.MaxAge = defaultMaxAge
-		}
-		if s.Now == nil {
-			s.Now = time.Now
-		}
-		if s.Jitter == nil {
-			s.Jitter = rand.Float64
-		}
-		if s.Logger == nil {
-			s.Logger = slog.Default()
-		}
-		s.stop = make(chan struct{})
-		s.loopDone = make(chan struct{})
-		s.idle = make(chan struct{}, 1)
-		s.ctx, s.cancel = context.WithCancel(context.Background())
-		s.inflight = make(map[string]struct{})
-	})
+// NewScheduler returns a Scheduler that delivers the messages of st with
+// deliver, its other fields set to their defaults.
+func NewScheduler(st *Store, deliver DeliverFunc) *Scheduler {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Scheduler{
+		Store:    st,
+		Deliver:  deliver,
+		Workers:  defaultWorkers,
+		RetryMin: defaultRetryMin,
+		RetryMax: defaultRetryMax,
+		MaxAge:   defaultMaxAge,
+		Now:      time.Now,
+		Jitter:   rand.Float64,
+		Logger:   slog.Default(),
+		stop:     make(chan struct{}),
+		loopDone: make(chan struct{}),
+		idle:     make(chan struct{}, 1),
+		ctx:      ctx,
+		cancel:   cancel,
+		inflight: make(map[string]struct{}),
+	}
+}
+
+// check reports a field that Run cannot work with.
+func (s *Scheduler) check() error {
+	switch {
+	case s.stop == nil:
+		return errors.New("queue: scheduler not made by NewScheduler")
+	case s.Store == nil || s.Deliver == nil:
+		return errors.New("queue: scheduler without Store or Deliver")
+	case s.Workers < 1 || s.RetryMin <= 0 || s.MaxAge <= 0:
+		return fmt.Errorf("queue: scheduler needs Workers, RetryMin and MaxAge above zero (have %d, %v, %v)", s.Workers, s.RetryMin, s.MaxAge)
+	case s.Now == nil || s.Jitter == nil || s.Logger == nil:
+		return errors.New("queue: scheduler without Now, Jitter or Logger")
+	}
+	return nil
+}
+
+// backoff is the delay before the next attempt after the n-th counted one.
+func (s *Scheduler) backoff(n int) time.Duration {
+	return Backoff(n, s.RetryMin, max(s.RetryMax, s.RetryMin), s.Jitter())
 }
 
 // Backoff returns the delay before the next attempt after attempt number
@@ -173,7 +185,9 @@ func Backoff(attempt int, retryMin, retryMax time.Duration, jitter float64) time
 // ErrSchedulerClosed. Messages already due are started at once; the
 // others at their NextAttempt; a Put wakes it immediately.
 func (s *Scheduler) Run() error {
-	s.init()
+	if err := s.check(); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	if s.stopped {
 		s.mu.Unlock()
@@ -225,9 +239,7 @@ func (s *Scheduler) step() time.Duration {
 
 	now := s.Now()
 	skip := func(id string) bool { _, ok := busy[id]; return ok }
-	next := func(attempts int) time.Time {
-		return now.Add(Backoff(attempts, s.RetryMin, s.RetryMax, s.Jitter()))
-	}
+	next := func(attempts int) time.Time { return now.Add(s.backoff(attempts)) }
 	claimed, wake, bad, err := s.Store.claim(now, free, skip, next)
 	if err != nil {
 		s.Logger.Error("queue: claiming due messages failed", "err", err)
@@ -278,7 +290,7 @@ func (s *Scheduler) release(id string) {
 // first attempt starts now.
 func (s *Scheduler) firstAttempt() (last, next time.Time) {
 	now := s.Now()
-	return now, now.Add(Backoff(1, s.RetryMin, s.RetryMax, s.Jitter()))
+	return now, now.Add(s.backoff(1))
 }
 
 func (s *Scheduler) signalIdle() {
@@ -600,7 +612,6 @@ func (s *Scheduler) log(m Message, out outcome) {
 // recorded (a cancelled recipient stays queued for a retry) and returns
 // ctx's error. Run returns ErrSchedulerClosed.
 func (s *Scheduler) Shutdown(ctx context.Context) error {
-	s.init()
 	s.mu.Lock()
 	s.stopped = true
 	started := s.started

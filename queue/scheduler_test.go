@@ -17,14 +17,11 @@ import (
 // newScheduler returns a scheduler with short retry delays and a fixed
 // jitter (factor 1.0), so tests can compute every delay.
 func newScheduler(t *testing.T, st *Store, deliver DeliverFunc) *Scheduler {
-	return &Scheduler{
-		Store:    st,
-		Deliver:  deliver,
-		RetryMin: 10 * time.Millisecond,
-		RetryMax: 80 * time.Millisecond,
-		Jitter:   func() float64 { return 0.5 },
-		Logger:   slog.New(slog.NewTextHandler(t.Output(), nil)),
-	}
+	s := NewScheduler(st, deliver)
+	s.RetryMin, s.RetryMax = 10*time.Millisecond, 80*time.Millisecond
+	s.Jitter = func() float64 { return 0.5 }
+	s.Logger = slog.New(slog.NewTextHandler(t.Output(), nil))
+	return s
 }
 
 // content reads the whole of b as a delivery streams it; a read error
@@ -122,8 +119,7 @@ func TestBackoff(t *testing.T) {
 }
 
 func TestBackoffJitterBounds(t *testing.T) {
-	s := &Scheduler{}
-	s.init() // the default jitter source
+	s := NewScheduler(nil, nil) // the default jitter source
 	for attempt := 1; attempt <= 12; attempt++ {
 		base := Backoff(attempt, time.Minute, time.Hour, 0.5)
 		for range 200 {

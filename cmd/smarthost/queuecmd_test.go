@@ -528,8 +528,9 @@ func TestQueueShowEscapesStoredFields(t *testing.T) {
 		Routes:    []upstream.Route{{FromDomain: "*", Upstreams: []string{"up"}}},
 	})
 	t.Cleanup(func() { d.Close() })
-	sched := &queue.Scheduler{Store: store, Deliver: d.Deliver, Workers: 1, RetryMin: time.Hour, RetryMax: time.Hour,
-		MaxAge: 24 * time.Hour, Logger: slog.New(slog.DiscardHandler)}
+	sched := queue.NewScheduler(store, d.Deliver)
+	sched.Workers, sched.RetryMin, sched.RetryMax = 1, time.Hour, time.Hour
+	sched.MaxAge, sched.Logger = 24*time.Hour, slog.New(slog.DiscardHandler)
 	go sched.Run()
 	t.Cleanup(func() { sched.Close() })
 

@@ -261,16 +261,12 @@ func start(cfg *Config, logger *slog.Logger) (*instance, error) {
 	inst := &instance{log: logger, store: store, delivery: deliverer, certs: certs, cfg: cfg, failed: make(chan error, 3)}
 	inst.onReload = m.ConfigReloaded
 	m.SetUpstreams(deliverer.UpstreamStates)
-	sched := &queue.Scheduler{
-		Store:        store,
-		Deliver:      deliverer.Deliver,
-		Workers:      cfg.Queue.Workers,
-		RetryMin:     cfg.Queue.RetryMin,
-		RetryMax:     cfg.Queue.RetryMax,
-		MaxAge:       cfg.Queue.MaxAge,
-		DelayWarning: cfg.Queue.DelayWarning,
-		Logger:       logger,
-	}
+	sched := queue.NewScheduler(store, deliverer.Deliver)
+	sched.Workers = cfg.Queue.Workers
+	sched.RetryMin, sched.RetryMax = cfg.Queue.RetryMin, cfg.Queue.RetryMax
+	sched.MaxAge = cfg.Queue.MaxAge
+	sched.DelayWarning = cfg.Queue.DelayWarning
+	sched.Logger = logger
 	if cfg.Queue.Bounce {
 		b := &upstream.Bouncer{Hostname: cfg.Hostname, MaxAge: cfg.Queue.MaxAge}
 		sched.Bounce = b.Bounce

@@ -169,14 +169,11 @@ func TestDeliverYandexEnvelopeFrom(t *testing.T) {
 	}
 	t.Cleanup(func() { st.Close() })
 	done := make(chan queue.Message, 4)
-	sched := &queue.Scheduler{
-		Store:    st,
-		Deliver:  env.d.Deliver,
-		Bounce:   (&Bouncer{Hostname: "relay.test"}).Bounce,
-		RetryMin: time.Hour, // nothing here is retried
-		OnDone:   func(m queue.Message) { done <- m },
-		Logger:   env.d.Logger,
-	}
+	sched := queue.NewScheduler(st, env.d.Deliver)
+	sched.Bounce = (&Bouncer{Hostname: "relay.test"}).Bounce
+	sched.RetryMin = time.Hour // nothing here is retried
+	sched.OnDone = func(m queue.Message) { done <- m }
+	sched.Logger = env.d.Logger
 	runErr := make(chan error, 1)
 	go func() { runErr <- sched.Run() }()
 	t.Cleanup(func() {

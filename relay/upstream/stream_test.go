@@ -128,12 +128,10 @@ func writeSpool(t *testing.T, st *queue.Store, n int) (*queue.Spool, [sha256.Siz
 func runScheduler(t *testing.T, st *queue.Store, deliver queue.DeliverFunc) chan queue.Message {
 	t.Helper()
 	done := make(chan queue.Message, 4)
-	s := &queue.Scheduler{
-		Store: st, Deliver: deliver,
-		RetryMin: time.Hour, // an attempt left pending is not retried here
-		OnDone:   func(m queue.Message) { done <- m },
-		Logger:   slog.New(slog.NewTextHandler(t.Output(), nil)),
-	}
+	s := queue.NewScheduler(st, deliver)
+	s.RetryMin = time.Hour // an attempt left pending is not retried here
+	s.OnDone = func(m queue.Message) { done <- m }
+	s.Logger = slog.New(slog.NewTextHandler(t.Output(), nil))
 	errc := make(chan error, 1)
 	go func() { errc <- s.Run() }()
 	t.Cleanup(func() {
