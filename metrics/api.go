@@ -24,9 +24,9 @@ import (
 type QueueAdmin interface {
 	// List returns every queued message, oldest first, and those whose
 	// records cannot be read.
-	List() ([]queue.Message, []queue.Unreadable, error)
+	List() ([]queue.Entry, []queue.Unreadable, error)
 	// Get returns one message or an error wrapping queue.ErrNotFound.
-	Get(id string) (*queue.Message, error)
+	Get(id string) (*queue.Entry, error)
 	// Retry makes a message due now; queue.ErrHeld for a held one.
 	Retry(id string) error
 	// Hold keeps a message out of delivery until Release.
@@ -119,7 +119,7 @@ type APIError struct {
 }
 
 // NewMessageInfo describes m as the API shows it, aged against now.
-func NewMessageInfo(m queue.Message, now time.Time) MessageInfo {
+func NewMessageInfo(m queue.Entry, now time.Time) MessageInfo {
 	info := MessageInfo{
 		ID:          m.ID,
 		Received:    m.Received,

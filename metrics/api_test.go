@@ -26,7 +26,7 @@ var _ QueueAdmin = (*queue.Store)(nil)
 // fakeAdmin is a QueueAdmin over a map that records what was asked of it.
 type fakeAdmin struct {
 	mu    sync.Mutex
-	msgs  []queue.Message
+	msgs  []queue.Entry
 	calls []string // "retry ID", "flush", …
 	err   error    // returned by every call when set
 }
@@ -36,10 +36,10 @@ func (f *fakeAdmin) record(call string) {
 }
 
 func (f *fakeAdmin) find(id string) int {
-	return slices.IndexFunc(f.msgs, func(m queue.Message) bool { return m.ID == id })
+	return slices.IndexFunc(f.msgs, func(m queue.Entry) bool { return m.ID == id })
 }
 
-func (f *fakeAdmin) List() ([]queue.Message, []queue.Unreadable, error) {
+func (f *fakeAdmin) List() ([]queue.Entry, []queue.Unreadable, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("list")
@@ -49,7 +49,7 @@ func (f *fakeAdmin) List() ([]queue.Message, []queue.Unreadable, error) {
 	return slices.Clone(f.msgs), nil, nil
 }
 
-func (f *fakeAdmin) Get(id string) (*queue.Message, error) {
+func (f *fakeAdmin) Get(id string) (*queue.Entry, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.record("get " + id)
@@ -76,7 +76,7 @@ func (f *fakeAdmin) change(op, id string, fn func(m *queue.Message) error) error
 	if i < 0 {
 		return fmt.Errorf("queue: %s %s: %w", op, id, queue.ErrNotFound)
 	}
-	if err := fn(&f.msgs[i]); err != nil {
+	if err := fn(&f.msgs[i].Message); err != nil {
 		return fmt.Errorf("queue: %s %s: %w", op, id, err)
 	}
 	return nil
@@ -134,9 +134,9 @@ func (f *fakeAdmin) Calls() []string {
 
 var testNow = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
 
-func testMessages() []queue.Message {
-	return []queue.Message{
-		{
+func testMessages() []queue.Entry {
+	return []queue.Entry{
+		{Message: queue.Message{
 			ID: "0001aaaa", From: "billing@example.com", User: "billing-app", MessageID: "<1@example.com>",
 			Size: 1234, Received: testNow.Add(-90 * time.Second), Attempts: 2,
 			LastAttempt: testNow.Add(-30 * time.Second), NextAttempt: testNow.Add(time.Minute),
@@ -146,12 +146,12 @@ func testMessages() []queue.Message {
 				{Addr: "b@example.net", State: queue.Pending, Reply: "451 4.7.1 Try again later", Upstream: "gmail"},
 				{Addr: "c@example.net", State: queue.Failed, Reply: "550 5.1.1 No such user", Upstream: "gmail"},
 			},
-		},
-		{
+		}},
+		{Message: queue.Message{
 			ID: "0002bbbb", From: "", Size: 99, Received: testNow.Add(-time.Hour), NextAttempt: testNow,
-			Held: true, InFlight: true, DSN: true,
+			Held: true, DSN: true,
 			Recipients: []queue.Recipient{{Addr: "billing@example.com", State: queue.Pending}},
-		},
+		}, InFlight: true},
 	}
 }
 

@@ -89,7 +89,7 @@ func defer_(t *testing.T, st *Store, id string) {
 	}
 }
 
-func get(t *testing.T, st *Store, id string) *Message {
+func get(t *testing.T, st *Store, id string) *Entry {
 	t.Helper()
 	m, err := st.Get(id)
 	if err != nil {

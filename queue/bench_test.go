@@ -450,7 +450,6 @@ func benchRequeue(b testing.TB, s *Store, rng *rand.Rand, ids []string, keepClai
 				return err
 			}
 			if !keepClaims {
-				rec.Claimed = false
 				if err := tx.Bucket(claimedBucket).Delete([]byte(id)); err != nil {
 					return err
 				}

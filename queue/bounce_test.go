@@ -296,7 +296,7 @@ func TestBounceStoredWithOutcome(t *testing.T) {
 	var dsns []Message
 	for _, l := range list {
 		if l.DSN {
-			dsns = append(dsns, l)
+			dsns = append(dsns, l.Message)
 		}
 	}
 	calls := b.recorded()

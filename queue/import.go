@@ -29,7 +29,6 @@ func (s *Store) Import(ctx context.Context, m Message, body []byte, rest io.Read
 	if !validSpoolID(m.ID) {
 		return fmt.Errorf("queue: import: %q is not a queue ID", m.ID)
 	}
-	m.InFlight = false
 	m.Received, m.NextAttempt, m.LastAttempt = m.Received.Round(0), m.NextAttempt.Round(0), m.LastAttempt.Round(0)
 	id := []byte(m.ID)
 	// Looked up first, so that a message already stored costs no copy of
@@ -73,7 +72,7 @@ func (s *Store) Import(ctx context.Context, m Message, body []byte, rest io.Read
 	}
 	err = s.commit.write(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
-		return insert(tx, &rec, v, body)
+		return insert(tx, &rec, v, body, false)
 	})
 	if errors.Is(err, ErrExists) {
 		return fmt.Errorf("queue: import %s: %w", m.ID, err)

@@ -59,10 +59,6 @@ type Message struct {
 	// by an upstream's rate limit (every pending Result had NotBefore).
 	// They do not grow the retry backoff.
 	Paced int `json:"paced,omitempty"`
-	// InFlight reports, in what Store.Get and Store.List return, that a
-	// delivery attempt is in progress. It is not stored: the store derives
-	// it from its claims.
-	InFlight bool `json:"in_flight,omitempty"`
 }
 
 // Pending returns the recipients that still wait for delivery.

@@ -38,7 +38,7 @@ func leafKeys(t *testing.T, path string, l fileLayout, id uint64) []string {
 // salvage must carry over, and what it holds.
 type salvageFixture struct {
 	path    string
-	msgs    map[string]Message // as List shows them, InFlight left out
+	msgs    map[string]Entry // as List shows them, InFlight left out
 	bodies  map[string][]byte
 	special []string // IDs of the messages with a state of their own
 	spooled string   // ID of the message with a spool file
@@ -115,7 +115,7 @@ func newSalvageFixture(t *testing.T) *salvageFixture {
 	if err != nil || len(bad) > 0 {
 		t.Fatalf("List: %v %v", bad, err)
 	}
-	fx.msgs, fx.bodies = map[string]Message{}, map[string][]byte{}
+	fx.msgs, fx.bodies = map[string]Entry{}, map[string][]byte{}
 	for _, m := range list {
 		m.InFlight = false
 		fx.msgs[m.ID] = m
@@ -394,7 +394,7 @@ func TestImportExists(t *testing.T) {
 	s, _ := openStore(t)
 	m := newMessage("a@example.net")
 	put(t, s, m, "first")
-	again := *get(t, s, m.ID)
+	again := get(t, s, m.ID).Message
 	again.Attempts = 7
 	if err := s.Import(context.Background(), again, []byte("second"), strings.NewReader("more")); !errors.Is(err, ErrExists) {
 		t.Fatalf("Import of a stored ID: %v, want ErrExists", err)

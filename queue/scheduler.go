@@ -419,7 +419,7 @@ func (s *Scheduler) bounce(kind BounceKind, m Message, rcpts []Recipient, body B
 	d.DSN = true
 	d.Size = int64(len(dsnBody))
 	d.Attempts, d.Paced, d.LastAttempt, d.LastReply = 0, 0, time.Time{}, ""
-	d.Held, d.Warned, d.InFlight = false, false, false
+	d.Held, d.Warned = false, false
 	for i := range d.Recipients {
 		d.Recipients[i].State = Pending
 		d.Recipients[i].Reply, d.Recipients[i].Upstream = "", ""

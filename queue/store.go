@@ -114,12 +114,10 @@ type Store struct {
 	closed atomic.Bool // Close has run
 }
 
-// record is what msgsBucket holds for a message.
+// record is what msgsBucket holds for a message. Whether an attempt is in
+// progress is not in it: claimedBucket holds that.
 type record struct {
 	Message
-	// Claimed marks an attempt in progress. Found set at Open, it means the
-	// process stopped mid-delivery and the outcome of that attempt is unknown.
-	Claimed bool `json:"claimed,omitempty"`
 	// Spooled marks a message whose body is its bytes in bodiesBucket
 	// followed by its spool file (see spool.go).
 	Spooled bool `json:"spooled,omitempty"`
@@ -210,7 +208,9 @@ func Open(path string, opts Options) (*Store, error) {
 }
 
 // prepare creates the buckets, checks the schema version and clears the
-// claims left by a process that stopped mid-delivery, counting them.
+// claims left by a process that stopped mid-delivery, counting them. (A
+// record written before claims left records may still say "claimed"; it
+// is ignored.)
 func (s *Store) prepare(tx *bolt.Tx) error {
 	s.chooseFreelistSync(tx)
 	for _, name := range [][]byte{metaBucket, msgsBucket, bodiesBucket, dueBucket, claimedBucket, receivedBucket} {
@@ -250,13 +250,8 @@ func (s *Store) prepare(tx *bolt.Tx) error {
 		if v == nil {
 			continue
 		}
-		rec, err := decodeRecord(v)
-		if err != nil {
+		if _, err := decodeRecord(v); err != nil {
 			continue // left for an operator; claim() skips it too
-		}
-		rec.Claimed = false
-		if err := putRecord(msgs, rec); err != nil {
-			return err
 		}
 		s.recovered++
 	}
@@ -394,7 +389,6 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 		rec.Attempts = 1
 		last, next := sch.firstAttempt()
 		rec.LastAttempt, rec.NextAttempt = last.Round(0), next.Round(0)
-		rec.Claimed = true
 	}
 	v, err := encodeRecord(&rec)
 	if err != nil {
@@ -405,7 +399,7 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 	}
 	err = s.commit.writeClient(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
-		return insert(tx, &rec, v, body)
+		return insert(tx, &rec, v, body, started)
 	})
 	if err != nil {
 		if started {
@@ -436,9 +430,9 @@ func checkPut(ctx context.Context, m *Message) error {
 
 // insert stores a new message in tx: its record rec, encoded as v, its
 // body, and its entries in the indexes and counts; a held one is not due,
-// and one that rec marks claimed is recorded as in progress. It returns
-// ErrExists if the ID is taken.
-func insert(tx *bolt.Tx, rec *record, v, body []byte) error {
+// and a claimed one is recorded as in progress. It returns ErrExists if
+// the ID is taken.
+func insert(tx *bolt.Tx, rec *record, v, body []byte, claimed bool) error {
 	id := []byte(rec.ID)
 	msgs := tx.Bucket(msgsBucket)
 	if msgs.Get(id) != nil {
@@ -456,7 +450,7 @@ func insert(tx *bolt.Tx, rec *record, v, body []byte) error {
 	if err := addCounts(tx, 1, b2i(rec.Held)); err != nil {
 		return err
 	}
-	if rec.Claimed {
+	if claimed {
 		if err := tx.Bucket(claimedBucket).Put(id, nil); err != nil {
 			return err
 		}
@@ -477,8 +471,8 @@ func (s *Store) notify() {
 
 // Get returns the message with the given queue ID, or ErrNotFound.
 // InFlight tells whether a delivery attempt is in progress.
-func (s *Store) Get(id string) (*Message, error) {
-	var m *Message
+func (s *Store) Get(id string) (*Entry, error) {
+	var m *Entry
 	err := s.db.View(func(tx *bolt.Tx) error {
 		key := []byte(id)
 		v := tx.Bucket(msgsBucket).Get(key)
@@ -489,8 +483,7 @@ func (s *Store) Get(id string) (*Message, error) {
 		if err != nil {
 			return err
 		}
-		m = &rec.Message
-		m.InFlight = tx.Bucket(claimedBucket).Get(key) != nil
+		m = &Entry{Message: rec.Message, InFlight: tx.Bucket(claimedBucket).Get(key) != nil}
 		return nil
 	})
 	if err != nil {
@@ -528,6 +521,14 @@ func (s *Store) Body(id string) ([]byte, error) {
 	return body, nil
 }
 
+// Entry is a queued message as Get and List show it: the message as
+// stored and, derived from the store's claims, whether an attempt on it
+// is in progress.
+type Entry struct {
+	Message
+	InFlight bool `json:"in_flight,omitempty"`
+}
+
 // Unreadable is a queued message whose record cannot be decoded: List
 // reports it by its ID, with the reason, and Delete removes it.
 type Unreadable struct {
@@ -538,9 +539,9 @@ type Unreadable struct {
 // List returns every queued message, oldest first, and those whose
 // records cannot be read, by ID: one bad record does not hide the rest.
 // InFlight tells which have a delivery attempt in progress.
-func (s *Store) List() ([]Message, []Unreadable, error) {
+func (s *Store) List() ([]Entry, []Unreadable, error) {
 	var (
-		out []Message
+		out []Entry
 		bad []Unreadable
 	)
 	err := s.db.View(func(tx *bolt.Tx) error {
@@ -554,15 +555,14 @@ func (s *Store) List() ([]Message, []Unreadable, error) {
 				bad = append(bad, Unreadable{ID: string(k), Reason: err.Error()})
 				return nil
 			}
-			rec.InFlight = claimed.Get(k) != nil
-			out = append(out, rec.Message)
+			out = append(out, Entry{Message: rec.Message, InFlight: claimed.Get(k) != nil})
 			return nil
 		})
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("queue: list: %w", err)
 	}
-	slices.SortFunc(out, func(a, b Message) int {
+	slices.SortFunc(out, func(a, b Entry) int {
 		if c := a.Received.Compare(b.Received); c != 0 {
 			return c
 		}
@@ -600,7 +600,7 @@ type delivery struct {
 // claim takes up to limit due messages (NextAttempt ≤ now) whose ID skip
 // does not reject, and records the attempt before any delivery starts:
 // Attempts+1, LastAttempt = now, NextAttempt = next(Attempts − Paced),
-// Claimed. Attempts deferred only by a rate limit do not grow the backoff.
+// and the claim. Attempts deferred only by a rate limit do not grow the backoff.
 // It returns the claimed messages, the earliest NextAttempt among the
 // messages left (zero if none), and the IDs of unreadable records, which
 // it takes out of the due index so they are not retried in a loop.
@@ -660,7 +660,6 @@ func (s *Store) claim(now time.Time, limit int, skip func(id string) bool, next 
 			rec.Attempts++
 			rec.LastAttempt = now
 			rec.NextAttempt = next(rec.Attempts - rec.Paced).Round(0)
-			rec.Claimed = true
 			if err := putRecord(msgs, rec); err != nil {
 				return err
 			}
@@ -762,7 +761,6 @@ func (s *Store) finish(id string, update func(m *Message) (remove bool, add []de
 		}
 		oldDue := dueKey(rec.NextAttempt, id)
 		oldReceived := receivedKey(rec.Received, id)
-		rec.Claimed = false
 		spooled = rec.Spooled
 		remove, add := update(&rec.Message)
 		f.msg, f.removed, added = rec.Message, remove, add
@@ -775,7 +773,7 @@ func (s *Store) finish(id string, update func(m *Message) (remove bool, add []de
 			if err != nil {
 				return err
 			}
-			if err := insert(tx, &rec, v, n.body); err != nil {
+			if err := insert(tx, &rec, v, n.body, false); err != nil {
 				return err
 			}
 		}
@@ -828,9 +826,7 @@ func putRecord(b *bolt.Bucket, rec *record) error {
 }
 
 func encodeRecord(rec *record) ([]byte, error) {
-	r := *rec
-	r.InFlight = false // derived from claimedBucket, never stored
-	j, err := json.Marshal(&r)
+	j, err := json.Marshal(rec)
 	if err != nil {
 		return nil, fmt.Errorf("encode record: %w", err)
 	}
@@ -851,7 +847,6 @@ func decodeRecord(b []byte) (*record, error) {
 	if rec.ID == "" {
 		return nil, errors.New("decode record: no id")
 	}
-	rec.InFlight = false // only ever derived from claimedBucket
 	if len(rec.Recipients) == 0 {
 		return nil, errors.New("decode record: no recipients")
 	}

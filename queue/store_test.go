@@ -380,7 +380,7 @@ func newMessageWithID() *Message {
 }
 
 func FuzzDecodeMessage(f *testing.F) {
-	valid, err := encodeRecord(&record{Message: *newMessageWithID(), Claimed: true})
+	valid, err := encodeRecord(&record{Message: *newMessageWithID(), Spooled: true})
 	if err != nil {
 		f.Fatal(err)
 	}

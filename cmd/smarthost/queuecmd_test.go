@@ -103,7 +103,7 @@ func (s *adminServer) mustQueue(t *testing.T, args ...string) string {
 	return stdout
 }
 
-func (s *adminServer) get(t *testing.T, id string) *queue.Message {
+func (s *adminServer) get(t *testing.T, id string) *queue.Entry {
 	t.Helper()
 	m, err := s.store.Get(id)
 	if err != nil {
