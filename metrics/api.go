@@ -19,8 +19,8 @@ import (
 	"smarthost/relay/upstream"
 )
 
-// QueueAdmin is what the admin API does to the queue; *queue.Store
-// implements it.
+// QueueAdmin is what the admin API does to the queue; every
+// queue.Backend implements it.
 type QueueAdmin interface {
 	// List returns every queued message, oldest first, and those whose
 	// records cannot be read.

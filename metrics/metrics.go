@@ -209,8 +209,8 @@ func (m *Metrics) InitLabels(listeners, upstreams []string) {
 	}
 }
 
-// SetQueue makes the queue gauges read q at every scrape; *queue.Store is
-// one.
+// SetQueue makes the queue gauges read q at every scrape; every
+// queue.Backend is one.
 func (m *Metrics) SetQueue(q QueueState) { m.state.setQueue(q) }
 
 // SetUpstreams makes the upstream gauges and counters read states at every
@@ -298,8 +298,8 @@ func (m *Metrics) DSNQueued(kind queue.BounceKind) {
 	m.bounces.WithLabelValues(kind.String()).Inc()
 }
 
-// QueueState is what the queue gauges read at every scrape; *queue.Store
-// implements it.
+// QueueState is what the queue gauges read at every scrape; every
+// queue.Backend implements it.
 type QueueState interface {
 	// Stats returns the queue's size by state and its oldest message,
 	// without reading every message.

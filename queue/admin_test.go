@@ -68,23 +68,47 @@ func checkIndex(t *testing.T, st *Store) {
 
 // claimAll claims every message due at now, as a scheduler pass would,
 // with the next attempt at next.
-func claimAll(t *testing.T, st *Store, now, next time.Time) []delivery {
+func claimAll(t *testing.T, st *Store, now, next time.Time) []Attempt {
 	t.Helper()
-	out, _, _, err := st.claim(now, 100, func(string) bool { return false }, func(int) time.Time { return next })
+	c, err := st.Claim(context.Background(), Start{Now: now, Retry: func(int) time.Time { return next }}, 100, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return out
+	return c.Attempts
+}
+
+// attemptOf is the attempt in progress on id, as its claim handed it out.
+func attemptOf(t *testing.T, st *Store, id string) Attempt {
+	t.Helper()
+	var a Attempt
+	err := st.db.View(func(tx *bolt.Tx) error {
+		rec, err := decodeRecord(tx.Bucket(msgsBucket).Get([]byte(id)))
+		if err != nil {
+			return err
+		}
+		a = attemptOn(rec, bytes.Clone(tx.Bucket(bodiesBucket).Get([]byte(id))))
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("attempt on %s: %v", id, err)
+	}
+	return a
+}
+
+// finish ends the attempt in progress on id with update.
+func finish(t *testing.T, st *Store, id string, update func(m *Message) (bool, []DSN)) (Finished, error) {
+	t.Helper()
+	return st.Finish(context.Background(), attemptOf(t, st, id), update)
 }
 
 // defer_ records a temporary failure for every pending recipient of id.
 func defer_(t *testing.T, st *Store, id string) {
 	t.Helper()
-	f, err := st.finish(id, func(m *Message) (bool, []delivery) {
+	f, err := finish(t, st, id, func(m *Message) (bool, []DSN) {
 		m.LastReply = "451 4.3.0 later"
 		return false, nil
 	})
-	if err != nil || f.gone {
+	if err != nil {
 		t.Fatalf("finish %s: %+v, %v", id, f, err)
 	}
 }
@@ -133,9 +157,10 @@ func TestDelete(t *testing.T) {
 		t.Errorf("second Delete: %v, want ErrNotFound", err)
 	}
 	checkIndex(t, st)
-	if got := claimAll(t, st, now, now.Add(time.Hour)); len(got) != 1 || got[0].msg.ID != b.ID {
+	if got := claimAll(t, st, now, now.Add(time.Hour)); len(got) != 1 || got[0].Message.ID != b.ID {
 		t.Errorf("claimed %+v, want only %s", got, b.ID)
 	}
+	deleted := Attempt{Message: *b, Token: 1} // the attempt just claimed
 
 	// Delete of a message in flight also drops its claim.
 	if err := st.Delete(b.ID); err != nil {
@@ -145,11 +170,11 @@ func TestDelete(t *testing.T) {
 		t.Errorf("Len = %d after deleting both", n)
 	}
 	checkIndex(t, st)
-	f, err := st.finish(b.ID, func(m *Message) (bool, []delivery) {
+	f, err := st.Finish(context.Background(), deleted, func(m *Message) (bool, []DSN) {
 		t.Error("finish ran update on a deleted message")
 		return false, nil
 	})
-	if err != nil || !f.gone {
+	if !errors.Is(err, ErrNotFound) {
 		t.Errorf("finish of a deleted message: %+v, %v; want gone", f, err)
 	}
 	if n, _ := st.Len(); n != 0 {
@@ -222,7 +247,7 @@ func TestHoldRelease(t *testing.T) {
 		t.Errorf("Flush = %d, %v; want 1 (the held message is left out)", n, err)
 	}
 	far := now.Add(24 * time.Hour)
-	if got := claimAll(t, st, far, far.Add(time.Hour)); len(got) != 1 || got[0].msg.ID != other.ID {
+	if got := claimAll(t, st, far, far.Add(time.Hour)); len(got) != 1 || got[0].Message.ID != other.ID {
 		t.Fatalf("claimed %+v, want only %s", got, other.ID)
 	}
 	// A stale index entry for a held message (an older version's file)
@@ -247,7 +272,7 @@ func TestHoldRelease(t *testing.T) {
 		t.Errorf("Release of a message not held: %v", err)
 	}
 	checkIndex(t, st)
-	if got := claimAll(t, st, now, now.Add(time.Hour)); len(got) != 1 || got[0].msg.ID != m.ID {
+	if got := claimAll(t, st, now, now.Add(time.Hour)); len(got) != 1 || got[0].Message.ID != m.ID {
 		t.Errorf("claimed %+v after Release, want %s", got, m.ID)
 	}
 }
@@ -295,7 +320,7 @@ func TestRetry(t *testing.T) {
 		t.Errorf("after Retry: %+v, want due now with Attempts 1", got)
 	}
 	checkIndex(t, st)
-	if got := claimAll(t, st, now, later); len(got) != 1 || got[0].msg.Attempts != 2 {
+	if got := claimAll(t, st, now, later); len(got) != 1 || got[0].Message.Attempts != 2 {
 		t.Errorf("claimed %+v after Retry, want attempt 2", got)
 	}
 }
@@ -386,13 +411,13 @@ func TestFlush(t *testing.T) {
 	}
 	checkIndex(t, st)
 	skip := func(id string) bool { return id == ms[4].ID } // the scheduler's own in-flight set
-	got, _, _, err := st.claim(now, 10, skip, func(int) time.Time { return later })
+	got, err := st.Claim(context.Background(), Start{Now: now, Retry: func(int) time.Time { return later }}, 10, skip)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var ids []string
-	for _, d := range got {
-		ids = append(ids, d.msg.ID)
+	for _, d := range got.Attempts {
+		ids = append(ids, d.Message.ID)
 	}
 	slices.Sort(ids) // all due at the same instant: in ID order
 	want := []string{ms[0].ID, ms[1].ID, ms[2].ID}

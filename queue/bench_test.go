@@ -367,14 +367,12 @@ func benchScheduler(s *Store) *Scheduler {
 
 // benchClaim claims up to limit messages as a scheduler pass does when
 // limit workers are free.
-func benchClaim(b testing.TB, sch *Scheduler, limit int) []delivery {
-	now := sch.Now()
-	next := func(attempts int) time.Time { return now.Add(sch.backoff(attempts)) }
-	out, _, bad, err := sch.Store.claim(now, limit, func(string) bool { return false }, next)
-	if err != nil || len(bad) > 0 {
-		b.Fatalf("claim: %v (unreadable: %v)", err, bad)
+func benchClaim(b testing.TB, sch *Scheduler, limit int) []Attempt {
+	c, err := sch.Backend.Claim(context.Background(), sch.start(sch.Now()), limit, nil)
+	if err != nil || len(c.Unreadable) > 0 {
+		b.Fatalf("claim: %v (unreadable: %v)", err, c.Unreadable)
 	}
-	return out
+	return c.Attempts
 }
 
 // benchRemove removes the messages ids in one transaction.
@@ -465,10 +463,10 @@ func benchRequeue(b testing.TB, s *Store, rng *rand.Rand, ids []string, keepClai
 	}
 }
 
-func ids(ds []delivery) []string {
+func ids(ds []Attempt) []string {
 	out := make([]string, len(ds))
 	for i, d := range ds {
-		out[i] = d.msg.ID
+		out[i] = d.Message.ID
 	}
 	return out
 }
@@ -552,7 +550,7 @@ func BenchmarkClaim(b *testing.B) {
 				if len(out) != 1 {
 					b.Fatalf("claimed %d messages, want 1", len(out))
 				}
-				claimed = append(claimed, out[0].msg.ID)
+				claimed = append(claimed, out[0].Message.ID)
 			}
 		}, func() {
 			benchRequeue(b, s, rng, claimed, false)
@@ -568,7 +566,7 @@ func BenchmarkComplete(b *testing.B) {
 	benchEachSize(b, func(b *testing.B, s *Store) {
 		sch := benchScheduler(s)
 		rng := rand.New(rand.NewPCG(5, 0))
-		var claimed []delivery
+		var claimed []Attempt
 		benchRounds(b, s, func(k int) {
 			// Replace the messages the last round removed, then claim
 			// as many.
@@ -625,7 +623,7 @@ func BenchmarkOpen(b *testing.B) {
 
 // benchRestart is what the relay does at start, after Open: Len, Stats
 // and the scheduler's first pass. It returns the claimed messages.
-func benchRestart(b *testing.B, s *Store) []delivery {
+func benchRestart(b *testing.B, s *Store) []Attempt {
 	if _, err := s.Len(); err != nil {
 		b.Fatal(err)
 	}

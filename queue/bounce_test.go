@@ -332,17 +332,17 @@ func TestFinishAllOrNothing(t *testing.T) {
 	now := time.Now()
 	claimAll(t, st, now, now.Add(time.Hour))
 
-	update := func(dsnID string) func(m *Message) (bool, []delivery) {
-		return func(m *Message) (bool, []delivery) {
+	update := func(dsnID string) func(m *Message) (bool, []DSN) {
+		return func(m *Message) (bool, []DSN) {
 			m.Recipients[0].State = Failed
-			return true, []delivery{{
-				msg:  Message{ID: dsnID, Recipients: []Recipient{{Addr: "app@example.com"}}, DSN: true, NextAttempt: now},
-				body: []byte("dsn"),
+			return true, []DSN{{
+				Message: Message{ID: dsnID, Recipients: []Recipient{{Addr: "app@example.com"}}, DSN: true, NextAttempt: now},
+				Body:    []byte("dsn"),
 			}}
 		}
 	}
 	// A DSN ID that is taken makes the whole transaction fail.
-	if _, err := st.finish(m.ID, update(other.ID)); err == nil {
+	if _, err := finish(t, st, m.ID, update(other.ID)); err == nil {
 		t.Fatal("finish with a clashing DSN ID succeeded")
 	}
 	got := get(t, st, m.ID)
@@ -354,8 +354,8 @@ func TestFinishAllOrNothing(t *testing.T) {
 	}
 
 	dsnID := NewID()
-	f, err := st.finish(m.ID, update(dsnID))
-	if err != nil || !f.removed {
+	f, err := finish(t, st, m.ID, update(dsnID))
+	if err != nil || !f.Removed {
 		t.Fatalf("finish: %+v, %v", f, err)
 	}
 	st = reopen(t, st, path)

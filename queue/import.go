@@ -12,14 +12,11 @@ import (
 // ErrExists is returned by Import for a queue ID that is already stored.
 var ErrExists = errors.New("queue: message already exists")
 
-// Import stores m as it is, keeping its ID, its recipients with their
+// Import implements Backend: it keeps m's ID, its recipients with their
 // states, replies and upstreams, its attempts, times, last reply and
-// flags (held, DSN, warned): a message carried over from another queue
-// (Salvage). body is its content; rest, if not nil, is read to its end as
-// the content past body and kept in a spool file, as PutSpooled keeps a
-// large message. An attempt that was in progress is not carried over: the
-// message is due at m.NextAttempt, unless held. Import returns once the
-// message is on disk, ErrExists if its ID is already stored.
+// flags (held, DSN, warned), for a message carried over from another
+// queue (Salvage). rest is kept in a spool file, as PutSpooled keeps a
+// large message. Import returns once the message is on disk.
 func (s *Store) Import(ctx context.Context, m Message, body []byte, rest io.Reader) (err error) {
 	if err := checkPut(ctx, &m); err != nil {
 		return err
@@ -56,7 +53,7 @@ func (s *Store) Import(ctx context.Context, m Message, body []byte, rest io.Read
 		if _, err := io.Copy(sp, rest); err != nil {
 			return fmt.Errorf("queue: import %s: copy content: %w", m.ID, err)
 		}
-		if err := sp.place(m.ID); err != nil {
+		if err := sp.place(s.spoolPath(m.ID)); err != nil {
 			return err
 		}
 		defer func() {

@@ -79,7 +79,7 @@ func (s *Salvage) Close() error { return s.f.Close() }
 // same checked reader as Open's check, so damage cannot crash it. It
 // returns an error only when the file cannot be read at all; every message
 // it could not save is in the report, with the reason.
-func (s *Salvage) CopyTo(ctx context.Context, dst *Store) (*SalvageReport, error) {
+func (s *Salvage) CopyTo(ctx context.Context, dst Backend) (*SalvageReport, error) {
 	fi, err := s.f.Stat()
 	if err != nil {
 		return nil, fmt.Errorf("queue: salvage: %w", err)
@@ -230,7 +230,7 @@ func newerRecord(a, b *record) bool {
 
 // salvage is the state of one CopyTo.
 type salvage struct {
-	dst   *Store
+	dst   Backend
 	spool string // the old queue's spool directory
 	rep   *SalvageReport
 

@@ -77,34 +77,35 @@ func newSalvageFixture(t *testing.T) *salvageFixture {
 	claimed.Received = now.Add(-2 * time.Hour)
 	put(t, s, claimed, "Subject: claimed\r\n\r\nclaimed\r\n")
 	// One scheduler pass over the two due first (partial, claimed).
-	var got []delivery
-	out, _, _, err := s.claim(now, 500, func(string) bool { return false }, func(int) time.Time { return now.Add(time.Hour) })
+	var got []Attempt
+	c, err := s.Claim(context.Background(), Start{Now: now, Retry: func(int) time.Time { return now.Add(time.Hour) }}, 500, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
+	out := c.Attempts
 	for _, d := range out {
-		if d.msg.ID == partial.ID || d.msg.ID == claimed.ID {
+		if d.Message.ID == partial.ID || d.Message.ID == claimed.ID {
 			got = append(got, d)
 		}
 	}
 	if len(got) != 2 {
 		t.Fatalf("claimed %d of the two", len(got))
 	}
-	f, err := s.finish(partial.ID, func(m *Message) (bool, []delivery) {
+	_, err = finish(t, s, partial.ID, func(m *Message) (bool, []DSN) {
 		m.Recipients[0].State, m.Recipients[0].Reply, m.Recipients[0].Upstream = Delivered, "250 ok", "up"
 		m.Recipients[1].State, m.Recipients[1].Reply, m.Recipients[1].Upstream = Failed, "550 no such user", "up"
 		m.Recipients[2].Reply, m.Recipients[2].Upstream = "451 later", "up"
 		m.LastReply, m.Warned = "451 later", true
 		return false, nil
 	})
-	if err != nil || f.gone {
+	if err != nil {
 		t.Fatal(err)
 	}
 	// Every other claim of that pass is finished as deferred; claimed's
 	// stays, as a crash mid-delivery leaves it.
 	for _, d := range out {
-		if d.msg.ID != claimed.ID && d.msg.ID != partial.ID {
-			if _, err := s.finish(d.msg.ID, func(*Message) (bool, []delivery) { return false, nil }); err != nil {
+		if d.Message.ID != claimed.ID && d.Message.ID != partial.ID {
+			if _, err := s.Finish(context.Background(), d, func(*Message) (bool, []DSN) { return false, nil }); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
 	"runtime/debug"
@@ -51,13 +52,14 @@ func (k BounceKind) String() string {
 // not be read. It returns nil to send none.
 type BounceFunc func(kind BounceKind, m Message, rcpts []Recipient, body Body) (*Message, []byte)
 
-// Scheduler claims due messages from Store and delivers them with Deliver,
-// at most Workers at a time, retrying with exponential backoff until every
-// recipient is delivered or failed, or MaxAge has passed. Make one with
-// NewScheduler, change the fields you need, then call Run; do not change
-// them afterwards.
+// Scheduler claims due messages from Backend and delivers them with
+// Deliver, at most Workers at a time, retrying with exponential backoff
+// until every recipient is delivered or failed, or MaxAge has passed. While
+// it runs, it is the Backend's Intake: a new message goes to a free worker
+// from the commit that stores it. Make one with NewScheduler, change the
+// fields you need, then call Run; do not change them afterwards.
 type Scheduler struct {
-	Store   *Store
+	Backend Backend
 	Deliver DeliverFunc
 	// Workers bounds concurrent deliveries. NewScheduler sets 16.
 	Workers int
@@ -103,7 +105,7 @@ type Scheduler struct {
 	mu       sync.Mutex
 	started  bool
 	stopped  bool
-	inflight map[string]struct{} // attempts running, and messages Put is storing for a worker (Store.fast)
+	inflight map[string]struct{} // attempts running, and messages a Put is storing for a worker (Reserve)
 
 	steps atomic.Int64 // scheduling passes; tests check the loop does not spin
 }
@@ -118,12 +120,12 @@ const (
 	storeErrorDelay = time.Second
 )
 
-// NewScheduler returns a Scheduler that delivers the messages of st with
+// NewScheduler returns a Scheduler that delivers the messages of b with
 // deliver, its other fields set to their defaults.
-func NewScheduler(st *Store, deliver DeliverFunc) *Scheduler {
+func NewScheduler(b Backend, deliver DeliverFunc) *Scheduler {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Scheduler{
-		Store:    st,
+		Backend:  b,
 		Deliver:  deliver,
 		Workers:  defaultWorkers,
 		RetryMin: defaultRetryMin,
@@ -146,8 +148,8 @@ func (s *Scheduler) check() error {
 	switch {
 	case s.stop == nil:
 		return errors.New("queue: scheduler not made by NewScheduler")
-	case s.Store == nil || s.Deliver == nil:
-		return errors.New("queue: scheduler without Store or Deliver")
+	case s.Backend == nil || s.Deliver == nil:
+		return errors.New("queue: scheduler without Backend or Deliver")
 	case s.Workers < 1 || s.RetryMin <= 0 || s.MaxAge <= 0:
 		return fmt.Errorf("queue: scheduler needs Workers, RetryMin and MaxAge above zero (have %d, %v, %v)", s.Workers, s.RetryMin, s.MaxAge)
 	case s.Now == nil || s.Jitter == nil || s.Logger == nil:
@@ -159,6 +161,12 @@ func (s *Scheduler) check() error {
 // backoff is the delay before the next attempt after the n-th counted one.
 func (s *Scheduler) backoff(n int) time.Duration {
 	return Backoff(n, s.RetryMin, max(s.RetryMax, s.RetryMin), s.Jitter())
+}
+
+// start is how an attempt that starts now is recorded: retried after the
+// backoff of its n-th counted attempt should its outcome never be.
+func (s *Scheduler) start(now time.Time) Start {
+	return Start{Now: now, Retry: func(n int) time.Time { return now.Add(s.backoff(n)) }}
 }
 
 // Backoff returns the delay before the next attempt after attempt number
@@ -200,8 +208,8 @@ func (s *Scheduler) Run() error {
 	s.started = true
 	s.mu.Unlock()
 	defer close(s.loopDone)
-	s.Store.fast.Store(s) // Put may start first attempts on free workers
-	defer s.Store.fast.CompareAndSwap(s, nil)
+	s.Backend.SetIntake(s) // Put may start first attempts on free workers
+	defer s.Backend.SetIntake(nil)
 
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
@@ -214,7 +222,7 @@ func (s *Scheduler) Run() error {
 		case <-s.stop:
 			timer.Stop()
 			return ErrSchedulerClosed
-		case <-s.Store.wake:
+		case <-s.Backend.Wake():
 		case <-s.idle:
 		case <-timer.C:
 		}
@@ -237,60 +245,54 @@ func (s *Scheduler) step() time.Duration {
 		return -1
 	}
 
-	now := s.Now()
 	skip := func(id string) bool { _, ok := busy[id]; return ok }
-	next := func(attempts int) time.Time { return now.Add(s.backoff(attempts)) }
-	claimed, wake, bad, err := s.Store.claim(now, free, skip, next)
+	c, err := s.Backend.Claim(s.ctx, s.start(s.Now()), free, skip)
 	if err != nil {
 		s.Logger.Error("queue: claiming due messages failed", "err", err)
 		return storeErrorDelay
 	}
-	for _, id := range bad {
+	for _, id := range c.Unreadable {
 		s.Logger.Error("queue: unreadable message left out of delivery", "queue_id", id)
 	}
-	for _, d := range claimed {
+	for _, a := range c.Attempts {
 		s.mu.Lock()
-		s.inflight[d.msg.ID] = struct{}{}
+		s.inflight[a.Message.ID] = struct{}{}
 		s.mu.Unlock()
 		s.wg.Add(1)
-		go s.work(d)
+		go s.work(a)
 	}
-	if len(claimed) == free || wake.IsZero() {
+	if len(c.Attempts) == free || c.Wake.IsZero() {
 		return -1
 	}
-	return max(wake.Sub(s.Now()), 0)
+	return max(c.Wake.Sub(s.Now()), 0)
 }
 
-// reserve takes a free worker for message id, which Put is storing, or
-// reports there is none. The message counts as in flight from now on, so
-// that no claim takes it between its commit and the start of its attempt
-// (Put then runs work on it, or release).
-func (s *Scheduler) reserve(id string) bool {
+// Reserve implements Intake: it takes a free worker for message id, which
+// a Put is storing, or reports there is none. The message counts as in
+// flight from now on, so that no claim takes it between its commit and
+// the start of its attempt.
+func (s *Scheduler) Reserve(id string) (at Start, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.stopped || s.Workers-len(s.inflight) <= 0 {
-		return false
+		return Start{}, false
 	}
 	s.inflight[id] = struct{}{}
 	s.wg.Add(1) // Shutdown waits for the reservation as for a worker
-	return true
+	return s.start(s.Now()), true
 }
 
-// release gives back the worker reserved for a message that was not
-// stored.
-func (s *Scheduler) release(id string) {
+// Enqueue implements Intake: it starts the attempt on the worker that
+// Reserve took.
+func (s *Scheduler) Enqueue(a Attempt) { go s.work(a) }
+
+// Cancel implements Intake: it gives back the worker that Reserve took.
+func (s *Scheduler) Cancel(id string) {
 	s.mu.Lock()
 	delete(s.inflight, id)
 	s.mu.Unlock()
 	s.wg.Done()
 	s.signalIdle()
-}
-
-// firstAttempt gives the LastAttempt and NextAttempt recorded when a
-// first attempt starts now.
-func (s *Scheduler) firstAttempt() (last, next time.Time) {
-	now := s.Now()
-	return now, now.Add(s.backoff(1))
 }
 
 func (s *Scheduler) signalIdle() {
@@ -302,77 +304,95 @@ func (s *Scheduler) signalIdle() {
 
 // work runs one attempt on a claimed message and records its outcome,
 // together with the DSNs that the outcome calls for.
-func (s *Scheduler) work(d delivery) {
+func (s *Scheduler) work(a Attempt) {
 	defer s.wg.Done()
-	id := d.msg.ID
+	m := a.Message
 	defer func() {
 		s.mu.Lock()
-		delete(s.inflight, id)
+		delete(s.inflight, m.ID)
 		s.mu.Unlock()
 		s.signalIdle()
 	}()
 
-	// A spooled message's file is opened here, by the worker, not by
+	// A spooled message's file is opened here, by the worker, not by the
 	// claim, and streamed by the delivery.
-	body, closeBody, err := s.Store.openBody(d)
+	body, closeBody, err := s.Backend.OpenBody(a)
 	var results []Result
 	if err != nil {
 		s.Logger.Error("queue: reading message content failed",
-			"queue_id", id, "msg_id", d.msg.MessageID, "err", err)
-		results = unreadable(d.msg, err)
-		body, closeBody = NewBody(d.body), func() {} // the head, for a DSN
+			"queue_id", m.ID, "msg_id", m.MessageID, "err", err)
+		results = unreadable(m, err) // body is the head, for a DSN
 	} else {
-		results = s.deliver(d.msg, body)
+		results = s.deliver(m, body)
 	}
 	now := s.Now().Round(0)
 
 	// Work the outcome out on a copy first, to build the DSNs outside the
 	// transaction; inside it, apply gives the same outcome again, since
 	// only this worker changes the recipients of a claimed message.
-	preview := d.msg
-	preview.Recipients = slices.Clone(d.msg.Recipients)
+	preview := m
+	preview.Recipients = slices.Clone(m.Recipients)
 	out := s.apply(&preview, results, now)
 	dsns, warned := s.bounces(preview, out, body, now)
 	closeBody()
 
 	var final outcome
-	f, err := s.Store.finish(id, func(m *Message) (bool, []delivery) {
-		final = s.apply(m, results, now)
+	// Not s.ctx: an outcome is recorded even when Shutdown's deadline
+	// has cancelled the delivery.
+	f, err := s.Backend.Finish(context.Background(), a, func(stored *Message) (bool, []DSN) {
+		final = s.apply(stored, results, now)
 		if warned {
-			m.Warned = true
+			stored.Warned = true
 		}
 		return final.done, dsns
 	})
-	if err != nil {
+	switch {
+	case errors.Is(err, ErrNotFound):
+		s.Logger.Info("queue: message deleted during delivery; outcome dropped",
+			"queue_id", m.ID, "msg_id", m.MessageID)
+		return
+	case errors.Is(err, ErrClaimLost):
+		s.Logger.Warn("queue: the claim on the message was lost during delivery; outcome dropped, it will be retried",
+			"queue_id", m.ID, "msg_id", m.MessageID)
+		return
+	case err != nil:
 		// The claim stays recorded: the message is retried at its
 		// NextAttempt and counted as recovered after a restart.
 		s.Logger.Error("queue: recording delivery outcome failed",
-			"queue_id", id, "msg_id", d.msg.MessageID, "err", err)
+			"queue_id", m.ID, "msg_id", m.MessageID, "err", err)
 		return
 	}
-	if f.gone {
-		s.Logger.Info("queue: message deleted during delivery; outcome dropped",
-			"queue_id", id, "msg_id", d.msg.MessageID)
-		return
-	}
-	s.log(f.msg, final)
+	s.log(f.Message, final)
 	for _, n := range dsns {
-		s.Logger.Info("queue: dsn queued", "queue_id", n.msg.ID, "for_queue_id", id,
-			"msg_id", d.msg.MessageID, "rcpts", len(n.msg.Recipients))
+		s.Logger.Info("queue: dsn queued", "queue_id", n.Message.ID, "for_queue_id", m.ID,
+			"msg_id", m.MessageID, "rcpts", len(n.Message.Recipients))
 	}
-	if len(dsns) > 0 {
-		s.Store.notify() // send it now, not at the next pass
+	if f.Removed && s.OnDone != nil {
+		s.done(f.Message)
 	}
-	if f.removed && s.OnDone != nil {
-		s.done(f.msg)
+}
+
+// unreadable is the outcome of an attempt whose content cannot be opened.
+// Content lost for good is a permanent failure (or the message was
+// deleted meanwhile, and Finish drops the outcome); any other error is
+// retried.
+func unreadable(m Message, err error) []Result {
+	state, reply := Pending, "local error: message content unreadable"
+	if errors.Is(err, fs.ErrNotExist) {
+		state, reply = Failed, "local error: message content lost"
 	}
+	var out []Result
+	for _, rcpt := range m.Pending() {
+		out = append(out, Result{Rcpt: rcpt, State: state, Reply: reply})
+	}
+	return out
 }
 
 // bounces asks Bounce for the DSNs that the outcome out of an attempt on
 // m calls for, and readies them for storing. warned reports that a delay
 // warning was asked for, so that it is asked for once only, even when
 // Bounce returned none.
-func (s *Scheduler) bounces(m Message, out outcome, body Body, now time.Time) (dsns []delivery, warned bool) {
+func (s *Scheduler) bounces(m Message, out outcome, body Body, now time.Time) (dsns []DSN, warned bool) {
 	// Never a DSN about a null sender's message or about a DSN: there is
 	// nobody to send it to, and it could loop (RFC 3461 section 6.2).
 	if s.Bounce == nil || m.From == "" || m.DSN {
@@ -394,7 +414,7 @@ func (s *Scheduler) bounces(m Message, out outcome, body Body, now time.Time) (d
 
 // bounce calls Bounce and makes what it returns a queued DSN, due now. A
 // panic in Bounce is logged and sends no DSN.
-func (s *Scheduler) bounce(kind BounceKind, m Message, rcpts []Recipient, body Body, now time.Time) (n delivery, ok bool) {
+func (s *Scheduler) bounce(kind BounceKind, m Message, rcpts []Recipient, body Body, now time.Time) (n DSN, ok bool) {
 	defer func() {
 		if p := recover(); p != nil {
 			s.Logger.Error("queue: building a DSN panicked", "queue_id", m.ID, "msg_id", m.MessageID,
@@ -404,11 +424,11 @@ func (s *Scheduler) bounce(kind BounceKind, m Message, rcpts []Recipient, body B
 	}()
 	dsn, dsnBody := s.Bounce(kind, m, slices.Clone(rcpts), body)
 	if dsn == nil {
-		return delivery{}, false
+		return DSN{}, false
 	}
 	if len(dsn.Recipients) == 0 {
 		s.Logger.Error("queue: DSN without recipients dropped", "queue_id", m.ID, "msg_id", m.MessageID, "kind", kind.String())
-		return delivery{}, false
+		return DSN{}, false
 	}
 	d := *dsn
 	d.Recipients = slices.Clone(dsn.Recipients)
@@ -424,7 +444,7 @@ func (s *Scheduler) bounce(kind BounceKind, m Message, rcpts []Recipient, body B
 		d.Recipients[i].State = Pending
 		d.Recipients[i].Reply, d.Recipients[i].Upstream = "", ""
 	}
-	return delivery{msg: d, body: slices.Clone(dsnBody), kind: kind}, true
+	return DSN{Message: d, Body: slices.Clone(dsnBody), Kind: kind}, true
 }
 
 // done calls OnDone; a panic there is logged, not fatal.
@@ -466,7 +486,7 @@ type outcome struct {
 }
 
 // apply records results on m and decides what happens to it next. It must
-// be deterministic: Store.finish may call it more than once.
+// be deterministic: Backend.Finish may call it more than once.
 //
 // A Pending result may carry NotBefore, an upstream's rate limit. When
 // every recipient left pending by the attempt has one, the attempt failed

@@ -375,7 +375,7 @@ func TestRecoveredRetriedWhenDue(t *testing.T) {
 	put(t, st, m, "x")
 	now := time.Now()
 	next := now.Add(150 * time.Millisecond)
-	if _, _, _, err := st.claim(now, 1, func(string) bool { return false }, func(int) time.Time { return next }); err != nil {
+	if _, err := st.Claim(context.Background(), Start{Now: now, Retry: func(int) time.Time { return next }}, 1, nil); err != nil {
 		t.Fatal(err)
 	}
 	st = reopen(t, st, path) // as if the process died mid-delivery

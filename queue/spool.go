@@ -32,23 +32,25 @@ import (
 const tmpPrefix = ".tmp-"
 
 // Spool is the file that receives the part of a large message past its
-// head, written in order by one goroutine. Get one from Store.NewSpool,
-// Write the content, then either hand it to Store.PutSpooled or Abort it.
+// head, written in order by one goroutine. Get one from a Backend's
+// NewSpool, Write the content, then either hand it to that Backend's
+// PutSpooled or Abort it.
 type Spool struct {
-	store *Store
-	f     *os.File // nil once closed
-	name  string   // current path; "" once the queue owns the file or it is removed
-	size  int64
-	err   error // the first failure; later writes return it
+	dir  string   // the directory the file is made in
+	f    *os.File // nil once closed
+	name string   // current path; "" once the queue owns the file or it is removed
+	size int64
+	err  error // the first failure; later writes return it
 }
 
-// NewSpool creates an empty spool file in the queue's spool directory.
+// NewSpool implements Backend: an empty file in the queue's spool
+// directory.
 func (s *Store) NewSpool() (*Spool, error) {
 	f, err := os.CreateTemp(s.spool, tmpPrefix+"*")
 	if err != nil {
 		return nil, storageError("new spool file", err)
 	}
-	return &Spool{store: s, f: f, name: f.Name()}, nil
+	return &Spool{dir: s.spool, f: f, name: f.Name()}, nil
 }
 
 // Write appends p to the file. After a failure (a full disk, say) every
@@ -91,18 +93,16 @@ func (sp *Spool) Abort() error {
 	return nil
 }
 
-// PutSpooled stores m like Put, with head followed by the content of sp
-// as its body, and takes sp over. m.Size, if zero, becomes the total size.
-// It returns only once the file and the record are on disk. On any failure
-// it removes the file and returns the error, which wraps syscall.ENOSPC
-// when the disk is full.
+// PutSpooled implements Backend. It returns only once the file and the
+// record are on disk. On any failure it removes the file and returns the
+// error, which wraps syscall.ENOSPC when the disk is full.
 func (s *Store) PutSpooled(ctx context.Context, m *Message, head []byte, sp *Spool) (err error) {
 	defer func() {
 		if err != nil {
 			sp.Abort()
 		}
 	}()
-	if sp.store != s {
+	if sp.dir != s.spool {
 		return errors.New("queue: put: spool of another store")
 	}
 	if sp.err != nil {
@@ -125,7 +125,7 @@ func (s *Store) PutSpooled(ctx context.Context, m *Message, head []byte, sp *Spo
 		m.Size = int64(len(head)) + sp.size
 	}
 
-	if err := sp.place(m.ID); err != nil {
+	if err := sp.place(s.spoolPath(m.ID)); err != nil {
 		return err
 	}
 	if err := s.put(ctx, m, head, true); err != nil {
@@ -135,9 +135,9 @@ func (s *Store) PutSpooled(ctx context.Context, m *Message, head []byte, sp *Spo
 	return nil
 }
 
-// place makes the written file the spool file of message id, on disk, as
-// it must be before the record that points to it is committed.
-func (sp *Spool) place(id string) error {
+// place makes the written file the file final, in the same directory, on
+// disk, as it must be before the record that points to it is committed.
+func (sp *Spool) place(final string) error {
 	if err := sp.f.Sync(); err != nil {
 		return storageError("sync spool file", err)
 	}
@@ -145,10 +145,9 @@ func (sp *Spool) place(id string) error {
 		return storageError("close spool file", err)
 	}
 	sp.f = nil
-	final := sp.store.spoolPath(id)
 	// rename replaces an existing file: never the file of another message.
 	if _, err := os.Lstat(final); err == nil {
-		return fmt.Errorf("queue: put: spool file for %s already exists", id)
+		return fmt.Errorf("queue: put: spool file %s already exists", filepath.Base(final))
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return storageError("check spool file", err)
 	}
@@ -156,7 +155,7 @@ func (sp *Spool) place(id string) error {
 		return storageError("rename spool file", err)
 	}
 	sp.name = final
-	if err := syncDir(sp.store.spool); err != nil {
+	if err := syncDir(sp.dir); err != nil {
 		return storageError("sync spool directory", err)
 	}
 	return nil
@@ -210,43 +209,27 @@ func (s *Store) readSpooled(id string, head []byte) ([]byte, error) {
 	return body, nil
 }
 
-// openBody opens the content of a claimed message for its attempt: the
-// head it was claimed with, and a spooled message's file, opened once
-// here, by the worker and outside any transaction. A file missing or
-// unreadable fails the attempt before any upstream is tried; one removed
-// later (the message deleted meanwhile) still reads whole. close releases
-// the file once the attempt is over. The content is never read whole into
-// memory: a delivery streams it.
-func (s *Store) openBody(d delivery) (b Body, close func(), err error) {
-	if !d.spooled {
-		return NewBody(d.body), func() {}, nil
+// OpenBody implements Backend: the head that a was claimed with, and a
+// spooled message's file, opened once here, by the worker and outside any
+// transaction. A file missing or unreadable fails the attempt before any
+// upstream is tried; one removed later (the message deleted meanwhile)
+// still reads whole.
+func (s *Store) OpenBody(a Attempt) (b Body, close func(), err error) {
+	head := NewBody(a.head)
+	if !a.spooled {
+		return head, func() {}, nil
 	}
-	f, err := os.Open(s.spoolPath(d.msg.ID))
+	id := a.Message.ID
+	f, err := os.Open(s.spoolPath(id))
 	if err != nil {
-		return Body{}, nil, fmt.Errorf("queue: open spool file of %s: %w", d.msg.ID, err)
+		return head, func() {}, fmt.Errorf("queue: open spool file of %s: %w", id, err)
 	}
 	fi, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return Body{}, nil, fmt.Errorf("queue: open spool file of %s: %w", d.msg.ID, err)
+		return head, func() {}, fmt.Errorf("queue: open spool file of %s: %w", id, err)
 	}
-	return Body{head: d.body, rest: io.NewSectionReader(f, 0, fi.Size())}, func() { f.Close() }, nil
-}
-
-// unreadable is the outcome of an attempt whose spool file cannot be read.
-// A missing file is permanent, as the content is lost (or the message was
-// deleted meanwhile, and finish drops the outcome); any other error is
-// retried.
-func unreadable(m Message, err error) []Result {
-	state, reply := Pending, "local error: message content unreadable"
-	if errors.Is(err, fs.ErrNotExist) {
-		state, reply = Failed, "local error: message content lost"
-	}
-	var out []Result
-	for _, rcpt := range m.Pending() {
-		out = append(out, Result{Rcpt: rcpt, State: state, Reply: reply})
-	}
-	return out
+	return Body{head: a.head, rest: io.NewSectionReader(f, 0, fi.Size())}, func() { f.Close() }, nil
 }
 
 // removeSpool removes id's spool file, after the commit that took the

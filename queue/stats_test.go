@@ -109,7 +109,7 @@ func TestStats(t *testing.T) {
 	checkStats(t, st, "held after its attempt", Stats{Held: 2, InFlight: 1, Oldest: t0})
 
 	// The oldest leaves: delivered.
-	if _, err := st.finish(ms[0].ID, func(m *Message) (bool, []delivery) {
+	if _, err := finish(t, st, ms[0].ID, func(m *Message) (bool, []DSN) {
 		m.Recipients[0].State = Delivered
 		return true, nil
 	}); err != nil {

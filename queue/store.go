@@ -84,8 +84,9 @@ type Options struct {
 	noCompact       bool
 }
 
-// Store is the bbolt-backed message store. Its methods are safe for
-// concurrent use.
+// Store is the bbolt Backend: the queue in one file, with the part of
+// large messages past their head in spool files beside it. Its methods are
+// safe for concurrent use.
 type Store struct {
 	db        *bolt.DB
 	path      string
@@ -95,17 +96,18 @@ type Store struct {
 	observer  Observer
 	log       *slog.Logger
 
-	// wake tells the scheduler that a new message is due now. Buffered
-	// with capacity 1: one pending signal is enough to make it look.
+	// wake tells the scheduler that a message may be due now (Wake).
+	// Buffered with capacity 1: one pending signal is enough to make it
+	// look.
 	wake chan struct{}
 
 	// commit is the group commit every write goes through (commit.go).
 	commit *committer
-	// fast is the running Scheduler, if any: Put records a new message as
-	// claimed in the commit that stores it and hands it straight to a free
-	// worker. Without that, each message would cost a second commit for
-	// the claim, which a single submitting session waits behind.
-	fast atomic.Pointer[Scheduler]
+	// intake, if set, takes new messages for their first attempt, claimed
+	// in the commit that stores them (SetIntake). Without that, each
+	// message would cost a second commit for the claim, which a single
+	// submitting session waits behind.
+	intake atomic.Pointer[Intake]
 
 	// freelistSyncMax is the number of free pages past which commits may
 	// stop writing the freelist (chooseFreelistSync).
@@ -113,6 +115,8 @@ type Store struct {
 
 	closed atomic.Bool // Close has run
 }
+
+var _ Backend = (*Store)(nil)
 
 // record is what msgsBucket holds for a message. Whether an attempt is in
 // progress is not in it: claimedBucket holds that.
@@ -251,7 +255,7 @@ func (s *Store) prepare(tx *bolt.Tx) error {
 			continue
 		}
 		if _, err := decodeRecord(v); err != nil {
-			continue // left for an operator; claim() skips it too
+			continue // left for an operator; Claim skips it too
 		}
 		s.recovered++
 	}
@@ -347,12 +351,9 @@ func NewID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// Put stores m and its body durably and makes the message due at once. It
-// fills in m.ID (if empty), m.Received (if zero), m.Size (if zero) and
-// m.NextAttempt, and sets every recipient Pending. It returns only after
-// the data is fsynced; concurrent Puts share one commit. A first attempt
-// started at once reads body itself rather than a copy: the caller must
-// not change it once Put has returned.
+// Put implements Backend: it returns only after the data is fsynced, and
+// concurrent Puts share one commit. A first attempt started at once reads
+// body itself rather than a copy.
 func (s *Store) Put(ctx context.Context, m *Message, body []byte) error {
 	return s.put(ctx, m, body, false)
 }
@@ -380,41 +381,70 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 		m.Recipients[i].State = Pending
 	}
 	rec := record{Message: *m, Spooled: spooled}
-	sch := s.fast.Load()
-	started := sch != nil && sch.reserve(m.ID)
-	if started {
-		// Recorded as claim would record it, in the same commit as the
-		// message itself.
-		rec.Recipients = slices.Clone(m.Recipients)
-		rec.Attempts = 1
-		last, next := sch.firstAttempt()
-		rec.LastAttempt, rec.NextAttempt = last.Round(0), next.Round(0)
+	var in Intake
+	if p := s.intake.Load(); p != nil {
+		in = *p
+	}
+	taken := false
+	if in != nil {
+		var at Start
+		if at, taken = in.Reserve(m.ID); taken {
+			// Recorded in the same commit as the message, on recipients of
+			// the attempt's own.
+			rec.Recipients = slices.Clone(m.Recipients)
+			begin(&rec.Message, at)
+		}
 	}
 	v, err := encodeRecord(&rec)
-	if err != nil {
-		if started {
-			sch.release(m.ID)
+	if err == nil {
+		err = s.commit.writeClient(func(tx *bolt.Tx) error {
+			s.chooseFreelistSync(tx)
+			return insert(tx, &rec, v, body, taken)
+		})
+		if err != nil {
+			err = storageError("put "+m.ID, err)
 		}
-		return fmt.Errorf("queue: put: %w", err)
+	} else {
+		err = fmt.Errorf("queue: put: %w", err)
 	}
-	err = s.commit.writeClient(func(tx *bolt.Tx) error {
-		s.chooseFreelistSync(tx)
-		return insert(tx, &rec, v, body, started)
-	})
 	if err != nil {
-		if started {
-			sch.release(m.ID)
+		if taken {
+			in.Cancel(m.ID)
 		}
-		return storageError("put "+m.ID, err)
+		return err
 	}
-	if started {
+	if taken {
 		// body itself, not a copy: a message received into memory is not
 		// held twice while its first attempt runs.
-		go sch.work(delivery{msg: rec.Message, body: body, spooled: spooled})
+		in.Enqueue(attemptOn(&rec, body))
 		return nil
 	}
 	s.notify()
 	return nil
+}
+
+// SetIntake implements Backend.
+func (s *Store) SetIntake(in Intake) {
+	if in == nil {
+		s.intake.Store(nil)
+		return
+	}
+	s.intake.Store(&in)
+}
+
+// begin records on m an attempt that starts as at says.
+func begin(m *Message, at Start) {
+	m.Attempts++
+	m.LastAttempt = at.Now.Round(0)
+	m.NextAttempt = at.Retry(m.Attempts - m.Paced).Round(0)
+}
+
+// attemptOn is the Attempt that a claim of rec hands out, with its content
+// as read then. The token is the attempt's number, which each claim
+// raises: an outcome is recorded only while the record has that number
+// and is claimed.
+func attemptOn(rec *record, head []byte) Attempt {
+	return Attempt{Message: rec.Message, Token: uint64(rec.Attempts), head: head, spooled: rec.Spooled}
 }
 
 // checkPut refuses a Put that cannot succeed, before any work is done.
@@ -469,8 +499,10 @@ func (s *Store) notify() {
 	}
 }
 
-// Get returns the message with the given queue ID, or ErrNotFound.
-// InFlight tells whether a delivery attempt is in progress.
+// Wake implements Backend.
+func (s *Store) Wake() <-chan struct{} { return s.wake }
+
+// Get implements Backend. InFlight tells whether a claim is recorded.
 func (s *Store) Get(id string) (*Entry, error) {
 	var m *Entry
 	err := s.db.View(func(tx *bolt.Tx) error {
@@ -521,24 +553,7 @@ func (s *Store) Body(id string) ([]byte, error) {
 	return body, nil
 }
 
-// Entry is a queued message as Get and List show it: the message as
-// stored and, derived from the store's claims, whether an attempt on it
-// is in progress.
-type Entry struct {
-	Message
-	InFlight bool `json:"in_flight,omitempty"`
-}
-
-// Unreadable is a queued message whose record cannot be decoded: List
-// reports it by its ID, with the reason, and Delete removes it.
-type Unreadable struct {
-	ID     string
-	Reason string
-}
-
-// List returns every queued message, oldest first, and those whose
-// records cannot be read, by ID: one bad record does not hide the rest.
-// InFlight tells which have a delivery attempt in progress.
+// List implements Backend. InFlight tells which have a claim recorded.
 func (s *Store) List() ([]Entry, []Unreadable, error) {
 	var (
 		out []Entry
@@ -587,45 +602,40 @@ func (s *Store) Len() (int, error) {
 	return n, nil
 }
 
-// delivery is a claimed message with its body, ready for a worker.
-type delivery struct {
-	msg  Message
-	body []byte
-	kind BounceKind // for a DSN to store: what it reports
-	// spooled: body is only the head; the worker streams the rest from
-	// the spool file (Store.openBody), outside the transaction.
-	spooled bool
-}
-
-// claim takes up to limit due messages (NextAttempt ≤ now) whose ID skip
-// does not reject, and records the attempt before any delivery starts:
-// Attempts+1, LastAttempt = now, NextAttempt = next(Attempts − Paced),
-// and the claim. Attempts deferred only by a rate limit do not grow the backoff.
-// It returns the claimed messages, the earliest NextAttempt among the
-// messages left (zero if none), and the IDs of unreadable records, which
-// it takes out of the due index so they are not retried in a loop.
-func (s *Store) claim(now time.Time, limit int, skip func(id string) bool, next func(attempts int) time.Time) (out []delivery, wake time.Time, bad []string, err error) {
-	now = now.Round(0)
+// Claim implements Backend. It records each attempt as begin does, with
+// the claim in claimedBucket; attempts deferred only by a rate limit do
+// not grow the backoff. The claim holds until Finish, or until the
+// message is due again at its NextAttempt (the Scheduler skips its own
+// attempts in progress). A nil skip skips nothing.
+func (s *Store) Claim(ctx context.Context, at Start, limit int, skip func(id string) bool) (Claimed, error) {
+	if err := ctx.Err(); err != nil {
+		return Claimed{}, fmt.Errorf("queue: claim: %w", err)
+	}
+	if skip == nil {
+		skip = func(string) bool { return false }
+	}
+	now := at.Now.Round(0)
+	var c Claimed
 	// Look first in a read transaction: a pass that finds nothing to claim
 	// costs no write and no fsync.
-	err = s.db.View(func(tx *bolt.Tx) error {
+	err := s.db.View(func(tx *bolt.Tx) error {
 		due := tx.Bucket(dueBucket)
 		if len(dueHits(due, now, limit, skip)) == 0 {
-			wake = nextWake(due, skip, nil)
+			c.Wake = nextWake(due, skip, nil)
 			return errNothingDue
 		}
 		return nil
 	})
 	if errors.Is(err, errNothingDue) {
-		return nil, wake, nil, nil
+		return c, nil
 	}
 	if err != nil {
-		return nil, time.Time{}, nil, storageError("claim", err)
+		return Claimed{}, storageError("claim", err)
 	}
 
 	err = s.commit.write(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
-		out, wake, bad = nil, time.Time{}, nil
+		c = Claimed{}
 		msgs, bodies := tx.Bucket(msgsBucket), tx.Bucket(bodiesBucket)
 		due, claimed := tx.Bucket(dueBucket), tx.Bucket(claimedBucket)
 
@@ -645,7 +655,7 @@ func (s *Store) claim(now time.Time, limit int, skip func(id string) bool, next 
 			}
 			rec, err := decodeRecord(v)
 			if err != nil || rec.ID != h.id || body == nil {
-				bad = append(bad, h.id)
+				c.Unreadable = append(c.Unreadable, h.id)
 				continue
 			}
 			// The record's own index entry may differ from h.key if the
@@ -657,9 +667,7 @@ func (s *Store) claim(now time.Time, limit int, skip func(id string) bool, next 
 			if rec.Held {
 				continue
 			}
-			rec.Attempts++
-			rec.LastAttempt = now
-			rec.NextAttempt = next(rec.Attempts - rec.Paced).Round(0)
+			begin(&rec.Message, at)
 			if err := putRecord(msgs, rec); err != nil {
 				return err
 			}
@@ -669,16 +677,16 @@ func (s *Store) claim(now time.Time, limit int, skip func(id string) bool, next 
 			if err := claimed.Put(id, nil); err != nil {
 				return err
 			}
-			out = append(out, delivery{msg: rec.Message, body: bytes.Clone(body), spooled: rec.Spooled})
+			c.Attempts = append(c.Attempts, attemptOn(rec, bytes.Clone(body)))
 			taken[h.id] = true
 		}
-		wake = nextWake(due, skip, taken)
+		c.Wake = nextWake(due, skip, taken)
 		return nil
 	})
 	if err != nil {
-		return nil, time.Time{}, nil, storageError("claim", err)
+		return Claimed{}, storageError("claim", err)
 	}
-	return out, wake, bad, nil
+	return c, nil
 }
 
 // errNothingDue ends claim's read-only look early.
@@ -724,56 +732,53 @@ func nextWake(due *bolt.Bucket, skip func(id string) bool, taken map[string]bool
 	return time.Time{}
 }
 
-// finished is what finish did with an attempt's outcome.
-type finished struct {
-	msg     Message // as stored, or as it was when removed
-	removed bool    // no recipient pending: the message left the queue
-	gone    bool    // deleted during the attempt: nothing was stored
-}
-
-// finish ends the attempt on message id in one transaction. update changes
-// the message (it may run more than once, on a fresh copy each time) and
-// returns whether the message is done and leaves the queue, and the new
-// messages (DSNs, with ID, Received and NextAttempt set) to store in the
-// same transaction, so that a crash keeps the outcome and its DSNs
-// together or neither. If the message was deleted during the attempt,
-// finish stores nothing and reports gone: a deleted message is never
-// brought back, nor bounced.
-func (s *Store) finish(id string, update func(m *Message) (remove bool, add []delivery)) (finished, error) {
+// Finish implements Backend. The outcome is recorded only while the
+// message is claimed with the attempt's number (attemptOn). Its commit may
+// wait a few milliseconds for a client's, to share it (writeLazy).
+func (s *Store) Finish(ctx context.Context, a Attempt, update func(m *Message) (remove bool, dsns []DSN)) (Finished, error) {
+	id := a.Message.ID
+	if err := ctx.Err(); err != nil {
+		return Finished{}, fmt.Errorf("queue: finish %s: %w", id, err)
+	}
 	key := []byte(id)
 	var (
-		f       finished
-		added   []delivery // the DSNs stored, for the observer
-		spooled bool
+		f                    Finished
+		added                []DSN // the DSNs stored, for the observer
+		spooled, gone, stale bool
 	)
 	err := s.commit.writeLazy(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
-		f, added, spooled = finished{}, nil, false
+		f, added, spooled, gone, stale = Finished{}, nil, false, false, false
 		msgs, bodies, due := tx.Bucket(msgsBucket), tx.Bucket(bodiesBucket), tx.Bucket(dueBucket)
 		v := msgs.Get(key)
 		if v == nil {
-			f.gone = true
+			gone = true
 			return nil
 		}
 		rec, err := decodeRecord(v)
 		if err != nil {
 			return err
 		}
+		claimed := tx.Bucket(claimedBucket)
+		if claimed.Get(key) == nil || uint64(rec.Attempts) != a.Token {
+			stale = true
+			return nil
+		}
 		oldDue := dueKey(rec.NextAttempt, id)
 		oldReceived := receivedKey(rec.Received, id)
 		spooled = rec.Spooled
 		remove, add := update(&rec.Message)
-		f.msg, f.removed, added = rec.Message, remove, add
-		if err := tx.Bucket(claimedBucket).Delete(key); err != nil {
+		f, added = Finished{Message: rec.Message, Removed: remove}, add
+		if err := claimed.Delete(key); err != nil {
 			return err
 		}
 		for _, n := range add {
-			rec := record{Message: n.msg}
+			rec := record{Message: n.Message}
 			v, err := encodeRecord(&rec)
 			if err != nil {
 				return err
 			}
-			if err := insert(tx, &rec, v, n.body, false); err != nil {
+			if err := insert(tx, &rec, v, n.Body, false); err != nil {
 				return err
 			}
 		}
@@ -800,19 +805,27 @@ func (s *Store) finish(id string, update func(m *Message) (remove bool, add []de
 		}
 		return putRecord(msgs, rec)
 	})
-	if err != nil {
-		return finished{}, storageError("finish "+id, err)
+	switch {
+	case err != nil:
+		return Finished{}, storageError("finish "+id, err)
+	case gone:
+		return Finished{}, fmt.Errorf("queue: finish %s: %w", id, ErrNotFound)
+	case stale:
+		return Finished{}, fmt.Errorf("queue: finish %s: %w", id, ErrClaimLost)
 	}
-	if f.removed && spooled {
+	if f.Removed && spooled {
 		s.removeSpool(id) // after the commit: a crash in between leaves an orphan for Open
 	}
-	if s.observer != nil && !f.gone {
+	if s.observer != nil {
 		for _, n := range added {
-			s.observer.DSNQueued(n.kind)
+			s.observer.DSNQueued(n.Kind)
 		}
-		if f.removed {
-			s.observer.Finished(f.msg, outcomeOf(f.msg))
+		if f.Removed {
+			s.observer.Finished(f.Message, outcomeOf(f.Message))
 		}
+	}
+	if len(added) > 0 {
+		s.notify() // send the DSNs now, not at the next pass
 	}
 	return f, nil
 }

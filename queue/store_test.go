@@ -281,12 +281,11 @@ func TestRecovered(t *testing.T) {
 
 	// Claim one message as a scheduler does, then stop without completing.
 	now := time.Now()
-	claimed, _, _, err := s.claim(now, 1, func(string) bool { return false },
-		func(int) time.Time { return now.Add(time.Hour) })
+	c, err := s.Claim(context.Background(), Start{Now: now, Retry: func(int) time.Time { return now.Add(time.Hour) }}, 1, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(claimed) != 1 || claimed[0].msg.ID != old.ID {
+	if claimed := c.Attempts; len(claimed) != 1 || claimed[0].Message.ID != old.ID {
 		t.Fatalf("claimed %+v, want only the older message", claimed)
 	}
 
@@ -321,24 +320,27 @@ func TestClaimOrderAndLimit(t *testing.T) {
 	}
 	skip := func(id string) bool { return id == ids[0] }
 	next := func(int) time.Time { return now.Add(time.Minute) }
-	claimed, wake, _, err := s.claim(now, 1, skip, next)
+	at := Start{Now: now, Retry: next}
+	c, err := s.Claim(context.Background(), at, 1, skip)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(claimed) != 1 || claimed[0].msg.ID != ids[1] {
+	claimed, wake := c.Attempts, c.Wake
+	if len(claimed) != 1 || claimed[0].Message.ID != ids[1] {
 		t.Fatalf("claimed %+v, want message 1 (0 is skipped, limit 1)", claimed)
 	}
-	if string(claimed[0].body) != "x" {
-		t.Errorf("claimed body %q", claimed[0].body)
+	if string(claimed[0].head) != "x" {
+		t.Errorf("claimed body %q", claimed[0].head)
 	}
 	if !wake.Equal(now.Add(-time.Minute).Round(0)) {
 		t.Errorf("wake = %v, want message 2's due time", wake)
 	}
-	claimed, wake, _, err = s.claim(now, 10, skip, next)
+	c, err = s.Claim(context.Background(), at, 10, skip)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(claimed) != 1 || claimed[0].msg.ID != ids[2] {
+	claimed, wake = c.Attempts, c.Wake
+	if len(claimed) != 1 || claimed[0].Message.ID != ids[2] {
 		t.Fatalf("claimed %+v, want message 2 only (3 is not due)", claimed)
 	}
 	if !wake.Equal(now.Add(time.Minute).Round(0)) {

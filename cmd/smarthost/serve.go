@@ -148,7 +148,7 @@ func newLogger(format string, level slog.Level, w io.Writer) *slog.Logger {
 // submission server and the HTTP listener.
 type instance struct {
 	log   *slog.Logger
-	store *queue.Store
+	store queue.Backend
 	sched *queue.Scheduler
 	// delivery lives as long as the instance; a reload changes its
 	// configuration in place (SetConfig).
@@ -440,16 +440,16 @@ func (in *instance) shutdown(ctx context.Context) error {
 // also lets down upstreams be probed at once, since the operator wants the
 // mail to go now.
 type adminQueue struct {
-	*queue.Store
+	queue.Backend
 	delivery *upstream.Deliverer
 }
 
 func (a adminQueue) Flush() (int, error) {
 	a.delivery.ProbeNow()
-	return a.Store.Flush()
+	return a.Backend.Flush()
 }
 
 func (a adminQueue) Retry(id string) error {
 	a.delivery.ProbeNow()
-	return a.Store.Retry(id)
+	return a.Backend.Retry(id)
 }
