@@ -7,6 +7,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 )
 
 // Outcome is how a message left the queue.
@@ -144,7 +145,7 @@ func b2i(b bool) int64 {
 // written before they existed. It runs once, at the first Open of such a
 // file; unreadable records are counted but not indexed.
 func indexCounts(tx *bolt.Tx) error {
-	if err := tx.DeleteBucket(receivedBucket); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
+	if err := tx.DeleteBucket(receivedBucket); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
 		return err
 	}
 	received, err := tx.CreateBucket(receivedBucket)
