@@ -396,16 +396,13 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 		}
 	}
 	v, err := encodeRecord(&rec)
-	if err == nil {
-		err = s.commit.writeClient(func(tx *bolt.Tx) error {
-			s.chooseFreelistSync(tx)
-			return insert(tx, &rec, v, body, taken)
-		})
-		if err != nil {
-			err = storageError("put "+m.ID, err)
-		}
-	} else {
+	if err != nil {
 		err = fmt.Errorf("queue: put: %w", err)
+	} else if err = s.commit.writeClient(func(tx *bolt.Tx) error {
+		s.chooseFreelistSync(tx)
+		return insert(tx, &rec, v, body, taken)
+	}); err != nil {
+		err = storageError("put "+m.ID, err)
 	}
 	if err != nil {
 		if taken {
