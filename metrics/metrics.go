@@ -53,9 +53,6 @@ var (
 	_ queue.Observer    = (*Metrics)(nil)
 )
 
-// attemptResults are the results of smarthost_delivery_attempts_total.
-var attemptResults = []string{upstream.ResultDelivered, upstream.ResultDeferred, upstream.ResultFailed, "skipped"}
-
 // Histogram buckets. Message sizes run from a one-line notification to
 // the largest attachments providers take; a delivery may wait in the
 // queue for hours, a transaction takes milliseconds to minutes.
@@ -152,7 +149,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	for _, r := range []string{"signed", "unsigned"} {
 		m.dkim.WithLabelValues(r)
 	}
-	for _, o := range []queue.Outcome{queue.OutcomeDelivered, queue.OutcomeBounced, queue.OutcomeDeleted} {
+	for _, o := range queue.FinishedOutcomes() {
 		m.finished.WithLabelValues(string(o))
 	}
 	for _, k := range []queue.BounceKind{queue.BounceFailed, queue.BounceDelayed} {
@@ -201,8 +198,8 @@ func (m *Metrics) InitLabels(listeners, upstreams []string) {
 		}
 	}
 	for _, u := range upstreams {
-		for _, r := range attemptResults {
-			m.attempts.WithLabelValues(u, r)
+		for _, r := range queue.TransactionOutcomes() {
+			m.attempts.WithLabelValues(u, string(r))
 		}
 		m.deliveryDuration.WithLabelValues(u)
 		m.transactionTime.WithLabelValues(u)
@@ -268,14 +265,14 @@ func (m *Metrics) AuthFailed(listener string) { m.authFailures.WithLabelValues(l
 func (m *Metrics) AuthBlocked(listener string) { m.authBlocked.WithLabelValues(listener).Inc() }
 
 // Transaction implements upstream.Observer.
-func (m *Metrics) Transaction(upstream, result string, took time.Duration) {
-	m.attempts.WithLabelValues(upstream, result).Inc()
+func (m *Metrics) Transaction(upstream string, result queue.Outcome, took time.Duration) {
+	m.attempts.WithLabelValues(upstream, string(result)).Inc()
 	m.transactionTime.WithLabelValues(upstream).Observe(took.Seconds())
 }
 
 // Skipped implements upstream.Observer.
 func (m *Metrics) Skipped(upstream string) {
-	m.attempts.WithLabelValues(upstream, "skipped").Inc()
+	m.attempts.WithLabelValues(upstream, string(queue.OutcomeSkipped)).Inc()
 }
 
 // Delivered implements upstream.Observer.

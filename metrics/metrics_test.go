@@ -107,8 +107,8 @@ func TestObserverCounts(t *testing.T) {
 	ro.AuthBlocked("submission")
 
 	var do upstream.Observer = m
-	do.Transaction("ses", upstream.ResultDeferred, 2*time.Second)
-	do.Transaction("ses", upstream.ResultDelivered, 300*time.Millisecond)
+	do.Transaction("ses", queue.OutcomeDeferred, 2*time.Second)
+	do.Transaction("ses", queue.OutcomeDelivered, 300*time.Millisecond)
 	do.Delivered("ses", 90*time.Second)
 	do.Skipped("ses")
 

@@ -520,7 +520,7 @@ func TestApplyNotBefore(t *testing.T) {
 		results []Result
 		next    time.Time
 		paced   int
-		state   string
+		state   Outcome
 	}{
 		{"temporary failure", []Result{
 			{Rcpt: "a", State: Pending}, {Rcpt: "b", State: Pending},

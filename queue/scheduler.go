@@ -477,9 +477,9 @@ func (s *Scheduler) deliver(m Message, body Body) (results []Result) {
 
 // outcome summarises one attempt.
 type outcome struct {
-	state                       string // delivered, deferred, paced, failed, expired
-	done                        bool   // no recipient pending: leave the queue
-	delivered, failed, deferred int    // recipients by result of this attempt
+	state                       Outcome // one of AttemptOutcomes
+	done                        bool    // no recipient pending: leave the queue
+	delivered, failed, deferred int     // recipients by result of this attempt
 	// newlyFailed are the recipients that became Failed in this attempt
 	// (refused, or expired); pending those still Pending after it.
 	newlyFailed, pending []Recipient
@@ -559,9 +559,9 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 	}
 	switch {
 	case pending == 0 && failed == 0:
-		out.state, out.done = "delivered", true
+		out.state, out.done = OutcomeDelivered, true
 	case pending == 0:
-		out.state, out.done = "failed", true
+		out.state, out.done = OutcomeFailed, true
 	case now.Sub(m.Received) >= s.MaxAge:
 		// Pacing does not stop the clock: a message never leaves the queue
 		// later than MaxAge.
@@ -578,14 +578,14 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 			rc.Reply = fmt.Sprintf("expired after %s in queue; last reply: %s", s.MaxAge, last)
 			out.newlyFailed = append(out.newlyFailed, *rc)
 		}
-		out.state, out.done = "expired", true
+		out.state, out.done = OutcomeExpired, true
 	case paced > 0 && unpaced == 0:
 		m.Paced++
 		m.NextAttempt = notBefore
 		if m.NextAttempt.Before(now) {
 			m.NextAttempt = now
 		}
-		out.state = "paced"
+		out.state = OutcomePaced
 	default:
 		// The backoff counts from the end of the attempt: one that outlasted
 		// it (an upstream slow or silent until its timeout) is not retried
@@ -596,7 +596,7 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 		if notBefore.After(m.NextAttempt) {
 			m.NextAttempt = notBefore
 		}
-		out.state = "deferred"
+		out.state = OutcomeDeferred
 	}
 	if !out.done {
 		for _, rc := range m.Recipients {
@@ -615,7 +615,7 @@ func (s *Scheduler) log(m Message, out outcome) {
 		"delivered", out.delivered, "failed", out.failed, "deferred", out.deferred,
 	}
 	level := slog.LevelWarn
-	if out.state == "delivered" || out.state == "paced" {
+	if out.state == OutcomeDelivered || out.state == OutcomePaced {
 		level = slog.LevelInfo // waiting for an upstream's pace is normal
 	}
 	if !out.done {
@@ -624,7 +624,7 @@ func (s *Scheduler) log(m Message, out outcome) {
 	attrs = append(attrs, "reply", m.LastReply)
 	// The message is the outcome, so that "deferred" or "expired" is what an
 	// operator greps for.
-	s.Logger.Log(context.Background(), level, out.state, attrs...)
+	s.Logger.Log(context.Background(), level, string(out.state), attrs...)
 }
 
 // Shutdown stops claiming messages and waits for in-flight deliveries to

@@ -10,18 +10,6 @@ import (
 	berrors "go.etcd.io/bbolt/errors"
 )
 
-// Outcome is how a message left the queue.
-type Outcome string
-
-const (
-	// OutcomeDelivered: every recipient was delivered.
-	OutcomeDelivered Outcome = "delivered"
-	// OutcomeBounced: at least one recipient failed or expired.
-	OutcomeBounced Outcome = "bounced"
-	// OutcomeDeleted: an administrator deleted it (Store.Delete).
-	OutcomeDeleted Outcome = "deleted"
-)
-
 // Observer is told when messages leave the queue and when DSNs are stored,
 // for metrics. Calls come after the change is committed, from the
 // goroutine that made it, so they must be quick and safe for concurrent
@@ -180,14 +168,4 @@ func deleteReceived(tx *bolt.Tx, id string, rec *record) error {
 		return b.Delete(receivedKey(rec.Received, id))
 	}
 	return deleteDueEntries(b, id)
-}
-
-// outcomeOf is how a message that leaves the queue after an attempt ended.
-func outcomeOf(m Message) Outcome {
-	for _, r := range m.Recipients {
-		if r.State != Delivered {
-			return OutcomeBounced
-		}
-	}
-	return OutcomeDelivered
 }

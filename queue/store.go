@@ -818,7 +818,7 @@ func (s *Store) Finish(ctx context.Context, a Attempt, update func(m *Message) (
 			s.observer.DSNQueued(n.Kind)
 		}
 		if f.Removed {
-			s.observer.Finished(f.Message, outcomeOf(f.Message))
+			s.observer.Finished(f.Message, finishedOutcome(f.Message))
 		}
 	}
 	if len(added) > 0 {

@@ -388,18 +388,18 @@ func (d *Deliverer) observe(m queue.Message, upstream string, took time.Duration
 	if d.Observer == nil {
 		return
 	}
-	result := ResultDeferred
+	result := queue.OutcomeDeferred
 	for _, r := range results {
 		if r.State == queue.Delivered {
-			result = ResultDelivered
+			result = queue.OutcomeDelivered
 			break
 		}
 		if r.State == queue.Failed {
-			result = ResultFailed
+			result = queue.OutcomeFailed
 		}
 	}
 	d.Observer.Transaction(upstream, result, took)
-	if result == ResultDelivered && !m.DSN {
+	if result == queue.OutcomeDelivered && !m.DSN {
 		d.Observer.Delivered(upstream, d.now().Sub(m.Received))
 	}
 }

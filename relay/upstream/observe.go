@@ -1,16 +1,21 @@
 package upstream
 
-import "time"
+import (
+	"time"
+
+	"smarthost/queue"
+)
 
 // Observer is told what the Deliverer does with each upstream, for
 // metrics. upstream is the Upstream's Name. Calls come from the delivery
 // goroutines: they must be quick and safe for concurrent use.
 type Observer interface {
 	// Transaction: one upstream was tried for a message, from taking a
-	// connection to the end of the transaction, with result "delivered"
-	// (at least one recipient taken), "failed" (none taken, at least one
-	// refused for good) or "deferred" (none decided).
-	Transaction(upstream, result string, took time.Duration)
+	// connection to the end of the transaction, with result
+	// queue.OutcomeDelivered (at least one recipient taken),
+	// queue.OutcomeFailed (none taken, at least one refused for good) or
+	// queue.OutcomeDeferred (none decided).
+	Transaction(upstream string, result queue.Outcome, took time.Duration)
 	// Skipped: an upstream was left out of a delivery, being down or at
 	// its rate limit.
 	Skipped(upstream string)
@@ -18,10 +23,3 @@ type Observer interface {
 	// upstream, sinceAccepted after the relay accepted it.
 	Delivered(upstream string, sinceAccepted time.Duration)
 }
-
-// Results of Observer.Transaction.
-const (
-	ResultDelivered = "delivered"
-	ResultDeferred  = "deferred"
-	ResultFailed    = "failed"
-)

@@ -11,6 +11,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"smarthost/internal/smtptest"
+	"smarthost/queue"
 )
 
 // recorder counts what an Observer is told, by "event upstream".
@@ -28,7 +29,7 @@ func (r *recorder) add(format string, args ...any) {
 	r.events[fmt.Sprintf(format, args...)]++
 }
 
-func (r *recorder) Transaction(up, result string, took time.Duration) {
+func (r *recorder) Transaction(up string, result queue.Outcome, took time.Duration) {
 	r.add("transaction %s %s", up, result)
 }
 func (r *recorder) Skipped(up string) { r.add("skipped %s", up) }
