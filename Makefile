@@ -44,8 +44,8 @@ test-deps:
 # spurious "context deadline exceeded" (go.dev/issue/75804). Counts are
 # sized to a few seconds each on 2 cores; new inputs are minimised for at
 # most 2 s.
-FUZZ_TARGETS := cmd/smarthost:FuzzParseConfig:15000 cmd/smarthost:FuzzParseSize:40000 \
-	cmd/smarthost:FuzzParseRate:5000 relay:FuzzSenderAllowed:100000 \
+FUZZ_TARGETS := cmd/smarthost/internal/config:FuzzParseConfig:15000 cmd/smarthost/internal/config:FuzzParseSize:40000 \
+	cmd/smarthost/internal/config:FuzzParseRate:5000 relay:FuzzSenderAllowed:100000 \
 	relay:FuzzValidPath:80000 relay:FuzzHeader:60000 relay:FuzzReadNormalized:25000 \
 	queue:FuzzDecodeMessage:150000 queue:FuzzCheckFile:50000 dkim:FuzzParseKey:100000
 

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"smarthost/cmd/smarthost/internal/config"
 	"smarthost/relay/upstream"
 )
 
@@ -63,13 +64,13 @@ func runCheckUpstream(args []string, stdout, stderr io.Writer) int {
 	}
 	for _, a := range []string{*from, *to} {
 		if a != "" {
-			if err := checkMailbox(a); err != nil {
+			if err := config.CheckMailbox(a); err != nil {
 				fmt.Fprintf(stderr, "smarthost check-upstream: %v\n", err)
 				return 2
 			}
 		}
 	}
-	cfg, err := LoadConfig(*path)
+	cfg, err := config.Load(*path)
 	if err != nil {
 		printConfigErrors(stderr, *path, err)
 		return 2

@@ -14,6 +14,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"smarthost/cmd/smarthost/internal/config/configtest"
 	"smarthost/internal/smtptest"
 	"smarthost/relay/upstream"
 )
@@ -40,8 +41,8 @@ var checkUpstreams = []string{"good", "wrong-tls", "bad-password", "bad-sender"}
 // It returns the configuration's path and the servers' ports.
 func checkConfig(t *testing.T) (path string, ports []string) {
 	t.Helper()
-	f := newTestFiles(t)
-	tlsCfg := f.pki.ServerTLS()
+	f := configtest.NewFiles(t)
+	tlsCfg := f.PKI.ServerTLS()
 	start := func(opts smtptest.Options) string {
 		opts.DataReply = func(string, []string, []byte) *smtp.SMTPError {
 			t.Error("check-upstream sent DATA")
@@ -61,7 +62,7 @@ func checkConfig(t *testing.T) (path string, ports []string) {
 			return nil
 		}})
 
-	pw := writeFile(t, t.TempDir(), "upstream-password", checkPassword+"\n")
+	pw := configtest.WriteFile(t, t.TempDir(), "upstream-password", checkPassword+"\n")
 	var ups strings.Builder
 	for i, addr := range []string{good, wrongTLS, badPassword, badSender} {
 		_, port, _ := net.SplitHostPort(addr)
@@ -74,15 +75,15 @@ username = %q
 password_file = %q
 ca_file = %q
 
-`, checkUpstreams[i], addr, checkLogin, pw, f.pki.CAFile)
+`, checkUpstreams[i], addr, checkLogin, pw, f.PKI.CAFile)
 	}
-	text := f.config(map[string]string{
+	text := f.Config(map[string]string{
 		"upstream": ups.String(),
 		"route": `[[route]]
 from_domain = "example.com"
 upstreams = ["good", "wrong-tls", "bad-password", "bad-sender"]`,
 	})
-	return writeFile(t, t.TempDir(), "config.toml", text), ports
+	return configtest.WriteFile(t, t.TempDir(), "config.toml", text), ports
 }
 
 // volatile are the parts of the output that change from run to run,
@@ -199,7 +200,7 @@ func TestCheckUpstreamGolden(t *testing.T) {
 
 func TestCheckUpstreamUsageErrors(t *testing.T) {
 	cfg, _ := checkConfig(t)
-	bad := writeFile(t, t.TempDir(), "bad.toml", "[[upstream]]\nname = \"x\"\n")
+	bad := configtest.WriteFile(t, t.TempDir(), "bad.toml", "[[upstream]]\nname = \"x\"\n")
 	tests := []struct {
 		name   string
 		args   []string
@@ -235,10 +236,10 @@ func TestCheckUpstreamUsageErrors(t *testing.T) {
 func TestCheckUpstreamProviderHint(t *testing.T) {
 	// A gmail profile with its address pointed at a loopback server that
 	// refuses the password: the hint is Gmail's own.
-	f := newTestFiles(t)
-	srv := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: f.pki.ServerTLS(),
+	f := configtest.NewFiles(t)
+	srv := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: f.PKI.ServerTLS(),
 		Username: checkLogin, Password: "another-password"})
-	text := f.config(map[string]string{
+	text := f.Config(map[string]string{
 		"upstream": fmt.Sprintf(`[[upstream]]
 name = "gmail"
 provider = "gmail"
@@ -250,7 +251,7 @@ ca_file = "{{CA}}"`, srv.Addr(), checkLogin),
 from_domain = "example.com"
 upstreams = ["gmail"]`,
 	})
-	cfg := writeFile(t, t.TempDir(), "config.toml", text)
+	cfg := configtest.WriteFile(t, t.TempDir(), "config.toml", text)
 	stdout, stderr, code := runCheck(t, "-config", cfg, "-timeout", "10s")
 	if code != 1 || stderr != "" {
 		t.Errorf("exit %d, want 1; stderr:\n%s", code, stderr)

@@ -25,6 +25,7 @@ import (
 	"github.com/emersion/go-smtp"
 	"golang.org/x/crypto/bcrypt"
 
+	"smarthost/cmd/smarthost/internal/config"
 	"smarthost/dkim"
 	"smarthost/internal/mailproto"
 	"smarthost/relay"
@@ -97,18 +98,18 @@ func demo(ctx context.Context, listen, httpAddr, dir string, logger *slog.Logger
 	defer up.Close()
 
 	hostname := "smarthost.demo"
-	cfg := &Config{
+	cfg := &config.Config{
 		Hostname:    hostname,
-		Queue:       QueueConfig{Path: filepath.Join(dir, "queue.db"), RetryMin: time.Second, RetryMax: 30 * time.Second, MaxAge: time.Hour, Bounce: true, Workers: 4},
+		Queue:       config.Queue{Path: filepath.Join(dir, "queue.db"), RetryMin: time.Second, RetryMax: 30 * time.Second, MaxAge: time.Hour, Bounce: true, Workers: 4},
 		TLSCertFile: certFile,
 		TLSKeyFile:  keyFile,
 		Listeners:   []relay.Listener{{Name: "submission", Address: listen, TLS: mailproto.TLSStartTLS, AuthRequired: true}},
 		Limits: relay.Limits{
 			MaxMessageBytes: 25 << 20, MaxRecipients: 100, MaxConnections: 100,
-			MaxConnectionsPerIP: defaultMaxConnectionsPerIP, AuthTimeout: defaultAuthTimeout,
+			MaxConnectionsPerIP: config.DefaultMaxConnectionsPerIP, AuthTimeout: config.DefaultAuthTimeout,
 			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
 			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute,
-			MessageMemory: defaultMessageMemory,
+			MessageMemory: config.DefaultMessageMemory,
 		},
 		Users:       []relay.User{{Name: "demo", PasswordHash: hash, AllowedFrom: []string{"*@example.com"}}},
 		Upstreams:   []upstream.Upstream{{Name: "local", Address: up.addr, TLS: mailproto.TLSNone, MaxConnections: 4}},
@@ -158,7 +159,7 @@ Delivered messages appear in %[7]s/
 		dkimFile, dkimKey.Domain, dkimKey.Selector, dkimZone, apiURL)
 
 	<-ctx.Done()
-	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	sctx, cancel := context.WithTimeout(context.Background(), config.DefaultShutdownTimeout)
 	defer cancel()
 	return inst.shutdown(sctx)
 }

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"smarthost/cmd/smarthost/internal/config"
 	"smarthost/dkim"
 )
 
@@ -70,10 +71,10 @@ func (d *dkimFlags) check() error {
 		return errors.New("-selector is required")
 	}
 	d.domain = strings.ToLower(strings.TrimSuffix(d.domain, "."))
-	if !validDomain(d.domain) {
+	if !config.ValidDomain(d.domain) {
 		return fmt.Errorf("-domain %q is not a domain name", d.domain)
 	}
-	if !validDomain(strings.ToLower(d.selector)) {
+	if !config.ValidDomain(strings.ToLower(d.selector)) {
 		return fmt.Errorf("-selector %q is not a valid DNS label sequence", d.selector)
 	}
 	return nil

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"testing"
 
+	"smarthost/cmd/smarthost/internal/config/configtest"
 	"smarthost/dkim"
 )
 
@@ -205,7 +206,7 @@ func TestDKIMKeygenOverwrite(t *testing.T) {
 // TestWriteKeyFileExclusive covers the exclusive create itself, which
 // keygen's early existence check normally pre-empts.
 func TestWriteKeyFileExclusive(t *testing.T) {
-	file := writeFile(t, t.TempDir(), "key", "old")
+	file := configtest.WriteFile(t, t.TempDir(), "key", "old")
 	if err := writeKeyFile(file, []byte("new"), false); err == nil || !strings.Contains(err.Error(), "exists") {
 		t.Errorf("writeKeyFile over a file = %v, want an exists error", err)
 	}

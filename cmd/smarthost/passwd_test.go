@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"golang.org/x/crypto/bcrypt"
+
+	"smarthost/cmd/smarthost/internal/config/configtest"
 )
 
 func runPasswdTest(t *testing.T, args []string, input string) (code int, stdout, stderr string) {
@@ -52,15 +54,15 @@ func TestPasswd(t *testing.T) {
 }
 
 // TestPasswdHashIsAccepted checks that the printed hash is what
-// ParseConfig wants in password_hash.
+// config.Parse wants in password_hash.
 func TestPasswdHashIsAccepted(t *testing.T) {
-	f := newTestFiles(t)
+	f := configtest.NewFiles(t)
 	code, stdout, stderr := runPasswdTest(t, []string{"-cost", "4"}, "pw\n")
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, stderr)
 	}
-	f.hash = strings.TrimSpace(stdout)
-	cfg := mustParse(t, f.config(nil))
+	f.Hash = strings.TrimSpace(stdout)
+	cfg := configtest.MustParse(t, f.Config(nil))
 	if err := bcrypt.CompareHashAndPassword(cfg.Users[0].PasswordHash, []byte("pw")); err != nil {
 		t.Error(err)
 	}

@@ -20,8 +20,7 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/BurntSushi/toml"
-
+	"smarthost/cmd/smarthost/internal/config"
 	"smarthost/metrics"
 	"smarthost/queue"
 )
@@ -59,7 +58,7 @@ else from $SMARTHOST_ADMIN_TOKEN.
 const defaultTokenEnv = "SMARTHOST_ADMIN_TOKEN"
 
 // defaultServerURL is used when there is no configuration file.
-const defaultServerURL = "http://" + defaultHTTPAddress
+const defaultServerURL = "http://" + config.DefaultHTTPAddress
 
 // queueCommands maps each subcommand to whether it takes a message ID.
 var queueCommands = map[string]bool{
@@ -238,35 +237,18 @@ type queueClient struct {
 	now      func() time.Time
 }
 
-// adminConfig is the part of the configuration file that the queue
-// command reads. Only [http] is decoded, and leniently: the rest may need
-// secrets that an administrator's shell does not have.
-type adminConfig struct {
-	HTTP struct {
-		Address       string `toml:"address"`
-		AdminTokenEnv string `toml:"admin_token_env"`
-	} `toml:"http"`
-}
-
 // newQueueClient finds the server and the token: an explicit server URL
 // wins over the configuration's [http] address, and a configuration file
 // that does not exist leaves the defaults.
 func newQueueClient(server, configPath string) (*queueClient, error) {
-	var cfg adminConfig
-	data, err := os.ReadFile(configPath)
-	switch {
-	case errors.Is(err, os.ErrNotExist):
-	case err != nil:
-		return nil, fmt.Errorf("read config: %w", err)
-	default:
-		if _, err := toml.Decode(string(data), &cfg); err != nil {
-			return nil, fmt.Errorf("config %s: [http]: %w", configPath, err)
-		}
+	cfg, err := config.ReadAdminEndpoint(configPath)
+	if err != nil {
+		return nil, err
 	}
 
 	c := &queueClient{tokenEnv: defaultTokenEnv, http: &http.Client{Timeout: 30 * time.Second}, now: time.Now}
-	if cfg.HTTP.AdminTokenEnv != "" {
-		c.tokenEnv = cfg.HTTP.AdminTokenEnv
+	if cfg.AdminTokenEnv != "" {
+		c.tokenEnv = cfg.AdminTokenEnv
 	}
 	c.token = os.Getenv(c.tokenEnv)
 
@@ -277,8 +259,8 @@ func newQueueClient(server, configPath string) (*queueClient, error) {
 			return nil, err
 		}
 		c.base = base
-	case cfg.HTTP.Address != "":
-		base, err := httpAddressURL(cfg.HTTP.Address)
+	case cfg.Address != "":
+		base, err := httpAddressURL(cfg.Address)
 		if err != nil {
 			return nil, fmt.Errorf("config %s: [http] address: %w", configPath, err)
 		}

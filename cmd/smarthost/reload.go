@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+
+	"smarthost/cmd/smarthost/internal/config"
 )
 
 // reload reads the configuration file at path again, on SIGHUP, and
@@ -34,7 +36,7 @@ func (in *instance) reload(path string) error {
 // applyConfig loads and applies a configuration; in.reloadMu must be
 // held. Whatever can fail is done before anything changes.
 func (in *instance) applyConfig(path string) error {
-	cfg, err := LoadConfig(path)
+	cfg, err := config.Load(path)
 	if err != nil {
 		return err
 	}
@@ -48,7 +50,7 @@ func (in *instance) applyConfig(path string) error {
 		// The same files are read again too: SIGHUP is also the way to
 		// make a renewed certificate count at once.
 		if err := in.certs.SetFiles(cfg.TLSCertFile, cfg.TLSKeyFile); err != nil {
-			return ConfigErrors{{Key: "tls.cert_file", Msg: err.Error()}}
+			return config.Errors{{Key: "tls.cert_file", Msg: err.Error()}}
 		}
 	}
 
@@ -72,7 +74,7 @@ func (in *instance) applyConfig(path string) error {
 // that only a restart applies, and returns the names of those that cfg
 // changed. withCerts says whether the relay serves a certificate, whose
 // files may then change.
-func keepRestartValues(cfg, old *Config, withCerts bool) []string {
+func keepRestartValues(cfg, old *config.Config, withCerts bool) []string {
 	var changed []string
 	keep := func(key string, differs bool, restore func()) {
 		if differs {
@@ -109,7 +111,7 @@ func keepRestartValues(cfg, old *Config, withCerts bool) []string {
 // configProblems lists the problems of a configuration, each naming its
 // key, for a log line.
 func configProblems(err error) []string {
-	var errs ConfigErrors
+	var errs config.Errors
 	if errors.As(err, &errs) {
 		out := make([]string, len(errs))
 		for i, e := range errs {

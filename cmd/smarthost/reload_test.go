@@ -10,6 +10,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"smarthost/cmd/smarthost/internal/config"
 	"smarthost/internal/smtptest"
 )
 
@@ -22,7 +23,7 @@ func TestReload(t *testing.T) {
 	a := smtptest.Start(t, smtptest.Options{})
 	b := smtptest.Start(t, smtptest.Options{})
 	path := serveConfig(t, a.Addr(), "")
-	cfg, err := LoadConfig(path)
+	cfg, err := config.Load(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,16 +110,16 @@ func TestReload(t *testing.T) {
 func TestKeepRestartValues(t *testing.T) {
 	t.Setenv("SMARTHOST_TEST_ADMIN", "x")
 	path := serveConfig(t, "127.0.0.1:2525", "")
-	old, err := LoadConfig(path)
+	old, err := config.Load(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, _ := LoadConfig(path)
+	cfg, _ := config.Load(path)
 	if got := keepRestartValues(cfg, old, false); got != nil {
 		t.Errorf("unchanged configuration: %v", got)
 	}
 
-	cfg, _ = LoadConfig(path)
+	cfg, _ = config.Load(path)
 	cfg.Hostname = "other.test"
 	cfg.Queue.Path = "/elsewhere.db"
 	cfg.Queue.Workers = 3

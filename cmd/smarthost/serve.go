@@ -22,6 +22,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"smarthost/cmd/smarthost/internal/config"
 	"smarthost/dkim"
 	"smarthost/metrics"
 	"smarthost/queue"
@@ -29,20 +30,16 @@ import (
 	"smarthost/relay/upstream"
 )
 
-// shutdownTimeout is the default of shutdown_timeout, which bounds a
-// graceful stop: under Kubernetes' 30 s grace period.
-const shutdownTimeout = 25 * time.Second
-
 // loadFromFlags parses a command's -config flag and loads that file. On
 // failure it has reported the problems and returns the exit code.
-func loadFromFlags(command string, args []string, stderr io.Writer) (*Config, int) {
+func loadFromFlags(command string, args []string, stderr io.Writer) (*config.Config, int) {
 	fs := flag.NewFlagSet(command, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	path := fs.String("config", defaultConfigPath(), "configuration file (env SMARTHOST_CONFIG)")
 	if err := fs.Parse(args); err != nil {
 		return nil, 2
 	}
-	cfg, err := LoadConfig(*path)
+	cfg, err := config.Load(*path)
 	if err != nil {
 		printConfigErrors(stderr, *path, err)
 		return nil, 1
@@ -61,7 +58,7 @@ func runCheckConfig(args []string, stdout, stderr io.Writer) int {
 }
 
 func printConfigErrors(w io.Writer, path string, err error) {
-	var errs ConfigErrors
+	var errs config.Errors
 	if errors.As(err, &errs) {
 		fmt.Fprintf(w, "%s: %d problem(s):\n", path, len(errs))
 		for _, e := range errs {
@@ -159,8 +156,8 @@ type instance struct {
 	ready    atomic.Bool // /readyz: everything is up and not shutting down
 	failed   chan error  // a component stopped on its own
 
-	reloadMu sync.Mutex // one reload at a time; guards cfg
-	cfg      *Config    // in effect: the last one reloaded, with the values that need a restart kept
+	reloadMu sync.Mutex     // one reload at a time; guards cfg
+	cfg      *config.Config // in effect: the last one reloaded, with the values that need a restart kept
 	// onReload, if set, is told the outcome of every reload, nil for
 	// success, for the smarthost_config_reloads_total and
 	// smarthost_config_last_reload_success_timestamp_seconds metrics.
@@ -172,14 +169,14 @@ func (in *instance) shutdownTimeout() time.Duration {
 	in.reloadMu.Lock()
 	defer in.reloadMu.Unlock()
 	if in.cfg == nil || in.cfg.ShutdownTimeout <= 0 {
-		return shutdownTimeout
+		return config.DefaultShutdownTimeout
 	}
 	return in.cfg.ShutdownTimeout
 }
 
 // newDeliverer builds the delivery side, for the life of the process,
 // with cfg's upstreams and routes in effect.
-func newDeliverer(cfg *Config, logger *slog.Logger) *upstream.Deliverer {
+func newDeliverer(cfg *config.Config, logger *slog.Logger) *upstream.Deliverer {
 	d := &upstream.Deliverer{
 		Hostname: cfg.Hostname,
 		// An upstream marked down stays skipped on the operator's retry
@@ -194,7 +191,7 @@ func newDeliverer(cfg *Config, logger *slog.Logger) *upstream.Deliverer {
 }
 
 // deliveryConfig is what of cfg a reload changes in the Deliverer.
-func deliveryConfig(cfg *Config) upstream.Config {
+func deliveryConfig(cfg *config.Config) upstream.Config {
 	return upstream.Config{
 		Upstreams:      cfg.Upstreams,
 		Routes:         cfg.Routes,
@@ -205,7 +202,7 @@ func deliveryConfig(cfg *Config) upstream.Config {
 
 // newSigner builds the DKIM signer of a configuration, nil when it has no
 // keys.
-func newSigner(cfg *Config) (*dkim.Signer, error) {
+func newSigner(cfg *config.Config) (*dkim.Signer, error) {
 	if len(cfg.DKIM) == 0 {
 		return nil, nil
 	}
@@ -218,7 +215,7 @@ func newSigner(cfg *Config) (*dkim.Signer, error) {
 
 // start opens the queue, binds the HTTP and SMTP listeners and starts
 // delivery.
-func start(cfg *Config, logger *slog.Logger) (*instance, error) {
+func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	var tlsConfig *tls.Config
 	var certs *relay.CertReloader
 	if cfg.TLSCertFile != "" {

@@ -20,6 +20,8 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"smarthost/cmd/smarthost/internal/config"
+	"smarthost/cmd/smarthost/internal/config/configtest"
 	"smarthost/internal/smtptest"
 	"smarthost/queue"
 )
@@ -244,7 +246,7 @@ func TestStartHTTPPortInUse(t *testing.T) {
 	}
 	defer ln.Close()
 	t.Setenv("SMARTHOST_TEST_ADMIN", "x")
-	cfg, err := LoadConfig(serveConfig(t, "127.0.0.1:2525", ""))
+	cfg, err := config.Load(serveConfig(t, "127.0.0.1:2525", ""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -280,7 +282,7 @@ func TestStartWiring(t *testing.T) {
 			path := serveConfig(t, "127.0.0.1:2525", "")
 			data, _ := os.ReadFile(path)
 			text := strings.Replace(string(data), "retry_max = \"2h\"\n", "retry_max = \"2h\"\n"+tt.queue, 1)
-			cfg, err := ParseConfig([]byte(text), path)
+			cfg, err := config.Parse([]byte(text), path)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -310,7 +312,7 @@ func TestStartWiring(t *testing.T) {
 func TestNotReadyWhileQueueUnwritable(t *testing.T) {
 	up := smtptest.Start(t, smtptest.Options{})
 	t.Setenv("SMARTHOST_TEST_ADMIN", "x")
-	cfg, err := LoadConfig(serveConfig(t, up.Addr(), ""))
+	cfg, err := config.Load(serveConfig(t, up.Addr(), ""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -395,5 +397,16 @@ func TestNotReadyWhileQueueUnwritable(t *testing.T) {
 	}
 	if line := logs.find("queue write failed"); line == nil || !strings.Contains(fmt.Sprint(line["error"]), "file too large") {
 		t.Errorf("the failed write is not logged with its cause: %v", line)
+	}
+}
+
+// TestParseConfigUpstreamTimeouts: the [queue] upstream timeouts reach
+// the Deliverer.
+func TestParseConfigUpstreamTimeouts(t *testing.T) {
+	f := configtest.NewFiles(t)
+	cfg := configtest.MustParse(t, f.Config(map[string]string{"queue": "[queue]\nupstream_command_timeout = \"1s\"\nupstream_data_timeout = \"90s\""}))
+	d := newDeliverer(cfg, slog.New(slog.DiscardHandler)).Config()
+	if d.CommandTimeout != time.Second || d.DataTimeout != 90*time.Second {
+		t.Errorf("Deliverer timeouts %v and %v, want 1s and 1m30s", d.CommandTimeout, d.DataTimeout)
 	}
 }

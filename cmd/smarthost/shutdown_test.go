@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"smarthost/cmd/smarthost/internal/config"
 	"smarthost/internal/smtptest"
 	"smarthost/queue"
 )
@@ -18,7 +19,7 @@ import (
 func TestShutdownDeadline(t *testing.T) {
 	t.Setenv("SMARTHOST_TEST_ADMIN", "x")
 	up := smtptest.Start(t, smtptest.Options{})
-	cfg, err := LoadConfig(serveConfig(t, up.Addr(), ""))
+	cfg, err := config.Load(serveConfig(t, up.Addr(), ""))
 	if err != nil {
 		t.Fatal(err)
 	}

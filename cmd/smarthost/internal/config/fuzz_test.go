@@ -1,4 +1,4 @@
-package main
+package config_test
 
 import (
 	"bytes"
@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
+	"smarthost/cmd/smarthost/internal/config"
 	"smarthost/dkim"
 	"smarthost/internal/mailproto"
 	"smarthost/internal/testpki"
@@ -81,10 +82,10 @@ func FuzzParseConfig(f *testing.F) {
 		// Here, not before f.Fuzz: the seed corpus is read from the
 		// package directory.
 		t.Chdir(dir)
-		cfg, err := ParseConfig(data, "fuzz.toml")
+		cfg, err := config.Parse(data, "fuzz.toml")
 		if err != nil {
-			if _, ok := err.(ConfigErrors); !ok {
-				t.Fatalf("error %T is not ConfigErrors: %v", err, err)
+			if _, ok := err.(config.Errors); !ok {
+				t.Fatalf("error %T is not config.Errors: %v", err, err)
 			}
 			if cfg != nil {
 				t.Fatalf("config %+v returned with error %v", cfg, err)
@@ -97,7 +98,7 @@ func FuzzParseConfig(f *testing.F) {
 
 // checkConfigInvariants holds what every accepted configuration promises
 // the rest of the binary.
-func checkConfigInvariants(t *testing.T, cfg *Config) {
+func checkConfigInvariants(t *testing.T, cfg *config.Config) {
 	t.Helper()
 	if len(cfg.Listeners) == 0 || len(cfg.Upstreams) == 0 || len(cfg.Routes) == 0 {
 		t.Fatalf("accepted without listeners, upstreams or routes: %+v", cfg)
@@ -152,7 +153,7 @@ func checkConfigInvariants(t *testing.T, cfg *Config) {
 		switch u.TLS {
 		case mailproto.TLSImplicit, mailproto.TLSStartTLS:
 		case mailproto.TLSNone:
-			if !isLoopbackHost(u.Address) {
+			if !config.IsLoopbackHost(u.Address) {
 				t.Errorf("upstream[%d]: plain text to %s, not loopback", i, u.Address)
 			}
 		default:
@@ -193,7 +194,7 @@ func checkConfigInvariants(t *testing.T, cfg *Config) {
 
 func FuzzParseSize(f *testing.F) {
 	f.Fuzz(func(t *testing.T, s string) {
-		n, err := ParseSize(s)
+		n, err := config.ParseSize(s)
 		if err != nil {
 			if n != 0 {
 				t.Errorf("ParseSize(%q) = %d with error %v", s, n, err)
@@ -210,7 +211,7 @@ func FuzzParseSize(f *testing.F) {
 				continue
 			}
 			in := strconv.FormatInt(n/mult, 10) + unit
-			if back, err := ParseSize(in); err != nil || back != n {
+			if back, err := config.ParseSize(in); err != nil || back != n {
 				t.Errorf("ParseSize(%q) = %d; ParseSize(%q) = %d, %v", s, n, in, back, err)
 			}
 		}
@@ -219,7 +220,7 @@ func FuzzParseSize(f *testing.F) {
 
 func FuzzParseRate(f *testing.F) {
 	f.Fuzz(func(t *testing.T, s string) {
-		r, err := ParseRate(s)
+		r, err := config.ParseRate(s)
 		if err != nil {
 			if r != (upstream.Rate{}) {
 				t.Errorf("ParseRate(%q) = %+v with error %v", s, r, err)
@@ -230,7 +231,7 @@ func FuzzParseRate(f *testing.F) {
 			t.Fatalf("ParseRate(%q) = %+v, not positive", s, r)
 		}
 		in := fmt.Sprintf("%d/%s", r.N, r.Per)
-		if back, err := ParseRate(in); err != nil || back != r {
+		if back, err := config.ParseRate(in); err != nil || back != r {
 			t.Errorf("ParseRate(%q) = %+v; ParseRate(%q) = %+v, %v", s, r, in, back, err)
 		}
 	})

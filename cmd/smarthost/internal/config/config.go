@@ -1,4 +1,8 @@
-package main
+// Package config reads smarthost's TOML configuration into the typed
+// pieces the binary builds from: it checks every key, reads the secrets
+// and files the keys name, and reports every problem at once, each
+// naming its key.
+package config
 
 import (
 	"crypto"
@@ -38,7 +42,7 @@ type Config struct {
 	Hostname  string     // banner and EHLO name; default os.Hostname()
 	LogFormat string     // "text" (default) or "json"
 	LogLevel  slog.Level // default slog.LevelInfo
-	Queue     QueueConfig
+	Queue     Queue
 
 	// TLSCertFile and TLSKeyFile hold the serving certificate ([tls]).
 	// They are checked to load as a pair; the server re-reads them itself.
@@ -68,8 +72,8 @@ type Config struct {
 	ShutdownTimeout time.Duration
 }
 
-// QueueConfig is the [queue] table.
-type QueueConfig struct {
+// Queue is the [queue] table.
+type Queue struct {
 	Path     string        // bbolt file, default /var/lib/smarthost/queue.db
 	RetryMin time.Duration // first retry delay, default 1m
 	RetryMax time.Duration // cap of the doubling delay, default 1h
@@ -87,24 +91,27 @@ type QueueConfig struct {
 	UpstreamDataTimeout time.Duration
 }
 
-// ConfigError is one problem in a configuration, naming its key, e.g.
+// Error is one problem in a configuration, naming its key, e.g.
 // Key "listen[0].tls".
-type ConfigError struct {
+type Error struct {
 	Key string // "" for a problem with the file as a whole
 	Msg string
 }
 
-func (e ConfigError) Error() string {
+// Error returns the problem as "key: message", or the message alone for
+// a problem with the file as a whole.
+func (e Error) Error() string {
 	if e.Key == "" {
 		return e.Msg
 	}
 	return e.Key + ": " + e.Msg
 }
 
-// ConfigErrors is every problem found in one configuration.
-type ConfigErrors []ConfigError
+// Errors is every problem found in one configuration.
+type Errors []Error
 
-func (es ConfigErrors) Error() string {
+// Error joins the problems, one "key: message" line each.
+func (es Errors) Error() string {
 	lines := make([]string, len(es))
 	for i, e := range es {
 		lines[i] = e.Error()
@@ -114,51 +121,82 @@ func (es ConfigErrors) Error() string {
 
 // Defaults for keys that may be left out.
 const (
-	defaultQueuePath      = "/var/lib/smarthost/queue.db"
-	defaultHTTPAddress    = "127.0.0.1:9090"
-	defaultWorkers        = 16
-	defaultMaxMessage     = 25 << 20
-	defaultMaxRecipients  = 100
-	defaultMaxConnections = 1000
-	defaultAuthFailures   = 5
-	defaultUpstreamConns  = 4
+	// DefaultShutdownTimeout is the default of shutdown_timeout, which
+	// bounds a graceful stop: under Kubernetes' 30 s grace period.
+	DefaultShutdownTimeout     = 25 * time.Second
+	defaultQueuePath           = "/var/lib/smarthost/queue.db"
+	DefaultHTTPAddress         = "127.0.0.1:9090"
+	defaultWorkers             = 16
+	defaultMaxMessage          = 25 << 20
+	defaultMaxRecipients       = 100
+	defaultMaxConnections      = 1000
+	defaultAuthFailures        = 5
+	DefaultUpstreamConnections = 4
 	// Twenty connections are more than one client needs, and an address
 	// cannot hold a listener's places; Postfix's own default is 50.
-	defaultMaxConnectionsPerIP = 20
-	defaultAuthTimeout         = time.Minute
-	// defaultMessageMemory lets 16 messages of 1 MiB, or some 150 of
+	DefaultMaxConnectionsPerIP = 20
+	DefaultAuthTimeout         = time.Minute
+	// DefaultMessageMemory lets 16 messages of 1 MiB, or some 150 of
 	// 100 KB, be received into memory at once and stored in one commit;
 	// past it, messages spool to disk. 1,000 sessions sending 900 KB at
 	// once then peak at 150-180 MiB, where 32 MB peaked at 220-280 MiB
 	// (bench/MEMORY.md). See README, "Memory".
-	defaultMessageMemory = 16 << 20
+	DefaultMessageMemory = 16 << 20
 )
 
-// LoadConfig reads the file at path and validates it with ParseConfig.
-func LoadConfig(path string) (*Config, error) {
+// Load reads the file at path and validates it with Parse.
+func Load(path string) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
-	return ParseConfig(data, path)
+	return Parse(data, path)
 }
 
-// ParseConfig decodes and validates a configuration. When anything is
-// wrong the error is a ConfigErrors listing every problem found, each
+// AdminEndpoint is where a client finds the admin API of a running
+// relay: the [http] address and admin_token_env of its configuration
+// file; a key that is not set is "".
+type AdminEndpoint struct {
+	Address       string `toml:"address"`
+	AdminTokenEnv string `toml:"admin_token_env"`
+}
+
+// ReadAdminEndpoint reads the [http] table of the file at path, and only
+// it, leniently: the rest may need secrets that an administrator's shell
+// does not have. A file that does not exist gives the zero AdminEndpoint.
+func ReadAdminEndpoint(path string) (AdminEndpoint, error) {
+	var file struct {
+		HTTP AdminEndpoint `toml:"http"`
+	}
+	data, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		return AdminEndpoint{}, fmt.Errorf("read config: %w", err)
+	default:
+		if _, err := toml.Decode(string(data), &file); err != nil {
+			return AdminEndpoint{}, fmt.Errorf("config %s: [http]: %w", path, err)
+		}
+	}
+	return file.HTTP, nil
+}
+
+// Parse decodes and validates a configuration. When anything is
+// wrong the error is an Errors listing every problem found, each
 // naming its key; a TOML syntax error stops the parse and is reported
 // alone, with its line and column.
-func ParseConfig(data []byte, path string) (*Config, error) {
+func Parse(data []byte, path string) (*Config, error) {
 	var root map[string]any
 	if _, err := toml.Decode(string(data), &root); err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
-			return nil, ConfigErrors{{Msg: fmt.Sprintf("TOML syntax error at line %d, column %d: %s",
+			return nil, Errors{{Msg: fmt.Sprintf("TOML syntax error at line %d, column %d: %s",
 				pe.Position.Line, pe.Position.Col, pe.Message)}}
 		}
-		return nil, ConfigErrors{{Msg: fmt.Sprintf("TOML: %v", err)}}
+		return nil, Errors{{Msg: fmt.Sprintf("TOML: %v", err)}}
 	}
-	p := &configParser{}
-	cfg := p.config(newConfigTable(&p.errs, "", root))
+	p := &parser{}
+	cfg := p.config(newTable(&p.errs, "", root))
 	cfg.Path = path
 	if len(p.errs) > 0 {
 		return nil, p.errs
@@ -166,20 +204,20 @@ func ParseConfig(data []byte, path string) (*Config, error) {
 	return cfg, nil
 }
 
-// configParser collects problems while it builds a Config.
-type configParser struct {
-	errs ConfigErrors
+// parser collects problems while it builds a Config.
+type parser struct {
+	errs Errors
 }
 
-func (p *configParser) errorf(key, format string, args ...any) {
-	p.errs = append(p.errs, ConfigError{Key: key, Msg: fmt.Sprintf(format, args...)})
+func (p *parser) errorf(key, format string, args ...any) {
+	p.errs = append(p.errs, Error{Key: key, Msg: fmt.Sprintf(format, args...)})
 }
 
-func (p *configParser) config(root *configTable) *Config {
+func (p *parser) config(root *table) *Config {
 	cfg := &Config{}
 
 	if h, ok := root.str("hostname"); ok {
-		if !validDomain(strings.ToLower(h)) {
+		if !ValidDomain(strings.ToLower(h)) {
 			root.errorf("hostname", "%q is not a domain name", h)
 		}
 		cfg.Hostname = h
@@ -188,7 +226,7 @@ func (p *configParser) config(root *configTable) *Config {
 		switch {
 		case err != nil:
 			p.errorf("hostname", "not set and the system host name is unknown (%v)", err)
-		case !validDomain(strings.ToLower(h)):
+		case !ValidDomain(strings.ToLower(h)):
 			p.errorf("hostname", "not set and the system host name %q is not a domain name", h)
 		}
 		cfg.Hostname = h
@@ -211,7 +249,7 @@ func (p *configParser) config(root *configTable) *Config {
 		root.errorf("log_level", `must be "debug", "info", "warn" or "error", not %q`, lvl)
 	}
 
-	cfg.ShutdownTimeout = root.duration("shutdown_timeout", shutdownTimeout)
+	cfg.ShutdownTimeout = root.duration("shutdown_timeout", DefaultShutdownTimeout)
 	cfg.Queue = p.queue(root.sub("queue"))
 	cfg.Listeners = p.listeners(root)
 	cfg.TLSCertFile, cfg.TLSKeyFile = p.servingTLS(root.sub("tls"), cfg.Listeners)
@@ -224,7 +262,7 @@ func (p *configParser) config(root *configTable) *Config {
 	p.checkRoutable(froms, cfg.Routes)
 
 	http := root.sub("http")
-	cfg.HTTPAddress = http.strDefault("address", defaultHTTPAddress)
+	cfg.HTTPAddress = http.strDefault("address", DefaultHTTPAddress)
 	if err := checkHostPort(cfg.HTTPAddress, false); err != nil {
 		http.errorf("address", "%v", err)
 	}
@@ -245,8 +283,8 @@ func (p *configParser) config(root *configTable) *Config {
 	return cfg
 }
 
-func (p *configParser) queue(t *configTable) QueueConfig {
-	q := QueueConfig{
+func (p *parser) queue(t *table) Queue {
+	q := Queue{
 		Path:     t.strDefault("path", defaultQueuePath),
 		RetryMin: t.duration("retry_min", time.Minute),
 		RetryMax: t.duration("retry_max", time.Hour),
@@ -280,18 +318,18 @@ func (p *configParser) queue(t *configTable) QueueConfig {
 	return q
 }
 
-func (p *configParser) limits(t *configTable) relay.Limits {
+func (p *parser) limits(t *table) relay.Limits {
 	l := relay.Limits{
 		MaxMessageBytes:     t.size("max_message_size", defaultMaxMessage),
 		MaxRecipients:       t.integer("max_recipients", defaultMaxRecipients, 1),
 		MaxConnections:      t.integer("max_connections", defaultMaxConnections, 1),
-		MaxConnectionsPerIP: t.integer("max_connections_per_ip", defaultMaxConnectionsPerIP, 0),
-		AuthTimeout:         t.duration("auth_timeout", defaultAuthTimeout),
+		MaxConnectionsPerIP: t.integer("max_connections_per_ip", DefaultMaxConnectionsPerIP, 0),
+		AuthTimeout:         t.duration("auth_timeout", DefaultAuthTimeout),
 		AuthFailuresPerIP:   t.integer("auth_failures_per_ip", defaultAuthFailures, 1),
 		AuthFailureWindow:   time.Minute,
 		ReadTimeout:         t.duration("read_timeout", 5*time.Minute),
 		DataTimeout:         t.duration("data_timeout", 10*time.Minute),
-		MessageMemory:       t.size("message_memory", defaultMessageMemory),
+		MessageMemory:       t.size("message_memory", DefaultMessageMemory),
 	}
 	t.done()
 	return l
@@ -321,7 +359,7 @@ func isPrivate(p netip.Prefix) bool {
 	return false
 }
 
-func (p *configParser) listeners(root *configTable) []relay.Listener {
+func (p *parser) listeners(root *table) []relay.Listener {
 	tables := root.tables("listen")
 	if len(tables) == 0 && !root.has("listen") {
 		p.errorf("listen", "at least one [[listen]] is required")
@@ -412,7 +450,7 @@ func (p *configParser) listeners(root *configTable) []relay.Listener {
 // proxy reads a listener's proxy_protocol and proxy_trusted. Any range may
 // be trusted, since these are the operator's load balancers, but not every
 // address: then any client could claim to be any other.
-func (p *configParser) proxy(t *configTable) (bool, []netip.Prefix) {
+func (p *parser) proxy(t *table) (bool, []netip.Prefix) {
 	on := t.boolean("proxy_protocol", false)
 	nets, listed := t.strings("proxy_trusted")
 	var out []netip.Prefix
@@ -466,7 +504,7 @@ func parseNetwork(s string) (netip.Prefix, error) {
 }
 
 // servingTLS checks [tls]; the pair is required when a listener speaks TLS.
-func (p *configParser) servingTLS(t *configTable, listeners []relay.Listener) (certFile, keyFile string) {
+func (p *parser) servingTLS(t *table, listeners []relay.Listener) (certFile, keyFile string) {
 	var user string // first listener that needs the certificate
 	for i, l := range listeners {
 		if l.TLS == mailproto.TLSStartTLS || l.TLS == mailproto.TLSImplicit {
@@ -498,12 +536,12 @@ func (p *configParser) servingTLS(t *configTable, listeners []relay.Listener) (c
 
 // allowedFrom is one valid allowed_from entry and where it came from.
 type allowedFrom struct {
-	t       *configTable
+	t       *table
 	index   int
 	pattern string // normalised
 }
 
-func (p *configParser) users(root *configTable) ([]relay.User, []allowedFrom) {
+func (p *parser) users(root *table) ([]relay.User, []allowedFrom) {
 	tables := root.tables("user")
 	var out []relay.User
 	var froms []allowedFrom
@@ -552,7 +590,7 @@ func normalizeSenderPattern(pat string) (string, error) {
 		return "", fmt.Errorf(`%q: want "user@domain", "*@domain" or "*"`, pat)
 	}
 	local, domain := pat[:at], strings.ToLower(pat[at+1:])
-	if !validDomain(domain) {
+	if !ValidDomain(domain) {
 		return "", fmt.Errorf("%q: %q is not a domain name", pat, domain)
 	}
 	if local != "*" {
@@ -564,7 +602,7 @@ func normalizeSenderPattern(pat string) (string, error) {
 	return local + "@" + domain, nil
 }
 
-func (p *configParser) dkim(root *configTable, maxAge time.Duration) []dkim.Key {
+func (p *parser) dkim(root *table, maxAge time.Duration) []dkim.Key {
 	var out []dkim.Key
 	// Several keys may sign for one domain (RSA beside Ed25519, or the old
 	// and the new selector during a rotation), but a (domain, selector)
@@ -575,7 +613,7 @@ func (p *configParser) dkim(root *configTable, maxAge time.Duration) []dkim.Key 
 		domainOK := false
 		if dom, ok := t.str("domain"); ok {
 			k.Domain = strings.ToLower(strings.TrimSuffix(dom, "."))
-			if validDomain(k.Domain) {
+			if ValidDomain(k.Domain) {
 				domainOK = true
 			} else {
 				t.errorf("domain", "%q is not a domain name", dom)
@@ -587,7 +625,7 @@ func (p *configParser) dkim(root *configTable, maxAge time.Duration) []dkim.Key 
 			// The selector is one or more labels under _domainkey (RFC
 			// 6376 section 3.1); DNS names compare case-insensitively.
 			k.Selector = sel
-			if !validDomain(strings.ToLower(sel)) {
+			if !ValidDomain(strings.ToLower(sel)) {
 				t.errorf("selector", "%q is not a valid DNS label sequence", sel)
 			} else if domainOK {
 				name := dkim.RecordName(k.Domain, strings.ToLower(sel))
@@ -632,7 +670,7 @@ func (p *configParser) dkim(root *configTable, maxAge time.Duration) []dkim.Key 
 
 // dkimKey loads a DKIM private key, or records why it cannot be used:
 // unreadable, not PEM, not RSA or Ed25519, or RSA under 1024 bits.
-func (t *configTable) dkimKey(k, path string) crypto.Signer {
+func (t *table) dkimKey(k, path string) crypto.Signer {
 	if path == "" {
 		t.errorf(k, "must not be empty")
 		return nil
@@ -653,7 +691,7 @@ func (t *configTable) dkimKey(k, path string) crypto.Signer {
 // dkimHeaders checks a headers list: field names (RFC 5322 section 3.6.8)
 // that include From, since From is what DKIM aligns with (RFC 6376
 // section 5.4).
-func dkimHeaders(t *configTable, names []string) []string {
+func dkimHeaders(t *table, names []string) []string {
 	hasFrom := false
 	out := make([]string, 0, len(names))
 	for i, h := range names {
@@ -707,7 +745,7 @@ func parseCanonicalization(c string) (header, body string, err error) {
 // those keys given explicitly wins. dkimKeys decide whether the header
 // From: may be rewritten. providers maps the names of the upstreams
 // configured from a profile to the profile's name.
-func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) (out []upstream.Upstream, providers map[string]string) {
+func (p *parser) upstreams(root *table, dkimKeys []dkim.Key) (out []upstream.Upstream, providers map[string]string) {
 	tables := root.tables("upstream")
 	if len(tables) == 0 && !root.has("upstream") {
 		p.errorf("upstream", "at least one [[upstream]] is required")
@@ -796,7 +834,7 @@ func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) (out []
 		if f, ok := t.str("ca_file"); ok {
 			u.RootCAs = t.caPool("ca_file", f)
 		}
-		u.MaxConnections = t.integer("max_connections", defaultUpstreamConns, 1)
+		u.MaxConnections = t.integer("max_connections", DefaultUpstreamConnections, 1)
 		if s, ok := t.str("rate_limit"); ok {
 			if s == "none" {
 				// Lifts a provider profile's default.
@@ -808,7 +846,7 @@ func (p *configParser) upstreams(root *configTable, dkimKeys []dkim.Key) (out []
 			}
 		}
 		if a, ok := t.str("dsn_from"); ok {
-			if err := checkMailbox(a); err != nil {
+			if err := CheckMailbox(a); err != nil {
 				t.errorf("dsn_from", "%v", err)
 			} else {
 				u.DSNFrom = a
@@ -842,7 +880,7 @@ var oauthKeys = []string{
 // usesOAuth reports whether an [[upstream]] logs in with OAuth2: auth
 // names an OAuth2 mechanism, or auth is left out and an oauth_* key is
 // set. It reads the table without reporting anything.
-func usesOAuth(t *configTable) bool {
+func usesOAuth(t *table) bool {
 	if v, ok := t.m["auth"]; ok {
 		mode, _ := v.(string)
 		return upstream.AuthMode(mode) == upstream.AuthXOAUTH2 || upstream.AuthMode(mode) == upstream.AuthOAuthBearer
@@ -858,7 +896,7 @@ func usesOAuth(t *configTable) bool {
 // upstreamOAuth reads an [[upstream]]'s auth key and, for an OAuth2 login,
 // where its tokens come from: a refresh token, a Google service account,
 // or Microsoft's client credentials. Secrets come from files only.
-func upstreamOAuth(t *configTable, u *upstream.Upstream) {
+func upstreamOAuth(t *table, u *upstream.Upstream) {
 	var present []string
 	for _, k := range oauthKeys {
 		if t.has(k) {
@@ -974,7 +1012,7 @@ func upstreamOAuth(t *configTable, u *upstream.Upstream) {
 		// The service account acts for a mailbox, by default the login.
 		o.Subject = u.Username
 		if hasSubject {
-			if err := checkMailbox(subject); err != nil {
+			if err := CheckMailbox(subject); err != nil {
 				t.errorf("oauth_subject", "%v", err)
 			}
 			o.Subject = subject
@@ -1003,7 +1041,7 @@ func upstreamOAuth(t *configTable, u *upstream.Upstream) {
 
 // secretFile reads a secret from the file named by key k: its content
 // without surrounding white space, which must not be empty.
-func (t *configTable) secretFile(k, path string) string {
+func (t *table) secretFile(k, path string) string {
 	data := t.readFile(k, path)
 	if data == nil {
 		return ""
@@ -1034,7 +1072,7 @@ func checkTokenURL(s string) error {
 
 // upstreamProvider reads an upstream's provider and region keys. ok is
 // false without a provider, or with one that is not known (reported).
-func upstreamProvider(t *configTable) (prof upstream.Provider, region string, ok bool) {
+func upstreamProvider(t *table) (prof upstream.Provider, region string, ok bool) {
 	name, named := t.str("provider")
 	region, hasRegion := t.str("region")
 	if !named {
@@ -1053,7 +1091,7 @@ func upstreamProvider(t *configTable) (prof upstream.Provider, region string, ok
 		case !prof.Regional():
 			t.errorf("region", "provider %q has one address for every region; leave region out", name)
 			region = ""
-		case strings.Contains(region, ".") || !validDomain(region):
+		case strings.Contains(region, ".") || !ValidDomain(region):
 			// It becomes one label of the host name.
 			t.errorf("region", `%q is not a region name such as "us-east-1"`, region)
 			region = ""
@@ -1063,9 +1101,9 @@ func upstreamProvider(t *configTable) (prof upstream.Provider, region string, ok
 }
 
 // senderRewrite reads envelope_from and header_from_rewrite into u.
-func (p *configParser) senderRewrite(t *configTable, u *upstream.Upstream, dkimKeys []dkim.Key) {
+func (p *parser) senderRewrite(t *table, u *upstream.Upstream, dkimKeys []dkim.Key) {
 	if a, ok := t.str("envelope_from"); ok {
-		if err := checkMailbox(a); err != nil {
+		if err := CheckMailbox(a); err != nil {
 			t.errorf("envelope_from", "%v", err)
 		} else {
 			u.EnvelopeFrom = a
@@ -1091,7 +1129,7 @@ func (p *configParser) senderRewrite(t *configTable, u *upstream.Upstream, dkimK
 
 // checkProviderRules reports an upstream that its provider would refuse
 // to carry mail for.
-func checkProviderRules(t *configTable, prof upstream.Provider, u upstream.Upstream) {
+func checkProviderRules(t *table, prof upstream.Provider, u upstream.Upstream) {
 	// An OAuth2 login reports its own missing username.
 	if prof.Auth != "" && !t.has("username") && !usesOAuth(t) {
 		t.errorf("username", "required: provider %q needs SMTP AUTH (%s)", prof.Name, prof.Auth)
@@ -1108,10 +1146,10 @@ func checkProviderRules(t *configTable, prof upstream.Provider, u upstream.Upstr
 	}
 }
 
-// checkMailbox accepts a plain address "local@domain" such as an upstream
+// CheckMailbox accepts a plain address "local@domain" such as an upstream
 // login may send from: no display name, no angle brackets, an ASCII
 // domain name.
-func checkMailbox(a string) error {
+func CheckMailbox(a string) error {
 	at := strings.LastIndexByte(a, '@')
 	if at <= 0 {
 		return fmt.Errorf("%q is not an address such as \"bounces@example.com\"", a)
@@ -1119,7 +1157,7 @@ func checkMailbox(a string) error {
 	if a[:at] == "*" {
 		return fmt.Errorf("%q is a pattern; give one address", a)
 	}
-	if domain := strings.ToLower(a[at+1:]); !validDomain(domain) {
+	if domain := strings.ToLower(a[at+1:]); !ValidDomain(domain) {
 		return fmt.Errorf("%q: %q is not a domain name", a, domain)
 	}
 	if pa, err := mail.ParseAddress(a); err != nil || pa.Address != a {
@@ -1137,7 +1175,7 @@ func checkMailbox(a string) error {
 
 // caPool is the system roots plus the certificates in file, so that a
 // private CA adds trust without removing the public one.
-func (t *configTable) caPool(key, file string) *x509.CertPool {
+func (t *table) caPool(key, file string) *x509.CertPool {
 	data := t.readFile(key, file)
 	if data == nil {
 		return nil
@@ -1173,7 +1211,7 @@ func (t *configTable) caPool(key, file string) *x509.CertPool {
 	return pool
 }
 
-func (p *configParser) routes(root *configTable, ups []upstream.Upstream) []upstream.Route {
+func (p *parser) routes(root *table, ups []upstream.Upstream) []upstream.Route {
 	tables := root.tables("route")
 	if len(tables) == 0 && !root.has("route") {
 		p.errorf("route", `at least one [[route]] is required (from_domain = "*" routes every sender)`)
@@ -1188,7 +1226,7 @@ func (p *configParser) routes(root *configTable, ups []upstream.Upstream) []upst
 		var r upstream.Route
 		if d, ok := t.str("from_domain"); ok {
 			r.FromDomain = strings.ToLower(d)
-			if r.FromDomain != "*" && !validDomain(r.FromDomain) {
+			if r.FromDomain != "*" && !ValidDomain(r.FromDomain) {
 				t.errorf("from_domain", `%q is neither "*" nor a domain name`, d)
 			} else if prev, dup := seen[r.FromDomain]; dup {
 				t.errorf("from_domain", "%q is already routed by %s", r.FromDomain, prev)
@@ -1221,7 +1259,7 @@ func (p *configParser) routes(root *configTable, ups []upstream.Upstream) []upst
 
 // checkRoutable reports every allowed_from entry whose mail no route
 // would carry: such a user could submit mail that can never leave.
-func (p *configParser) checkRoutable(froms []allowedFrom, routes []upstream.Route) {
+func (p *parser) checkRoutable(froms []allowedFrom, routes []upstream.Route) {
 	routed := map[string]bool{}
 	for _, r := range routes {
 		routed[r.FromDomain] = true
@@ -1270,10 +1308,10 @@ func isLoopbackHost(hostport string) bool {
 	return err == nil && addr.Unmap().IsLoopback()
 }
 
-// validDomain reports whether d is a lower-case ASCII domain name:
+// ValidDomain reports whether d is a lower-case ASCII domain name:
 // dot-separated labels of letters, digits and hyphens (RFC 1035 section
 // 2.3.1, relaxed by RFC 1123 to allow a leading digit).
-func validDomain(d string) bool {
+func ValidDomain(d string) bool {
 	if d == "" || len(d) > 253 {
 		return false
 	}
@@ -1315,51 +1353,51 @@ func ParseRate(s string) (upstream.Rate, error) {
 	return upstream.Rate{N: n, Per: d}, nil
 }
 
-// configTable reads one TOML table. Each accessor marks its key as known and
-// records a ConfigError for a value of the wrong type or range, so one
+// table reads one TOML table. Each accessor marks its key as known and
+// records an Error for a value of the wrong type or range, so one
 // pass reports every problem; done reports the keys nobody asked for.
-type configTable struct {
-	errs *ConfigErrors
+type table struct {
+	errs *Errors
 	path string // "listen[0]"; "" for the root table
 	m    map[string]any
 	used map[string]bool
 }
 
-func newConfigTable(errs *ConfigErrors, path string, m map[string]any) *configTable {
-	return &configTable{errs: errs, path: path, m: m, used: map[string]bool{}}
+func newTable(errs *Errors, path string, m map[string]any) *table {
+	return &table{errs: errs, path: path, m: m, used: map[string]bool{}}
 }
 
 // key is the full name of a key of this table, as shown in errors.
-func (t *configTable) key(k string) string {
+func (t *table) key(k string) string {
 	if t.path == "" {
 		return k
 	}
 	return t.path + "." + k
 }
 
-func (t *configTable) errorf(k, format string, args ...any) {
-	*t.errs = append(*t.errs, ConfigError{Key: t.key(k), Msg: fmt.Sprintf(format, args...)})
+func (t *table) errorf(k, format string, args ...any) {
+	*t.errs = append(*t.errs, Error{Key: t.key(k), Msg: fmt.Sprintf(format, args...)})
 }
 
-func (t *configTable) get(k string) (any, bool) {
+func (t *table) get(k string) (any, bool) {
 	t.used[k] = true
 	v, ok := t.m[k]
 	return v, ok
 }
 
 // has reports whether k is present, whatever its type.
-func (t *configTable) has(k string) bool {
+func (t *table) has(k string) bool {
 	_, ok := t.get(k)
 	return ok
 }
 
-func (t *configTable) typeError(k, want string, v any) {
+func (t *table) typeError(k, want string, v any) {
 	t.errorf(k, "must be %s, not %s", want, tomlType(v))
 }
 
 // uniqueName reads the required "name" key and checks it against the names
 // of the earlier tables of the same kind in seen.
-func (t *configTable) uniqueName(seen map[string]string) string {
+func (t *table) uniqueName(seen map[string]string) string {
 	name, ok := t.str("name")
 	switch {
 	case !ok:
@@ -1380,7 +1418,7 @@ func (t *configTable) uniqueName(seen map[string]string) string {
 
 // str returns the string at k; ok is false when k is absent or not a
 // string (the latter is recorded).
-func (t *configTable) str(k string) (string, bool) {
+func (t *table) str(k string) (string, bool) {
 	v, present := t.get(k)
 	if !present {
 		return "", false
@@ -1392,14 +1430,14 @@ func (t *configTable) str(k string) (string, bool) {
 	return s, ok
 }
 
-func (t *configTable) strDefault(k, def string) string {
+func (t *table) strDefault(k, def string) string {
 	if s, ok := t.str(k); ok {
 		return s
 	}
 	return def
 }
 
-func (t *configTable) boolean(k string, def bool) bool {
+func (t *table) boolean(k string, def bool) bool {
 	v, present := t.get(k)
 	if !present {
 		return def
@@ -1412,7 +1450,7 @@ func (t *configTable) boolean(k string, def bool) bool {
 	return b
 }
 
-func (t *configTable) integer(k string, def, minimum int) int {
+func (t *table) integer(k string, def, minimum int) int {
 	v, present := t.get(k)
 	if !present {
 		return def
@@ -1431,7 +1469,7 @@ func (t *configTable) integer(k string, def, minimum int) int {
 
 // duration reads a Go duration string ("90s", "1m", "120h"); it must be
 // positive.
-func (t *configTable) duration(k string, def time.Duration) time.Duration {
+func (t *table) duration(k string, def time.Duration) time.Duration {
 	v, present := t.get(k)
 	if !present {
 		return def
@@ -1454,7 +1492,7 @@ func (t *configTable) duration(k string, def time.Duration) time.Duration {
 }
 
 // size reads a byte size: a string for ParseSize or a plain integer.
-func (t *configTable) size(k string, def int64) int64 {
+func (t *table) size(k string, def int64) int64 {
 	v, present := t.get(k)
 	if !present {
 		return def
@@ -1482,7 +1520,7 @@ func (t *configTable) size(k string, def int64) int64 {
 
 // strings reads an array of strings; each bad element is reported under
 // its index and left out. ok is false when k is absent or not an array.
-func (t *configTable) strings(k string) ([]string, bool) {
+func (t *table) strings(k string) ([]string, bool) {
 	v, present := t.get(k)
 	if !present {
 		return nil, false
@@ -1506,24 +1544,24 @@ func (t *configTable) strings(k string) ([]string, bool) {
 
 // missingList reports whether k is absent or an empty array; a value of
 // another type has already been reported by the accessor.
-func (t *configTable) missingList(k string) bool {
+func (t *table) missingList(k string) bool {
 	v, present := t.get(k)
 	arr, isArr := v.([]any)
 	return !present || isArr && len(arr) == 0
 }
 
 // sub returns the table at k, empty when absent or of the wrong type.
-func (t *configTable) sub(k string) *configTable {
+func (t *table) sub(k string) *table {
 	v, present := t.get(k)
 	m, ok := v.(map[string]any)
 	if present && !ok {
 		t.typeError(k, "a table", v)
 	}
-	return newConfigTable(t.errs, t.key(k), m)
+	return newTable(t.errs, t.key(k), m)
 }
 
 // tables returns the array of tables at k ([[k]] or k = [{...}]).
-func (t *configTable) tables(k string) []*configTable {
+func (t *table) tables(k string) []*table {
 	v, present := t.get(k)
 	if !present {
 		return nil
@@ -1540,7 +1578,7 @@ func (t *configTable) tables(k string) []*configTable {
 		t.typeError(k, fmt.Sprintf("an array of tables ([[%s]])", k), v)
 		return nil
 	}
-	var out []*configTable
+	var out []*table
 	for i, e := range elems {
 		key := fmt.Sprintf("%s[%d]", k, i)
 		m, ok := e.(map[string]any)
@@ -1548,14 +1586,14 @@ func (t *configTable) tables(k string) []*configTable {
 			t.errorf(key, "must be a table, not %s", tomlType(e))
 			continue
 		}
-		out = append(out, newConfigTable(t.errs, t.key(key), m))
+		out = append(out, newTable(t.errs, t.key(key), m))
 	}
 	return out
 }
 
 // readFile returns the contents of a file named by key k, or nil after
 // recording why it cannot be read.
-func (t *configTable) readFile(k, path string) []byte {
+func (t *table) readFile(k, path string) []byte {
 	if path == "" {
 		t.errorf(k, "must not be empty")
 		return nil
@@ -1573,7 +1611,7 @@ func (t *configTable) readFile(k, path string) []byte {
 
 // done reports every key of the table that no accessor asked for, so
 // that typos do not pass silently.
-func (t *configTable) done() {
+func (t *table) done() {
 	var unknown []string
 	for k := range t.m {
 		if !t.used[k] {

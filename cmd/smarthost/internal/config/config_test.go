@@ -1,19 +1,13 @@
-package main
+package config_test
 
 import (
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/rsa"
 	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"log/slog"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"reflect"
 	"regexp"
 	"slices"
@@ -21,175 +15,33 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/crypto/bcrypt"
-
+	"smarthost/cmd/smarthost/internal/config"
+	"smarthost/cmd/smarthost/internal/config/configtest"
 	"smarthost/dkim"
 	"smarthost/internal/mailproto"
-	"smarthost/internal/testpki"
 	"smarthost/relay"
 	"smarthost/relay/upstream"
 )
 
-// testFiles are real files that configurations under test point at.
-type testFiles struct {
-	pki       *testpki.PKI
-	otherKey  string // a key that does not match pki.CertFile
-	dkimKey   string // Ed25519, PKCS#8
-	dkimRSA   string // RSA-1024, PKCS#8
-	dkimPKCS1 string // the same RSA key, PKCS#1
-	dkimECDSA string // a P-256 key: a type DKIM does not sign with
-	dkimSmall string // RSA-768, under the minimum
-	pwFile    string // "s3cret\n"
-	emptyFile string
-	missing   string // a path that does not exist
-	hash      string // bcrypt of "pw", minimum cost for speed
-}
-
-func newTestFiles(t *testing.T) *testFiles {
+func parseErrors(t *testing.T, text string) config.Errors {
 	t.Helper()
-	dir := t.TempDir()
-	f := &testFiles{pki: testpki.New(t), missing: filepath.Join(dir, "missing")}
-	_, _, f.otherKey = f.pki.Issue(t, "other", "other.test")
-
-	ed, err := dkim.GenerateKey("ed25519", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.dkimKey = writeKey(t, dir, "dkim-ed25519.key", ed)
-	// 1024 bits, the minimum, keeps key generation fast under -race.
-	rsaKey, err := dkim.GenerateKey("rsa", 1024)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.dkimRSA = writeKey(t, dir, "dkim-rsa.key", rsaKey)
-	f.dkimPKCS1 = writeFile(t, dir, "dkim-rsa-pkcs1.key", string(pem.EncodeToMemory(&pem.Block{
-		Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(rsaKey.(*rsa.PrivateKey)),
-	})))
-	ec, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.dkimECDSA = writeKey(t, dir, "dkim-ecdsa.key", ec)
-	// Go refuses to generate RSA keys under 1024 bits; this one was made
-	// with openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:768.
-	if f.dkimSmall, err = filepath.Abs("testdata/rsa-768.key"); err != nil {
-		t.Fatal(err)
-	}
-	f.pwFile = writeFile(t, dir, "password", "s3cret\n")
-	f.emptyFile = writeFile(t, dir, "empty", "")
-	h, err := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.MinCost)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.hash = string(h)
-	return f
-}
-
-// writeKey writes k as PKCS#8 PEM.
-func writeKey(t *testing.T, dir, name string, k crypto.Signer) string {
-	t.Helper()
-	data, err := dkim.MarshalKey(k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return writeFile(t, dir, name, string(data))
-}
-
-func writeFile(t *testing.T, dir, name, data string) string {
-	t.Helper()
-	p := filepath.Join(dir, name)
-	if err := os.WriteFile(p, []byte(data), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
-// expand fills the {{…}} placeholders of a test configuration.
-func (f *testFiles) expand(s string) string {
-	return strings.NewReplacer(
-		"{{CERT}}", f.pki.CertFile,
-		"{{KEY}}", f.pki.KeyFile,
-		"{{OTHERKEY}}", f.otherKey,
-		"{{CA}}", f.pki.CAFile,
-		"{{DKIM}}", f.dkimKey,
-		"{{DKIMRSA}}", f.dkimRSA,
-		"{{DKIMPKCS1}}", f.dkimPKCS1,
-		"{{DKIMECDSA}}", f.dkimECDSA,
-		"{{DKIMSMALL}}", f.dkimSmall,
-		"{{PWFILE}}", f.pwFile,
-		"{{EMPTY}}", f.emptyFile,
-		"{{MISSING}}", f.missing,
-		"{{HASH}}", f.hash,
-	).Replace(s)
-}
-
-// baseSections is a small valid configuration, one string per section, so
-// that each test case replaces only the part it breaks.
-var baseSections = map[string]string{
-	"top": `hostname = "relay.test"`,
-	"tls": `[tls]
-cert_file = "{{CERT}}"
-key_file = "{{KEY}}"`,
-	"listen": `[[listen]]
-address = "127.0.0.1:0"
-tls = "starttls"
-auth = "required"`,
-	"user": `[[user]]
-name = "app"
-password_hash = "{{HASH}}"
-allowed_from = ["app@example.com"]`,
-	"upstream": `[[upstream]]
-name = "up"
-address = "127.0.0.1:2525"
-tls = "none"`,
-	"route": `[[route]]
-from_domain = "example.com"
-upstreams = ["up"]`,
-}
-
-var sectionOrder = []string{"top", "queue", "tls", "listen", "limits", "user", "dkim", "upstream", "route", "http"}
-
-func (f *testFiles) config(overrides map[string]string) string {
-	var b strings.Builder
-	for _, s := range sectionOrder {
-		text, ok := overrides[s]
-		if !ok {
-			text = baseSections[s]
-		}
-		b.WriteString(text)
-		b.WriteString("\n\n")
-	}
-	return f.expand(b.String())
-}
-
-func mustParse(t *testing.T, text string) *Config {
-	t.Helper()
-	cfg, err := ParseConfig([]byte(text), "test.toml")
-	if err != nil {
-		t.Fatalf("ParseConfig: %v\n%s", err, text)
-	}
-	return cfg
-}
-
-func parseErrors(t *testing.T, text string) ConfigErrors {
-	t.Helper()
-	cfg, err := ParseConfig([]byte(text), "test.toml")
+	cfg, err := config.Parse([]byte(text), "test.toml")
 	if err == nil {
-		t.Fatalf("ParseConfig accepted:\n%s\ngot %+v", text, cfg)
+		t.Fatalf("Parse accepted:\n%s\ngot %+v", text, cfg)
 	}
 	if cfg != nil {
-		t.Errorf("ParseConfig returned a Config with an error")
+		t.Errorf("Parse returned a Config with an error")
 	}
-	var errs ConfigErrors
+	var errs config.Errors
 	if !errors.As(err, &errs) {
-		t.Fatalf("error is %T, not ConfigErrors: %v", err, err)
+		t.Fatalf("error is %T, not config.Errors: %v", err, err)
 	}
 	return errs
 }
 
 // requireError fails unless errs holds an error for key whose message
 // contains msg.
-func requireError(t *testing.T, errs ConfigErrors, key, msg string) {
+func requireError(t *testing.T, errs config.Errors, key, msg string) {
 	t.Helper()
 	for _, e := range errs {
 		if e.Key == key && strings.Contains(e.Msg, msg) {
@@ -200,8 +52,8 @@ func requireError(t *testing.T, errs ConfigErrors, key, msg string) {
 }
 
 func TestParseConfigMinimalDefaults(t *testing.T) {
-	f := newTestFiles(t)
-	text := f.expand(`
+	f := configtest.NewFiles(t)
+	text := f.Expand(`
 [[listen]]
 address = "127.0.0.1:0"
 tls = "none"
@@ -217,17 +69,17 @@ tls = "none"
 from_domain = "*"
 upstreams = ["local"]
 `)
-	cfg := mustParse(t, text)
+	cfg := configtest.MustParse(t, text)
 	host, err := os.Hostname()
 	if err != nil {
 		t.Skip("no system host name")
 	}
-	want := &Config{
+	want := &config.Config{
 		Path:      "test.toml",
 		Hostname:  host,
 		LogFormat: "text",
 		LogLevel:  slog.LevelInfo,
-		Queue: QueueConfig{
+		Queue: config.Queue{
 			Path: "/var/lib/smarthost/queue.db", RetryMin: time.Minute, RetryMax: time.Hour,
 			MaxAge: 120 * time.Hour, Bounce: true, Workers: 16,
 			UpstreamCommandTimeout: 2 * time.Minute, UpstreamDataTimeout: 10 * time.Minute,
@@ -254,10 +106,10 @@ upstreams = ["local"]
 }
 
 func TestParseConfigFull(t *testing.T) {
-	f := newTestFiles(t)
+	f := configtest.NewFiles(t)
 	t.Setenv("SMARTHOST_TEST_UP_PW", "from-env")
 	t.Setenv("SMARTHOST_TEST_ADMIN", "token")
-	text := f.expand(`
+	text := f.Expand(`
 hostname = "Relay.Example.com"
 log_format = "json"
 log_level = "DEBUG"
@@ -355,17 +207,17 @@ address = ":9091"
 admin_token_env = "SMARTHOST_TEST_ADMIN"
 max_connections = 64
 `)
-	cfg := mustParse(t, text)
+	cfg := configtest.MustParse(t, text)
 
 	if cfg.Hostname != "Relay.Example.com" || cfg.LogFormat != "json" || cfg.LogLevel != slog.LevelDebug {
 		t.Errorf("top level: %q %q %v", cfg.Hostname, cfg.LogFormat, cfg.LogLevel)
 	}
-	wantQueue := QueueConfig{Path: "/tmp/q.db", RetryMin: time.Second, RetryMax: 90 * time.Minute, MaxAge: 2 * time.Hour, Bounce: false, Workers: 3,
+	wantQueue := config.Queue{Path: "/tmp/q.db", RetryMin: time.Second, RetryMax: 90 * time.Minute, MaxAge: 2 * time.Hour, Bounce: false, Workers: 3,
 		UpstreamCommandTimeout: 45 * time.Second, UpstreamDataTimeout: 5 * time.Minute}
 	if cfg.Queue != wantQueue {
 		t.Errorf("queue = %+v, want %+v", cfg.Queue, wantQueue)
 	}
-	if cfg.TLSCertFile != f.pki.CertFile || cfg.TLSKeyFile != f.pki.KeyFile {
+	if cfg.TLSCertFile != f.PKI.CertFile || cfg.TLSKeyFile != f.PKI.KeyFile {
 		t.Errorf("tls files = %q %q", cfg.TLSCertFile, cfg.TLSKeyFile)
 	}
 	wantListeners := []relay.Listener{
@@ -386,19 +238,19 @@ max_connections = 64
 	if cfg.Limits != wantLimits {
 		t.Errorf("limits = %+v, want %+v", cfg.Limits, wantLimits)
 	}
-	wantUsers := []relay.User{{Name: "billing", PasswordHash: []byte(f.hash),
+	wantUsers := []relay.User{{Name: "billing", PasswordHash: []byte(f.Hash),
 		AllowedFrom: []string{"Billing@example.com", "*@notify.example.com", "*"}}}
 	if !reflect.DeepEqual(cfg.Users, wantUsers) {
 		t.Errorf("users = %+v, want %+v", cfg.Users, wantUsers)
 	}
 	wantDKIM := []dkim.Key{
-		{Domain: "example.com", Selector: "s2026", Signer: loadKey(t, f.dkimRSA),
+		{Domain: "example.com", Selector: "s2026", Signer: loadKey(t, f.DKIMRSA),
 			HeaderCanonicalization: "relaxed", BodyCanonicalization: "relaxed"},
-		{Domain: "example.com", Selector: "Ed2026", Signer: loadKey(t, f.dkimKey),
+		{Domain: "example.com", Selector: "Ed2026", Signer: loadKey(t, f.DKIMKey),
 			Headers:                []string{"From", "To", "Subject", "list-unsubscribe"},
 			HeaderCanonicalization: "simple", BodyCanonicalization: "simple",
 			Expiration: 168 * time.Hour, Subdomains: true},
-		{Domain: "example.org", Selector: "old.keys", Signer: loadKey(t, f.dkimPKCS1),
+		{Domain: "example.org", Selector: "old.keys", Signer: loadKey(t, f.DKIMPKCS1),
 			HeaderCanonicalization: "simple", BodyCanonicalization: "relaxed"},
 	}
 	requireKeys(t, cfg.DKIM, wantDKIM)
@@ -416,7 +268,7 @@ max_connections = 64
 	}
 	// The pool must trust the test CA, so the test server certificate
 	// verifies against it.
-	leaf, err := x509.ParseCertificate(f.pki.Cert.Certificate[0])
+	leaf, err := x509.ParseCertificate(f.PKI.Cert.Certificate[0])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -473,36 +325,25 @@ func requireKeys(t *testing.T, got, want []dkim.Key) {
 }
 
 func TestParseConfigDelayWarning(t *testing.T) {
-	f := newTestFiles(t)
-	if cfg := mustParse(t, f.config(nil)); cfg.Queue.DelayWarning != 0 {
+	f := configtest.NewFiles(t)
+	if cfg := configtest.MustParse(t, f.Config(nil)); cfg.Queue.DelayWarning != 0 {
 		t.Errorf("default delay_warning = %v, want 0 (off)", cfg.Queue.DelayWarning)
 	}
-	cfg := mustParse(t, f.config(map[string]string{"queue": "[queue]\nmax_age = \"6h\"\ndelay_warning = \"4h\""}))
+	cfg := configtest.MustParse(t, f.Config(map[string]string{"queue": "[queue]\nmax_age = \"6h\"\ndelay_warning = \"4h\""}))
 	if cfg.Queue.DelayWarning != 4*time.Hour || !cfg.Queue.Bounce {
 		t.Errorf("queue = %+v, want a 4h delay warning with bounces on", cfg.Queue)
 	}
 }
 
-// TestParseConfigUpstreamTimeouts: the [queue] upstream timeouts reach
-// the Deliverer.
-func TestParseConfigUpstreamTimeouts(t *testing.T) {
-	f := newTestFiles(t)
-	cfg := mustParse(t, f.config(map[string]string{"queue": "[queue]\nupstream_command_timeout = \"1s\"\nupstream_data_timeout = \"90s\""}))
-	d := newDeliverer(cfg, slog.New(slog.DiscardHandler)).Config()
-	if d.CommandTimeout != time.Second || d.DataTimeout != 90*time.Second {
-		t.Errorf("Deliverer timeouts %v and %v, want 1s and 1m30s", d.CommandTimeout, d.DataTimeout)
-	}
-}
-
 func TestParseConfigBaseIsValid(t *testing.T) {
-	f := newTestFiles(t)
-	mustParse(t, f.config(nil))
+	f := configtest.NewFiles(t)
+	configtest.MustParse(t, f.Config(nil))
 }
 
 // TestParseConfigRules breaks one rule per case and checks that the error
 // names the exact key.
 func TestParseConfigRules(t *testing.T) {
-	f := newTestFiles(t)
+	f := configtest.NewFiles(t)
 	t.Setenv("SMARTHOST_TEST_EMPTY", "")
 	t.Setenv("SMARTHOST_TEST_PW", "x")
 	tests := []struct {
@@ -581,8 +422,8 @@ func TestParseConfigRules(t *testing.T) {
 		// users
 		{"user name empty", map[string]string{"user": "[[user]]\nname = \"\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*@example.com\"]"}, "user[0].name", "empty"},
 		{"user name missing", map[string]string{"user": "[[user]]\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*@example.com\"]"}, "user[0].name", "required"},
-		{"user name duplicate", map[string]string{"user": baseSections["user"] + "\n" + baseSections["user"]}, "user[1].name", `"app" is already used by user[0]`},
-		{"plaintext password", map[string]string{"user": baseSections["user"] + "\npassword = \"hunter2\""}, "user[0].password", "smarthost passwd"},
+		{"user name duplicate", map[string]string{"user": configtest.Base("user") + "\n" + configtest.Base("user")}, "user[1].name", `"app" is already used by user[0]`},
+		{"plaintext password", map[string]string{"user": configtest.Base("user") + "\npassword = \"hunter2\""}, "user[0].password", "smarthost passwd"},
 		{"hash not bcrypt", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"$2a$10$…\"\nallowed_from = [\"*@example.com\"]"}, "user[0].password_hash", "not a bcrypt hash"},
 		{"hash missing", map[string]string{"user": "[[user]]\nname = \"a\"\nallowed_from = [\"*@example.com\"]"}, "user[0].password_hash", "required"},
 		{"allowed_from missing", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\""}, "user[0].allowed_from", "required"},
@@ -596,33 +437,33 @@ func TestParseConfigRules(t *testing.T) {
 
 		// upstreams
 		{"no upstream", map[string]string{"upstream": "", "route": "", "user": ""}, "upstream", "at least one"},
-		{"upstream name duplicate", map[string]string{"upstream": baseSections["upstream"] + "\n" + baseSections["upstream"]}, "upstream[1].name", "already used"},
+		{"upstream name duplicate", map[string]string{"upstream": configtest.Base("upstream") + "\n" + configtest.Base("upstream")}, "upstream[1].name", "already used"},
 		{"upstream address no port", map[string]string{"upstream": "[[upstream]]\nname = \"up\"\naddress = \"smtp.example.com\"\ntls = \"implicit\""}, "upstream[0].address", "host:port"},
 		{"upstream address port zero", map[string]string{"upstream": "[[upstream]]\nname = \"up\"\naddress = \"smtp.example.com:0\"\ntls = \"implicit\""}, "upstream[0].address", "port"},
 		{"upstream tls missing", map[string]string{"upstream": "[[upstream]]\nname = \"up\"\naddress = \"smtp.example.com:465\""}, "upstream[0].tls", "required"},
 		{"upstream tls none remote", map[string]string{"upstream": "[[upstream]]\nname = \"up\"\naddress = \"smtp.example.com:25\"\ntls = \"none\""}, "upstream[0].tls", "loopback/test only"},
 		{"upstream tls none private IP", map[string]string{"upstream": "[[upstream]]\nname = \"up\"\naddress = \"10.0.0.1:25\"\ntls = \"none\""}, "upstream[0].tls", "loopback/test only"},
-		{"upstream password in TOML", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\"\npassword = \"p\"\npassword_env = \"SMARTHOST_TEST_PW\""}, "upstream[0].password", "never"},
-		{"username without secret", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\""}, "upstream[0].password_env", "password_env or password_file"},
-		{"both secrets", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\"\npassword_env = \"SMARTHOST_TEST_PW\"\npassword_file = \"{{PWFILE}}\""}, "upstream[0].password_file", "only one"},
-		{"password_env unset", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\"\npassword_env = \"SMARTHOST_TEST_UNSET_VARIABLE\""}, "upstream[0].password_env", "SMARTHOST_TEST_UNSET_VARIABLE is not set"},
-		{"password_env empty", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\"\npassword_env = \"SMARTHOST_TEST_EMPTY\""}, "upstream[0].password_env", "not set or empty"},
-		{"password_env without username", map[string]string{"upstream": baseSections["upstream"] + "\npassword_env = \"SMARTHOST_TEST_PW\""}, "upstream[0].password_env", "without username"},
-		{"password_file unreadable", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\"\npassword_file = \"{{MISSING}}\""}, "upstream[0].password_file", "no such file"},
-		{"password_file empty", map[string]string{"upstream": baseSections["upstream"] + "\nusername = \"u\"\npassword_file = \"{{EMPTY}}\""}, "upstream[0].password_file", "empty"},
-		{"ca_file without certificates", map[string]string{"upstream": baseSections["upstream"] + "\nca_file = \"{{KEY}}\""}, "upstream[0].ca_file", "no PEM certificate"},
-		{"ca_file unreadable", map[string]string{"upstream": baseSections["upstream"] + "\nca_file = \"{{MISSING}}\""}, "upstream[0].ca_file", "no such file"},
-		{"max_connections zero", map[string]string{"upstream": baseSections["upstream"] + "\nmax_connections = 0"}, "upstream[0].max_connections", "out of range"},
-		{"dsn_from no at", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"bounces\""}, "upstream[0].dsn_from", "not an address"},
-		{"dsn_from display name", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"Bounces <b@example.com>\""}, "upstream[0].dsn_from", "not a domain name"},
-		{"dsn_from angle brackets", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"<b@example.com>\""}, "upstream[0].dsn_from", "not a domain name"},
-		{"dsn_from bad local", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"a b@example.com\""}, "upstream[0].dsn_from", "not a valid email address"},
-		{"dsn_from bad domain", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"b@example..com\""}, "upstream[0].dsn_from", "not a domain name"},
-		{"dsn_from wildcard", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"*@example.com\""}, "upstream[0].dsn_from", "is a pattern"},
-		{"dsn_from non-ASCII", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"bücher@example.com\""}, "upstream[0].dsn_from", "not an ASCII address"},
-		{"dsn_from empty", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = \"\""}, "upstream[0].dsn_from", "not an address"},
-		{"dsn_from wrong type", map[string]string{"upstream": baseSections["upstream"] + "\ndsn_from = true"}, "upstream[0].dsn_from", "must be a string"},
-		{"rate_limit junk", map[string]string{"upstream": baseSections["upstream"] + "\nrate_limit = \"fast\""}, "upstream[0].rate_limit", "N/duration"},
+		{"upstream password in TOML", map[string]string{"upstream": configtest.Base("upstream") + "\nusername = \"u\"\npassword = \"p\"\npassword_env = \"SMARTHOST_TEST_PW\""}, "upstream[0].password", "never"},
+		{"username without secret", map[string]string{"upstream": configtest.Base("upstream") + "\nusername = \"u\""}, "upstream[0].password_env", "password_env or password_file"},
+		{"both secrets", map[string]string{"upstream": configtest.Base("upstream") + "\nusername = \"u\"\npassword_env = \"SMARTHOST_TEST_PW\"\npassword_file = \"{{PWFILE}}\""}, "upstream[0].password_file", "only one"},
+		{"password_env unset", map[string]string{"upstream": configtest.Base("upstream") + "\nusername = \"u\"\npassword_env = \"SMARTHOST_TEST_UNSET_VARIABLE\""}, "upstream[0].password_env", "SMARTHOST_TEST_UNSET_VARIABLE is not set"},
+		{"password_env empty", map[string]string{"upstream": configtest.Base("upstream") + "\nusername = \"u\"\npassword_env = \"SMARTHOST_TEST_EMPTY\""}, "upstream[0].password_env", "not set or empty"},
+		{"password_env without username", map[string]string{"upstream": configtest.Base("upstream") + "\npassword_env = \"SMARTHOST_TEST_PW\""}, "upstream[0].password_env", "without username"},
+		{"password_file unreadable", map[string]string{"upstream": configtest.Base("upstream") + "\nusername = \"u\"\npassword_file = \"{{MISSING}}\""}, "upstream[0].password_file", "no such file"},
+		{"password_file empty", map[string]string{"upstream": configtest.Base("upstream") + "\nusername = \"u\"\npassword_file = \"{{EMPTY}}\""}, "upstream[0].password_file", "empty"},
+		{"ca_file without certificates", map[string]string{"upstream": configtest.Base("upstream") + "\nca_file = \"{{KEY}}\""}, "upstream[0].ca_file", "no PEM certificate"},
+		{"ca_file unreadable", map[string]string{"upstream": configtest.Base("upstream") + "\nca_file = \"{{MISSING}}\""}, "upstream[0].ca_file", "no such file"},
+		{"max_connections zero", map[string]string{"upstream": configtest.Base("upstream") + "\nmax_connections = 0"}, "upstream[0].max_connections", "out of range"},
+		{"dsn_from no at", map[string]string{"upstream": configtest.Base("upstream") + "\ndsn_from = \"bounces\""}, "upstream[0].dsn_from", "not an address"},
+		{"dsn_from display name", map[string]string{"upstream": configtest.Base("upstream") + "\ndsn_from = \"Bounces <b@example.com>\""}, "upstream[0].dsn_from", "not a domain name"},
+		{"dsn_from angle brackets", map[string]string{"upstream": configtest.Base("upstream") + "\ndsn_from = \"<b@example.com>\""}, "upstream[0].dsn_from", "not a domain name"},
+		{"dsn_from bad local", map[string]string{"upstream": configtest.Base("upstream") + "\ndsn_from = \"a b@example.com\""}, "upstream[0].dsn_from", "not a valid email address"},
+		{"dsn_from bad domain", map[string]string{"upstream": configtest.Base("upstream") + "\ndsn_from = \"b@example..com\""}, "upstream[0].dsn_from", "not a domain name"},
+		{"dsn_from wildcard", map[string]string{"upstream": configtest.Base("upstream") + "\ndsn_from = \"*@example.com\""}, "upstream[0].dsn_from", "is a pattern"},
+		{"dsn_from non-ASCII", map[string]string{"upstream": configtest.Base("upstream") + "\ndsn_from = \"bücher@example.com\""}, "upstream[0].dsn_from", "not an ASCII address"},
+		{"dsn_from empty", map[string]string{"upstream": configtest.Base("upstream") + "\ndsn_from = \"\""}, "upstream[0].dsn_from", "not an address"},
+		{"dsn_from wrong type", map[string]string{"upstream": configtest.Base("upstream") + "\ndsn_from = true"}, "upstream[0].dsn_from", "must be a string"},
+		{"rate_limit junk", map[string]string{"upstream": configtest.Base("upstream") + "\nrate_limit = \"fast\""}, "upstream[0].rate_limit", "N/duration"},
 
 		// routes
 		{"no route", map[string]string{"route": ""}, "route", "at least one"},
@@ -631,7 +472,7 @@ func TestParseConfigRules(t *testing.T) {
 		{"route upstreams empty", map[string]string{"route": "[[route]]\nfrom_domain = \"example.com\"\nupstreams = []"}, "route[0].upstreams", "required"},
 		{"route from_domain missing", map[string]string{"route": "[[route]]\nupstreams = [\"up\"]\n[[route]]\nfrom_domain = \"example.com\"\nupstreams = [\"up\"]"}, "route[0].from_domain", "required"},
 		{"route from_domain bad", map[string]string{"route": "[[route]]\nfrom_domain = \"*.example.com\"\nupstreams = [\"up\"]"}, "route[0].from_domain", "neither"},
-		{"route from_domain duplicate", map[string]string{"route": baseSections["route"] + "\n[[route]]\nfrom_domain = \"Example.COM\"\nupstreams = [\"up\"]"}, "route[1].from_domain", "already routed by route[0]"},
+		{"route from_domain duplicate", map[string]string{"route": configtest.Base("route") + "\n[[route]]\nfrom_domain = \"Example.COM\"\nupstreams = [\"up\"]"}, "route[1].from_domain", "already routed by route[0]"},
 
 		// http
 		{"http address", map[string]string{"http": "[http]\naddress = \"9090\""}, "http.address", "host:port"},
@@ -643,7 +484,7 @@ func TestParseConfigRules(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			errs := parseErrors(t, f.config(tt.overrides))
+			errs := parseErrors(t, f.Config(tt.overrides))
 			requireError(t, errs, tt.key, tt.msg)
 		})
 	}
@@ -652,8 +493,8 @@ func TestParseConfigRules(t *testing.T) {
 // TestParseConfigReportsEveryProblem checks that one call reports all the
 // problems of a file, not only the first.
 func TestParseConfigReportsEveryProblem(t *testing.T) {
-	f := newTestFiles(t)
-	text := f.config(map[string]string{
+	f := configtest.NewFiles(t)
+	text := f.Config(map[string]string{
 		"queue":  "[queue]\nretry_min = \"soon\"\nworkerz = 4",
 		"listen": "[[listen]]\naddress = \":25\"\ntls = \"none\"\nauth = \"none\"",
 		"route":  "[[route]]\nfrom_domain = \"example.com\"\nupstreams = [\"up\", \"missing\"]",
@@ -681,24 +522,24 @@ func TestParseConfigSyntaxError(t *testing.T) {
 }
 
 func TestLoadConfig(t *testing.T) {
-	f := newTestFiles(t)
-	path := writeFile(t, t.TempDir(), "config.toml", f.config(nil))
-	cfg, err := LoadConfig(path)
+	f := configtest.NewFiles(t)
+	path := configtest.WriteFile(t, t.TempDir(), "config.toml", f.Config(nil))
+	cfg, err := config.Load(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.Path != path {
 		t.Errorf("Path = %q, want %q", cfg.Path, path)
 	}
-	if _, err := LoadConfig(f.missing); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("LoadConfig(missing) = %v, want ErrNotExist", err)
+	if _, err := config.Load(f.Missing); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("config.Load(missing) = %v, want ErrNotExist", err)
 	}
 }
 
 // TestOpenRelayRefused covers the listener combinations that could relay
 // for anyone, and the ones that are safe.
 func TestOpenRelayRefused(t *testing.T) {
-	f := newTestFiles(t)
+	f := configtest.NewFiles(t)
 	tests := []struct {
 		name     string
 		listen   string
@@ -722,11 +563,11 @@ func TestOpenRelayRefused(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			text := f.config(map[string]string{
+			text := f.Config(map[string]string{
 				"listen": "[[listen]]\naddress = \":25\"\ntls = \"none\"\n" + tt.listen,
 			})
 			if tt.key == "" {
-				mustParse(t, text)
+				configtest.MustParse(t, text)
 				return
 			}
 			requireError(t, parseErrors(t, text), tt.key, tt.msg)
@@ -768,7 +609,7 @@ func TestParseSize(t *testing.T) {
 		{"9007199254740992KB", 0, false},
 	}
 	for _, tt := range tests {
-		got, err := ParseSize(tt.in)
+		got, err := config.ParseSize(tt.in)
 		if tt.ok && (err != nil || got != tt.want) {
 			t.Errorf("ParseSize(%q) = %d, %v; want %d", tt.in, got, err, tt.want)
 		}
@@ -804,7 +645,7 @@ func TestParseRate(t *testing.T) {
 		{"ten/1h", upstream.Rate{}, false},
 	}
 	for _, tt := range tests {
-		got, err := ParseRate(tt.in)
+		got, err := config.ParseRate(tt.in)
 		if tt.ok && (err != nil || got != tt.want) {
 			t.Errorf("ParseRate(%q) = %+v, %v; want %+v", tt.in, got, err, tt.want)
 		}
@@ -816,32 +657,32 @@ func TestParseRate(t *testing.T) {
 
 // exampleConfig returns config.toml.example with its file paths pointed at
 // test files and the environment variables it names set.
-func exampleConfig(t *testing.T, f *testFiles) string {
+func exampleConfig(t *testing.T, f *configtest.Files) string {
 	t.Helper()
-	data, err := os.ReadFile("../../config.toml.example")
+	data, err := os.ReadFile("../../../../config.toml.example")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Setenv("GMAIL_APP_PASSWORD", "app-password")
 	t.Setenv("SMARTHOST_ADMIN_TOKEN", "admin-token")
 	text := strings.NewReplacer(
-		"/etc/smarthost/tls.crt", f.pki.CertFile,
-		"/etc/smarthost/tls.key", f.pki.KeyFile,
-		"/etc/smarthost/dkim/example.com.key", f.dkimRSA,
-		"/etc/smarthost/dkim/example.com.ed25519.key", f.dkimKey,
-		"/run/secrets/yandex", f.pwFile,
-		"/etc/ssl/private-ca.pem", f.pki.CAFile,
+		"/etc/smarthost/tls.crt", f.PKI.CertFile,
+		"/etc/smarthost/tls.key", f.PKI.KeyFile,
+		"/etc/smarthost/dkim/example.com.key", f.DKIMRSA,
+		"/etc/smarthost/dkim/example.com.ed25519.key", f.DKIMKey,
+		"/run/secrets/yandex", f.PasswordFile,
+		"/etc/ssl/private-ca.pem", f.PKI.CAFile,
 	).Replace(string(data))
 	return text
 }
 
 // TestExampleConfig keeps config.toml.example in step with the parser.
 func TestExampleConfig(t *testing.T) {
-	f := newTestFiles(t)
+	f := configtest.NewFiles(t)
 	text := exampleConfig(t, f)
 
 	t.Run("as shipped", func(t *testing.T) {
-		cfg := mustParse(t, text)
+		cfg := configtest.MustParse(t, text)
 		if cfg.Hostname != "relay.example.com" || len(cfg.Listeners) != 2 || len(cfg.Users) != 1 ||
 			len(cfg.DKIM) != 2 || len(cfg.Upstreams) != 2 || len(cfg.Routes) != 2 {
 			t.Errorf("unexpected shape: %+v", cfg)
@@ -861,7 +702,7 @@ func TestExampleConfig(t *testing.T) {
 		if cfg.Queue.DelayWarning != 0 || !cfg.Queue.Bounce || cfg.Upstreams[0].DSNFrom != "" {
 			t.Errorf("delay warning %v, bounce %v, dsn_from %q: want the defaults", cfg.Queue.DelayWarning, cfg.Queue.Bounce, cfg.Upstreams[0].DSNFrom)
 		}
-		if cfg.Limits.MaxMessageBytes != 25<<20 || cfg.Limits.MessageMemory != defaultMessageMemory {
+		if cfg.Limits.MaxMessageBytes != 25<<20 || cfg.Limits.MessageMemory != config.DefaultMessageMemory {
 			t.Errorf("max message = %d, message memory = %d", cfg.Limits.MaxMessageBytes, cfg.Limits.MessageMemory)
 		}
 	})
@@ -874,7 +715,7 @@ func TestExampleConfig(t *testing.T) {
 		if enabled == text {
 			t.Fatal("no commented-out keys found")
 		}
-		cfg := mustParse(t, enabled)
+		cfg := configtest.MustParse(t, enabled)
 		if cfg.AdminTokenEnv != "SMARTHOST_ADMIN_TOKEN" || cfg.Upstreams[0].RootCAs == nil ||
 			len(cfg.Listeners[0].TrustedNetworks) != 1 || cfg.Queue.DelayWarning == 0 || cfg.Upstreams[0].DSNFrom == "" ||
 			cfg.Upstreams[0].EnvelopeFrom == "" {
@@ -886,11 +727,11 @@ func TestExampleConfig(t *testing.T) {
 	})
 
 	t.Run("as shipped dkim", func(t *testing.T) {
-		cfg := mustParse(t, text)
+		cfg := configtest.MustParse(t, text)
 		want := []dkim.Key{
-			{Domain: "example.com", Selector: "s2026", Signer: loadKey(t, f.dkimRSA),
+			{Domain: "example.com", Selector: "s2026", Signer: loadKey(t, f.DKIMRSA),
 				HeaderCanonicalization: "relaxed", BodyCanonicalization: "relaxed"},
-			{Domain: "example.com", Selector: "ed2026", Signer: loadKey(t, f.dkimKey),
+			{Domain: "example.com", Selector: "ed2026", Signer: loadKey(t, f.DKIMKey),
 				HeaderCanonicalization: "relaxed", BodyCanonicalization: "relaxed"},
 		}
 		requireKeys(t, cfg.DKIM, want)
@@ -948,7 +789,7 @@ func dkimEntry(extra string) string {
 // TestParseConfigDKIMRules breaks one [[dkim]] rule per case and checks
 // that the error names the exact key and, for key files, the problem.
 func TestParseConfigDKIMRules(t *testing.T) {
-	f := newTestFiles(t)
+	f := configtest.NewFiles(t)
 	keyFile := func(path string) string {
 		return "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"" + path + "\""
 	}
@@ -995,9 +836,9 @@ func TestParseConfigDKIMRules(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			text := strings.ReplaceAll(f.config(map[string]string{"dkim": tt.dkim}), "{{DIR}}", t.TempDir())
+			text := strings.ReplaceAll(f.Config(map[string]string{"dkim": tt.dkim}), "{{DIR}}", t.TempDir())
 			errs := parseErrors(t, text)
-			requireError(t, errs, tt.key, f.expand(tt.msg))
+			requireError(t, errs, tt.key, f.Expand(tt.msg))
 		})
 	}
 }
@@ -1006,7 +847,7 @@ func TestParseConfigDKIMRules(t *testing.T) {
 // both key encodings and types, every canonicalization, and several keys
 // for one domain.
 func TestParseConfigDKIMAccepted(t *testing.T) {
-	f := newTestFiles(t)
+	f := configtest.NewFiles(t)
 	for _, tt := range []struct {
 		value        string
 		header, body string
@@ -1021,7 +862,7 @@ func TestParseConfigDKIMAccepted(t *testing.T) {
 		{"simple", "simple", "simple"},
 	} {
 		t.Run("canonicalization "+tt.value, func(t *testing.T) {
-			cfg := mustParse(t, f.config(map[string]string{"dkim": dkimEntry(`canonicalization = "` + tt.value + `"`)}))
+			cfg := configtest.MustParse(t, f.Config(map[string]string{"dkim": dkimEntry(`canonicalization = "` + tt.value + `"`)}))
 			if k := cfg.DKIM[0]; k.HeaderCanonicalization != tt.header || k.BodyCanonicalization != tt.body {
 				t.Errorf("%q gave %s/%s, want %s/%s", tt.value, k.HeaderCanonicalization, k.BodyCanonicalization, tt.header, tt.body)
 			}
@@ -1029,8 +870,8 @@ func TestParseConfigDKIMAccepted(t *testing.T) {
 	}
 
 	t.Run("defaults", func(t *testing.T) {
-		cfg := mustParse(t, f.config(map[string]string{"dkim": dkimEntry("")}))
-		want := []dkim.Key{{Domain: "example.com", Selector: "s1", Signer: loadKey(t, f.dkimRSA),
+		cfg := configtest.MustParse(t, f.Config(map[string]string{"dkim": dkimEntry("")}))
+		want := []dkim.Key{{Domain: "example.com", Selector: "s1", Signer: loadKey(t, f.DKIMRSA),
 			HeaderCanonicalization: "relaxed", BodyCanonicalization: "relaxed"}}
 		requireKeys(t, cfg.DKIM, want)
 	})
@@ -1044,7 +885,7 @@ func TestParseConfigDKIMAccepted(t *testing.T) {
 		} {
 			entries.WriteString("[[dkim]]\ndomain = \"example.com\"\nselector = \"" + e.sel + "\"\nkey_file = \"" + e.file + "\"\n")
 		}
-		cfg := mustParse(t, f.config(map[string]string{"dkim": entries.String()}))
+		cfg := configtest.MustParse(t, f.Config(map[string]string{"dkim": entries.String()}))
 		if len(cfg.DKIM) != 4 {
 			t.Fatalf("got %d keys, want 4", len(cfg.DKIM))
 		}
@@ -1059,9 +900,9 @@ func TestParseConfigDKIMAccepted(t *testing.T) {
 	})
 
 	t.Run("same selector in two domains", func(t *testing.T) {
-		text := f.config(map[string]string{"dkim": dkimEntry("") +
+		text := f.Config(map[string]string{"dkim": dkimEntry("") +
 			"[[dkim]]\ndomain = \"example.org\"\nselector = \"s1\"\nkey_file = \"{{DKIM}}\""})
-		if cfg := mustParse(t, text); len(cfg.DKIM) != 2 {
+		if cfg := configtest.MustParse(t, text); len(cfg.DKIM) != 2 {
 			t.Errorf("got %d keys, want 2", len(cfg.DKIM))
 		}
 	})
@@ -1070,8 +911,8 @@ func TestParseConfigDKIMAccepted(t *testing.T) {
 // TestParseConfigOperations covers shutdown_timeout and the PROXY
 // protocol keys of a listener.
 func TestParseConfigOperations(t *testing.T) {
-	f := newTestFiles(t)
-	cfg := mustParse(t, f.config(map[string]string{
+	f := configtest.NewFiles(t)
+	cfg := configtest.MustParse(t, f.Config(map[string]string{
 		"top": "hostname = \"relay.test\"\nshutdown_timeout = \"5s\"",
 		"listen": `[[listen]]
 address = "127.0.0.1:0"
@@ -1090,7 +931,7 @@ proxy_trusted = ["127.0.0.1", "203.0.113.0/24", "2001:db8::/32"]`,
 		t.Errorf("listener: proxy_protocol %v, proxy_trusted %v", l.ProxyProtocol, l.ProxyTrusted)
 	}
 
-	base := mustParse(t, f.config(nil))
+	base := configtest.MustParse(t, f.Config(nil))
 	if base.ShutdownTimeout != 25*time.Second || base.Listeners[0].ProxyProtocol || base.Listeners[0].ProxyTrusted != nil {
 		t.Errorf("defaults: shutdown_timeout %v, listener %+v", base.ShutdownTimeout, base.Listeners[0])
 	}
@@ -1116,7 +957,7 @@ proxy_trusted = ["127.0.0.1", "203.0.113.0/24", "2001:db8::/32"]`,
 		{"proxy_protocol not bool", listen("proxy_protocol = \"v2\""), "listen[0].proxy_protocol", "true or false"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			requireError(t, parseErrors(t, f.config(tt.overrides)), tt.key, tt.msg)
+			requireError(t, parseErrors(t, f.Config(tt.overrides)), tt.key, tt.msg)
 		})
 	}
 }
@@ -1129,7 +970,7 @@ func providerUpstream(lines ...string) string {
 // TestParseConfigProviderFill: provider = "…" fills the address, TLS mode
 // and rate limit of every profile, and the configuration may leave them out.
 func TestParseConfigProviderFill(t *testing.T) {
-	f := newTestFiles(t)
+	f := configtest.NewFiles(t)
 	for _, name := range upstream.ProviderNames() {
 		t.Run(name, func(t *testing.T) {
 			prof, _ := upstream.LookupProvider(name)
@@ -1144,28 +985,28 @@ func TestParseConfigProviderFill(t *testing.T) {
 				region = "eu-central-1"
 				lines = append(lines, `region = "`+region+`"`)
 			}
-			cfg := mustParse(t, f.config(map[string]string{"upstream": providerUpstream(lines...)}))
+			cfg := configtest.MustParse(t, f.Config(map[string]string{"upstream": providerUpstream(lines...)}))
 			u := cfg.Upstreams[0]
 			want := prof.Upstream("up", region)
 			if u.Name != "up" || u.Address != want.Address || u.Address == "" || u.TLS != want.TLS || u.RateLimit != want.RateLimit {
 				t.Errorf("upstream %+v, want the profile's %+v", u, want)
 			}
 			if u.Username != "relay@example.com" || u.Password != "s3cret" || u.EnvelopeFrom != "relay@example.com" ||
-				u.DSNFrom != "" || u.HeaderFromRewrite || u.MaxConnections != defaultUpstreamConns {
+				u.DSNFrom != "" || u.HeaderFromRewrite || u.MaxConnections != config.DefaultUpstreamConnections {
 				t.Errorf("upstream %+v", u)
 			}
 		})
 	}
 
 	// The documented figures, spelled out for the acceptance case.
-	cfg := mustParse(t, f.config(map[string]string{"upstream": providerUpstream(
+	cfg := configtest.MustParse(t, f.Config(map[string]string{"upstream": providerUpstream(
 		`provider = "yandex"`, `username = "relay@example.ru"`, `password_file = "{{PWFILE}}"`, `dsn_from = "relay@example.ru"`)}))
 	u := cfg.Upstreams[0]
 	if u.Address != "smtp.yandex.ru:465" || u.TLS != mailproto.TLSImplicit || u.RateLimit != (upstream.Rate{N: 500, Per: 24 * time.Hour}) ||
 		u.DSNFrom != "relay@example.ru" || u.EnvelopeFrom != "" {
 		t.Errorf("yandex upstream %+v", u)
 	}
-	cfg = mustParse(t, f.config(map[string]string{"upstream": providerUpstream(
+	cfg = configtest.MustParse(t, f.Config(map[string]string{"upstream": providerUpstream(
 		`provider = "ses"`, `region = "us-east-1"`, `username = "AKIAEXAMPLE"`, `password_file = "{{PWFILE}}"`)}))
 	if got := cfg.Upstreams[0].Address; got != "email-smtp.us-east-1.amazonaws.com:587" {
 		t.Errorf("ses address %q", got)
@@ -1175,8 +1016,8 @@ func TestParseConfigProviderFill(t *testing.T) {
 // TestParseConfigProviderOverrides: every key given explicitly wins over
 // the profile.
 func TestParseConfigProviderOverrides(t *testing.T) {
-	f := newTestFiles(t)
-	cfg := mustParse(t, f.config(map[string]string{"upstream": providerUpstream(
+	f := configtest.NewFiles(t)
+	cfg := configtest.MustParse(t, f.Config(map[string]string{"upstream": providerUpstream(
 		`provider = "gmail"`,
 		`address = "smtp.gmail.com:587"`,
 		`tls = "starttls"`,
@@ -1191,7 +1032,7 @@ func TestParseConfigProviderOverrides(t *testing.T) {
 	}
 
 	// "none" lifts the profile's rate limit; an address replaces a region.
-	cfg = mustParse(t, f.config(map[string]string{"upstream": providerUpstream(
+	cfg = configtest.MustParse(t, f.Config(map[string]string{"upstream": providerUpstream(
 		`provider = "ses"`,
 		`address = "email-smtp.us-gov-west-1.amazonaws.com:465"`,
 		`tls = "implicit"`,
@@ -1205,7 +1046,7 @@ func TestParseConfigProviderOverrides(t *testing.T) {
 	}
 
 	// A loopback test server may stand in for a provider.
-	cfg = mustParse(t, f.config(map[string]string{"upstream": providerUpstream(
+	cfg = configtest.MustParse(t, f.Config(map[string]string{"upstream": providerUpstream(
 		`provider = "yandex"`,
 		`address = "127.0.0.1:2525"`,
 		`tls = "none"`,
@@ -1222,18 +1063,18 @@ func TestParseConfigProviderOverrides(t *testing.T) {
 
 	// Without a provider, envelope_from works on any upstream; and the
 	// Workspace relay may authorise by IP address, without a username.
-	cfg = mustParse(t, f.config(map[string]string{"upstream": baseSections["upstream"] + "\nenvelope_from = \"relay@example.com\""}))
+	cfg = configtest.MustParse(t, f.Config(map[string]string{"upstream": configtest.Base("upstream") + "\nenvelope_from = \"relay@example.com\""}))
 	if u := cfg.Upstreams[0]; u.EnvelopeFrom != "relay@example.com" || u.HeaderFromRewrite || u.RateLimit != (upstream.Rate{}) {
 		t.Errorf("plain upstream with envelope_from: %+v", u)
 	}
-	cfg = mustParse(t, f.config(map[string]string{"upstream": providerUpstream(`provider = "google-workspace-relay"`)}))
+	cfg = configtest.MustParse(t, f.Config(map[string]string{"upstream": providerUpstream(`provider = "google-workspace-relay"`)}))
 	if u := cfg.Upstreams[0]; u.Address != "smtp-relay.gmail.com:587" || u.Username != "" {
 		t.Errorf("workspace relay: %+v", u)
 	}
 }
 
 func TestParseConfigProviderRules(t *testing.T) {
-	f := newTestFiles(t)
+	f := configtest.NewFiles(t)
 	t.Setenv("SMARTHOST_TEST_PW", "x")
 	const login = `username = "relay@example.ru"` + "\n" + `password_env = "SMARTHOST_TEST_PW"`
 	tests := []struct {
@@ -1252,35 +1093,35 @@ func TestParseConfigProviderRules(t *testing.T) {
 		{"ses without region or address", providerUpstream(`provider = "ses"`, login), "upstream[0].region", `needs region (e.g. "us-east-1") or address`},
 		{"ses bad region", providerUpstream(`provider = "ses"`, `region = "us-east-1.evil.example"`, login), "upstream[0].region", "not a region name"},
 		{"region on a fixed provider", providerUpstream(`provider = "gmail"`, `region = "us-east-1"`, login), "upstream[0].region", "leave region out"},
-		{"region without provider", baseSections["upstream"] + "\nregion = \"us-east-1\"", "upstream[0].region", "set without provider"},
+		{"region without provider", configtest.Base("upstream") + "\nregion = \"us-east-1\"", "upstream[0].region", "set without provider"},
 		{"provider address plain text", providerUpstream(`provider = "gmail"`, `tls = "none"`, login), "upstream[0].tls", "smtp.gmail.com:465 is not a loopback address"},
 		{"bad override", providerUpstream(`provider = "gmail"`, `address = "smtp.gmail.com"`, login), "upstream[0].address", "host:port"},
 		{"rate_limit junk with provider", providerUpstream(`provider = "gmail"`, `rate_limit = "lots"`, login), "upstream[0].rate_limit", "N/duration"},
-		{"envelope_from no at", baseSections["upstream"] + "\nenvelope_from = \"relay\"", "upstream[0].envelope_from", "not an address"},
-		{"envelope_from pattern", baseSections["upstream"] + "\nenvelope_from = \"*@example.com\"", "upstream[0].envelope_from", "is a pattern"},
-		{"envelope_from display name", baseSections["upstream"] + "\nenvelope_from = \"Relay <relay@example.com>\"", "upstream[0].envelope_from", "not a domain name"},
-		{"envelope_from wrong type", baseSections["upstream"] + "\nenvelope_from = true", "upstream[0].envelope_from", "must be a string"},
-		{"header_from_rewrite without envelope_from", baseSections["upstream"] + "\nheader_from_rewrite = true", "upstream[0].header_from_rewrite", "needs envelope_from"},
-		{"header_from_rewrite wrong type", baseSections["upstream"] + "\nheader_from_rewrite = \"yes\"", "upstream[0].header_from_rewrite", "true or false"},
+		{"envelope_from no at", configtest.Base("upstream") + "\nenvelope_from = \"relay\"", "upstream[0].envelope_from", "not an address"},
+		{"envelope_from pattern", configtest.Base("upstream") + "\nenvelope_from = \"*@example.com\"", "upstream[0].envelope_from", "is a pattern"},
+		{"envelope_from display name", configtest.Base("upstream") + "\nenvelope_from = \"Relay <relay@example.com>\"", "upstream[0].envelope_from", "not a domain name"},
+		{"envelope_from wrong type", configtest.Base("upstream") + "\nenvelope_from = true", "upstream[0].envelope_from", "must be a string"},
+		{"header_from_rewrite without envelope_from", configtest.Base("upstream") + "\nheader_from_rewrite = true", "upstream[0].header_from_rewrite", "needs envelope_from"},
+		{"header_from_rewrite wrong type", configtest.Base("upstream") + "\nheader_from_rewrite = \"yes\"", "upstream[0].header_from_rewrite", "true or false"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			errs := parseErrors(t, f.config(map[string]string{"upstream": tt.upstream}))
+			errs := parseErrors(t, f.Config(map[string]string{"upstream": tt.upstream}))
 			requireError(t, errs, tt.key, tt.msg)
 		})
 	}
 
 	// An unknown provider is reported once, not as a missing address and
 	// TLS mode too.
-	errs := parseErrors(t, f.config(map[string]string{"upstream": providerUpstream(`provider = "gmial"`, login)}))
+	errs := parseErrors(t, f.Config(map[string]string{"upstream": providerUpstream(`provider = "gmial"`, login)}))
 	if len(errs) != 1 {
 		t.Errorf("want only the provider error, got:\n%v", errs)
 	}
 
 	// Rewriting From: would break the signature made at the door.
-	errs = parseErrors(t, f.config(map[string]string{
+	errs = parseErrors(t, f.Config(map[string]string{
 		"dkim":     dkimEntry(""),
-		"upstream": baseSections["upstream"] + "\nenvelope_from = \"relay@example.com\"\nheader_from_rewrite = true",
+		"upstream": configtest.Base("upstream") + "\nenvelope_from = \"relay@example.com\"\nheader_from_rewrite = true",
 	}))
 	requireError(t, errs, "upstream[0].header_from_rewrite", "refused while [[dkim]] keys are configured")
 	requireError(t, errs, "upstream[0].header_from_rewrite", "use envelope_from alone")
@@ -1291,10 +1132,10 @@ type oauthFiles struct {
 	secret, refresh, sa, saHTTP, saBad string
 }
 
-func newOAuthFiles(t *testing.T, f *testFiles) oauthFiles {
+func newOAuthFiles(t *testing.T, f *configtest.Files) oauthFiles {
 	t.Helper()
 	dir := t.TempDir()
-	key, err := os.ReadFile(f.dkimRSA) // any RSA key will do
+	key, err := os.ReadFile(f.DKIMRSA) // any RSA key will do
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1309,11 +1150,11 @@ func newOAuthFiles(t *testing.T, f *testFiles) oauthFiles {
 		return string(data)
 	}
 	return oauthFiles{
-		secret:  writeFile(t, dir, "client-secret", "GOCSPX-secret\n"),
-		refresh: writeFile(t, dir, "refresh-token", "1//refresh\r\n"),
-		sa:      writeFile(t, dir, "sa.json", saKey("https://oauth2.googleapis.com/token")),
-		saHTTP:  writeFile(t, dir, "sa-http.json", saKey("http://oauth2.example.com/token")),
-		saBad:   writeFile(t, dir, "sa-bad.json", `{"type": "authorized_user"}`),
+		secret:  configtest.WriteFile(t, dir, "client-secret", "GOCSPX-secret\n"),
+		refresh: configtest.WriteFile(t, dir, "refresh-token", "1//refresh\r\n"),
+		sa:      configtest.WriteFile(t, dir, "sa.json", saKey("https://oauth2.googleapis.com/token")),
+		saHTTP:  configtest.WriteFile(t, dir, "sa-http.json", saKey("http://oauth2.example.com/token")),
+		saBad:   configtest.WriteFile(t, dir, "sa-bad.json", `{"type": "authorized_user"}`),
 	}
 }
 
@@ -1323,10 +1164,10 @@ func (o oauthFiles) expand(s string) string {
 }
 
 func TestParseConfigUpstreamOAuth(t *testing.T) {
-	f := newTestFiles(t)
+	f := configtest.NewFiles(t)
 	of := newOAuthFiles(t, f)
 	t.Setenv("SMARTHOST_TEST_PW", "x")
-	base := baseSections["upstream"] + "\nusername = \"relay@example.com\"\n"
+	base := configtest.Base("upstream") + "\nusername = \"relay@example.com\"\n"
 	refresh := base + `oauth_token_url = "https://oauth2.googleapis.com/token"
 oauth_client_id = "id.apps.googleusercontent.com"
 oauth_client_secret_file = "{{SECRET}}"
@@ -1339,7 +1180,7 @@ oauth_client_secret_file = "{{SECRET}}"
 `
 	parse := func(t *testing.T, upstream string) upstream.Upstream {
 		t.Helper()
-		return mustParse(t, of.expand(f.config(map[string]string{"upstream": upstream}))).Upstreams[0]
+		return configtest.MustParse(t, of.expand(f.Config(map[string]string{"upstream": upstream}))).Upstreams[0]
 	}
 
 	t.Run("refresh token", func(t *testing.T) {
@@ -1417,7 +1258,7 @@ oauth_client_secret_file = "{{SECRET}}"
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			errs := parseErrors(t, of.expand(f.config(map[string]string{"upstream": tt.upstream})))
+			errs := parseErrors(t, of.expand(f.Config(map[string]string{"upstream": tt.upstream})))
 			key := tt.key
 			if !strings.HasPrefix(key, "upstream[0].") {
 				key = "upstream[0]." + key
@@ -1442,14 +1283,14 @@ oauth_client_secret_file = "{{SECRET}}"
 // documents for the gmail upstream is valid when switched on in place of
 // its password.
 func TestExampleConfigOAuth(t *testing.T) {
-	f := newTestFiles(t)
+	f := configtest.NewFiles(t)
 	of := newOAuthFiles(t, f)
 	text := strings.NewReplacer(
 		"/run/secrets/gmail-client-secret", of.secret,
 		"/run/secrets/gmail-refresh-token", of.refresh,
 		"/run/secrets/gmail-sa.json", of.sa,
 	).Replace(exampleConfig(t, f))
-	for _, k := range oauthKeys {
+	for _, k := range config.OAuthKeys {
 		if !regexp.MustCompile(`(?m)^#   ` + k + ` = `).MatchString(text) {
 			t.Errorf("config.toml.example does not document %s", k)
 		}
@@ -1457,7 +1298,7 @@ func TestExampleConfigOAuth(t *testing.T) {
 
 	// enable drops the gmail upstream's password and uncomments the
 	// documented lines that start with each of lines.
-	enable := func(t *testing.T, lines ...string) *Config {
+	enable := func(t *testing.T, lines ...string) *config.Config {
 		t.Helper()
 		const pw = "\npassword_env = \"GMAIL_APP_PASSWORD\""
 		if !strings.Contains(text, pw) {
@@ -1471,9 +1312,9 @@ func TestExampleConfigOAuth(t *testing.T) {
 			}
 			out = out[:i+1] + out[i+5:]
 		}
-		return mustParse(t, out)
+		return configtest.MustParse(t, out)
 	}
-	gmail := func(cfg *Config) upstream.Upstream { return cfg.Upstreams[0] }
+	gmail := func(cfg *config.Config) upstream.Upstream { return cfg.Upstreams[0] }
 
 	t.Run("refresh token", func(t *testing.T) {
 		u := gmail(enable(t, `oauth_token_url = "https://oauth2`, "oauth_client_id", "oauth_client_secret_file", "oauth_refresh_token_file"))
@@ -1502,7 +1343,7 @@ func TestExampleConfigOAuth(t *testing.T) {
 // TestParseConfigProviderAuth: with OAuth2 credentials and no auth key,
 // an upstream takes its provider's mechanism; auth given explicitly wins.
 func TestParseConfigProviderAuth(t *testing.T) {
-	f := newTestFiles(t)
+	f := configtest.NewFiles(t)
 	o365 := providerUpstream(
 		`provider = "outlook365"`,
 		`username = "relay@example.com"`,
@@ -1512,17 +1353,17 @@ func TestParseConfigProviderAuth(t *testing.T) {
 		`oauth_client_id = "app-id"`,
 		`oauth_client_secret_file = "{{PWFILE}}"`,
 	)
-	u := mustParse(t, f.config(map[string]string{"upstream": o365})).Upstreams[0]
+	u := configtest.MustParse(t, f.Config(map[string]string{"upstream": o365})).Upstreams[0]
 	if u.Auth != upstream.AuthXOAUTH2 || u.OAuth == nil || u.Address != "smtp.office365.com:587" || u.TLS != mailproto.TLSStartTLS {
 		t.Errorf("outlook365 with OAuth2: %+v", u)
 	}
-	u = mustParse(t, f.config(map[string]string{"upstream": o365 + "\nauth = \"oauthbearer\""})).Upstreams[0]
+	u = configtest.MustParse(t, f.Config(map[string]string{"upstream": o365 + "\nauth = \"oauthbearer\""})).Upstreams[0]
 	if u.Auth != upstream.AuthOAuthBearer {
 		t.Errorf("explicit auth: %q", u.Auth)
 	}
 	// A password login keeps the default mechanism choice.
 	t.Setenv("SMARTHOST_TEST_PW", "x")
-	u = mustParse(t, f.config(map[string]string{"upstream": providerUpstream(
+	u = configtest.MustParse(t, f.Config(map[string]string{"upstream": providerUpstream(
 		`provider = "outlook365"`, `username = "relay@example.com"`, `password_env = "SMARTHOST_TEST_PW"`, `dsn_from = "relay@example.com"`,
 	)})).Upstreams[0]
 	if u.Auth != "" || u.OAuth != nil || u.Password != "x" {

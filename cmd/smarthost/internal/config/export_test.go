@@ -1,0 +1,7 @@
+package config
+
+// What the black-box tests check of the parser's own rules.
+var (
+	OAuthKeys      = oauthKeys
+	IsLoopbackHost = isLoopbackHost
+)
