@@ -105,10 +105,10 @@ func demo(ctx context.Context, listen, httpAddr, dir string, logger *slog.Logger
 		TLSKeyFile:  keyFile,
 		Listeners:   []relay.Listener{{Name: "submission", Address: listen, TLS: mailproto.TLSStartTLS, AuthRequired: true}},
 		Limits: relay.Limits{
-			MaxMessageBytes: 25 << 20, MaxRecipients: 100, MaxConnections: 100,
+			MaxMessageBytes: config.DefaultMaxMessageSize, MaxRecipients: config.DefaultMaxRecipients, MaxConnections: 100,
 			MaxConnectionsPerIP: config.DefaultMaxConnectionsPerIP, AuthTimeout: config.DefaultAuthTimeout,
-			AuthFailuresPerIP: 5, AuthFailureWindow: time.Minute,
-			ReadTimeout: 5 * time.Minute, DataTimeout: 10 * time.Minute,
+			AuthFailuresPerIP: config.DefaultAuthFailuresPerIP, AuthFailureWindow: config.AuthFailureWindow,
+			ReadTimeout: config.DefaultReadTimeout, DataTimeout: config.DefaultDataTimeout,
 			MessageMemory: config.DefaultMessageMemory,
 		},
 		Users:       []relay.User{{Name: "demo", PasswordHash: hash, AllowedFrom: []string{"*@example.com"}}},

@@ -10,8 +10,11 @@ import (
 	"smarthost/metrics"
 )
 
-// DefaultHTTPAddress is the default [http] address: loopback only.
-const DefaultHTTPAddress = "127.0.0.1:9090"
+// Defaults of the [http] keys, applied by the parser to a key left out.
+const (
+	DefaultHTTPAddress        = "127.0.0.1:9090"              // address: loopback only
+	DefaultHTTPMaxConnections = metrics.DefaultMaxConnections // max_connections
+)
 
 // AdminEndpoint is where a client finds the admin API of a running
 // relay: the [http] address and admin_token_env of its configuration
@@ -48,7 +51,7 @@ func (p *parser) http(t *table) (address, adminTokenEnv string, maxConnections i
 	if err := checkHostPort(address, false); err != nil {
 		t.errorf("address", "%v", err)
 	}
-	maxConnections = t.integer("max_connections", metrics.DefaultMaxConnections, 1)
+	maxConnections = t.integer("max_connections", DefaultHTTPMaxConnections, 1)
 	if env, ok := t.str("admin_token_env"); ok {
 		// A named token that is missing would leave the admin API open or
 		// unusable; either way the operator meant something else.

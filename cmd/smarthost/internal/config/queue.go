@@ -23,29 +23,35 @@ type Queue struct {
 	UpstreamDataTimeout time.Duration
 }
 
-// Defaults of [queue].
+// Defaults of the [queue] keys, applied by the parser to a key left out.
 const (
-	defaultQueuePath = "/var/lib/smarthost/queue.db"
-	defaultWorkers   = 16
+	DefaultQueuePath = "/var/lib/smarthost/queue.db" // path
+	DefaultRetryMin  = time.Minute                   // retry_min
+	DefaultRetryMax  = time.Hour                     // retry_max
+	DefaultMaxAge    = 120 * time.Hour               // max_age
+	DefaultWorkers   = 16                            // workers
+	// DefaultUpstreamCommandTimeout and DefaultUpstreamDataTimeout are
+	// what RFC 5321 section 4.5.3.2 recommends: 2 to 5 minutes per
+	// command and 10 for the reply to the final dot; a stuck upstream
+	// holds a worker for that long.
+	DefaultUpstreamCommandTimeout = 2 * time.Minute
+	DefaultUpstreamDataTimeout    = 10 * time.Minute
 )
 
 // queue reads the [queue] table.
 func (p *parser) queue(t *table) Queue {
 	q := Queue{
-		Path:     t.strDefault("path", defaultQueuePath),
-		RetryMin: t.duration("retry_min", time.Minute),
-		RetryMax: t.duration("retry_max", time.Hour),
-		MaxAge:   t.duration("max_age", 120*time.Hour),
+		Path:     t.strDefault("path", DefaultQueuePath),
+		RetryMin: t.duration("retry_min", DefaultRetryMin),
+		RetryMax: t.duration("retry_max", DefaultRetryMax),
+		MaxAge:   t.duration("max_age", DefaultMaxAge),
 		Bounce:   t.boolean("bounce", true),
 		// Off unless asked for: a warning is one more message the sender
 		// did not expect.
-		DelayWarning: t.duration("delay_warning", 0),
-		Workers:      t.integer("workers", defaultWorkers, 1),
-		// RFC 5321 section 4.5.3.2 recommends 2 to 5 minutes per command
-		// and 10 for the reply to the final dot; a stuck upstream holds a
-		// worker for that long.
-		UpstreamCommandTimeout: t.duration("upstream_command_timeout", 2*time.Minute),
-		UpstreamDataTimeout:    t.duration("upstream_data_timeout", 10*time.Minute),
+		DelayWarning:           t.duration("delay_warning", 0),
+		Workers:                t.integer("workers", DefaultWorkers, 1),
+		UpstreamCommandTimeout: t.duration("upstream_command_timeout", DefaultUpstreamCommandTimeout),
+		UpstreamDataTimeout:    t.duration("upstream_data_timeout", DefaultUpstreamDataTimeout),
 	}
 	if q.Path == "" {
 		t.errorf("path", "must not be empty")
