@@ -90,13 +90,8 @@ func (p *parser) listeners(root *table) []relay.Listener {
 		nets, _ := t.strings("trusted_networks")
 		for i, s := range nets {
 			key := fmt.Sprintf("trusted_networks[%d]", i)
-			pfx, err := parseNetwork(s)
-			if err != nil {
-				t.errorf(key, "%v", err)
-				continue
-			}
-			if pfx.Bits() == 0 {
-				t.errorf(key, "%s trusts every address and would make an open relay", pfx)
+			pfx, ok := t.network(key, s, "and would make an open relay")
+			if !ok {
 				continue
 			}
 			if !allowPublic && !isPrivate(pfx) {
@@ -132,16 +127,9 @@ func (p *parser) proxy(t *table) (bool, []netip.Prefix) {
 	var out []netip.Prefix
 	for i, s := range nets {
 		key := fmt.Sprintf("proxy_trusted[%d]", i)
-		pfx, err := parseNetwork(s)
-		if err != nil {
-			t.errorf(key, "%v", err)
-			continue
+		if pfx, ok := t.network(key, s, "to send a PROXY header: any client could claim any address"); ok {
+			out = append(out, pfx)
 		}
-		if pfx.Bits() == 0 {
-			t.errorf(key, "%s trusts every address to send a PROXY header: any client could claim any address", pfx)
-			continue
-		}
-		out = append(out, pfx)
 	}
 	switch {
 	case on && t.missingList("proxy_trusted"):
@@ -150,6 +138,22 @@ func (p *parser) proxy(t *table) (bool, []netip.Prefix) {
 		t.errorf("proxy_trusted", "set without proxy_protocol = true")
 	}
 	return on, out
+}
+
+// network reads s, the entry at key of a list of networks, or reports why
+// it cannot be used: not a network, or every address, which would allow
+// what everyone says.
+func (t *table) network(key, s, everyone string) (netip.Prefix, bool) {
+	pfx, err := parseNetwork(s)
+	if err != nil {
+		t.errorf(key, "%v", err)
+		return pfx, false
+	}
+	if pfx.Bits() == 0 {
+		t.errorf(key, "%s trusts every address %s", pfx, everyone)
+		return pfx, false
+	}
+	return pfx, true
 }
 
 // parseNetwork accepts a CIDR prefix or a bare IP address (a one-address

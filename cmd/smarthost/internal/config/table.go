@@ -52,6 +52,21 @@ func (t *table) typeError(k, want string, v any) {
 	t.errorf(k, "must be %s, not %s", want, tomlType(v))
 }
 
+// value returns the value at k as a T. present is false when k is
+// absent; ok is false then, and when the value is of another type, which
+// is recorded as not being want.
+func value[T any](t *table, k, want string) (v T, present, ok bool) {
+	raw, present := t.get(k)
+	if !present {
+		return v, false, false
+	}
+	v, ok = raw.(T)
+	if !ok {
+		t.typeError(k, want, raw)
+	}
+	return v, true, ok
+}
+
 // uniqueName reads the required "name" key and checks it against the names
 // of the earlier tables of the same kind in seen.
 func (t *table) uniqueName(seen map[string]string) string {
@@ -76,14 +91,7 @@ func (t *table) uniqueName(seen map[string]string) string {
 // str returns the string at k; ok is false when k is absent or not a
 // string (the latter is recorded).
 func (t *table) str(k string) (string, bool) {
-	v, present := t.get(k)
-	if !present {
-		return "", false
-	}
-	s, ok := v.(string)
-	if !ok {
-		t.typeError(k, "a string", v)
-	}
+	s, _, ok := value[string](t, k, "a string")
 	return s, ok
 }
 
@@ -95,26 +103,15 @@ func (t *table) strDefault(k, def string) string {
 }
 
 func (t *table) boolean(k string, def bool) bool {
-	v, present := t.get(k)
-	if !present {
-		return def
+	if b, _, ok := value[bool](t, k, "true or false"); ok {
+		return b
 	}
-	b, ok := v.(bool)
-	if !ok {
-		t.typeError(k, "true or false", v)
-		return def
-	}
-	return b
+	return def
 }
 
 func (t *table) integer(k string, def, minimum int) int {
-	v, present := t.get(k)
-	if !present {
-		return def
-	}
-	n, ok := v.(int64)
+	n, _, ok := value[int64](t, k, "an integer")
 	if !ok {
-		t.typeError(k, "an integer", v)
 		return def
 	}
 	if n < int64(minimum) || n > math.MaxInt32 {
@@ -127,13 +124,11 @@ func (t *table) integer(k string, def, minimum int) int {
 // duration reads a Go duration string ("90s", "1m", "120h"); it must be
 // positive.
 func (t *table) duration(k string, def time.Duration) time.Duration {
-	v, present := t.get(k)
-	if !present {
+	s, present, ok := value[string](t, k, `a duration string such as "90s", "1m" or "120h"`)
+	switch {
+	case !present:
 		return def
-	}
-	s, ok := v.(string)
-	if !ok {
-		t.typeError(k, `a duration string such as "90s", "1m" or "120h"`, v)
+	case !ok:
 		return 0
 	}
 	d, err := time.ParseDuration(s)
@@ -181,13 +176,8 @@ func (t *table) size(k string, def int64) int64 {
 // strings reads an array of strings; each bad element is reported under
 // its index and left out. ok is false when k is absent or not an array.
 func (t *table) strings(k string) ([]string, bool) {
-	v, present := t.get(k)
-	if !present {
-		return nil, false
-	}
-	arr, ok := v.([]any)
+	arr, _, ok := value[[]any](t, k, "an array of strings")
 	if !ok {
-		t.typeError(k, "an array of strings", v)
 		return nil, false
 	}
 	out := make([]string, 0, len(arr))
