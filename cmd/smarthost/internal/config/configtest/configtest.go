@@ -131,28 +131,15 @@ func Base(section string) string {
 	case "top":
 		return `hostname = "relay.test"`
 	case "tls":
-		return `[tls]
-cert_file = "{{CERT}}"
-key_file = "{{KEY}}"`
+		return "[tls]\ncert_file = \"{{CERT}}\"\nkey_file = \"{{KEY}}\""
 	case "listen":
-		return `[[listen]]
-address = "127.0.0.1:0"
-tls = "starttls"
-auth = "required"`
+		return "[[listen]]\naddress = \"127.0.0.1:0\"\ntls = \"starttls\"\nauth = \"required\""
 	case "user":
-		return `[[user]]
-name = "app"
-password_hash = "{{HASH}}"
-allowed_from = ["app@example.com"]`
+		return "[[user]]\nname = \"app\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"app@example.com\"]"
 	case "upstream":
-		return `[[upstream]]
-name = "up"
-address = "127.0.0.1:2525"
-tls = "none"`
+		return "[[upstream]]\nname = \"up\"\naddress = \"127.0.0.1:2525\"\ntls = \"none\""
 	case "route":
-		return `[[route]]
-from_domain = "example.com"
-upstreams = ["up"]`
+		return "[[route]]\nfrom_domain = \"example.com\"\nupstreams = [\"up\"]"
 	}
 	return ""
 }
