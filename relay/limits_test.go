@@ -340,11 +340,9 @@ func TestListenRefusesOpenRelay(t *testing.T) {
 		"every v4b": {netip.MustParsePrefix("1.2.3.4/0")},
 	} {
 		t.Run(name, func(t *testing.T) {
-			srv := &Server{
-				Hostname:  "relay.test",
-				Listeners: []Listener{{Address: "127.0.0.1:0", TLS: mailproto.TLSNone, TrustedNetworks: nets}},
-				Queue:     &memQueue{dir: t.TempDir()},
-			}
+			srv := NewServer(&memQueue{dir: t.TempDir()})
+			srv.Hostname = "relay.test"
+			srv.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: mailproto.TLSNone, TrustedNetworks: nets}}
 			err := srv.Listen()
 			if err == nil {
 				srv.Close()

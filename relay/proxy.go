@@ -45,10 +45,6 @@ type proxyListener struct {
 }
 
 func (s *Server) newProxyListener(bl *boundListener) *proxyListener {
-	timeout := s.ProxyHeaderTimeout
-	if timeout <= 0 {
-		timeout = defaultProxyHeaderTimeout
-	}
 	pending := s.Limits.MaxConnections
 	if pending <= 0 {
 		pending = defaultPendingHeaders
@@ -57,7 +53,7 @@ func (s *Server) newProxyListener(bl *boundListener) *proxyListener {
 		Listener: bl.raw,
 		srv:      s,
 		cfg:      bl.cfg,
-		timeout:  timeout,
+		timeout:  s.ProxyHeaderTimeout,
 		slots:    make(chan struct{}, pending),
 		conns:    make(chan net.Conn),
 		done:     make(chan struct{}),

@@ -39,7 +39,9 @@ type Queue interface {
 const maxLineLength = 64 << 10
 
 // Server is the submission side: it listens on every configured listener
-// and hands each accepted message to Queue.
+// and hands each accepted message to Queue. Make one with NewServer,
+// change the fields you need, then call Listen; do not change them
+// afterwards (SetUsers and SetSigner replace the users and the signer).
 type Server struct {
 	Hostname  string
 	Listeners []Listener
@@ -49,13 +51,14 @@ type Server struct {
 	Queue     Queue
 	Signer    *dkim.Signer           // optional: nil relays unsigned; SetSigner replaces it
 	Routable  func(from string) bool // optional: refuse senders no route delivers
-	Logger    *slog.Logger
-	Now       func() time.Time
+	Logger    *slog.Logger           // NewServer sets slog.Default()
+	Now       func() time.Time       // NewServer sets time.Now
 	// Observer, if set, is told about connections, messages and
-	// refusals, for metrics. Set it before Listen.
+	// refusals, for metrics.
 	Observer Observer
 	// ProxyHeaderTimeout bounds how long a connection from a listener's
-	// ProxyTrusted sources may take to send its PROXY header; default 5s.
+	// ProxyTrusted sources may take to send its PROXY header; NewServer
+	// sets 5s.
 	ProxyHeaderTimeout time.Duration
 
 	// spoolAfter, when positive, replaces spoolThreshold; tests lower it.
@@ -82,18 +85,43 @@ type boundListener struct {
 	slots chan struct{} // one per open connection when MaxConnections > 0
 }
 
+// NewServer returns a Server that hands the messages it accepts to q,
+// its other fields set to their defaults.
+func NewServer(q Queue) *Server {
+	return &Server{
+		Queue:              q,
+		Logger:             slog.Default(),
+		Now:                time.Now,
+		ProxyHeaderTimeout: defaultProxyHeaderTimeout,
+		creds:              newCredentialCache(),
+		conns:              make(map[*trackedConn]struct{}),
+		idle:               make(chan struct{}, 1),
+	}
+}
+
+// check reports a field that Listen cannot work with.
+func (s *Server) check() error {
+	switch {
+	case s.conns == nil:
+		return errors.New("relay: server not made by NewServer")
+	case s.Queue == nil:
+		return errors.New("relay: server without Queue")
+	case s.Logger == nil || s.Now == nil:
+		return errors.New("relay: server without Logger or Now")
+	case s.ProxyHeaderTimeout <= 0:
+		return fmt.Errorf("relay: server needs ProxyHeaderTimeout above zero (have %v)", s.ProxyHeaderTimeout)
+	}
+	return nil
+}
+
 // Listen binds every listener, so that their addresses are known (and a
 // port in use is reported) before Serve.
 func (s *Server) Listen() error {
-	if s.Logger == nil {
-		s.Logger = slog.Default()
-	}
-	if s.Now == nil {
-		s.Now = time.Now
+	if err := s.check(); err != nil {
+		return err
 	}
 	s.SetUsers(s.Users)
 	s.SetSigner(s.Signer)
-	s.creds = newCredentialCache()
 	window := s.Limits.AuthFailureWindow
 	if window == 0 {
 		window = time.Minute
@@ -101,8 +129,6 @@ func (s *Server) Listen() error {
 	s.limiter = newAuthLimiter(s.Limits.AuthFailuresPerIP, window, s.Now)
 	s.clients = newClientCounts(s.Limits.MaxConnectionsPerIP)
 	s.memory = newMemoryBudget(s.Limits.MessageMemory)
-	s.conns = make(map[*trackedConn]struct{})
-	s.idle = make(chan struct{}, 1)
 
 	for _, lc := range s.Listeners {
 		if err := checkListener(lc); err != nil {

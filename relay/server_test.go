@@ -164,21 +164,19 @@ func startServer(t *testing.T, tweak func(*Server)) *testEnv {
 	pki := testpki.New(t)
 	q := &memQueue{dir: t.TempDir()}
 	t.Cleanup(q.close)
-	srv := &Server{
-		Hostname:  "relay.test",
-		Listeners: []Listener{{Address: "127.0.0.1:0", TLS: mailproto.TLSStartTLS, AuthRequired: true}},
-		TLSConfig: pki.ServerTLS(),
-		Users:     testUsers(t),
-		Limits: Limits{
-			MaxMessageBytes:   1 << 20,
-			MaxRecipients:     5,
-			MaxConnections:    50,
-			AuthFailuresPerIP: 5,
-			ReadTimeout:       10 * time.Second,
-			DataTimeout:       30 * time.Second,
-			MessageMemory:     16 << 20, // the configuration's default
-		},
-		Queue: q,
+	srv := NewServer(q)
+	srv.Hostname = "relay.test"
+	srv.Listeners = []Listener{{Address: "127.0.0.1:0", TLS: mailproto.TLSStartTLS, AuthRequired: true}}
+	srv.TLSConfig = pki.ServerTLS()
+	srv.Users = testUsers(t)
+	srv.Limits = Limits{
+		MaxMessageBytes:   1 << 20,
+		MaxRecipients:     5,
+		MaxConnections:    50,
+		AuthFailuresPerIP: 5,
+		ReadTimeout:       10 * time.Second,
+		DataTimeout:       30 * time.Second,
+		MessageMemory:     16 << 20, // the configuration's default
 	}
 	if tweak != nil {
 		tweak(srv)
@@ -763,5 +761,42 @@ func TestSignedAtDoor(t *testing.T) {
 	}
 	if bytes.Contains(got[1].body, []byte("DKIM-Signature")) {
 		t.Error("message without a key for its From: domain was signed")
+	}
+}
+
+// TestListenRefusesIncompleteServer: Listen binds nothing for a Server
+// that NewServer did not make or whose defaults were taken away.
+func TestListenRefusesIncompleteServer(t *testing.T) {
+	listeners := []Listener{{Address: "127.0.0.1:0", TLS: mailproto.TLSNone, AuthRequired: true}}
+	for _, tt := range []struct {
+		name string
+		srv  func() *Server
+		msg  string
+	}{
+		{"not from NewServer", func() *Server { return &Server{Listeners: listeners, Queue: &memQueue{dir: t.TempDir()}} }, "not made by NewServer"},
+		{"no queue", func() *Server { return NewServer(nil) }, "without Queue"},
+		{"no logger", func() *Server { s := NewServer(&memQueue{dir: t.TempDir()}); s.Logger = nil; return s }, "without Logger"},
+		{"no clock", func() *Server { s := NewServer(&memQueue{dir: t.TempDir()}); s.Now = nil; return s }, "or Now"},
+		{"no PROXY header timeout", func() *Server {
+			s := NewServer(&memQueue{dir: t.TempDir()})
+			s.ProxyHeaderTimeout = 0
+			return s
+		}, "ProxyHeaderTimeout"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := tt.srv()
+			srv.Listeners = listeners
+			err := srv.Listen()
+			if err == nil {
+				srv.Close()
+				t.Fatal("Listen accepted the server")
+			}
+			if !strings.Contains(err.Error(), tt.msg) {
+				t.Errorf("error %q does not say %q", err, tt.msg)
+			}
+			if len(srv.Addrs()) != 0 {
+				t.Errorf("addresses bound: %v", srv.Addrs())
+			}
+		})
 	}
 }

@@ -299,18 +299,16 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 		logger.Warn("the admin API answers only loopback clients: no [http] admin_token_env is set", "http", inst.http.Addr().String())
 	}
 
-	srv := &relay.Server{
-		Hostname:  cfg.Hostname,
-		Listeners: cfg.Listeners,
-		TLSConfig: tlsConfig,
-		Users:     cfg.Users,
-		Limits:    cfg.Limits,
-		Queue:     store,
-		Signer:    signer,
-		Routable:  deliverer.Routable,
-		Logger:    logger,
-		Observer:  m,
-	}
+	srv := relay.NewServer(store)
+	srv.Hostname = cfg.Hostname
+	srv.Listeners = cfg.Listeners
+	srv.TLSConfig = tlsConfig
+	srv.Users = cfg.Users
+	srv.Limits = cfg.Limits
+	srv.Signer = signer
+	srv.Routable = deliverer.Routable
+	srv.Logger = logger
+	srv.Observer = m
 	if err := srv.Listen(); err != nil {
 		inst.http.Close()
 		store.Close()
