@@ -233,6 +233,10 @@ func TestSpoolingSessionMemory(t *testing.T) {
 	env := startPlain(t, 0, func(s *Server) {
 		s.Limits.MessageMemory = 0 // no loans: past 64 KiB, every message spools
 		s.Limits.MaxConnections = sessions + 10
+		// The first sessions wait, paused, while the others start: on a
+		// busy machine that may take longer than the usual timeouts,
+		// which would end them and remove their spool files.
+		s.Limits.ReadTimeout, s.Limits.DataTimeout = 5*time.Minute, 5*time.Minute
 	})
 	msg := largeBody("paused", 300<<10)
 	// One message first, so that the spool store is open before measuring.
