@@ -522,7 +522,8 @@ func TestQueueShowEscapesStoredFields(t *testing.T) {
 	t.Cleanup(func() { store.Close() })
 	up := smtptest.Start(t, smtptest.Options{GreetReply: &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1},
 		Message: "go away \x1b[2J\x1b]0;owned\x07 \u009b31m \u202eevil \xff"}})
-	d := &upstream.Deliverer{Logger: slog.New(slog.DiscardHandler)}
+	d := upstream.NewDeliverer()
+	d.Logger = slog.New(slog.DiscardHandler)
 	d.SetConfig(upstream.Config{
 		Upstreams: []upstream.Upstream{{Name: "up", Address: up.Addr(), TLS: mailproto.TLSNone}},
 		Routes:    []upstream.Route{{FromDomain: "*", Upstreams: []string{"up"}}},

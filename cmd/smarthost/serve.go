@@ -177,15 +177,14 @@ func (in *instance) shutdownTimeout() time.Duration {
 // newDeliverer builds the delivery side, for the life of the process,
 // with cfg's upstreams and routes in effect.
 func newDeliverer(cfg *config.Config, logger *slog.Logger) *upstream.Deliverer {
-	d := &upstream.Deliverer{
-		Hostname: cfg.Hostname,
-		// An upstream marked down stays skipped on the operator's retry
-		// timing, so that it never holds mail back much longer than the
-		// queue's own backoff would.
-		DownFor:    min(cfg.Queue.RetryMin, 30*time.Second),
-		MaxDownFor: min(cfg.Queue.RetryMax, 5*time.Minute),
-		Logger:     logger,
-	}
+	d := upstream.NewDeliverer()
+	d.Hostname = cfg.Hostname
+	// An upstream marked down stays skipped on the operator's retry
+	// timing, so that it never holds mail back much longer than the
+	// queue's own backoff would.
+	d.DownFor = min(cfg.Queue.RetryMin, d.DownFor)
+	d.MaxDownFor = min(cfg.Queue.RetryMax, d.MaxDownFor)
+	d.Logger = logger
 	d.SetConfig(deliveryConfig(cfg))
 	return d
 }

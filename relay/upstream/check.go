@@ -141,12 +141,19 @@ func Check(ctx context.Context, up Upstream, opts CheckOptions) CheckReport {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	d := &Deliverer{Hostname: opts.Hostname, Dial: opts.Dial, Logger: logger}
+	d := NewDeliverer()
+	d.Logger = logger
+	if opts.Hostname != "" {
+		d.Hostname = opts.Hostname
+	}
+	if opts.Dial != nil {
+		d.Dial = opts.Dial
+	}
 	d.SetConfig(Config{CommandTimeout: opts.Timeout})
 	ck := &checker{
 		d:      d,
 		up:     &up,
-		tokens: newTokenCache(&up, d.now, d.logger),
+		tokens: newTokenCache(&up, d.clock, d.log),
 		opts:   opts,
 		rep:    CheckReport{Upstream: up.Name, Address: up.Address, TLSMode: up.TLS, Verdict: VerdictOK},
 	}

@@ -33,29 +33,28 @@ import (
 // SetConfig) and leave them afterwards; Deliver may be called
 // concurrently. Close releases the idle connections.
 type Deliverer struct {
-	Hostname string // EHLO name; default "localhost"
-	// Dial opens connections; default (&net.Dialer{}).DialContext.
+	Hostname string // EHLO name
+	// Dial opens connections.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 	// DownAfter is how many connection-level failures in a row (connect,
 	// TLS, greeting, EHLO, 421, a connection lost in a session) mark an
-	// upstream down; default 3. A refused AUTH (530, 534, 535) marks it
+	// upstream down. A refused AUTH (530, 534, 535) marks it
 	// down at once: that is our configuration, and retrying cannot help.
 	DownAfter int
 	// DownFor is how long a down upstream is left out before one delivery
 	// probes it; it doubles each time the probe fails, up to MaxDownFor.
-	// Defaults 30s and 5m.
 	DownFor    time.Duration
 	MaxDownFor time.Duration
 	// IdleTimeout closes an upstream connection that has carried no
-	// message for that long; default 30s.
+	// message for that long.
 	IdleTimeout time.Duration
 	// MaxRateWait is the longest a delivery waits for a slot under an
 	// upstream's RateLimit; when a slot is further away, the upstream is
-	// left out of this attempt rather than holding a worker. Default 5s.
+	// left out of this attempt rather than holding a worker.
 	MaxRateWait time.Duration
-	// Now is the clock for health and rate limits; default time.Now.
+	// Now is the clock for health and rate limits.
 	Now    func() time.Time
-	Logger *slog.Logger // default slog.Default()
+	Logger *slog.Logger
 	// Observer, if set, is told about every upstream transaction and skip.
 	Observer Observer
 	// NewHealth makes the up/down state of the upstream called name, and
@@ -70,6 +69,25 @@ type Deliverer struct {
 	mu     sync.Mutex
 	cur    *setup // the configuration in effect; see SetConfig
 	closed bool   // Close was called: keep no idle connections
+}
+
+// NewDeliverer returns a Deliverer with every field at its default: EHLO
+// as "localhost", a plain dialer, down after 3 failures for 30s doubling
+// up to 5m, idle connections closed after 30s, rate-limit waits of 5s at
+// most, the system clock and slog's default logger. Change the fields
+// before the first SetConfig.
+func NewDeliverer() *Deliverer {
+	return &Deliverer{
+		Hostname:    "localhost",
+		Dial:        (&net.Dialer{}).DialContext,
+		DownAfter:   3,
+		DownFor:     30 * time.Second,
+		MaxDownFor:  5 * time.Minute,
+		IdleTimeout: 30 * time.Second,
+		MaxRateWait: 5 * time.Second,
+		Now:         time.Now,
+		Logger:      slog.Default(),
+	}
 }
 
 // Deliver delivers m's pending recipients and returns one Result per
@@ -151,7 +169,7 @@ func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body queue.Bod
 		start := time.Now()
 		a := d.try(ctx, up, ep, from, sub, data)
 		if a.skip != nil {
-			d.logger().LogAttrs(ctx, slog.LevelDebug, "upstream left out",
+			d.Logger.LogAttrs(ctx, slog.LevelDebug, "upstream left out",
 				slog.String("queue_id", m.ID), slog.String("upstream", up.Name), slog.String("reason", a.skip.reply))
 			if d.Observer != nil {
 				d.Observer.Skipped(up.Name)
@@ -269,7 +287,7 @@ const probeRetry = 2 * time.Second
 // try delivers to rcpts through up, or leaves up out when it is down or its
 // rate limit is further away than MaxRateWait.
 func (d *Deliverer) try(ctx context.Context, up *Upstream, ep *endpoint, from string, rcpts []string, body queue.Body) attempt {
-	now := d.now()
+	now := d.Now()
 	probe, health, err := ep.health.Admit(ctx, now)
 	if err != nil {
 		// Where the health is kept could not answer: not the upstream's
@@ -281,7 +299,7 @@ func (d *Deliverer) try(ctx context.Context, up *Upstream, ep *endpoint, from st
 		if !now.Before(health.DownUntil) {
 			// Another delivery is probing it: come back once that has
 			// told whether it is up, without counting a failure.
-			return attempt{skip: &skip{upstream: up.Name, reply: "upstream " + up.Name + " is being probed", until: d.now().Add(probeRetry)}}
+			return attempt{skip: &skip{upstream: up.Name, reply: "upstream " + up.Name + " is being probed", until: d.Now().Add(probeRetry)}}
 		}
 		return attempt{skip: &skip{upstream: up.Name, reply: "upstream " + up.Name + " is down", until: health.DownUntil, down: true}}
 	}
@@ -300,7 +318,7 @@ func (d *Deliverer) try(ctx context.Context, up *Upstream, ep *endpoint, from st
 		// The OAuth2 token was revoked or expired early; authenticate
 		// has dropped it. One new token, on a new connection, since a
 		// provider may close or distrust a session after a failed AUTH.
-		d.logger().LogAttrs(ctx, slog.LevelWarn, "upstream refused oauth2 token, retrying with a new one",
+		d.Logger.LogAttrs(ctx, slog.LevelWarn, "upstream refused oauth2 token, retrying with a new one",
 			slog.String("upstream", up.Name), slog.String("reply", redactorFor(up, ep.tokens).Replace(replyText(err))))
 		uc, err = d.getConn(ctx, up, ep)
 	}
@@ -358,30 +376,15 @@ func failAll(rcpts []string, upstream, reply string, err error) attempt {
 	return a
 }
 
-func (d *Deliverer) hostname() string {
-	if d.Hostname == "" {
-		return "localhost"
-	}
-	return d.Hostname
-}
-
 func (d *Deliverer) commandTimeout() time.Duration { return d.current().commandTimeout() }
 
 func (d *Deliverer) dataTimeout() time.Duration { return d.current().dataTimeout() }
 
-func (d *Deliverer) now() time.Time {
-	if d.Now == nil {
-		return time.Now()
-	}
-	return d.Now()
-}
-
-func (d *Deliverer) logger() *slog.Logger {
-	if d.Logger == nil {
-		return slog.Default()
-	}
-	return d.Logger
-}
+// clock and log read the Deliverer's Now and Logger when they are called:
+// the token caches use them so, rather than keep the values of when they
+// were made.
+func (d *Deliverer) clock() time.Time  { return d.Now() }
+func (d *Deliverer) log() *slog.Logger { return d.Logger }
 
 // observe tells the Observer about one upstream transaction for m.
 func (d *Deliverer) observe(m queue.Message, upstream string, took time.Duration, results []queue.Result) {
@@ -400,7 +403,7 @@ func (d *Deliverer) observe(m queue.Message, upstream string, took time.Duration
 	}
 	d.Observer.Transaction(upstream, result, took)
 	if result == queue.OutcomeDelivered && !m.DSN {
-		d.Observer.Delivered(upstream, d.now().Sub(m.Received))
+		d.Observer.Delivered(upstream, d.Now().Sub(m.Received))
 	}
 }
 
@@ -440,7 +443,7 @@ func (d *Deliverer) logAttempt(ctx context.Context, m queue.Message, upstream st
 	if errors.As(err, &se) {
 		attrs = append(attrs, slog.String("stage", se.stage))
 	}
-	d.logger().LogAttrs(ctx, level, "delivery attempt", attrs...)
+	d.Logger.LogAttrs(ctx, level, "delivery attempt", attrs...)
 }
 
 func allResults(rcpts []string, state queue.RcptState, reply, upstream string) []queue.Result {

@@ -60,10 +60,9 @@ func newDeliverer(t *testing.T, ups ...Upstream) *deliverEnv {
 			t.Logf("deliverer log:\n%s", lb.String())
 		}
 	})
-	d := &Deliverer{
-		Hostname: "relay.test",
-		Logger:   slog.New(slog.NewTextHandler(lb, nil)),
-	}
+	d := NewDeliverer()
+	d.Hostname = "relay.test"
+	d.Logger = slog.New(slog.NewTextHandler(lb, nil))
 	d.SetConfig(testConfig(ups...))
 	// Registered after the upstreams started, so it runs before they stop.
 	t.Cleanup(d.Close)
@@ -186,7 +185,8 @@ func TestDeliverAllUpstreamsFail(t *testing.T) {
 }
 
 func TestDeliverNoRoute(t *testing.T) {
-	d := &Deliverer{Logger: slog.New(slog.DiscardHandler)}
+	d := NewDeliverer()
+	d.Logger = slog.New(slog.DiscardHandler)
 	d.SetConfig(Config{Routes: []Route{{FromDomain: "example.com", Upstreams: []string{"a"}}}})
 	res := d.Deliver(context.Background(), testMessage("app@other.example", "x@example.net"), queue.NewBody([]byte(deliverBody)))
 	if len(res) != 1 || res[0].State != queue.Pending || res[0].Reply != "no route for sender domain" {
@@ -200,7 +200,7 @@ func TestRoute(t *testing.T) {
 		{FromDomain: "*", Upstreams: []string{"ses"}},
 		{FromDomain: "Notify.Example.com", Upstreams: []string{"yandex"}},
 	}
-	d := &Deliverer{}
+	d := NewDeliverer()
 	d.SetConfig(Config{Routes: routes})
 	tests := []struct{ from, want string }{
 		{"a@example.com", "gmail"},

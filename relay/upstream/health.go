@@ -186,18 +186,18 @@ func (d *Deliverer) report(ctx context.Context, up *Upstream, ep *endpoint, prob
 	case ev == HealthFailed || ev == HealthMisconfigured:
 		ep.counters.failures.Add(1)
 	}
-	now := d.now()
+	now := d.Now()
 	// Recorded even for a delivery that was cancelled: it is about the
 	// upstream, not the delivery.
 	before, after, err := ep.health.Report(context.WithoutCancel(ctx), now,
 		HealthReport{Event: ev, Reason: reason, Probe: probe, Policy: d.healthPolicy()})
 	switch {
 	case err != nil:
-		d.logger().Warn("upstream health not recorded", "upstream", up.Name, "err", err)
+		d.Logger.Warn("upstream health not recorded", "upstream", up.Name, "err", err)
 	case after.Down && !after.DownUntil.Equal(before.DownUntil):
-		d.logger().Warn("upstream down", "upstream", up.Name, "reason", reason,
+		d.Logger.Warn("upstream down", "upstream", up.Name, "reason", reason,
 			"failures", after.Failures, "until", after.DownUntil.Format(time.RFC3339Nano), "probe", probe)
 	case before.Down && !after.Down:
-		d.logger().Info("upstream up", "upstream", up.Name, "down_for", now.Sub(before.Since).Round(time.Millisecond))
+		d.Logger.Info("upstream up", "upstream", up.Name, "down_for", now.Sub(before.Since).Round(time.Millisecond))
 	}
 }

@@ -658,7 +658,8 @@ func TestTokenCacheConcurrent(t *testing.T) {
 	ts := startTokenServer(t, clock)
 	o := refreshFlow()
 	o.TokenURL, o.Client = ts.URL(), ts.srv.Client()
-	d := &Deliverer{Now: clock.Now, Logger: slog.New(slog.DiscardHandler)}
+	d := NewDeliverer()
+	d.Now, d.Logger = clock.Now, slog.New(slog.DiscardHandler)
 	d.SetConfig(Config{Upstreams: []Upstream{{Name: "oauth", OAuth: &o}}})
 	tokenCache := func() *tokenCache { return d.current().endpoints["oauth"].tokens }
 	tc := tokenCache()

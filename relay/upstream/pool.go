@@ -164,7 +164,7 @@ func (d *Deliverer) getConn(ctx context.Context, up *Upstream, ep *endpoint) (*u
 			if err == nil {
 				return uc, nil
 			}
-			d.logger().Debug("idle upstream connection unusable, opening another", "upstream", up.Name,
+			d.Logger.Debug("idle upstream connection unusable, opening another", "upstream", up.Name,
 				"err", redactorFor(up, ep.tokens).Replace(replyText(err)))
 			ep.pool.discard(uc, false)
 		case reserved:
@@ -197,7 +197,7 @@ func (d *Deliverer) reuse(ctx context.Context, uc *upstreamConn) error {
 	// MAIL; do it now so that a failure counts against this connection
 	// rather than the upstream. A later EHLO resets the session as RSET
 	// does (RFC 5321 section 4.1.4), which leaves AUTH in place.
-	return uc.client.Hello(d.hostname())
+	return uc.client.Hello(d.Hostname)
 }
 
 // putConn ends a delivery's use of a connection: back to the pool when the
@@ -208,14 +208,7 @@ func (d *Deliverer) putConn(ep *endpoint, uc *upstreamConn, reusable, canQuit bo
 		// The delivery's context closed it.
 		reusable, canQuit = false, false
 	}
-	if !reusable || !ep.pool.put(uc, d.idleTimeout()) {
+	if !reusable || !ep.pool.put(uc, d.IdleTimeout) {
 		ep.pool.discard(uc, canQuit)
 	}
-}
-
-func (d *Deliverer) idleTimeout() time.Duration {
-	if d.IdleTimeout <= 0 {
-		return 30 * time.Second
-	}
-	return d.IdleTimeout
 }

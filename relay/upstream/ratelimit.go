@@ -168,9 +168,9 @@ func (d *Deliverer) takeRateSlot(ctx context.Context, up *Upstream, ep *endpoint
 	c := &ep.counters
 	var start, deadline time.Time
 	for {
-		now := d.now()
+		now := d.Now()
 		if start.IsZero() {
-			start, deadline = now, now.Add(d.maxRateWait())
+			start, deadline = now, now.Add(d.MaxRateWait)
 		}
 		w, err := ep.window.Take(ctx, now, r)
 		if err != nil {
@@ -183,8 +183,8 @@ func (d *Deliverer) takeRateSlot(ctx context.Context, up *Upstream, ep *endpoint
 			}
 			release := func(sent bool) {
 				// The end of a transaction counts however the delivery ends.
-				if err := ep.window.Release(context.WithoutCancel(ctx), d.now(), r, sent); err != nil {
-					d.logger().Warn("rate limit slot not given back", "upstream", up.Name, "err", err)
+				if err := ep.window.Release(context.WithoutCancel(ctx), d.Now(), r, sent); err != nil {
+					d.Logger.Warn("rate limit slot not given back", "upstream", up.Name, "err", err)
 				}
 			}
 			return release, time.Time{}, nil
@@ -199,23 +199,16 @@ func (d *Deliverer) takeRateSlot(ctx context.Context, up *Upstream, ep *endpoint
 		timer := time.NewTimer(w.For)
 		if !w.Exact {
 			// Only a release can free a slot; the timer is a fallback.
-			timer.Reset(d.maxRateWait())
+			timer.Reset(d.MaxRateWait)
 		}
 		select {
 		case <-timer.C:
 		case <-w.Changed:
 		case <-ctx.Done():
 			timer.Stop()
-			c.rateWaited.Add(int64(d.now().Sub(start)))
+			c.rateWaited.Add(int64(d.Now().Sub(start)))
 			return nil, time.Time{}, &stageError{stage: "interrupted", err: context.Cause(ctx)}
 		}
 		timer.Stop()
 	}
-}
-
-func (d *Deliverer) maxRateWait() time.Duration {
-	if d.MaxRateWait <= 0 {
-		return 5 * time.Second
-	}
-	return d.MaxRateWait
 }

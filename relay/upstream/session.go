@@ -56,11 +56,7 @@ func (d *Deliverer) connect(ctx context.Context, up *Upstream, tokens *tokenCach
 
 // dial opens a TCP connection to up with the Deliverer's Dial.
 func (d *Deliverer) dial(ctx context.Context, up *Upstream) (net.Conn, error) {
-	dial := d.Dial
-	if dial == nil {
-		dial = (&net.Dialer{}).DialContext
-	}
-	return dial(ctx, "tcp", up.Address)
+	return d.Dial(ctx, "tcp", up.Address)
 }
 
 // startSession protects raw as up.TLS says and introduces the relay with
@@ -109,7 +105,7 @@ func (d *Deliverer) startSession(cctx context.Context, raw net.Conn, up *Upstrea
 	}
 	c.CommandTimeout = d.commandTimeout()
 	c.SubmissionTimeout = d.dataTimeout()
-	if err := c.Hello(d.hostname()); err != nil {
+	if err := c.Hello(d.Hostname); err != nil {
 		if isTLSError(err) {
 			// After STARTTLS the handshake happens at the first EHLO.
 			return fail("tls", err)

@@ -26,7 +26,7 @@ type endpoint struct {
 func (d *Deliverer) newEndpoint(up *Upstream, closed bool) *endpoint {
 	ep := &endpoint{
 		pool:   newPool(up.maxConnections(), closed),
-		tokens: newTokenCache(up, d.now, d.logger),
+		tokens: newTokenCache(up, d.clock, d.log),
 	}
 	if d.NewHealth != nil {
 		ep.health = d.NewHealth(up.Name)
@@ -105,7 +105,7 @@ func (d *Deliverer) UpstreamStates() []State {
 		ep := s.endpoints[up.Name]
 		h, err := ep.health.Status(context.Background())
 		if err != nil {
-			d.logger().Warn("upstream health unknown", "upstream", up.Name, "err", err)
+			d.Logger.Warn("upstream health unknown", "upstream", up.Name, "err", err)
 		}
 		open, idle := ep.pool.size()
 		c := &ep.counters
@@ -138,10 +138,10 @@ func (d *Deliverer) UpstreamStates() []State {
 // down period ends.
 func (d *Deliverer) ProbeNow() {
 	s := d.current()
-	now := d.now()
+	now := d.Now()
 	for name, ep := range s.endpoints {
 		if err := ep.health.ProbeNow(context.Background(), now); err != nil {
-			d.logger().Warn("upstream not probed at once", "upstream", name, "err", err)
+			d.Logger.Warn("upstream not probed at once", "upstream", name, "err", err)
 		}
 	}
 }
