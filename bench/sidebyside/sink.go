@@ -171,20 +171,30 @@ type Discard struct {
 
 // startDiscard listens on a loopback port.
 func startDiscard() (*Discard, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	d := &Discard{Counter: NewCounter()}
+	var err error
+	d.srv, d.Addr, err = serveSMTP("discard.bench.invalid", func() smtp.Session { return &discardSession{d: d} })
 	if err != nil {
 		return nil, err
 	}
-	d := &Discard{Addr: l.Addr().String(), Counter: NewCounter()}
-	d.srv = smtp.NewServer(smtp.BackendFunc(func(*smtp.Conn) (smtp.Session, error) {
-		return &discardSession{d: d}, nil
-	}))
-	d.srv.Domain = "discard.bench.invalid"
-	d.srv.MaxMessageBytes = 64 << 20
-	d.srv.ReadTimeout = time.Minute
-	d.srv.WriteTimeout = time.Minute
-	go func() { _ = d.srv.Serve(l) }()
 	return d, nil
+}
+
+// serveSMTP starts an in-process SMTP server for messages of up to 64 MB
+// on a loopback port, with a session from newSession for each
+// connection, and returns it and its address.
+func serveSMTP(domain string, newSession func() smtp.Session) (*smtp.Server, string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, "", err
+	}
+	srv := smtp.NewServer(smtp.BackendFunc(func(*smtp.Conn) (smtp.Session, error) { return newSession(), nil }))
+	srv.Domain = domain
+	srv.MaxMessageBytes = 64 << 20
+	srv.ReadTimeout = time.Minute
+	srv.WriteTimeout = time.Minute
+	go func() { _ = srv.Serve(l) }()
+	return srv, l.Addr().String(), nil
 }
 
 // Close stops the server.
@@ -223,19 +233,12 @@ type Capture struct {
 
 // startCapture listens on a loopback port.
 func startCapture() (*Capture, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	c := &Capture{Messages: make(chan []byte, 16)}
+	var err error
+	c.srv, c.Addr, err = serveSMTP("capture.bench.invalid", func() smtp.Session { return &captureSession{out: c.Messages} })
 	if err != nil {
 		return nil, err
 	}
-	c := &Capture{Addr: l.Addr().String(), Messages: make(chan []byte, 16)}
-	c.srv = smtp.NewServer(smtp.BackendFunc(func(*smtp.Conn) (smtp.Session, error) {
-		return &captureSession{out: c.Messages}, nil
-	}))
-	c.srv.Domain = "capture.bench.invalid"
-	c.srv.MaxMessageBytes = 64 << 20
-	c.srv.ReadTimeout = time.Minute
-	c.srv.WriteTimeout = time.Minute
-	go func() { _ = c.srv.Serve(l) }()
 	return c, nil
 }
 
