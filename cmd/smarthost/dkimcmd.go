@@ -24,21 +24,10 @@ const dkimUsage = `Usage:
 
 // runDKIM dispatches the dkim subcommands.
 func runDKIM(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprint(stderr, dkimUsage)
-		return 2
-	}
-	switch args[0] {
-	case "keygen":
-		return runDKIMKeygen(args[1:], stdout, stderr)
-	case "check":
-		return runDKIMCheck(args[1:], stdout, stderr, net.LookupTXT)
-	case "help", "-h", "-help", "--help":
-		fmt.Fprint(stdout, dkimUsage)
-		return 0
-	}
-	fmt.Fprintf(stderr, "smarthost dkim: unknown command %q\n\n%s", args[0], dkimUsage)
-	return 2
+	return dispatch("smarthost dkim", dkimUsage, args, stdout, stderr, map[string]func([]string) int{
+		"keygen": func(a []string) int { return runDKIMKeygen(a, stdout, stderr) },
+		"check":  func(a []string) int { return runDKIMCheck(a, stdout, stderr, net.LookupTXT) },
+	})
 }
 
 // dkimFlags holds the -domain and -selector flags shared by the dkim

@@ -42,33 +42,42 @@ func main() {
 }
 
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	printVersion := func([]string) int {
+		fmt.Fprintln(stdout, "smarthost", buildVersion())
+		return 0
+	}
+	return dispatch("smarthost", usage, args, stdout, stderr, map[string]func([]string) int{
+		"serve":          func(a []string) int { return runServe(a, stdout, stderr) },
+		"demo":           func(a []string) int { return runDemo(a, stdout, stderr) },
+		"check-config":   func(a []string) int { return runCheckConfig(a, stdout, stderr) },
+		"check-upstream": func(a []string) int { return runCheckUpstream(a, stdout, stderr) },
+		"passwd":         func(a []string) int { return runPasswd(a, stdin, stdout, stderr) },
+		"dkim":           func(a []string) int { return runDKIM(a, stdout, stderr) },
+		"queue":          func(a []string) int { return runQueue(a, stdout, stderr) },
+		"version":        printVersion,
+		"-version":       printVersion,
+		"--version":      printVersion,
+	})
+}
+
+// dispatch runs the command of cmds that args[0] names with the rest of
+// args. It prints usage to stdout for help (exit 0), and to stderr when
+// there is no command or an unknown one (exit 2); name starts the
+// complaint.
+func dispatch(name, usage string, args []string, stdout, stderr io.Writer, cmds map[string]func(args []string) int) int {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return 2
 	}
+	if cmd, ok := cmds[args[0]]; ok {
+		return cmd(args[1:])
+	}
 	switch args[0] {
-	case "serve":
-		return runServe(args[1:], stdout, stderr)
-	case "demo":
-		return runDemo(args[1:], stdout, stderr)
-	case "check-config":
-		return runCheckConfig(args[1:], stdout, stderr)
-	case "check-upstream":
-		return runCheckUpstream(args[1:], stdout, stderr)
-	case "passwd":
-		return runPasswd(args[1:], stdin, stdout, stderr)
-	case "dkim":
-		return runDKIM(args[1:], stdout, stderr)
-	case "queue":
-		return runQueue(args[1:], stdout, stderr)
-	case "version", "-version", "--version":
-		fmt.Fprintln(stdout, "smarthost", buildVersion())
-		return 0
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0
 	}
-	fmt.Fprintf(stderr, "smarthost: unknown command %q\n\n%s", args[0], usage)
+	fmt.Fprintf(stderr, "%s: unknown command %q\n\n%s", name, args[0], usage)
 	return 2
 }
 
