@@ -241,25 +241,37 @@ func (c *converter) expand(s map[string]any, stack []string) map[string]any {
 		}
 		return c.expand(def, append(stack, name))
 	}
+	out := copySchema(s, func(p map[string]any, required bool) map[string]any {
+		ps := c.expand(p, stack)
+		if !required {
+			ps = nullable(ps)
+		}
+		return ps
+	}, func(m map[string]any) map[string]any { return c.expand(m, stack) })
+	strict(out)
+	return out
+}
+
+// copySchema copies what of the schema s bears on validity: descriptions
+// and x- hints (documentation and API-machinery hints) are dropped, each
+// property goes through prop with whether s requires it, an items or
+// additionalProperties schema through sub, and the rest is copied as it
+// is.
+func copySchema(s map[string]any, prop func(p map[string]any, required bool) map[string]any, sub func(map[string]any) map[string]any) map[string]any {
 	out := map[string]any{}
 	for k, v := range s {
 		switch {
 		case k == "description", strings.HasPrefix(k, "x-"):
-			// Documentation and API-machinery hints: no effect on validity.
 		case k == "properties":
 			props := map[string]any{}
 			required, _ := s["required"].([]any)
 			for name, p := range v.(map[string]any) {
-				ps := c.expand(p.(map[string]any), stack)
-				if !slices.Contains(required, any(name)) {
-					ps = nullable(ps)
-				}
-				props[name] = ps
+				props[name] = prop(p.(map[string]any), slices.Contains(required, any(name)))
 			}
 			out[k] = props
 		case k == "items", k == "additionalProperties":
 			if m, ok := v.(map[string]any); ok {
-				out[k] = c.expand(m, stack)
+				out[k] = sub(m)
 			} else {
 				out[k] = v
 			}
@@ -267,7 +279,6 @@ func (c *converter) expand(s map[string]any, stack []string) map[string]any {
 			out[k] = v
 		}
 	}
-	strict(out)
 	return out
 }
 
@@ -340,31 +351,15 @@ func crdSchema(path, version string) (map[string]any, gvk, error) {
 // descriptions dropped, optional fields nullable, and additional
 // properties refused except where the CRD keeps unknown fields.
 func crdStrict(s map[string]any, required bool) map[string]any {
-	out := map[string]any{}
-	for k, v := range s {
-		switch {
-		case k == "description", strings.HasPrefix(k, "x-"):
-		case k == "properties":
-			props := map[string]any{}
-			req, _ := s["required"].([]any)
-			for name, p := range v.(map[string]any) {
-				props[name] = crdStrict(p.(map[string]any), slices.Contains(req, any(name)))
-			}
-			out[k] = props
-		case k == "items", k == "additionalProperties":
-			if m, ok := v.(map[string]any); ok {
-				out[k] = crdStrict(m, true)
-			} else {
-				out[k] = v
-			}
-		case k == "anyOf", k == "oneOf", k == "allOf":
+	sub := func(m map[string]any) map[string]any { return crdStrict(m, true) }
+	out := copySchema(s, crdStrict, sub)
+	for _, k := range []string{"anyOf", "oneOf", "allOf"} {
+		if v, ok := s[k].([]any); ok {
 			var alts []any
-			for _, a := range v.([]any) {
-				alts = append(alts, crdStrict(a.(map[string]any), true))
+			for _, a := range v {
+				alts = append(alts, sub(a.(map[string]any)))
 			}
 			out[k] = alts
-		default:
-			out[k] = v
 		}
 	}
 	if keep, _ := s["x-kubernetes-preserve-unknown-fields"].(bool); !keep {
