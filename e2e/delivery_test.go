@@ -17,6 +17,7 @@ import (
 
 	"smarthost/internal/smtptest"
 	"smarthost/internal/testpki"
+	"smarthost/internal/testwait"
 )
 
 func startUpstream(t *testing.T, pki *testpki.PKI, opts smtptest.Options) *smtptest.Server {
@@ -34,18 +35,6 @@ func dsnsTo(msgs []smtptest.Message, addr string) []smtptest.Message {
 		}
 	}
 	return out
-}
-
-// waitFor polls until cond holds.
-func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
 }
 
 // TestPerRecipientResultsAndBounce: one message to four recipients; the
@@ -76,7 +65,7 @@ func TestPerRecipientResultsAndBounce(t *testing.T) {
 	if _, err := s.send("app@example.com", []string{"a@example.net", "gone@example.net", "later@example.net", "b@example.net"}, testMsg); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the DSN and the retry", 30*time.Second, func() bool {
+	testwait.For(t, 30*time.Second, "the DSN and the retry", func() bool {
 		msgs := up.Messages()
 		return len(dsnsTo(msgs, "app@example.com")) == 1 && len(msgs) >= 3
 	})
@@ -113,7 +102,7 @@ func TestPerRecipientResultsAndBounce(t *testing.T) {
 	if _, err := s.send("app@example.com", []string{"marker@example.net"}, testMsg); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the marker", 20*time.Second, func() bool {
+	testwait.For(t, 20*time.Second, "the marker", func() bool {
 		for _, m := range up.Messages() {
 			if len(m.To) == 1 && m.To[0] == "marker@example.net" {
 				return true
@@ -164,7 +153,7 @@ trusted_networks = ["127.0.0.1/32"]
 		t.Fatal(err)
 	}
 	r.waitLog("expired", map[string]string{"queue_id": id}, 30*time.Second)
-	waitFor(t, "the expiry DSN", 30*time.Second, func() bool { return len(dsnsTo(up.Messages(), "app@example.com")) == 1 })
+	testwait.For(t, 30*time.Second, "the expiry DSN", func() bool { return len(dsnsTo(up.Messages(), "app@example.com")) == 1 })
 	if age := time.Since(start); age < 3*time.Second {
 		t.Errorf("expired after %s, before max_age", age)
 	}
@@ -179,7 +168,7 @@ trusted_networks = ["127.0.0.1/32"]
 	if err := c.SendMail("", []string{"marker@example.net"}, strings.NewReader("From: cron@example.com\r\nSubject: marker\r\n\r\nx\r\n")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the marker", 20*time.Second, func() bool {
+	testwait.For(t, 20*time.Second, "the marker", func() bool {
 		for _, m := range up.Messages() {
 			if len(m.To) == 1 && m.To[0] == "marker@example.net" {
 				return true
@@ -372,7 +361,7 @@ func TestQueueCommands(t *testing.T) {
 		t.Fatalf("flush: %v\n%s", err, out)
 	}
 	msgs := up.WaitMessages(t, 2, 20*time.Second)
-	waitFor(t, "an empty queue", 20*time.Second, func() bool { return len(listQueue(t, r)) == 0 })
+	testwait.For(t, 20*time.Second, "an empty queue", func() bool { return len(listQueue(t, r)) == 0 })
 	got := []string{queueIDOf(msgs[0].Data), queueIDOf(msgs[1].Data)}
 	sort.Strings(got)
 	want := []string{ids[0], ids[1]}

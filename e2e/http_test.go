@@ -15,6 +15,7 @@ import (
 
 	"smarthost/internal/smtptest"
 	"smarthost/internal/testpki"
+	"smarthost/internal/testwait"
 )
 
 // openFDs returns the numbers of the descriptors process pid has open.
@@ -51,7 +52,7 @@ func setFileLimit(t *testing.T, pid int, cur uint64) unix.Rlimit {
 // waitFDs waits until process pid has at most n descriptors open.
 func waitFDs(t *testing.T, pid, n int, timeout time.Duration) {
 	t.Helper()
-	waitFor(t, fmt.Sprintf("at most %d open descriptors", n), timeout, func() bool { return len(openFDs(t, pid)) <= n })
+	testwait.For(t, timeout, fmt.Sprintf("at most %d open descriptors", n), func() bool { return len(openFDs(t, pid)) <= n })
 }
 
 // TestHTTPListenerBounded: a flood of idle connections to the [http]
@@ -92,7 +93,7 @@ func TestHTTPListenerBounded(t *testing.T) {
 		}
 		conns = append(conns, c)
 	}
-	waitFor(t, "the relay to hold the HTTP connections it may", 30*time.Second, func() bool {
+	testwait.For(t, 30*time.Second, "the relay to hold the HTTP connections it may", func() bool {
 		return len(openFDs(t, pid)) >= len(start)+maxHTTP
 	})
 
@@ -109,7 +110,7 @@ func TestHTTPListenerBounded(t *testing.T) {
 	if _, err := s.send("app@example.com", []string{"to@example.net"}, testMsg); err != nil {
 		t.Fatalf("submission while flooded: %v", err)
 	}
-	waitFor(t, "the delivery", 30*time.Second, func() bool { return len(up.Messages()) == 1 })
+	testwait.For(t, 30*time.Second, "the delivery", func() bool { return len(up.Messages()) == 1 })
 	if n := len(openFDs(t, pid)) - len(start); n > maxHTTP+20 {
 		t.Errorf("%d descriptors beyond those at start while flooded, want about %d", n, maxHTTP)
 	}

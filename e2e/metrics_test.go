@@ -22,6 +22,7 @@ import (
 
 	"smarthost/internal/smtptest"
 	"smarthost/internal/testpki"
+	"smarthost/internal/testwait"
 )
 
 // queueEntry is a message as GET /api/queue and `smarthost queue -json
@@ -205,7 +206,7 @@ func TestMetricsAfterWorkload(t *testing.T) {
 
 	// First attempts: ok1, ok2 delivered, bounce refused and its DSN
 	// delivered, the others deferred and waiting an hour.
-	waitFor(t, "the first attempts", 20*time.Second, func() bool {
+	testwait.For(t, 20*time.Second, "the first attempts", func() bool {
 		if len(dsnsTo(up.Messages(), "app@example.com")) != 1 {
 			return false
 		}
@@ -220,11 +221,11 @@ func TestMetricsAfterWorkload(t *testing.T) {
 	api(t, r, http.MethodPost, "/api/queue/"+ids["later"]+"/retry", nil)
 	api(t, r, http.MethodDelete, "/api/queue/"+ids["stuck-deleted"], nil)
 	api(t, r, http.MethodPost, "/api/queue/"+ids["stuck-held"]+"/hold", nil)
-	waitFor(t, "later delivered on its retry", 20*time.Second, func() bool {
+	testwait.For(t, 20*time.Second, "later delivered on its retry", func() bool {
 		q := queueByID(t, r)
 		return len(q) == 1 && q[ids["stuck-held"]].Held
 	})
-	waitFor(t, "the client connections closed", 10*time.Second, func() bool {
+	testwait.For(t, 10*time.Second, "the client connections closed", func() bool {
 		_, f := scrapeMetrics(t, r)
 		v, _ := series(f, "smarthost_connections_open", map[string]string{"listener": listener})
 		return v == 0

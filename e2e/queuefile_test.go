@@ -21,6 +21,7 @@ import (
 
 	"smarthost/internal/smtptest"
 	"smarthost/internal/testpki"
+	"smarthost/internal/testwait"
 )
 
 // queuedRelay is a stopped relay whose queue holds messages that its
@@ -322,5 +323,5 @@ func TestSalvageThenDeliver(t *testing.T) {
 	if len(delivered) != saved {
 		t.Errorf("%d distinct messages delivered, %d saved", len(delivered), saved)
 	}
-	waitFor(t, "an empty queue", 20*time.Second, func() bool { return len(listQueue(t, r)) == 0 })
+	testwait.For(t, 20*time.Second, "an empty queue", func() bool { return len(listQueue(t, r)) == 0 })
 }

@@ -21,6 +21,7 @@ import (
 
 	"smarthost/internal/smtptest"
 	"smarthost/internal/testpki"
+	"smarthost/internal/testwait"
 )
 
 const (
@@ -142,7 +143,7 @@ upstreams = ["oauth"]
 		} `json:"recipients"`
 	}
 	var answers []string
-	waitFor(t, "both messages' first replies", 30*time.Second, func() bool {
+	testwait.For(t, 30*time.Second, "both messages' first replies", func() bool {
 		var e1, e2 entry
 		a1, a2 := rawAPI("/api/queue/"+slow), rawAPI("/api/queue/"+viaOAuth)
 		json.Unmarshal([]byte(a1), &e1)
@@ -169,7 +170,7 @@ upstreams = ["oauth"]
 	mu.Unlock()
 	r.waitLog("delivery attempt", map[string]string{"queue_id": viaOAuth, "reply": "451 4.7.0 token [redacted] may not send now"}, 30*time.Second)
 	var dsns []string
-	waitFor(t, "both DSNs", 60*time.Second, func() bool {
+	testwait.For(t, 60*time.Second, "both DSNs", func() bool {
 		a, b := dsnsTo(up.Messages(), "app@example.com"), dsnsTo(oauthUp.Messages(), "app@oauth.example")
 		if len(a) == 0 || len(b) == 0 {
 			return false

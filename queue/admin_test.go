@@ -15,6 +15,8 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+
+	"smarthost/internal/testwait"
 )
 
 // openStoreAt opens a fresh store whose clock stands still at now.
@@ -484,7 +486,7 @@ func TestHoldInFlight(t *testing.T) {
 		t.Errorf("during the attempt: %+v, want held and in flight", got)
 	}
 	close(release)
-	waitFor(t, "the attempt to complete", func() bool { return !get(t, st, m.ID).InFlight })
+	testwait.For(t, 10*time.Second, "the attempt to complete", func() bool { return !get(t, st, m.ID).InFlight })
 	if got := get(t, st, m.ID); !got.Held || got.Attempts != 1 {
 		t.Errorf("after the attempt: %+v, want still held after 1 attempt", got)
 	}
@@ -535,7 +537,7 @@ func TestDeleteInFlight(t *testing.T) {
 		t.Fatal(err)
 	}
 	close(release)
-	waitFor(t, "the attempt to complete", func() bool { return inFlightCount(s) == 0 })
+	testwait.For(t, 10*time.Second, "the attempt to complete", func() bool { return inFlightCount(s) == 0 })
 
 	if n, _ := st.Len(); n != 0 {
 		t.Errorf("Len = %d: the completion brought back the message or stored a DSN", n)
@@ -578,7 +580,7 @@ func TestRetryAndFlushWakeScheduler(t *testing.T) {
 		receive(t, attempts, "first attempt")
 	}
 	for _, m := range ms {
-		waitFor(t, "the first attempt to be recorded", func() bool { return !get(t, st, m.ID).InFlight })
+		testwait.For(t, 10*time.Second, "the first attempt to be recorded", func() bool { return !get(t, st, m.ID).InFlight })
 	}
 
 	if err := st.Retry(ms[0].ID); err != nil {

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+
+	"smarthost/internal/testwait"
 )
 
 // bounceCall is one call of a Scheduler's Bounce hook.
@@ -278,7 +280,7 @@ func TestBounceStoredWithOutcome(t *testing.T) {
 	}()
 	start(t, s)
 	receive(t, dsnAttempted, "the DSN's first attempt")
-	waitFor(t, "the reader to see the outcome", func() bool { return seen.Load() > 0 })
+	testwait.For(t, 10*time.Second, "the reader to see the outcome", func() bool { return seen.Load() > 0 })
 	close(stop)
 	<-readerDone
 	if n := torn.Load(); n > 0 {
@@ -431,7 +433,7 @@ func TestDelayWarning(t *testing.T) {
 			if none {
 				want = 0
 			}
-			waitFor(t, "the queue to empty", func() bool { n, _ := st.Len(); return n == 0 })
+			testwait.For(t, 10*time.Second, "the queue to empty", func() bool { n, _ := st.Len(); return n == 0 })
 			if n := dsnDeliveries.Load(); n != want {
 				t.Errorf("%d warnings delivered, want %d", n, want)
 			}

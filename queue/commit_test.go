@@ -11,6 +11,8 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+
+	"smarthost/internal/testwait"
 )
 
 func openCommitter(t *testing.T) (*bolt.DB, *committer) {
@@ -135,7 +137,7 @@ func TestWritableRecovers(t *testing.T) {
 		}
 	}
 	restore()
-	waitFor(t, "the probe to find the file writable", s.Writable)
+	testwait.For(t, 10*time.Second, "the probe to find the file writable", s.Writable)
 	put(t, s, newMessage("c@example.net"), "after")
 	if n, err := s.Len(); err != nil || n != 2 {
 		t.Errorf("Len = %d, %v; want 2", n, err)

@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"smarthost/internal/testwait"
 )
 
 // newScheduler returns a scheduler with short retry delays and a fixed
@@ -67,17 +69,6 @@ func receive[T any](t *testing.T, ch <-chan T, what string) T {
 	case <-time.After(10 * time.Second):
 		t.Fatalf("timed out waiting for %s", what)
 		panic("unreachable")
-	}
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
 	}
 }
 
@@ -149,7 +140,7 @@ func TestDeliverAtOnceAfterPut(t *testing.T) {
 	start(t, s)
 	// With an empty queue the scheduler has no timer: only Put's signal
 	// can make it deliver.
-	waitFor(t, "the scheduler's first pass", func() bool { return s.steps.Load() > 0 })
+	testwait.For(t, 10*time.Second, "the scheduler's first pass", func() bool { return s.steps.Load() > 0 })
 
 	m := newMessage("a@example.net")
 	put(t, st, m, "body\r\n")
@@ -444,7 +435,7 @@ func TestInFlightNotReclaimed(t *testing.T) {
 	a.MessageID = "slow"
 	put(t, st, a, "x")
 	inFlight := receive(t, slow, "slow delivery")
-	waitFor(t, "the slow message's NextAttempt to pass", func() bool { return time.Now().After(inFlight.NextAttempt) })
+	testwait.For(t, 10*time.Second, "the slow message's NextAttempt to pass", func() bool { return time.Now().After(inFlight.NextAttempt) })
 
 	// Another message makes the scheduler look at the due index again,
 	// now that the in-flight message is overdue there.

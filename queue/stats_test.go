@@ -10,6 +10,8 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+
+	"smarthost/internal/testwait"
 )
 
 // scanStats counts the queue the slow way, from every record, as Stats
@@ -264,7 +266,7 @@ func TestObserver(t *testing.T) {
 	for _, m := range []*Message{delivered, bounced, deleted} {
 		put(t, st, m, "x")
 	}
-	waitFor(t, "two messages done, a delay warning and a failure DSN delivered", func() bool {
+	testwait.For(t, 10*time.Second, "two messages done, a delay warning and a failure DSN delivered", func() bool {
 		finished, dsns, queued := obs.snapshot()
 		return len(finished) == 2 && queued[BounceDelayed] == 1 && queued[BounceFailed] == 1 && len(dsns) == 2
 	})

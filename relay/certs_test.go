@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"smarthost/internal/testpki"
+	"smarthost/internal/testwait"
 )
 
 // logBuffer collects log output written from several goroutines.
@@ -78,7 +79,7 @@ func TestCertReloaderRotation(t *testing.T) {
 	next, certFile, keyFile := pki.Issue(t, "next", "localhost")
 	secret.Update(certFile, keyFile)
 	newSerial := serialOf(t, &next)
-	eventually(t, "the new certificate", func() bool { return servedSerial(t, r) == newSerial })
+	testwait.For(t, 20*time.Second, "the new certificate", func() bool { return servedSerial(t, r) == newSerial })
 
 	after := dial(t, env.addrs[0])
 	after.login(pki)

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"smarthost/internal/testwait"
 )
 
 func TestMemoryBudget(t *testing.T) {
@@ -97,18 +99,6 @@ func tmpSpools(t *testing.T, env *testEnv) int {
 	return n
 }
 
-// eventually polls cond until it holds or the deadline passes.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // largeBody is a message of about n bytes that the door keeps as it is.
 func largeBody(tag string, n int) string {
 	var b strings.Builder
@@ -135,7 +125,7 @@ func TestMessageMemoryShared(t *testing.T) {
 		paused = append(paused, sendPaused(t, env, largeBody(fmt.Sprint(i), 900<<10)))
 	}
 	// Each borrows about 1 MiB to hold its message: three fit.
-	eventually(t, "five sessions to spool", func() bool { return tmpSpools(t, env) >= sessions-3 })
+	testwait.For(t, 20*time.Second, "five sessions to spool", func() bool { return tmpSpools(t, env) >= sessions-3 })
 	if n := env.srv.memory.inUse(); n == 0 || n > budget {
 		t.Errorf("%d bytes lent while the messages are read, want some and at most %d", n, budget)
 	}
@@ -181,11 +171,11 @@ func TestMessageMemoryReturned(t *testing.T) {
 	loop := strings.Repeat("Received: from a by b; Sun, 22 Nov 2026 10:00:00 +0000\r\n", 60) + half
 	borrowed := func(what string) {
 		t.Helper()
-		eventually(t, what+" to borrow", func() bool { return env.srv.memory.inUse() > 0 })
+		testwait.For(t, 20*time.Second, what+" to borrow", func() bool { return env.srv.memory.inUse() > 0 })
 	}
 	returned := func(what string) {
 		t.Helper()
-		eventually(t, what+": the loan back", func() bool { return env.srv.memory.inUse() == 0 })
+		testwait.For(t, 20*time.Second, what+": the loan back", func() bool { return env.srv.memory.inUse() == 0 })
 	}
 
 	p := sendPaused(t, env, half)
@@ -255,7 +245,7 @@ func TestSpoolingSessionMemory(t *testing.T) {
 	spoolDir := filepath.Join(env.q.dir, "queue.db.spool")
 	// Every session has read its message: its spool file holds what is
 	// past the head.
-	eventually(t, "every session to spool its message", func() bool {
+	testwait.For(t, 20*time.Second, "every session to spool its message", func() bool {
 		entries, err := os.ReadDir(spoolDir)
 		if err != nil {
 			return false
@@ -278,7 +268,7 @@ func TestSpoolingSessionMemory(t *testing.T) {
 	for _, c := range conns {
 		c.Close()
 	}
-	eventually(t, "the sessions to end", func() bool { return tmpSpools(t, env) == 0 })
+	testwait.For(t, 20*time.Second, "the sessions to end", func() bool { return tmpSpools(t, env) == 0 })
 }
 
 // TestSmallMessagesNeedNoLoan: with no memory to lend, a message within

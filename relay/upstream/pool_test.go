@@ -12,6 +12,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"smarthost/internal/smtptest"
+	"smarthost/internal/testwait"
 	"smarthost/queue"
 )
 
@@ -52,18 +53,6 @@ func (c *countedConn) Close() error {
 		c.ct.mu.Unlock()
 	})
 	return c.Conn.Close()
-}
-
-// waitFor polls cond until it holds or timeout passes.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("after %v: %s", timeout, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 func TestPoolReuse(t *testing.T) {
@@ -150,7 +139,7 @@ func TestPoolIdleTimeout(t *testing.T) {
 
 	res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
 	checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "a")
-	waitFor(t, 5*time.Second, "idle connection still open", func() bool {
+	testwait.For(t, 5*time.Second, "idle connection still open", func() bool {
 		return ct.Open() == 0 && stateOf(t, env.d, "a").OpenConnections == 0
 	})
 	res = deliver(t, env.d, testMessage("app@example.com", "y@example.net"), deliverBody)
@@ -330,7 +319,7 @@ func TestDeliverCancelledWhileWaiting(t *testing.T) {
 	go func() {
 		second <- env.d.Deliver(ctx, testMessage("app@example.com", "y@example.net"), queue.NewBody([]byte(deliverBody)))
 	}()
-	waitFor(t, 5*time.Second, "second delivery not waiting for the connection", func() bool {
+	testwait.For(t, 5*time.Second, "second delivery not waiting for the connection", func() bool {
 		p := env.d.current().endpoints["a"].pool
 		p.mu.Lock()
 		defer p.mu.Unlock()

@@ -12,6 +12,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"smarthost/internal/smtptest"
+	"smarthost/internal/testwait"
 	"smarthost/queue"
 )
 
@@ -148,7 +149,7 @@ func TestRateLimitWaitCancelled(t *testing.T) {
 	go func() {
 		done <- env.d.Deliver(ctx, testMessage("app@example.com", "y@example.net"), queue.NewBody([]byte(deliverBody)))
 	}()
-	waitFor(t, 5*time.Second, "no delivery waiting", func() bool {
+	testwait.For(t, 5*time.Second, "no delivery waiting", func() bool {
 		w := env.d.current().endpoints["a"].window.(*localWindow)
 		w.mu.Lock()
 		defer w.mu.Unlock()
