@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/textproto"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -17,19 +16,6 @@ import (
 
 	"github.com/emersion/go-smtp"
 )
-
-// plainBinary builds smarthost without the race detector, which
-// multiplies the memory of every allocation and goroutine, so that its
-// RSS is what a deployment sees. After `go vet` (make test runs it
-// first) this is a link from the build cache: seconds.
-var plainBinary = sync.OnceValues(func() (string, error) {
-	bin := filepath.Join(buildDir, "smarthost-plain")
-	out, err := exec.Command("go", "build", "-o", bin, "../cmd/smarthost").CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("go build: %v\n%s", err, out)
-	}
-	return bin, nil
-})
 
 // memoryConfig is a relay with the default limits but a message_memory
 // scaled down with the traffic of the test, a plain-text listener for
@@ -171,7 +157,7 @@ func bodyOf(size int) []byte {
 // session first reaches DATA, then all send their message at the same
 // moment. msg has no line that starts with a dot and ends with CRLF, so
 // it is written as it is, without the cost of dot-stuffing it in this
-// process (built with -race).
+// process (which make test runs with -race).
 func sendAll(t *testing.T, addr string, n int, msg []byte, together bool) {
 	t.Helper()
 	var (
@@ -246,11 +232,6 @@ func sendAll(t *testing.T, addr string, n int, msg []byte, together bool) {
 // (message_memory, the workers), not on how much mail arrives or waits.
 // Each half is a scaled-down bench/run -memory.
 func TestMemoryBoundedByConfiguration(t *testing.T) {
-	bin, err := plainBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
-
 	// 100 sessions in DATA at once, 900 KB each: 88 MiB arriving. Held
 	// whole, they take several times that; within the budget, most are
 	// spooled as they arrive.
@@ -262,7 +243,7 @@ func TestMemoryBoundedByConfiguration(t *testing.T) {
 		)
 		sink := startDiscardSink(t, "127.0.0.1:0")
 		dir := t.TempDir()
-		r := startRelayBinary(t, bin, memoryConfig(t, dir, sink.addr))
+		r := startRelay(t, memoryConfig(t, dir, sink.addr))
 		sendAll(t, r.addr, sessions, bodyOf(size), true)
 		sink.wait(t, sessions, time.Minute)
 		peak := peakRSS(t, r.cmd.Process.Pid)
@@ -284,12 +265,12 @@ func TestMemoryBoundedByConfiguration(t *testing.T) {
 		dir := t.TempDir()
 		upstream := freeAddr(t) // down while the backlog is queued
 		cfg := memoryConfig(t, dir, upstream)
-		queued := startRelayBinary(t, bin, cfg)
+		queued := startRelay(t, cfg)
 		sendAll(t, queued.addr, messages, bodyOf(size), false)
 		queued.stop()
 
 		sink := startDiscardSink(t, upstream)
-		r := startRelayBinary(t, bin, cfg)
+		r := startRelay(t, cfg)
 		// Deferred at their first attempt, they are due again within
 		// retry_min (1m): make them due now.
 		api(t, r, "POST", "/api/queue/flush", nil)
