@@ -3,7 +3,9 @@ package e2e
 import (
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"sort"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -82,6 +84,26 @@ func dialSubmitter(addr string, pki *testpki.PKI) (*submitter, error) {
 	return &submitter{c: c}, nil
 }
 
+// seedEnv names the environment variable that replays a crash loop's
+// kill moments: TestCrashLoop logs the seed it drew.
+const seedEnv = "SMARTHOST_CRASHLOOP_SEED"
+
+// crashLoopSeed is the seed in seedEnv, or a new one; either is logged
+// with the command line that replays it. A replay repeats when each kill
+// comes, not how the goroutines and the kernel schedule around it.
+func crashLoopSeed(t *testing.T) uint64 {
+	t.Helper()
+	seed := uint64(time.Now().UnixNano())
+	if v := os.Getenv(seedEnv); v != "" {
+		var err error
+		if seed, err = strconv.ParseUint(v, 10, 64); err != nil {
+			t.Fatalf("%s=%q: %v", seedEnv, v, err)
+		}
+	}
+	t.Logf("kill moments from seed %d; replay with %s=%d go test -run '^TestCrashLoop$' ./e2e/", seed, seedEnv, seed)
+	return seed
+}
+
 // TestCrashLoop submits mail from several clients without pause while the
 // relay is SIGKILLed at random moments and restarted on the same queue,
 // with the upstream up so that kills land during DATA, during the queue's
@@ -93,6 +115,7 @@ func TestCrashLoop(t *testing.T) {
 		clients = 4
 		kills   = 21
 	)
+	rng := rand.New(rand.NewPCG(crashLoopSeed(t), 6))
 	pki := testpki.New(t)
 	up := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword})
 	cfg := writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: up.Addr(), RetryMin: "500ms", RetryMax: "1s"})
@@ -141,7 +164,6 @@ func TestCrashLoop(t *testing.T) {
 	}
 	defer stopLoad()
 
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 6))
 	for range kills {
 		r := startRelay(t, cfg)
 		target.set(r.addr)
