@@ -3,7 +3,6 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/tls"
 	"encoding/base64"
@@ -194,6 +193,10 @@ type relay struct {
 	addrs   []string // every submission listener
 	http    string   // admin API base URL
 	exited  chan struct{}
+
+	logMu   sync.Mutex
+	logRead int64            // bytes of the log parsed into logSeen
+	logSeen []map[string]any // its JSON lines so far
 }
 
 // startRelay runs `smarthost serve` and waits until it listens.
@@ -255,21 +258,26 @@ func (r *relay) findLog(msg string) map[string]any {
 	return found
 }
 
+// logLines returns the JSON lines of the relay's log so far. Tests poll
+// it every few milliseconds while the relay logs at debug level, so each
+// call parses only the lines completed since the last.
 func (r *relay) logLines() []map[string]any {
-	data, err := os.ReadFile(r.logPath)
-	if err != nil {
-		return nil
-	}
-	var out []map[string]any
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		var m map[string]any
-		if json.Unmarshal(sc.Bytes(), &m) == nil {
-			out = append(out, m)
+	r.logMu.Lock()
+	defer r.logMu.Unlock()
+	if f, err := os.Open(r.logPath); err == nil {
+		f.Seek(r.logRead, io.SeekStart)
+		data, _ := io.ReadAll(f)
+		f.Close()
+		data = data[:bytes.LastIndexByte(data, '\n')+1] // a line being written waits for the next call
+		r.logRead += int64(len(data))
+		for line := range bytes.Lines(data) {
+			var m map[string]any
+			if json.Unmarshal(line, &m) == nil {
+				r.logSeen = append(r.logSeen, m)
+			}
 		}
 	}
-	return out
+	return r.logSeen[:len(r.logSeen):len(r.logSeen)]
 }
 
 // waitLog waits for a log line with msg and the given attribute values.
