@@ -32,7 +32,8 @@ var metricName = regexp.MustCompile(`\b(?:smarthost|go|process)_[a-zA-Z0-9_]+`)
 // A histogram is exposed as its _bucket, _sum and _count series.
 func TestDashboardAndAlertsUseLiveMetrics(t *testing.T) {
 	pki := testpki.New(t)
-	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: freeAddr(t)}))
+	down, _ := reserveAddr(t)
+	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: down}))
 	_, fams := scrapeMetrics(t, r)
 
 	// series maps each name a query may use to its family.

@@ -291,7 +291,7 @@ func listQueue(t *testing.T, r *relay) map[string]queueEntry {
 // running relay whose upstream is down, and checks the token.
 func TestQueueCommands(t *testing.T) {
 	pki := testpki.New(t)
-	upAddr := freeAddr(t)
+	upAddr, freeUp := reserveAddr(t)
 	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: upAddr, RetryMin: "1h", RetryMax: "2h"}))
 	if r.http == "" {
 		t.Fatal("no http address in the start log")
@@ -356,6 +356,7 @@ func TestQueueCommands(t *testing.T) {
 	}
 
 	// With the upstream up, flush sends everything now, not in an hour.
+	freeUp()
 	up := startUpstream(t, pki, smtptest.Options{Addr: upAddr})
 	if out, err := queueCLI(t, r, adminToken, "flush"); err != nil {
 		t.Fatalf("flush: %v\n%s", err, out)

@@ -25,6 +25,7 @@ import (
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 	"golang.org/x/crypto/bcrypt"
+	"golang.org/x/sys/unix"
 
 	"smarthost/internal/testpki"
 )
@@ -384,17 +385,28 @@ func (s *submitter) send(from string, to []string, msg string) (string, error) {
 
 func (s *submitter) close() { s.c.Quit(); s.c.Close() }
 
-// freeAddr returns a loopback address nothing listens on (for an upstream
-// that is down and later comes up there).
-func freeAddr(t *testing.T) string {
+// reserveAddr returns a loopback address where connections are refused
+// (an upstream that is down), held until free is called, which lets the
+// upstream listen there, or the test ends. It is held by a TCP socket
+// bound to it without listening: a listener closed at once would leave
+// its port to whichever test running in parallel binds next.
+func reserveAddr(t *testing.T) (addr string, free func()) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	var once sync.Once
+	free = func() { once.Do(func() { unix.Close(fd) }) }
+	t.Cleanup(free)
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("127.0.0.1:%d", sa.(*unix.SockaddrInet4).Port), free
 }
 
 // queueIDOf finds the relay's queue ID in the Received: field it added.

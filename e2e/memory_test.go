@@ -263,12 +263,13 @@ func TestMemoryBoundedByConfiguration(t *testing.T) {
 			bound    = 64 << 20
 		)
 		dir := t.TempDir()
-		upstream := freeAddr(t) // down while the backlog is queued
+		upstream, freeUpstream := reserveAddr(t) // down while the backlog is queued
 		cfg := memoryConfig(t, dir, upstream)
 		queued := startRelay(t, cfg)
 		sendAll(t, queued.addr, messages, bodyOf(size), false)
 		queued.stop()
 
+		freeUpstream()
 		sink := startDiscardSink(t, upstream)
 		r := startRelay(t, cfg)
 		// Deferred at their first attempt, they are due again within

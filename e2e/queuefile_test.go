@@ -29,6 +29,7 @@ import (
 type queuedRelay struct {
 	pki    *testpki.PKI
 	upAddr string
+	freeUp func() // lets an upstream listen at upAddr
 	cfg    string
 	queue  string
 	sent   map[string]string // queue ID → message
@@ -39,7 +40,8 @@ type queuedRelay struct {
 // stops it cleanly.
 func fillQueue(t *testing.T, n int, large ...int) *queuedRelay {
 	t.Helper()
-	q := &queuedRelay{pki: testpki.New(t), upAddr: freeAddr(t), sent: map[string]string{}}
+	q := &queuedRelay{pki: testpki.New(t), sent: map[string]string{}}
+	q.upAddr, q.freeUp = reserveAddr(t)
 	dir := t.TempDir()
 	q.cfg = writeConfig(t, relayConfig{Dir: dir, PKI: q.pki, UpstreamAddr: q.upAddr, RetryMin: "1h", RetryMax: "2h"})
 	q.queue = filepath.Join(dir, "queue.db")
@@ -290,6 +292,7 @@ func TestSalvageThenDeliver(t *testing.T) {
 	if err := os.WriteFile(q.cfg, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	q.freeUp()
 	up := startUpstream(t, q.pki, smtptest.Options{Addr: q.upAddr})
 	r := startRelay(t, q.cfg)
 	if out, err := queueCLI(t, r, adminToken, "flush"); err != nil {

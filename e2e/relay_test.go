@@ -61,7 +61,7 @@ func TestDeliveryThroughUpstream(t *testing.T) {
 
 func TestUpstreamDownThenUp(t *testing.T) {
 	pki := testpki.New(t)
-	upAddr := freeAddr(t)
+	upAddr, freeUp := reserveAddr(t)
 	cfg := writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: upAddr})
 	r := startRelay(t, cfg)
 
@@ -75,6 +75,7 @@ func TestUpstreamDownThenUp(t *testing.T) {
 	r.waitLog("deferred", map[string]string{"queue_id": id, "attempts": "1"}, 20*time.Second)
 	r.waitLog("deferred", map[string]string{"queue_id": id, "attempts": "2"}, 20*time.Second)
 
+	freeUp()
 	up := smtptest.Start(t, smtptest.Options{Addr: upAddr, TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword})
 	got := up.WaitMessages(t, 1, 30*time.Second)
 	if queueIDOf(got[0].Data) != id {
@@ -88,7 +89,7 @@ func TestUpstreamDownThenUp(t *testing.T) {
 func TestCrashDurability(t *testing.T) {
 	const clients, perClient = 6, 50
 	pki := testpki.New(t)
-	upAddr := freeAddr(t)
+	upAddr, freeUp := reserveAddr(t)
 	cfg := writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: upAddr})
 	r := startRelay(t, cfg)
 
@@ -125,6 +126,7 @@ func TestCrashDurability(t *testing.T) {
 		t.Fatalf("%d accepted, want %d", len(accepted), clients*perClient)
 	}
 
+	freeUp()
 	up := smtptest.Start(t, smtptest.Options{Addr: upAddr, TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword})
 	startRelay(t, cfg)
 	deadline := time.Now().Add(90 * time.Second)
