@@ -109,7 +109,8 @@ func crashLoopSeed(t *testing.T) uint64 {
 // with the upstream up so that kills land during DATA, during the queue's
 // fsync and during delivery. Every message that got a 250 must be
 // delivered at least once; duplicates are allowed (at-least-once) and
-// reported.
+// reported. It runs alone, not in parallel: the kills are to land in the
+// work of a relay under this load, not one starved by other tests.
 func TestCrashLoop(t *testing.T) {
 	const (
 		clients = 4

@@ -31,6 +31,7 @@ var metricName = regexp.MustCompile(`\b(?:smarthost|go|process)_[a-zA-Z0-9_]+`)
 // happens; both are faults of the dashboard, the rules or the relay.
 // A histogram is exposed as its _bucket, _sum and _count series.
 func TestDashboardAndAlertsUseLiveMetrics(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	down, _ := reserveAddr(t)
 	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: down}))

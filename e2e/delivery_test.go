@@ -42,6 +42,7 @@ func dsnsTo(msgs []smtptest.Message, addr string) []smtptest.Message {
 // the refused one gets a DSN back to the sender through the route's
 // upstream, and the retry goes only to the deferred one.
 func TestPerRecipientResultsAndBounce(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	var mu sync.Mutex
 	deferOnce := true
@@ -119,6 +120,7 @@ func TestPerRecipientResultsAndBounce(t *testing.T) {
 // makes the message expire at max_age into a DSN; a failing message from
 // the null sender produces none.
 func TestExpiryBounceAndNullSender(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	up := startUpstream(t, pki, smtptest.Options{RcptReply: func(to string) *smtp.SMTPError {
 		switch to {
@@ -186,6 +188,7 @@ trusted_networks = ["127.0.0.1/32"]
 // TestConnectionReuse: 200 messages to an upstream with max_connections
 // = 2 travel over at most 2 connections at a time, and few in all.
 func TestConnectionReuse(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	up := startUpstream(t, pki, smtptest.Options{})
 	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: up.Addr(), MaxConns: 2}))
@@ -218,7 +221,9 @@ func TestConnectionReuse(t *testing.T) {
 }
 
 // TestRateLimit: rate_limit = "10/1s" paces 30 messages into at least
-// three windows, and none is bounced.
+// three windows, and none is bounced. It runs alone, not in parallel:
+// arrival times are taken in this process, where a late one, on a busy
+// machine, would make two windows look closer than the relay sent them.
 func TestRateLimit(t *testing.T) {
 	pki := testpki.New(t)
 	var mu sync.Mutex
@@ -290,6 +295,7 @@ func listQueue(t *testing.T, r *relay) map[string]queueEntry {
 // TestQueueCommands drives every `smarthost queue` command against a
 // running relay whose upstream is down, and checks the token.
 func TestQueueCommands(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	upAddr, freeUp := reserveAddr(t)
 	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: upAddr, RetryMin: "1h", RetryMax: "2h"}))

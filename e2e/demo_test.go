@@ -20,6 +20,7 @@ import (
 // with the curl command line it prints, and finds the delivered message in
 // the folder it names.
 func TestDemo(t *testing.T) {
+	t.Parallel()
 	curl, err := exec.LookPath("curl")
 	if err != nil {
 		t.Fatal("curl is needed for this test (make test installs it)")

@@ -28,6 +28,7 @@ const python = "/usr/bin/python3"
 // reaches the upstream carries signatures that both go-msgauth and dkimpy
 // verify, and that one changed body byte breaks them.
 func TestDKIMEndToEnd(t *testing.T) {
+	t.Parallel()
 	if out, err := exec.Command(python, "-I", "-c", "import dkim, nacl").CombinedOutput(); err != nil {
 		t.Fatalf("dkimpy is needed (make test installs python3-dkim and python3-nacl): %v %s", err, out)
 	}

@@ -21,6 +21,7 @@ import (
 // not, no bounce is sent, and once the fault is cleared the upstream holds
 // the exact message.
 func TestFaults(t *testing.T) {
+	t.Parallel()
 	t.Run("reset in DATA", func(t *testing.T) {
 		t.Parallel()
 		e := newFaultEnv(t, "implicit", relayConfig{})

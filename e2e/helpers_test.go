@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +16,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -38,7 +40,20 @@ import (
 // packages. The tests themselves may still run with -race.
 var binary string
 
+// parallel is how many tests run at once unless -parallel says: most
+// wait on relays, upstreams, timers and peers far more than they
+// compute, so more of them than there are cores fit. The tests that
+// measure time, memory or descriptors, or that load the machine, do
+// not call t.Parallel and run alone, before the others.
+const parallel = 6
+
 func TestMain(m *testing.M) {
+	flag.Parse()
+	explicit := false
+	flag.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "test.parallel" })
+	if !explicit {
+		flag.Set("test.parallel", strconv.Itoa(parallel))
+	}
 	dir, err := os.MkdirTemp("", "smarthost-e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -61,6 +61,7 @@ func waitFDs(t *testing.T, pid, n int, timeout time.Duration) {
 // relay still delivers with few descriptors to spare; and a failed
 // accept on the HTTP listener is logged at warn, then recovers.
 func TestHTTPListenerBounded(t *testing.T) {
+	t.Parallel()
 	const (
 		flood   = 1000
 		maxHTTP = 256 // the default

@@ -103,6 +103,8 @@ func rss(t *testing.T, pid int) int64 {
 // connections open: the next one is told 421 4.7.0 and closed at once,
 // the idle ones are still served, and closing 100 of them lets exactly
 // 100 new ones in. It reports the relay's memory per idle connection.
+// It runs alone, not in parallel: it holds 10,000 of this process's
+// descriptors.
 func TestIdleTenThousandConnections(t *testing.T) {
 	const (
 		limit   = 10000

@@ -60,6 +60,7 @@ func runPeer(t *testing.T, cmd *exec.Cmd, stdin string) string {
 // and checks that every message reaches the upstream with its envelope
 // and body intact.
 func TestInteropClients(t *testing.T) {
+	t.Parallel()
 	swaks := lookPeer(t, "swaks", "swaks")
 	curl := lookPeer(t, "curl", "curl")
 	msmtp := lookPeer(t, "msmtp", "msmtp")
@@ -305,6 +306,7 @@ func (a *aiosmtpd) waitMessages(t *testing.T, n int, timeout time.Duration) []ai
 // not write, with implicit TLS and with required STARTTLS, both with AUTH
 // verified against the test CA.
 func TestInteropAiosmtpdUpstream(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []string{"implicit", "starttls"} {
 		t.Run(mode, func(t *testing.T) {
 			pki := testpki.New(t)
@@ -346,6 +348,7 @@ func TestInteropAiosmtpdUpstream(t *testing.T) {
 // TestInteropAiosmtpdRejectsAuth has aiosmtpd refuse the relay's
 // credentials: nothing is delivered and the message stays queued.
 func TestInteropAiosmtpdRejectsAuth(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	up := startAiosmtpd(t, pki, "starttls", "not-the-relays-password")
 	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: up.addr, UpstreamTLS: "starttls"}))

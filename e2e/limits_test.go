@@ -18,6 +18,7 @@ import (
 // (EMFILE). It says so at warn, keeps trying with a backoff, and serves
 // the clients that waited once descriptors are free again.
 func TestAcceptOutOfFiles(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	up := startUpstream(t, pki, smtptest.Options{})
 	cfg := writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: up.Addr(), LimitsExtra: "max_connections_per_ip = 0"})

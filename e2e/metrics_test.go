@@ -127,6 +127,7 @@ next:
 // = delivered + bounced + deleted + still queued. promtool then checks
 // the same scrape.
 func TestMetricsAfterWorkload(t *testing.T) {
+	t.Parallel()
 	promtool, err := exec.LookPath("promtool")
 	if err != nil {
 		t.Fatal("promtool not found: `make test` installs it (Debian package prometheus)")

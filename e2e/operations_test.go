@@ -24,6 +24,7 @@ import (
 // the middle of DATA still completes with 250, the process exits 0, and
 // the message is delivered, before the exit or after a restart.
 func TestShutdownFinishesTransaction(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	up := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword})
 	dir := t.TempDir()
@@ -156,6 +157,7 @@ func login(addr string, pki *testpki.PKI, user, password string) error {
 // restart; SIGHUP after adding a user lets that user log in; SIGHUP with a
 // broken configuration keeps the running one.
 func TestReloadCertificateAndConfig(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	secret := testpki.NewSecret(t, pki.CertFile, pki.KeyFile)
 	served := *pki
@@ -237,6 +239,7 @@ func userTable(t *testing.T, name, password string) string {
 // trusted_networks it submits without AUTH, and Received: names it;
 // outside, it is refused.
 func TestProxyProtocolEndToEnd(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	up := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword})
 	config := writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: up.Addr(), Extra: `

@@ -154,6 +154,7 @@ func anyLeaf(leaves map[uint64][]string) uint64 {
 // leaves the file as it was. Before, the cut file crashed it with SIGBUS
 // or a bbolt panic at every start, and a damaged page could be served.
 func TestServeRefusesDamagedQueue(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name    string
 		problem string
@@ -223,6 +224,7 @@ func TestServeRefusesDamagedQueue(t *testing.T) {
 // started on the new file delivers every saved message, the spooled ones
 // whole, and those it had to hold for checking once they are released.
 func TestSalvageThenDeliver(t *testing.T) {
+	t.Parallel()
 	q := fillQueue(t, 40, 1500<<10, 1200<<10)
 	var spooled []string
 	for id, msg := range q.sent {

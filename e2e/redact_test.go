@@ -36,6 +36,7 @@ const (
 // stored replies as GET /api/queue shows them, and the DSNs at expiry
 // only with the secrets redacted.
 func TestEchoedSecretsNotPassedOn(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	up := startUpstream(t, pki, smtptest.Options{RcptReply: func(to string) *smtp.SMTPError {
 		if to == "slow@example.net" {

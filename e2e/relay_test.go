@@ -24,6 +24,7 @@ const testMsg = "From: App <app@example.com>\r\nTo: Bob <bob@example.net>\r\nSub
 var addedFields = regexp.MustCompile(`^Received: from [^\r\n]+\r\n\tby relay\.e2e \(smarthost\) with ESMTPSA id [0-9a-f]+;\r\n\t[^\r\n]+\r\n(Message-ID: [^\r\n]+\r\n)?(Date: [^\r\n]+\r\n)?$`)
 
 func TestDeliveryThroughUpstream(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []smtptest.TLSMode{smtptest.TLSImplicit, smtptest.TLSStartTLS} {
 		t.Run(string(mode), func(t *testing.T) {
 			pki := testpki.New(t)
@@ -60,6 +61,7 @@ func TestDeliveryThroughUpstream(t *testing.T) {
 }
 
 func TestUpstreamDownThenUp(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	upAddr, freeUp := reserveAddr(t)
 	cfg := writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: upAddr})
@@ -87,6 +89,7 @@ func TestUpstreamDownThenUp(t *testing.T) {
 // the relay with SIGKILL right after the last 250, restarts it with the
 // upstream up, and checks that every accepted message is delivered.
 func TestCrashDurability(t *testing.T) {
+	t.Parallel()
 	const clients, perClient = 6, 50
 	pki := testpki.New(t)
 	upAddr, freeUp := reserveAddr(t)
@@ -167,6 +170,7 @@ func TestCrashDurability(t *testing.T) {
 // look-alikes followed by a second transaction: the upstream must get
 // exactly one message from it.
 func TestSmugglingEndToEnd(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	up := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword})
 	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: up.Addr()}))
@@ -218,6 +222,7 @@ func TestSmugglingEndToEnd(t *testing.T) {
 }
 
 func TestCheckConfig(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	good := writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: "127.0.0.1:2525"})
 	out, err := runBinary(t, "check-config", "-config", good)
@@ -256,6 +261,7 @@ func runBinary(t *testing.T, args ...string) (string, error) {
 }
 
 func TestGracefulStop(t *testing.T) {
+	t.Parallel()
 	pki := testpki.New(t)
 	up := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword})
 	dir := t.TempDir()

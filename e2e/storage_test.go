@@ -25,6 +25,7 @@ import (
 // ext4 image, which behaves like a real disk: bbolt grows its file with a
 // sparse truncate, and the blocks run out only when pages are written.
 func TestStorageFullDiskExt4(t *testing.T) {
+	t.Parallel()
 	testFullDisk(t, mountSmallFS(t, "ext4"))
 }
 
@@ -32,6 +33,7 @@ func TestStorageFullDiskExt4(t *testing.T) {
 // fault on a hole of a mapped file needs a new page: if bbolt read any
 // page of its file that was never written, the relay would die of SIGBUS.
 func TestStorageFullDiskTmpfs(t *testing.T) {
+	t.Parallel()
 	testFullDisk(t, mountSmallFS(t, "tmpfs"))
 }
 
