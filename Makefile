@@ -44,6 +44,11 @@ test-deps:
 # spurious "context deadline exceeded" (go.dev/issue/75804). Counts are
 # sized to a few seconds each on 2 cores; new inputs are minimised for at
 # most 2 s.
+#
+# `go test -fuzz` takes one target at a time and links a new test binary
+# each time, so each package's binary is built once, instrumented for
+# fuzzing (`go test -c -fuzz`), and run for each of its targets from the
+# package's directory with the cache directory that `go test` would give it.
 FUZZ_TARGETS := cmd/smarthost/internal/config:FuzzParseConfig:15000 cmd/smarthost/internal/config:FuzzParseSize:40000 \
 	cmd/smarthost/internal/config:FuzzParseRate:5000 relay:FuzzSenderAllowed:100000 \
 	relay:FuzzValidPath:80000 relay:FuzzHeader:60000 relay:FuzzReadNormalized:25000 \
@@ -51,10 +56,15 @@ FUZZ_TARGETS := cmd/smarthost/internal/config:FuzzParseConfig:15000 cmd/smarthos
 
 .PHONY: test-fuzz
 test-fuzz:
-	@set -e; for t in $(FUZZ_TARGETS); do \
+	@set -e; bin=$$(mktemp -d); trap 'rm -rf "$$bin"' EXIT; \
+	module=$$(go list -m); cache=$$(go env GOCACHE)/fuzz; \
+	for t in $(FUZZ_TARGETS); do \
 		pkg=$${t%%:*}; rest=$${t#*:}; name=$${rest%%:*}; n=$${rest#*:}; \
-		echo "fuzz $$name ($$n executions)"; \
-		go test -run '^$$' -fuzz "^$$name\$$" -fuzztime $${n}x -fuzzminimizetime 2s ./$$pkg; \
+		test=$$bin/$$(echo $$pkg | tr / _).test; \
+		[ -x $$test ] || go test -c -fuzz . -o $$test ./$$pkg; \
+		echo "fuzz $$pkg $$name ($$n executions)"; \
+		(cd $$pkg && $$test -test.run '^$$' -test.fuzz "^$$name\$$" -test.fuzztime $${n}x \
+			-test.fuzzminimizetime 2s -test.fuzzcachedir $$cache/$$module/$$pkg -test.timeout 10m); \
 	done
 
 # test-deploy checks deploy/, a Go module of its own: the Helm chart
