@@ -329,6 +329,7 @@ func trickle(conn net.Conn, s string, gap time.Duration) {
 }
 
 func TestHostileSlowlorisCommand(t *testing.T) {
+	t.Parallel() // it waits out timeouts
 	env := startServer(t, func(s *Server) { s.Limits.ReadTimeout = time.Second })
 	c := dial(t, env.addrs[0])
 	start := time.Now()
@@ -350,6 +351,7 @@ func TestHostileSlowlorisCommand(t *testing.T) {
 }
 
 func TestHostileSlowlorisData(t *testing.T) {
+	t.Parallel() // it waits out timeouts
 	env := startServer(t, func(s *Server) {
 		s.Limits.ReadTimeout = time.Second
 		s.Limits.DataTimeout = 2 * time.Second
@@ -550,6 +552,7 @@ func TestHostileOldTLSRefused(t *testing.T) {
 }
 
 func TestHostileStalledData(t *testing.T) {
+	t.Parallel() // it waits out timeouts
 	env := startServer(t, func(s *Server) {
 		s.Limits.ReadTimeout = time.Second
 		s.Limits.DataTimeout = time.Minute

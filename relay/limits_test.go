@@ -153,6 +153,7 @@ func TestListenersDoNotStarveEachOther(t *testing.T) {
 // TestAuthTimeout: a connection that does not log in is closed after
 // AuthTimeout, whatever it sends; one that logged in is not.
 func TestAuthTimeout(t *testing.T) {
+	t.Parallel() // it waits out timeouts
 	env := startServer(t, func(s *Server) { s.Limits.AuthTimeout = 400 * time.Millisecond })
 	idle := dial(t, env.addrs[0])
 	loggedIn := loggedIn(t, env)
@@ -283,6 +284,7 @@ func TestAtInLocalPart(t *testing.T) {
 // TestBDATDataTimeout: a BDAT transfer is bounded by DataTimeout as a
 // whole, in chunks that keep coming and in a chunk that stalls.
 func TestBDATDataTimeout(t *testing.T) {
+	t.Parallel() // it waits out timeouts
 	env := startServer(t, func(s *Server) { s.Limits.DataTimeout = 500 * time.Millisecond })
 	t.Run("chunks", func(t *testing.T) {
 		c := loggedIn(t, env)

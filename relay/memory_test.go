@@ -162,6 +162,7 @@ func TestMessageMemoryShared(t *testing.T) {
 // memory (a client gone, a timeout, a refusal after reading, a storage
 // failure, a message over the size limit), the loan goes back.
 func TestMessageMemoryReturned(t *testing.T) {
+	t.Parallel() // it waits out timeouts
 	env := startPlain(t, 0, func(s *Server) {
 		s.Limits.MessageMemory = 8 << 20
 		s.Limits.MaxMessageBytes = 2 << 20

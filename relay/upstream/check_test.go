@@ -179,6 +179,7 @@ func TestCheckImplicitAgainstPlainSMTP(t *testing.T) {
 }
 
 func TestCheckPlainAgainstImplicitTLS(t *testing.T) {
+	t.Parallel() // it waits out timeouts
 	for _, mode := range []mailproto.TLSMode{mailproto.TLSStartTLS, mailproto.TLSNone} {
 		t.Run(string(mode), func(t *testing.T) {
 			t.Parallel() // each waits out its timeout
@@ -204,6 +205,7 @@ func TestCheckPlainAgainstImplicitTLS(t *testing.T) {
 }
 
 func TestCheckNoGreeting(t *testing.T) {
+	t.Parallel() // it waits out timeouts
 	tests := []struct {
 		name    string
 		closeAt bool // close at once rather than wait for the client
@@ -214,6 +216,7 @@ func TestCheckNoGreeting(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
 			// Neither an SMTP nor a TLS server.
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
@@ -307,6 +310,7 @@ func TestCheckConnectionRefused(t *testing.T) {
 }
 
 func TestCheckConnectTimeout(t *testing.T) {
+	t.Parallel() // it waits out timeouts
 	// A dialer that never connects, as when a firewall drops the packets.
 	dial := func(ctx context.Context, _, _ string) (net.Conn, error) {
 		<-ctx.Done()

@@ -86,9 +86,11 @@ func (s *stallServer) script(c net.Conn, at string) {
 // after CommandTimeout, not after go-smtp's own five-minute default, and
 // leaves the recipient pending.
 func TestDeliverStartTLSStallBounded(t *testing.T) {
+	t.Parallel() // it waits out timeouts
 	pki := testpki.New(t)
 	for _, at := range []string{"greeting", "ehlo", "starttls"} {
 		t.Run(at, func(t *testing.T) {
+			t.Parallel()
 			s := startStallServer(t, at)
 			env := newDeliverer(t, Upstream{Name: "a", Address: s.ln.Addr().String(), TLS: mailproto.TLSStartTLS, RootCAs: pki.CAPool})
 			cfg := env.d.Config()
