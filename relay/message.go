@@ -163,7 +163,7 @@ func parseHeader(section []byte) (header, error) {
 	if len(froms) == 1 {
 		h.from, h.fromErr = addrParser.ParseList(froms[0])
 		if h.fromErr == nil && len(h.from) == 0 {
-			h.fromErr = errors.New("empty From:")
+			h.fromErr = errors.New("empty From field")
 		}
 	}
 	h.messageID = strings.TrimSpace(fields.Get("Message-Id"))

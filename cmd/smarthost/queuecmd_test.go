@@ -729,11 +729,10 @@ func salvageFixture(t *testing.T, n int) (string, []string) {
 			if _, err := sp.Write(bytes.Repeat([]byte("spooled line\r\n"), 200<<10/14)); err != nil {
 				t.Fatal(err)
 			}
-			err = store.PutSpooled(context.Background(), m, body, sp)
-		} else {
-			err = store.Put(context.Background(), m, body)
-		}
-		if err != nil {
+			if err := store.PutSpooled(context.Background(), m, body, sp); err != nil {
+				t.Fatal(err)
+			}
+		} else if err := store.Put(context.Background(), m, body); err != nil {
 			t.Fatal(err)
 		}
 		ids = append(ids, m.ID)

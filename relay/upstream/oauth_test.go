@@ -3,10 +3,13 @@ package upstream
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
@@ -26,7 +29,6 @@ import (
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 	"golang.org/x/oauth2"
-	"golang.org/x/oauth2/jws"
 
 	"smarthost/internal/mailproto"
 	"smarthost/internal/smtptest"
@@ -105,11 +107,7 @@ func (ts *tokenServer) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	case "urn:ietf:params:oauth:grant-type:jwt-bearer":
 		assertion := r.PostForm.Get("assertion")
-		if ts.saKey == nil || jws.Verify(assertion, ts.saKey) != nil {
-			ts.refuse(w, "invalid_grant")
-			return
-		}
-		claims, err := jws.Decode(assertion)
+		claims, err := verifyAssertion(assertion, ts.saKey)
 		ts.mu.Lock()
 		subject := ts.subject
 		ts.mu.Unlock()
@@ -123,6 +121,53 @@ func (ts *tokenServer) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ts.issue(w)
+}
+
+// assertionClaims are the claims of a service account's JWT assertion
+// that Google's token endpoint checks.
+type assertionClaims struct {
+	Iss   string `json:"iss"`
+	Sub   string `json:"sub"`
+	Aud   string `json:"aud"`
+	Scope string `json:"scope"`
+	Exp   int64  `json:"exp"`
+}
+
+// verifyAssertion checks an RS256 JWT (RFC 7515 compact form, RFC 7518
+// §3.3) with the service account's public key, as the token endpoint
+// does, and returns its claims.
+func verifyAssertion(assertion string, key *rsa.PublicKey) (*assertionClaims, error) {
+	if key == nil {
+		return nil, errors.New("no service account key")
+	}
+	parts := strings.Split(assertion, ".")
+	if len(parts) != 3 {
+		return nil, errors.New("not a compact JWS")
+	}
+	var header struct {
+		Alg string `json:"alg"`
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(parts[0])
+	if err != nil || json.Unmarshal(raw, &header) != nil || header.Alg != "RS256" {
+		return nil, fmt.Errorf("header %q: want alg RS256", raw)
+	}
+	sig, err := base64.RawURLEncoding.DecodeString(parts[2])
+	if err != nil {
+		return nil, err
+	}
+	digest := sha256.Sum256([]byte(parts[0] + "." + parts[1]))
+	if err := rsa.VerifyPKCS1v15(key, crypto.SHA256, digest[:], sig); err != nil {
+		return nil, err
+	}
+	raw, err = base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		return nil, err
+	}
+	var c assertionClaims
+	if err := json.Unmarshal(raw, &c); err != nil {
+		return nil, err
+	}
+	return &c, nil
 }
 
 func (ts *tokenServer) issue(w http.ResponseWriter) {
