@@ -2,6 +2,8 @@
 # (mkfs.ext4 makes the small filesystem of the full-disk test),
 # and Python modules for Debian's /usr/bin/python3 as "module:package"
 # (checked with -I, so that our own dkim/ folder does not pass for dkimpy),
+# PostgreSQL's server programs (Debian keeps them off PATH, in
+# /usr/lib/postgresql/VERSION/bin; the tests make throwaway clusters),
 # and Perl modules as "module=package" (swaks speaks TLS through Net::SSLeay,
 # which its package only recommends).
 # promtool comes with Debian's prometheus package; its server is not used
@@ -31,6 +33,7 @@ test-deps:
 	for pair in $(TEST_PERL_MODULES); do \
 		perl -M"$${pair%%=*}" -e 1 >/dev/null 2>&1 || missing="$$missing $${pair##*=}"; \
 	done; \
+	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 		echo "installing test peers:$$missing"; \
