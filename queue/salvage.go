@@ -23,6 +23,9 @@ type LostMessage struct {
 // SalvageReport is what Salvage saved and what it could not.
 type SalvageReport struct {
 	Saved   int // messages stored in the new queue
+	// Present counts the messages that the new queue already had, by
+	// their IDs: copied by an earlier run into the same queue.
+	Present int
 	Spooled int // of them, with a spool file
 	Held    int // of them, on hold
 	// Lost are the messages known by their ID that could not be saved,
@@ -335,6 +338,11 @@ func (sv *salvage) storeOne(ctx context.Context, j salvageJob) {
 	}
 	sv.mu.Lock()
 	defer sv.mu.Unlock()
+	if errors.Is(err, ErrExists) {
+		sv.saved[m.ID] = true
+		sv.rep.Present++
+		return
+	}
 	if err != nil {
 		sv.rep.Lost = append(sv.rep.Lost, LostMessage{ID: m.ID, Reason: fmt.Sprintf("not stored in the new queue: %v", err)})
 		return
@@ -390,7 +398,7 @@ func (sv *salvage) reportUnsaved(damaged map[string]bool) {
 	slices.Sort(sv.rep.Unsure)
 	switch {
 	case sv.total >= 0:
-		sv.rep.Unnamed = max(int(sv.total)-sv.rep.Saved-len(sv.rep.Lost), 0)
+		sv.rep.Unnamed = max(int(sv.total)-sv.rep.Saved-sv.rep.Present-len(sv.rep.Lost), 0)
 	case recordsDamaged:
 		sv.rep.Unnamed = -1
 	}

@@ -48,6 +48,15 @@ Commands (they talk to the running server's admin API):
                 lost (NEWFILE is written all the same) or nothing could
                 be done; 2: usage. Works on the files, not the API.
 
+  import -from FILE [-config PATH]
+                copy every message of the queue file FILE, which a stopped
+                relay used, into the queue that the configuration names
+                (the shared PostgreSQL queue, say), keeping IDs, recipients'
+                states and attempts. A message the queue already has is
+                left as it is, so running it again copies nothing twice.
+                FILE is only read. Exit 0: all copied; 1: something could
+                not be; 2: usage. Works on the storage, not the API.
+
 -server defaults to the [http] address of the configuration (-config, default
 $SMARTHOST_CONFIG, else /etc/smarthost/config.toml), else http://127.0.0.1:9090.
 The bearer token is read from the variable named by [http] admin_token_env,
@@ -87,6 +96,9 @@ func runQueue(args []string, stdout, stderr io.Writer) int {
 		rest = fs.Args()[1:]
 		if len(words) == 1 && words[0] == "salvage" {
 			return runSalvage(rest, stdout, stderr)
+		}
+		if len(words) == 1 && words[0] == "import" {
+			return runImport(rest, stdout, stderr)
 		}
 	}
 	if len(words) == 0 {

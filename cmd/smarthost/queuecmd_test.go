@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
@@ -841,4 +842,87 @@ func TestQueueSalvage(t *testing.T) {
 		t.Fatalf("the new file: %v", err)
 	}
 	salvaged.Close()
+}
+
+// TestQueueImport runs `smarthost queue import` from a stopped relay's
+// queue file into the configured queue: every message with its state
+// (held kept), the source unchanged; a second run copies nothing; a
+// configured queue in use, or the source itself as the target, refused.
+func TestQueueImport(t *testing.T) {
+	from, ids := salvageFixture(t, 40)
+	src, err := queue.Open(from, queue.Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Hold(ids[7]); err != nil {
+		t.Fatal(err)
+	}
+	want, _, err := src.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.Close()
+	before := sha(t, from)
+
+	t.Setenv("SMARTHOST_TEST_ADMIN", "token")
+	cfgPath := serveConfig(t, "127.0.0.1:1", "")
+	code, stdout, stderr := runCmd(t, "queue", "import", "-from", from, "-config", cfgPath)
+	if code != 0 || stderr != "" || !strings.Contains(stdout, "copied 40 messages from "+from+" (1 with a spool file, 1 held)\n") {
+		t.Fatalf("first import: exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+	if sha(t, from) != before {
+		t.Error("import changed the source file")
+	}
+	target := filepath.Join(filepath.Dir(cfgPath), "queue.db")
+	dst, err := queue.Open(target, queue.Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _, err := dst.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("the queue holds %d messages, want %d", len(got), len(want))
+	}
+	for i := range want {
+		w, g := want[i].Message, got[i].Message
+		if g.ID != w.ID || g.Held != w.Held || !reflect.DeepEqual(g.Recipients, w.Recipients) || g.Attempts != w.Attempts {
+			t.Errorf("message %d: got %+v, want %+v", i, g, w)
+		}
+	}
+	if body, err := dst.Body(ids[39]); err != nil || !bytes.HasSuffix(body, []byte("spooled line\r\n")) || len(body) < 200<<10 {
+		t.Errorf("the spooled message's body: %d bytes, %v", len(body), err)
+	}
+
+	// In use by a running relay: refused, nothing written.
+	code, _, stderr = runCmd(t, "queue", "import", "-from", from, "-config", cfgPath)
+	if code != 1 || !strings.Contains(stderr, "in use by a running relay") {
+		t.Errorf("target in use: exit %d, %q", code, stderr)
+	}
+	dst.Close()
+
+	code, stdout, stderr = runCmd(t, "queue", "import", "-from", from, "-config", cfgPath)
+	if code != 0 || stderr != "" || !strings.Contains(stdout, "copied 0 messages from ") || !strings.Contains(stdout, "40 messages were already in the queue") {
+		t.Fatalf("second import: exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+
+	for _, tt := range []struct {
+		name string
+		args []string
+		code int
+		err  string
+	}{
+		{"no -from", []string{"-config", cfgPath}, 2, "-from FILE is required"},
+		{"itself", []string{"-from", target, "-config", cfgPath}, 2, "is the configured queue itself"},
+		{"extra argument", []string{"-from", from, "-config", cfgPath, "x"}, 2, "unexpected argument"},
+		{"no such file", []string{"-from", from + ".none", "-config", cfgPath}, 1, "no such file"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			code, _, stderr := runCmd(t, append([]string{"queue", "import"}, tt.args...)...)
+			if code != tt.code || !strings.Contains(stderr, tt.err) {
+				t.Errorf("exit %d, stderr %q; want %d and %q", code, stderr, tt.code, tt.err)
+			}
+		})
+	}
 }

@@ -239,7 +239,7 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	m.InitLabels(listenerNames(cfg.Listeners), upstreamNames(cfg.Upstreams))
 	// The queue is opened (and checked) before anything is logged, so that
 	// a damaged file makes one line.
-	store, err := queue.Open(cfg.Queue.Path, queue.Options{Observer: m, Logger: logger})
+	store, err := openQueue(cfg, logger, m)
 	if err != nil {
 		return nil, err
 	}
