@@ -78,6 +78,7 @@ upstreams = ["local"]
 		LogFormat: "text",
 		LogLevel:  slog.LevelInfo,
 		Queue: config.Queue{
+			Backend: config.QueueBbolt, Lease: 30 * time.Second,
 			Path: "/var/lib/smarthost/queue.db", RetryMin: time.Minute, RetryMax: time.Hour,
 			MaxAge: 120 * time.Hour, Bounce: true, Workers: 16,
 			UpstreamCommandTimeout: 2 * time.Minute, UpstreamDataTimeout: 10 * time.Minute,
@@ -113,6 +114,7 @@ log_format = "json"
 log_level = "DEBUG"
 
 [queue]
+backend = "bbolt"
 path = "/tmp/q.db"
 retry_min = "1s"
 retry_max = "90m"
@@ -210,7 +212,7 @@ max_connections = 64
 	if cfg.Hostname != "Relay.Example.com" || cfg.LogFormat != "json" || cfg.LogLevel != slog.LevelDebug {
 		t.Errorf("top level: %q %q %v", cfg.Hostname, cfg.LogFormat, cfg.LogLevel)
 	}
-	wantQueue := config.Queue{Path: "/tmp/q.db", RetryMin: time.Second, RetryMax: 90 * time.Minute, MaxAge: 2 * time.Hour, Bounce: false, Workers: 3,
+	wantQueue := config.Queue{Backend: config.QueueBbolt, Lease: 30 * time.Second, Path: "/tmp/q.db", RetryMin: time.Second, RetryMax: 90 * time.Minute, MaxAge: 2 * time.Hour, Bounce: false, Workers: 3,
 		UpstreamCommandTimeout: 45 * time.Second, UpstreamDataTimeout: 5 * time.Minute}
 	if cfg.Queue != wantQueue {
 		t.Errorf("queue = %+v, want %+v", cfg.Queue, wantQueue)
