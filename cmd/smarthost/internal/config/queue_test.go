@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"log/slog"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -78,7 +77,6 @@ func TestParseConfigQueueBackendRules(t *testing.T) {
 	t.Setenv("SMARTHOST_TEST_DSN_EMPTY", "")
 	t.Setenv("SMARTHOST_TEST_DSN_BLANK", " \t")
 	t.Setenv("SMARTHOST_TEST_DSN_BAD", "postgres://smarthost@db.internal:port/mail")
-	os.Unsetenv("SMARTHOST_TEST_DSN_UNSET")
 	blankFirst := configtest.WriteFile(t, dir, "blank-first", "\npostgres://smarthost@db.internal/mail\n")
 	badFile := configtest.WriteFile(t, dir, "bad", "sslmode=sometimes host=db.internal\n")
 	okFile := configtest.WriteFile(t, dir, "ok", "host=db.internal\n")
