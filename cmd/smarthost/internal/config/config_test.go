@@ -78,6 +78,7 @@ upstreams = ["local"]
 		LogFormat: "text",
 		LogLevel:  slog.LevelInfo,
 		Queue: config.Queue{
+			Backend: config.QueueBbolt, Lease: 30 * time.Second,
 			Path: "/var/lib/smarthost/queue.db", RetryMin: time.Minute, RetryMax: time.Hour,
 			MaxAge: 120 * time.Hour, Bounce: true, Workers: 16,
 			UpstreamCommandTimeout: 2 * time.Minute, UpstreamDataTimeout: 10 * time.Minute,
@@ -113,6 +114,7 @@ log_format = "json"
 log_level = "DEBUG"
 
 [queue]
+backend = "bbolt"
 path = "/tmp/q.db"
 retry_min = "1s"
 retry_max = "90m"
@@ -210,7 +212,7 @@ max_connections = 64
 	if cfg.Hostname != "Relay.Example.com" || cfg.LogFormat != "json" || cfg.LogLevel != slog.LevelDebug {
 		t.Errorf("top level: %q %q %v", cfg.Hostname, cfg.LogFormat, cfg.LogLevel)
 	}
-	wantQueue := config.Queue{Path: "/tmp/q.db", RetryMin: time.Second, RetryMax: 90 * time.Minute, MaxAge: 2 * time.Hour, Bounce: false, Workers: 3,
+	wantQueue := config.Queue{Backend: config.QueueBbolt, Lease: 30 * time.Second, Path: "/tmp/q.db", RetryMin: time.Second, RetryMax: 90 * time.Minute, MaxAge: 2 * time.Hour, Bounce: false, Workers: 3,
 		UpstreamCommandTimeout: 45 * time.Second, UpstreamDataTimeout: 5 * time.Minute}
 	if cfg.Queue != wantQueue {
 		t.Errorf("queue = %+v, want %+v", cfg.Queue, wantQueue)
@@ -539,6 +541,9 @@ func TestExampleConfig(t *testing.T) {
 			y.EnvelopeFrom != "relay@example.com" || y.HeaderFromRewrite || cfg.Upstreams[0].EnvelopeFrom != "" {
 			t.Errorf("provider upstreams: %+v", cfg.Upstreams)
 		}
+		if cfg.Queue.Backend != config.QueueBbolt || cfg.Queue.DSN != "" {
+			t.Errorf("queue backend %q: want bbolt, without a DSN", cfg.Queue.Backend)
+		}
 		if cfg.Queue.DelayWarning != 0 || !cfg.Queue.Bounce || cfg.Upstreams[0].DSNFrom != "" {
 			t.Errorf("delay warning %v, bounce %v, dsn_from %q: want the defaults", cfg.Queue.DelayWarning, cfg.Queue.Bounce, cfg.Upstreams[0].DSNFrom)
 		}
@@ -563,6 +568,41 @@ func TestExampleConfig(t *testing.T) {
 		}
 		if k := cfg.DKIM[0]; k.Headers == nil || k.Expiration == 0 || !k.Subdomains {
 			t.Errorf("commented [[dkim]] keys not applied: %+v", k)
+		}
+	})
+
+	// The postgres keys are shown indented, as an alternative: switched
+	// on with backend = "postgres", they must be valid, with either source
+	// of the connection string.
+	t.Run("postgres keys enabled", func(t *testing.T) {
+		const dsn = "postgres://smarthost:pw@db.internal:5432/mail?sslmode=verify-full"
+		t.Setenv("SMARTHOST_QUEUE_DSN", dsn)
+		dsnFile := configtest.WriteFile(t, t.TempDir(), "queue-dsn", dsn+"\n")
+		pg := strings.Replace(text, "\nbackend = \"bbolt\" ", "\nbackend = \"postgres\" ", 1)
+		if pg == text {
+			t.Fatal(`no backend = "bbolt" line`)
+		}
+		for _, source := range []string{"dsn_env", "dsn_file"} {
+			re := regexp.MustCompile(`(?m)^#   ((?:` + source + `|lease) *= )`)
+			enabled := re.ReplaceAllString(pg, "$1")
+			enabled = strings.ReplaceAll(enabled, "/run/secrets/queue-dsn", dsnFile)
+			if n := len(re.FindAllString(pg, -1)); n != 2 {
+				t.Fatalf("%d lines of %s and lease, want 2", n, source)
+			}
+			q := configtest.MustParse(t, enabled).Queue
+			if q.Backend != config.QueuePostgres || string(q.DSN) != dsn || q.Lease != 30*time.Second {
+				t.Errorf("%s: backend %q, DSN %q, lease %v", source, q.Backend, string(q.DSN), q.Lease)
+			}
+		}
+		// The keys carry the words of the product's specification.
+		for _, line := range []string{
+			`backend = "bbolt"                     # "bbolt" (default: the file at path) | "postgres"`,
+			`#   dsn_env = "SMARTHOST_QUEUE_DSN"      # postgres: a libpq connection string or URL, from this env var`,
+			`#   dsn_file = "/run/secrets/queue-dsn"  # or from the first line of a file`,
+		} {
+			if !slices.Contains(strings.Split(text, "\n"), line) {
+				t.Errorf("config.toml.example has no line %q", line)
+			}
 		}
 	})
 
@@ -593,8 +633,8 @@ func TestExampleConfig(t *testing.T) {
 	t.Run("documents every key", func(t *testing.T) {
 		keys := []string{
 			"hostname", "log_format", "log_level",
-			"path", "retry_min", "retry_max", "max_age", "bounce", "delay_warning", "workers",
-			"upstream_command_timeout", "upstream_data_timeout",
+			"backend", "path", "retry_min", "retry_max", "max_age", "bounce", "delay_warning", "workers",
+			"upstream_command_timeout", "upstream_data_timeout", "dsn_env", "dsn_file", "lease",
 			"cert_file", "key_file",
 			"name", "address", "tls", "auth", "trusted_networks", "allow_public_networks",
 			"max_message_size", "max_recipients", "max_connections", "max_connections_per_ip", "auth_timeout",
@@ -609,7 +649,7 @@ func TestExampleConfig(t *testing.T) {
 			"shutdown_timeout", "proxy_protocol", "proxy_trusted",
 		}
 		for _, k := range keys {
-			if !regexp.MustCompile(`(?m)^(# )?`+k+` *= `).MatchString(text) && !strings.Contains(text, "or "+k+" = ") {
+			if !regexp.MustCompile(`(?m)^(#\s+)?`+k+` *= `).MatchString(text) && !strings.Contains(text, "or "+k+" = ") {
 				t.Errorf("config.toml.example does not document %s", k)
 			}
 		}
