@@ -22,7 +22,7 @@ type LostMessage struct {
 
 // SalvageReport is what Salvage saved and what it could not.
 type SalvageReport struct {
-	Saved   int // messages stored in the new queue
+	Saved int // messages stored in the new queue
 	// Present counts the messages that the new queue already had, by
 	// their IDs: copied by an earlier run into the same queue.
 	Present int
