@@ -43,7 +43,7 @@ func runImport(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "smarthost queue import:", err)
 		return 2
 	}
-	if dst, err := filepath.Abs(cfg.Queue.Path); err == nil && dst == src {
+	if dst, err := filepath.Abs(cfg.Queue.Path); err == nil && dst == src && cfg.Queue.Backend == config.QueueBbolt {
 		fmt.Fprintf(stderr, "smarthost queue import: %s is the configured queue itself\n", src)
 		return 2
 	}

@@ -87,6 +87,9 @@ func keepRestartValues(cfg, old *config.Config, withCerts bool) []string {
 	keep("log_level", cfg.LogLevel != old.LogLevel, func() { cfg.LogLevel = old.LogLevel })
 	q, oq := &cfg.Queue, &old.Queue
 	keep("queue.path", q.Path != oq.Path, func() { q.Path = oq.Path })
+	keep("queue.backend", q.Backend != oq.Backend, func() { q.Backend = oq.Backend })
+	keep("queue.dsn", q.DSN != oq.DSN, func() { q.DSN = oq.DSN })
+	keep("queue.lease", q.Lease != oq.Lease, func() { q.Lease = oq.Lease })
 	keep("queue.retry_min", q.RetryMin != oq.RetryMin, func() { q.RetryMin = oq.RetryMin })
 	keep("queue.retry_max", q.RetryMax != oq.RetryMax, func() { q.RetryMax = oq.RetryMax })
 	keep("queue.max_age", q.MaxAge != oq.MaxAge, func() { q.MaxAge = oq.MaxAge })
