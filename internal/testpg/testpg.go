@@ -88,10 +88,16 @@ func Shared(t testing.TB) *Server {
 //	func TestMain(m *testing.M) { testpg.Main(m) }
 func Main(m *testing.M) {
 	code := m.Run()
+	CloseShared()
+	os.Exit(code)
+}
+
+// CloseShared stops the shared cluster, if it was started: for a
+// TestMain that does more than Main.
+func CloseShared() {
 	if shared != nil {
 		shared.Close()
 	}
-	os.Exit(code)
 }
 
 // New makes and starts a cluster; Close stops and removes it.
