@@ -12,6 +12,11 @@ import (
 // outcome is not recorded; the message is retried.
 var ErrClaimLost = errors.New("queue: the claim on the message was lost")
 
+// ErrUnavailable wraps the errors of a backend that cannot reach its
+// storage (a database that is down or unreachable), as opposed to one
+// that reached it and failed: the first passes by itself.
+var ErrUnavailable = errors.New("queue: storage unavailable")
+
 // Backend is the queue's storage: everything the submission side, the
 // Scheduler, the admin API, the metrics, salvage and serve do to queued
 // messages. The bbolt Store is one; every Backend passes the conformance

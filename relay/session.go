@@ -523,10 +523,15 @@ func (s *session) storeSpooled(m *queue.Message, norm *normalizer, mb *messageBu
 }
 
 // storageFailed logs a failure to store a message and returns the reply:
-// never 250 for a message that is not on disk.
+// never 250 for a message that is not on disk. A queue that cannot be
+// reached at all (its database down) is a local error rather than a
+// lack of storage.
 func (s *session) storageFailed(id string, err error) error {
 	s.log.Error("queue write failed", "queue_id", id, "error", err)
 	s.srv.observer().Rejected(s.lis.cfg.Name, ReasonStorage)
+	if errors.Is(err, queue.ErrUnavailable) {
+		return errUnavailable
+	}
 	return errStorage
 }
 
