@@ -101,6 +101,10 @@ type (
 				ResourceFieldRef *struct {
 					Resource string `yaml:"resource"`
 				} `yaml:"resourceFieldRef"`
+				SecretKeyRef *struct {
+					Name string `yaml:"name"`
+					Key  string `yaml:"key"`
+				} `yaml:"secretKeyRef"`
 			} `yaml:"valueFrom"`
 		} `yaml:"env"`
 		EnvFrom []struct {
@@ -137,7 +141,8 @@ type (
 		Secret *struct {
 			SecretName string `yaml:"secretName"`
 		} `yaml:"secret"`
-		EmptyDir map[string]any `yaml:"emptyDir"`
+		EmptyDir              map[string]any `yaml:"emptyDir"`
+		PersistentVolumeClaim map[string]any `yaml:"persistentVolumeClaim"`
 	}
 	podSpec struct {
 		AutomountServiceAccountToken  *bool          `yaml:"automountServiceAccountToken"`
@@ -219,7 +224,9 @@ type (
 // podConfig is what the tests read from config.toml.
 type podConfig struct {
 	Queue struct {
-		Path string `toml:"path"`
+		Path    string `toml:"path"`
+		Backend string `toml:"backend"`
+		DSNEnv  string `toml:"dsn_env"`
 	} `toml:"queue"`
 	TLS struct {
 		CertFile string `toml:"cert_file"`
@@ -820,6 +827,16 @@ func TestChartRefusesBadValues(t *testing.T) {
 		{"raw config without token", "config: 'hostname = \"x.example\"'", "admin_token_env"},
 		{"environment name", "secret: {env: {BAD-NAME: x}}", "is not an environment variable name"},
 		{"token in env", "secret: {env: {SMARTHOST_ADMIN_TOKEN: x}}", "set secret.adminToken"},
+		// Replicas on bbolt each keep their own queue and rate_limit
+		// windows: only an explicit acknowledgement allows it.
+		{"bbolt replicas", "replicas: 2", "set queue.bbolt.acceptPerReplicaQueuesAndLimits: true"},
+		{"bbolt replicas not acknowledged", "replicas: 2\nqueue: {bbolt: {acceptPerReplicaQueuesAndLimits: false}}", "acceptPerReplicaQueuesAndLimits"},
+		{"postgres without a DSN", "queue: {backend: postgres}", "needs queue.postgres.existingSecret"},
+		{"postgres without a key", "queue: {backend: postgres, postgres: {existingSecret: db, key: ''}}", "needs queue.postgres.key"},
+		{"unknown backend", "queue: {backend: mysql}", `queue.backend "mysql": want bbolt or postgres`},
+		{"queue backend in settings", "settings: {queue: {backend: postgres}}", "settings.queue.backend is set by the chart"},
+		{"queue dsn in settings", "queue: {backend: postgres, postgres: {existingSecret: db}}\nsettings: {queue: {dsn_env: DB}}", "settings.queue.dsn_env is set by the chart"},
+		{"raw config without the DSN", "queue: {backend: postgres, postgres: {existingSecret: db}}\nconfig: '[http]\n  admin_token_env = \"SMARTHOST_ADMIN_TOKEN\"'", "dsn_env = \"SMARTHOST_QUEUE_DSN\""},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -841,7 +858,7 @@ func TestChartRefusesBadValues(t *testing.T) {
 
 // TestChartLint runs helm lint --strict, which also renders NOTES.txt.
 func TestChartLint(t *testing.T) {
-	for _, values := range [][]string{nil, {"-f", "testdata/values-full.yaml"}, {"-f", "testdata/values-raw.yaml"}} {
+	for _, values := range [][]string{nil, {"-f", "testdata/values-full.yaml"}, {"-f", "testdata/values-raw.yaml"}, {"-f", "testdata/values-postgres.yaml"}} {
 		out, err := goRun(t, helmPkg, append([]string{"lint", "--strict", "helm/smarthost"}, values...)...)
 		if err != nil {
 			t.Errorf("helm lint %v: %v\n%s", values, err, out)

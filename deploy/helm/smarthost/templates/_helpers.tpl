@@ -50,6 +50,34 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "smarthost.dkimDir" -}}/etc/smarthost/dkim{{- end }}
 {{- define "smarthost.queueDir" -}}/var/lib/smarthost{{- end }}
 {{- define "smarthost.adminTokenEnv" -}}SMARTHOST_ADMIN_TOKEN{{- end }}
+{{- define "smarthost.queueDSNEnv" -}}SMARTHOST_QUEUE_DSN{{- end }}
+
+{{/*
+smarthost.queueBackend returns queue.backend, "bbolt" or "postgres",
+after refusing the values that would lose mail or break the promises of
+rate_limit: several replicas each on its own bbolt file without the
+operator saying they accept it, and postgres without a DSN.
+*/}}
+{{- define "smarthost.queueBackend" -}}
+{{- $q := .Values.queue | default dict }}
+{{- $backend := $q.backend | default "bbolt" | toString }}
+{{- $replicas := int .Values.replicas }}
+{{- if eq $backend "bbolt" }}
+{{- if and (gt $replicas 1) (not (dig "bbolt" "acceptPerReplicaQueuesAndLimits" false $q)) }}
+{{- fail (printf "replicas is %d with queue.backend bbolt: each replica would have its own queue, stranded when it is scaled down, and its own rate_limit windows, so an upstream's quota is multiplied by the replicas. Use queue.backend postgres (one queue shared by every replica), or set queue.bbolt.acceptPerReplicaQueuesAndLimits: true to accept this" $replicas) }}
+{{- end }}
+{{- else if eq $backend "postgres" }}
+{{- if not (dig "postgres" "existingSecret" "" $q) }}
+{{- fail "queue.backend postgres needs queue.postgres.existingSecret: the Secret that holds the database's connection string (a libpq DSN or URL) under queue.postgres.key" }}
+{{- end }}
+{{- if not (dig "postgres" "key" "" $q) }}
+{{- fail "queue.backend postgres needs queue.postgres.key: the key of queue.postgres.existingSecret that holds the connection string" }}
+{{- end }}
+{{- else }}
+{{- fail (printf "queue.backend %q: want bbolt or postgres" $backend) }}
+{{- end }}
+{{- $backend }}
+{{- end }}
 
 {{/*
 smarthost.listeners returns settings.listen checked, as JSON: every
@@ -100,9 +128,13 @@ name = {{ toJson .name }}
 
 {{/* smarthost.config is the content of config.toml. */}}
 {{- define "smarthost.config" -}}
+{{- $backend := include "smarthost.queueBackend" . }}
 {{- if .Values.config }}
 {{- if not (contains (include "smarthost.adminTokenEnv" .) .Values.config) }}
 {{- fail "config must set [http] admin_token_env = \"SMARTHOST_ADMIN_TOKEN\": the admin API listens beyond loopback in the pod" }}
+{{- end }}
+{{- if and (eq $backend "postgres") (not (contains (include "smarthost.queueDSNEnv" .) .Values.config)) }}
+{{- fail "config must set [queue] backend = \"postgres\" and dsn_env = \"SMARTHOST_QUEUE_DSN\" with queue.backend postgres: the pod gets the DSN in that variable" }}
 {{- end }}
 {{- .Values.config }}
 {{- else }}
@@ -112,12 +144,22 @@ name = {{ toJson .name }}
 {{- end }}
 {{- if hasKey ($s.queue | default dict) "path" }}
 {{- fail "settings.queue.path is set by the chart: the queue lives on its volume" }}
+{{- end }}
+{{- range list "backend" "dsn_env" "dsn_file" }}
+{{- if hasKey ($s.queue | default dict) . }}
+{{- fail (printf "settings.queue.%s is set by the chart: see queue.backend and queue.postgres" .) }}
+{{- end }}
 {{- end -}}
 # config.toml of smarthost, rendered by the Helm chart from its values.
 {{- include "smarthost.tomlKeys" (omit $s "queue" "limits" "listen" "user" "upstream" "route" "dkim") }}
 
 [queue]
+{{- if eq $backend "postgres" }}
+backend = "postgres"
+dsn_env = {{ include "smarthost.queueDSNEnv" . | toJson }}
+{{- else }}
 path = {{ printf "%s/queue.db" (include "smarthost.queueDir" .) | toJson }}
+{{- end }}
 {{- include "smarthost.tomlKeys" ($s.queue | default dict) }}
 {{- if include "smarthost.needsTLS" . }}
 
