@@ -29,6 +29,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 	"golang.org/x/sys/unix"
 
+	"smarthost/internal/testpg"
 	"smarthost/internal/testpki"
 )
 
@@ -67,6 +68,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	code := m.Run()
+	testpg.CloseShared()
 	os.RemoveAll(dir)
 	os.Exit(code)
 }

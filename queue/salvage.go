@@ -23,8 +23,8 @@ type LostMessage struct {
 // SalvageReport is what Salvage saved and what it could not.
 type SalvageReport struct {
 	Saved int // messages stored in the new queue
-	// Present counts the messages that the new queue already had, by
-	// their IDs: copied by an earlier run into the same queue.
+	// Present counts the messages that the new queue refused as copied
+	// before (ErrExists): by an earlier run into the same queue.
 	Present int
 	Spooled int // of them, with a spool file
 	Held    int // of them, on hold

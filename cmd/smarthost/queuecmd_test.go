@@ -903,7 +903,7 @@ func TestQueueImport(t *testing.T) {
 	dst.Close()
 
 	code, stdout, stderr = runCmd(t, "queue", "import", "-from", from, "-config", cfgPath)
-	if code != 0 || stderr != "" || !strings.Contains(stdout, "copied 0 messages from ") || !strings.Contains(stdout, "40 messages were already in the queue") {
+	if code != 0 || stderr != "" || !strings.Contains(stdout, "copied 0 messages from ") || !strings.Contains(stdout, "40 messages were copied before, not copied again") {
 		t.Fatalf("second import: exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
 	}
 

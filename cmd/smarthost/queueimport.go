@@ -98,7 +98,7 @@ func printImport(w io.Writer, rep *queue.SalvageReport, from string) {
 	}
 	fmt.Fprintln(w)
 	if rep.Present > 0 {
-		fmt.Fprintf(w, "%d %s already in the queue, left as %s\n", rep.Present, plural(rep.Present, "message was", "messages were"), plural(rep.Present, "it was", "they were"))
+		fmt.Fprintf(w, "%d %s copied before, not copied again\n", rep.Present, plural(rep.Present, "message was", "messages were"))
 	}
 	if n := len(rep.Lost); n > 0 || rep.Unnamed != 0 {
 		fmt.Fprintf(w, "not copied: %d %s listed above; %s is unchanged\n", n, plural(n, "message", "messages"), from)

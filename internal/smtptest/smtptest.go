@@ -72,6 +72,9 @@ type Message struct {
 	AuthUser string // the user that authenticated on the connection, if any
 	TLS      bool   // whether the connection was protected by TLS
 	ConnID   int    // which connection it came over, from 1 in accept order
+	// Began is when its MAIL command was accepted and Ended when its
+	// data was, so that a test can tell transactions that overlapped.
+	Began, Ended time.Time
 }
 
 // Server is a running fake SMTP server. Its methods are safe for
@@ -489,6 +492,7 @@ type session struct {
 	authUser string
 	from     string
 	to       []string
+	began    time.Time // when MAIL was accepted
 }
 
 func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
@@ -577,6 +581,7 @@ func (ss *session) Mail(from string, _ *smtp.MailOptions) error {
 		}
 	}
 	ss.from = from
+	ss.began = time.Now()
 	return nil
 }
 
@@ -616,6 +621,8 @@ func (ss *session) Data(r io.Reader) error {
 		AuthUser: ss.authUser,
 		TLS:      ss.tls,
 		ConnID:   ss.conn.id,
+		Began:    ss.began,
+		Ended:    time.Now(),
 	})
 	close(s.changed)
 	s.changed = make(chan struct{})
