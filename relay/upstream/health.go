@@ -107,28 +107,26 @@ func (p HealthPolicy) downFor(n int) time.Duration {
 	return min(dur, limit)
 }
 
-// localHealth is a Health kept in this process's memory.
-type localHealth struct {
-	mu      sync.Mutex
+// healthState is the state machine behind a Health: what Admit, Report
+// and ProbeNow decide, on a plain value that localHealth guards with a
+// mutex and the Cluster loads from and stores to a shared row.
+type healthState struct {
 	st      HealthStatus
 	probing bool // a delivery is probing the down upstream
 	downs   int  // consecutive failed probes plus one, for backoff
 }
 
-func (h *localHealth) Admit(_ context.Context, now time.Time) (bool, HealthStatus, error) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
+// admit tells whether a delivery may try the upstream at now, and makes
+// it the probe if the upstream is down and due.
+func (h *healthState) admit(now time.Time) (probe bool) {
 	if !h.st.Down || now.Before(h.st.DownUntil) || h.probing {
-		return false, h.st, nil
+		return false
 	}
 	h.probing = true
-	return true, h.st, nil
+	return true
 }
 
-func (h *localHealth) Report(_ context.Context, now time.Time, r HealthReport) (before, after HealthStatus, err error) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	before = h.st
+func (h *healthState) report(now time.Time, r HealthReport) {
 	st := &h.st
 	if r.Probe {
 		h.probing = false
@@ -153,21 +151,45 @@ func (h *localHealth) Report(_ context.Context, now time.Time, r HealthReport) (
 			st.DownUntil = now.Add(r.Policy.downFor(h.downs))
 		}
 	}
-	return before, h.st, nil
+}
+
+func (h *healthState) probeNow(now time.Time) {
+	if h.st.Down && now.Before(h.st.DownUntil) {
+		h.st.DownUntil = now
+	}
+}
+
+// localHealth is a Health kept in this process's memory.
+type localHealth struct {
+	mu sync.Mutex
+	s  healthState
+}
+
+func (h *localHealth) Admit(_ context.Context, now time.Time) (bool, HealthStatus, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	probe := h.s.admit(now)
+	return probe, h.s.st, nil
+}
+
+func (h *localHealth) Report(_ context.Context, now time.Time, r HealthReport) (before, after HealthStatus, err error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	before = h.s.st
+	h.s.report(now, r)
+	return before, h.s.st, nil
 }
 
 func (h *localHealth) Status(context.Context) (HealthStatus, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.st, nil
+	return h.s.st, nil
 }
 
 func (h *localHealth) ProbeNow(_ context.Context, now time.Time) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.st.Down && now.Before(h.st.DownUntil) {
-		h.st.DownUntil = now
-	}
+	h.s.probeNow(now)
 	return nil
 }
 

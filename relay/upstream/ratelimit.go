@@ -116,6 +116,31 @@ func (r *rateLog) expire(now time.Time) {
 	}
 }
 
+// loadRateLog returns the log of rate with the given end times, oldest
+// first, and inflight slots taken: the state that a shared window keeps
+// elsewhere, to decide on as the local one does. Only the newest end
+// times that rate has room for are kept, as setRate does.
+func loadRateLog(rate Rate, ended []time.Time, inflight int) rateLog {
+	r := rateLog{rate: rate, inflight: inflight}
+	if len(ended) > rate.N {
+		ended = ended[len(ended)-rate.N:]
+	}
+	if len(ended) > 0 {
+		r.ended = make([]time.Time, rate.N)
+		r.n = copy(r.ended, ended)
+	}
+	return r
+}
+
+// endTimes returns the logged end times, oldest first.
+func (r *rateLog) endTimes() []time.Time {
+	out := make([]time.Time, r.n)
+	for k := range out {
+		out[k] = r.at(k)
+	}
+	return out
+}
+
 // at returns the k-th oldest end time.
 func (r *rateLog) at(k int) time.Time { return r.ended[(r.head+k)%len(r.ended)] }
 
