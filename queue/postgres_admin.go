@@ -311,4 +311,3 @@ func (s *PGStore) Len() (int, error) {
 	}
 	return n, nil
 }
-
