@@ -87,7 +87,10 @@ type PGStore struct {
 	cancel      context.CancelFunc
 	wg          sync.WaitGroup
 	stopRenewal context.CancelFunc
-	closed      atomic.Bool
+	// mu orders the start of the probe with Close, so that no goroutine
+	// starts once Close waits for them.
+	mu     sync.Mutex
+	closed atomic.Bool
 }
 
 var _ Backend = (*PGStore)(nil)
@@ -144,7 +147,15 @@ func OpenPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*PGSto
 	s.stopRenewal = stopRenewal
 	s.wg.Add(2)
 	go s.renew(renewCtx)
-	go s.listen(cfg.ConnConfig.Copy())
+	listening := make(chan struct{})
+	go s.listen(cfg.ConnConfig.Copy(), listening)
+	// Wake-ups work once Open returns, unless the listener cannot connect
+	// yet; it keeps trying meanwhile.
+	select {
+	case <-listening:
+	case <-ctx.Done():
+	case <-time.After(5 * time.Second):
+	}
 	return s, nil
 }
 
@@ -181,7 +192,10 @@ func (s *PGStore) Pool() *pgxpool.Pool { return s.pool }
 // another replica takes over what this one had not finished), waits for
 // the operations in progress and closes the pool.
 func (s *PGStore) Close() error {
-	if s.closed.Swap(true) {
+	s.mu.Lock()
+	already := s.closed.Swap(true)
+	s.mu.Unlock()
+	if already {
 		return nil
 	}
 	s.cancel()
@@ -279,6 +293,8 @@ func (s *PGStore) failed(err error) {
 	if !s.failing.Swap(true) {
 		s.log.Error("queue: the database cannot commit; the relay is not ready until a commit succeeds", "err", err)
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.closed.Load() || s.probing.Swap(true) {
 		return
 	}
@@ -376,14 +392,16 @@ func (s *PGStore) release(token uint64) {
 // turns each notification into a wake-up. When the connection breaks it
 // reconnects every second, and wakes the scheduler once it is back: what
 // was notified meanwhile was lost.
-func (s *PGStore) listen(cfg *pgx.ConnConfig) {
+func (s *PGStore) listen(cfg *pgx.ConnConfig, listening chan<- struct{}) {
 	defer s.wg.Done()
 	first := true
 	for {
 		conn, err := pgx.ConnectConfig(s.ctx, cfg)
 		if err == nil {
 			if _, err = conn.Exec(s.ctx, "LISTEN "+pgChannel); err == nil {
-				if !first {
+				if first {
+					close(listening)
+				} else {
 					s.log.Info("queue: listening for new messages again")
 					s.notify()
 				}

@@ -96,28 +96,3 @@ func (r *chunkReader) drop() {
 	r.seq, r.data = 0, nil
 	r.mu.Unlock()
 }
-
-// Body returns the content of message id, whole: for an operator's look
-// at one message. ErrNotFound if there is none.
-func (s *PGStore) Body(id string) ([]byte, error) {
-	ctx, cancel := opContext()
-	defer cancel()
-	rows, err := s.pool.Query(ctx, `SELECT data FROM queue_bodies WHERE id = $1 ORDER BY seq`, id)
-	if err != nil {
-		return nil, fmt.Errorf("queue: body %s: %w", id, err)
-	}
-	var body []byte
-	found := false
-	var data []byte
-	if _, err := pgx.ForEachRow(rows, []any{&data}, func() error {
-		found = true
-		body = append(body, data...)
-		return nil
-	}); err != nil {
-		return nil, fmt.Errorf("queue: body %s: %w", id, err)
-	}
-	if !found {
-		return nil, fmt.Errorf("queue: body %s: %w", id, ErrNotFound)
-	}
-	return body, nil
-}

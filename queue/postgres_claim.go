@@ -304,7 +304,7 @@ func (s *PGStore) Claim(ctx context.Context, at Start, limit int, skip func(id s
 	now := pgTime(at.Now)
 	var (
 		c         Claimed
-		takenFrom []string // the owners of lapsed leases taken over
+		takenFrom [][2]string // the IDs and owners of lapsed leases taken over
 	)
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		c, takenFrom = Claimed{}, nil
@@ -341,7 +341,7 @@ func (s *PGStore) Claim(ctx context.Context, at Start, limit int, skip func(id s
 					return nil
 				}
 				if owner != nil {
-					takenFrom = append(takenFrom, *owner)
+					takenFrom = append(takenFrom, [2]string{id, *owner})
 				}
 				begin(&rec.Message, at)
 				pgTimes(&rec.Message)
@@ -397,10 +397,10 @@ func (s *PGStore) Claim(ctx context.Context, at Start, limit int, skip func(id s
 	for _, a := range c.Attempts {
 		s.hold(a.Token)
 	}
-	for _, owner := range takenFrom {
+	for _, t := range takenFrom {
 		s.takeovers.Add(1)
 		s.log.Warn("queue: took over a message whose lease lapsed during an attempt; it may reach its recipients twice",
-			"previous_owner", owner)
+			"queue_id", t[0], "previous_owner", t[1])
 	}
 	return c, nil
 }
