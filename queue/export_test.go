@@ -22,3 +22,7 @@ func DamageRecord(path, id string) error {
 	}
 	return err
 }
+
+// StopRenewing stops the renewal of s's leases, as if its process hung:
+// they lapse while s still holds its attempts.
+func (s *PGStore) StopRenewing() { s.stopRenewal() }

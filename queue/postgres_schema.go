@@ -1,0 +1,40 @@
+package queue
+
+// pgSteps are the queue's schema steps, component "queue" of pgmigrate:
+// each runs once, in order; a step, once released, is never changed, and
+// a change of schema is a new step at the end.
+//
+// queue_messages holds one row per message: record is the message
+// encoded as the bbolt Store encodes it (encodeRecord), and the other
+// columns copy what the queries select by, so that no query decodes a
+// record to find its rows. A row whose lease_owner is set and whose
+// lease_until has not passed is being delivered by that owner; token
+// names that attempt. queue_bodies holds each message's content in
+// chunks: seq 0 is the head (all of it for a message not spooled), and
+// seq 1… the rest, pgChunk bytes each but the last.
+var pgSteps = []string{
+	`CREATE SEQUENCE queue_token;
+	CREATE TABLE queue_messages (
+		id           text PRIMARY KEY,
+		record       bytea NOT NULL,
+		received     timestamptz NOT NULL,
+		next_attempt timestamptz NOT NULL,
+		held         boolean NOT NULL DEFAULT false,
+		lease_owner  text,
+		lease_until  timestamptz,
+		token        bigint
+	);
+	CREATE INDEX queue_messages_due ON queue_messages (next_attempt, id) WHERE NOT held;
+	CREATE INDEX queue_messages_received ON queue_messages (received);
+	CREATE INDEX queue_messages_held ON queue_messages (id) WHERE held;
+	CREATE INDEX queue_messages_leased ON queue_messages (lease_until) WHERE lease_owner IS NOT NULL;
+	CREATE TABLE queue_bodies (
+		id   text NOT NULL,
+		seq  integer NOT NULL,
+		data bytea NOT NULL,
+		PRIMARY KEY (id, seq)
+	);
+	-- Message content is rarely worth compressing chunk by chunk, and
+	-- uncompressed chunks are read by offset without decompressing.
+	ALTER TABLE queue_bodies ALTER COLUMN data SET STORAGE EXTERNAL;`,
+}
