@@ -155,6 +155,23 @@ func TestClusterQueueShared(t *testing.T) {
 			t.Errorf("%s delivered %d times", id, n)
 		}
 	}
+
+	// The gauges report the whole queue; the database's pool is shown.
+	for i, r := range rs {
+		_, fams := scrapeMetrics(t, r)
+		if v, ok := series(fams, "smarthost_queue_messages", map[string]string{"state": "queued"}); !ok || v != 0 {
+			t.Errorf("replica %d: smarthost_queue_messages{state=queued} = %v (%v), want 0", i, v, ok)
+		}
+		if v, ok := series(fams, "smarthost_queue_db_max_connections", nil); !ok || v < 1 {
+			t.Errorf("replica %d: smarthost_queue_db_max_connections = %v (%v)", i, v, ok)
+		}
+		if v, ok := series(fams, "smarthost_queue_db_acquires_total", nil); !ok || v < 1 {
+			t.Errorf("replica %d: smarthost_queue_db_acquires_total = %v (%v)", i, v, ok)
+		}
+		if _, ok := series(fams, "smarthost_queue_lease_takeovers_total", nil); !ok {
+			t.Errorf("replica %d: no smarthost_queue_lease_takeovers_total", i)
+		}
+	}
 }
 
 // TestClusterRateLimit (acceptance 3): three replicas share one
@@ -470,6 +487,13 @@ func TestClusterCrashLoop(t *testing.T) {
 			}
 		}
 	}
+	takeovers := 0.0
+	for _, r := range rs {
+		_, fams := scrapeMetrics(t, r)
+		v, _ := series(fams, "smarthost_queue_lease_takeovers_total", nil)
+		takeovers += v
+	}
+	t.Logf("claims taken over from killed replicas, by the replicas alive at the end: %.0f", takeovers)
 	rate := 100 * float64(dups) / float64(len(ids))
 	t.Logf("kills %d, accepted %d, send errors %d, duplicates %d (%.2f%% of accepted)", kills, len(ids), sendErrors, dups, rate)
 	if rate >= 1 {

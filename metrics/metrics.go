@@ -323,6 +323,19 @@ type stateCollector struct {
 	rateLimitWait  *prometheus.Desc
 	rateLimitedCnt *prometheus.Desc
 	tokenExpiry    *prometheus.Desc
+
+	dbConnections    *prometheus.Desc
+	dbMaxConnections *prometheus.Desc
+	dbAcquires       *prometheus.Desc
+	dbAcquireWaits   *prometheus.Desc
+	dbAcquireWait    *prometheus.Desc
+	leaseTakeovers   *prometheus.Desc
+}
+
+// queueDatabase is a queue kept in a database that replicas share: the
+// PostgreSQL backend.
+type queueDatabase interface {
+	DatabaseStats() queue.DatabaseStats
 }
 
 func newStateCollector() *stateCollector {
@@ -349,6 +362,24 @@ func newStateCollector() *stateCollector {
 		tokenExpiry: prometheus.NewDesc("smarthost_upstream_token_expiry_seconds",
 			"Unix time at which the OAuth2 access token cached for the upstream expires; it is renewed before then. Absent while no token with an expiry is cached.",
 			[]string{"upstream"}, nil),
+		dbConnections: prometheus.NewDesc("smarthost_queue_db_connections",
+			"Connections to the queue's database, by state: in_use or idle (PostgreSQL backend).",
+			[]string{"state"}, nil),
+		dbMaxConnections: prometheus.NewDesc("smarthost_queue_db_max_connections",
+			"Most connections this replica opens to the queue's database.",
+			nil, nil),
+		dbAcquires: prometheus.NewDesc("smarthost_queue_db_acquires_total",
+			"Connections taken from the pool of the queue's database.",
+			nil, nil),
+		dbAcquireWaits: prometheus.NewDesc("smarthost_queue_db_acquire_waits_total",
+			"Connections taken from the pool of the queue's database that had to wait for one: the pool is too small for the load.",
+			nil, nil),
+		dbAcquireWait: prometheus.NewDesc("smarthost_queue_db_acquire_wait_seconds_total",
+			"Time spent waiting for a connection to the queue's database.",
+			nil, nil),
+		leaseTakeovers: prometheus.NewDesc("smarthost_queue_lease_takeovers_total",
+			"Messages this replica took over from another whose claim lapsed (it died, or lost the database); each may reach its recipients twice.",
+			nil, nil),
 	}
 }
 
@@ -366,7 +397,8 @@ func (c *stateCollector) setUpstreams(f func() []upstream.State) {
 
 // Describe implements prometheus.Collector.
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.queueMessages, c.oldestAge, c.recovered, c.upstreamUp, c.rateLimitWait, c.rateLimitedCnt, c.tokenExpiry} {
+	for _, d := range []*prometheus.Desc{c.queueMessages, c.oldestAge, c.recovered, c.upstreamUp, c.rateLimitWait, c.rateLimitedCnt, c.tokenExpiry,
+		c.dbConnections, c.dbMaxConnections, c.dbAcquires, c.dbAcquireWaits, c.dbAcquireWait, c.leaseTakeovers} {
 		ch <- d
 	}
 }
@@ -392,6 +424,16 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(c.oldestAge, prometheus.GaugeValue, age)
 		}
 		ch <- prometheus.MustNewConstMetric(c.recovered, prometheus.GaugeValue, float64(q.Recovered()))
+		if db, ok := q.(queueDatabase); ok {
+			st := db.DatabaseStats()
+			ch <- prometheus.MustNewConstMetric(c.dbConnections, prometheus.GaugeValue, float64(st.InUse), "in_use")
+			ch <- prometheus.MustNewConstMetric(c.dbConnections, prometheus.GaugeValue, float64(st.Connections-st.InUse), "idle")
+			ch <- prometheus.MustNewConstMetric(c.dbMaxConnections, prometheus.GaugeValue, float64(st.MaxConnections))
+			ch <- prometheus.MustNewConstMetric(c.dbAcquires, prometheus.CounterValue, float64(st.Acquires))
+			ch <- prometheus.MustNewConstMetric(c.dbAcquireWaits, prometheus.CounterValue, float64(st.Waited))
+			ch <- prometheus.MustNewConstMetric(c.dbAcquireWait, prometheus.CounterValue, st.AcquireWait.Seconds())
+			ch <- prometheus.MustNewConstMetric(c.leaseTakeovers, prometheus.CounterValue, float64(st.Takeovers))
+		}
 	}
 	if upstreams != nil {
 		for _, u := range upstreams() {

@@ -96,7 +96,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	logger.Info("smarthost started", "version", buildVersion(), "listeners", inst.addrs(), "http", inst.httpAddr(),
-		"queue", cfg.Queue.Path, "queued", inst.queued())
+		"queue", queueName(cfg), "queued", inst.queued())
 	for {
 		select {
 		case sig := <-sigs:
@@ -150,6 +150,7 @@ type instance struct {
 	// delivery lives as long as the instance; a reload changes its
 	// configuration in place (SetConfig).
 	delivery *upstream.Deliverer
+	shared   *upstream.Cluster // the upstreams' state in the queue's database; nil with bbolt
 	certs    *relay.CertReloader // nil without [tls]
 	srv      *relay.Server
 	http     *metrics.Server
@@ -175,9 +176,13 @@ func (in *instance) shutdownTimeout() time.Duration {
 }
 
 // newDeliverer builds the delivery side, for the life of the process,
-// with cfg's upstreams and routes in effect.
-func newDeliverer(cfg *config.Config, logger *slog.Logger) *upstream.Deliverer {
+// with cfg's upstreams and routes in effect; with shared, the upstreams'
+// rate limits and up/down state are the cluster's.
+func newDeliverer(cfg *config.Config, logger *slog.Logger, shared *upstream.Cluster) *upstream.Deliverer {
 	d := upstream.NewDeliverer()
+	if shared != nil {
+		d.NewHealth, d.NewRateWindow = shared.Health, shared.RateWindow
+	}
 	d.Hostname = cfg.Hostname
 	// An upstream marked down stays skipped on the operator's retry
 	// timing, so that it never holds mail back much longer than the
@@ -252,9 +257,14 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	if n := store.Recovered(); n > 0 {
 		logger.Warn("resuming deliveries interrupted by a crash; these may be delivered twice", "messages", n)
 	}
-	deliverer := newDeliverer(cfg, logger)
+	shared, err := sharedState(store, logger)
+	if err != nil {
+		store.Close()
+		return nil, err
+	}
+	deliverer := newDeliverer(cfg, logger, shared)
 	deliverer.Observer = m
-	inst := &instance{log: logger, store: store, delivery: deliverer, certs: certs, cfg: cfg, failed: make(chan error, 3)}
+	inst := &instance{log: logger, store: store, shared: shared, delivery: deliverer, certs: certs, cfg: cfg, failed: make(chan error, 3)}
 	inst.onReload = m.ConfigReloaded
 	m.SetUpstreams(deliverer.UpstreamStates)
 	sched := queue.NewScheduler(store, deliverer.Deliver)
@@ -424,6 +434,9 @@ func (in *instance) shutdown(ctx context.Context) error {
 	}
 	// Idle upstream connections are closed once no delivery can use them.
 	in.delivery.Close()
+	if in.shared != nil {
+		in.shared.Close()
+	}
 	if err := in.store.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("queue: %w", err))
 	}

@@ -405,7 +405,7 @@ func TestNotReadyWhileQueueUnwritable(t *testing.T) {
 func TestParseConfigUpstreamTimeouts(t *testing.T) {
 	f := configtest.NewFiles(t)
 	cfg := configtest.MustParse(t, f.Config(map[string]string{"queue": "[queue]\nupstream_command_timeout = \"1s\"\nupstream_data_timeout = \"90s\""}))
-	d := newDeliverer(cfg, slog.New(slog.DiscardHandler)).Config()
+	d := newDeliverer(cfg, slog.New(slog.DiscardHandler), nil).Config()
 	if d.CommandTimeout != time.Second || d.DataTimeout != 90*time.Second {
 		t.Errorf("Deliverer timeouts %v and %v, want 1s and 1m30s", d.CommandTimeout, d.DataTimeout)
 	}
