@@ -100,7 +100,7 @@ func crashLoopSeed(t *testing.T) uint64 {
 			t.Fatalf("%s=%q: %v", seedEnv, v, err)
 		}
 	}
-	t.Logf("kill moments from seed %d; replay with %s=%d go test -run '^TestCrashLoop$' ./e2e/", seed, seedEnv, seed)
+	t.Logf("kill moments from seed %d; replay with %s=%d go test -run '^%s$' ./e2e/", seed, seedEnv, seed, t.Name())
 	return seed
 }
 
