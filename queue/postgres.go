@@ -249,6 +249,16 @@ func opContext() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), pgOpTimeout)
 }
 
+// bound gives ctx the deadline of pgOpTimeout if it has none, so that a
+// database that stops answering (a partition, with no reset) fails the
+// operation instead of hanging it.
+func bound(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, pgOpTimeout)
+}
+
 // pgError wraps err for op, and records whether the database failed: a
 // failed connection, a server shutting down, a full disk, a read-only
 // server (a standby after a failover) — not the caller's own error, such
@@ -274,6 +284,8 @@ func dbFailure(err error) bool {
 	if errors.As(err, &pe) {
 		switch pe.Code[:2] {
 		case "22", "23", "42", "P0": // data, integrity, syntax: the statement's own
+			return false
+		case "40": // a deadlock or serialization failure: this transaction's
 			return false
 		}
 	}

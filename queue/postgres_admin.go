@@ -222,7 +222,7 @@ func (s *PGStore) Flush() (int, error) {
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		n = 0
 		rows, err := tx.Query(ctx, `SELECT id, record FROM queue_messages
-			WHERE NOT held AND NOT `+pgInFlight+` FOR UPDATE`)
+			WHERE NOT held AND NOT `+pgInFlight+` ORDER BY id FOR UPDATE`)
 		if err != nil {
 			return err
 		}

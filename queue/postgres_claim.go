@@ -139,7 +139,9 @@ func (s *PGStore) put(ctx context.Context, m *Message, body []byte, rest *os.Fil
 	if rest != nil {
 		restR = rest
 	}
-	token, err := s.store(ctx, &rec, body, restR, taken)
+	bctx, cancel := bound(ctx)
+	token, err := s.store(bctx, &rec, body, restR, taken)
+	cancel()
 	if err != nil {
 		if taken {
 			in.Cancel(m.ID)
@@ -255,7 +257,9 @@ func (s *PGStore) Import(ctx context.Context, m Message, body []byte, rest io.Re
 			return fmt.Errorf("queue: import %s: read content: %w", m.ID, err)
 		}
 	}
-	if _, err := s.store(ctx, &rec, body, rest, false); err != nil {
+	bctx, cancel := bound(ctx)
+	defer cancel()
+	if _, err := s.store(bctx, &rec, body, rest, false); err != nil {
 		var re *readError
 		if errors.Is(err, ErrExists) || errors.As(err, &re) {
 			return fmt.Errorf("queue: import %s: %w", m.ID, err)
@@ -302,11 +306,14 @@ func (s *PGStore) Claim(ctx context.Context, at Start, limit int, skip func(id s
 		skip = func(string) bool { return false }
 	}
 	now := pgTime(at.Now)
+	bctx, cancel := bound(ctx)
+	defer cancel()
 	var (
 		c         Claimed
 		takenFrom [][2]string // the IDs and owners of lapsed leases taken over
 	)
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+	err := pgx.BeginFunc(bctx, s.pool, func(tx pgx.Tx) error {
+		ctx := bctx
 		c, takenFrom = Claimed{}, nil
 		var (
 			ids     []string
@@ -477,7 +484,10 @@ func (s *PGStore) Finish(ctx context.Context, a Attempt, update func(m *Message)
 		added []DSN
 		wake  bool
 	)
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+	bctx, cancel := bound(ctx)
+	defer cancel()
+	err := pgx.BeginFunc(bctx, s.pool, func(tx pgx.Tx) error {
+		ctx := bctx
 		f, added, wake = Finished{}, nil, false
 		var (
 			v     []byte

@@ -402,3 +402,88 @@ func TestPGSpooledLarge(t *testing.T) {
 		t.Errorf("OpenBody of a deleted message: %v, Size %d; want fs.ErrNotExist and the head alone", err, b.Size())
 	}
 }
+
+// TestPGSchedulersShareQueue: two schedulers, each on a store of its own
+// on one database, as two replicas, deliver everything put on either:
+// each message once, never by both at once, deferred ones retried by
+// whichever replica claims them.
+func TestPGSchedulersShareQueue(t *testing.T) {
+	dsn := testpg.Shared(t).NewDatabase(t)
+	const n = 120
+	var (
+		mu        sync.Mutex
+		running   = map[string]bool{}
+		tries     = map[string]int{}
+		delivered = map[string]int{}
+	)
+	deliver := func(_ context.Context, m queue.Message, body queue.Body) []queue.Result {
+		mu.Lock()
+		if running[m.ID] {
+			t.Errorf("%s delivered by two replicas at once", m.ID)
+		}
+		running[m.ID] = true
+		tries[m.ID]++
+		first := tries[m.ID] == 1
+		mu.Unlock()
+		data, err := io.ReadAll(body.Reader())
+		if err != nil || string(data) != "body of "+m.Recipients[0].Addr {
+			t.Errorf("%s: body %q, %v", m.ID, data, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+		state := queue.Delivered
+		if first && m.Recipients[0].Addr[0] == 'd' {
+			state = queue.Pending // deferred once
+		}
+		mu.Lock()
+		running[m.ID] = false
+		if state == queue.Delivered {
+			delivered[m.ID]++
+		}
+		mu.Unlock()
+		return []queue.Result{{Rcpt: m.Recipients[0].Addr, State: state, Reply: "test", Upstream: "test"}}
+	}
+	var stores []*queue.PGStore
+	for range 2 {
+		st := openPG(t, dsn, queue.PostgresOptions{})
+		s := queue.NewScheduler(st, deliver)
+		s.Workers = 4
+		s.RetryMin, s.RetryMax = 20*time.Millisecond, 40*time.Millisecond
+		s.Logger = slog.New(slog.DiscardHandler)
+		errc := make(chan error, 1)
+		go func() { errc <- s.Run() }()
+		t.Cleanup(func() {
+			s.Close()
+			<-errc
+		})
+		stores = append(stores, st)
+	}
+	for i := range n {
+		rcpt := []string{"a", "d"}[i%2] + string(rune('a'+i%26)) + "@example.net"
+		m := pgMessage(rcpt)
+		if err := stores[i%2].Put(context.Background(), m, []byte("body of "+rcpt)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		left, err := stores[0].Len()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if left == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d messages left after 30s", left)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(delivered) != n {
+		t.Errorf("%d messages delivered, want %d", len(delivered), n)
+	}
+	for id, k := range delivered {
+		if k != 1 {
+			t.Errorf("%s delivered %d times", id, k)
+		}
+	}
+}
