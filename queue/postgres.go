@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -8,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,6 +51,11 @@ type PostgresOptions struct {
 	// between the replicas of one database. Default the host name, the
 	// process ID and a random part.
 	Owner string
+	// MaxConns bounds the pool's connections, unless the connection
+	// string sets pool_max_conns. Every submission being stored, every
+	// claim and outcome, and every chunk read holds one while it runs.
+	// Default 20.
+	MaxConns int32
 	// SpoolDir is where NewSpool writes the part of a large message past
 	// its head until PutSpooled streams it into the database. Default
 	// os.TempDir().
@@ -117,6 +124,9 @@ func OpenPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*PGSto
 	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
 		return nil, fmt.Errorf("queue: postgres connection string: %w", err)
+	}
+	if !strings.Contains(dsn, "pool_max_conns") {
+		cfg.MaxConns = cmp.Or(opts.MaxConns, 20)
 	}
 	if cfg.ConnConfig.ConnectTimeout == 0 {
 		// An unreachable server fails a submission quickly (451) rather

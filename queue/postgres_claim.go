@@ -25,7 +25,7 @@ const pgInsertSQL = `WITH m AS (
 ), b AS (
 	INSERT INTO queue_bodies (id, seq, data) SELECT id, 0, $8 FROM m
 )
-SELECT coalesce(token, 0) FROM m WHERE NOT $9 OR pg_notify('` + pgChannel + `', '') IS NOT NULL`
+SELECT coalesce(token, 0) FROM m WHERE CASE WHEN $9 THEN pg_notify('` + pgChannel + `', '') IS NOT NULL ELSE true END`
 
 // pgChunkSQL stores one chunk of a message's content past its head.
 const pgChunkSQL = `INSERT INTO queue_bodies (id, seq, data) VALUES ($1, $2, $3)`
