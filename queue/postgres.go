@@ -272,7 +272,8 @@ func bound(ctx context.Context) (context.Context, context.CancelFunc) {
 // pgError wraps err for op, and records whether the database failed: a
 // failed connection, a server shutting down, a full disk, a read-only
 // server (a standby after a failover) — not the caller's own error, such
-// as a duplicate ID or its context ending.
+// as a duplicate ID or its context ending. A database that cannot be
+// reached at all makes it wrap ErrUnavailable.
 func (s *PGStore) pgError(ctx context.Context, op string, err error) error {
 	if err == nil {
 		s.committed()
@@ -280,8 +281,27 @@ func (s *PGStore) pgError(ctx context.Context, op string, err error) error {
 	}
 	if ctx.Err() == nil && dbFailure(err) {
 		s.failed(err)
+		if unreachable(err) {
+			return fmt.Errorf("queue: %s: %w: %w", op, ErrUnavailable, err)
+		}
 	}
 	return fmt.Errorf("queue: %s: %w", op, err)
+}
+
+// unreachable reports whether a failure of the database is that no
+// writable server answers: no connection, a connection lost, a server
+// shutting down or starting, a standby. A server that answers with an
+// error of its own (a full disk) is reachable.
+func unreachable(err error) bool {
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		switch pe.Code {
+		case "57P01", "57P02", "57P03", "25006": // shutdown, crash, starting, read-only
+			return true
+		}
+		return pe.Code[:2] == "08" // connection exception
+	}
+	return true // no answer from the server at all
 }
 
 // dbFailure reports whether err says the database cannot commit, rather
@@ -289,6 +309,9 @@ func (s *PGStore) pgError(ctx context.Context, op string, err error) error {
 func dbFailure(err error) bool {
 	if errors.Is(err, ErrExists) || errors.Is(err, ErrNotFound) || errors.Is(err, ErrHeld) || errors.Is(err, ErrClaimLost) {
 		return false
+	}
+	if re := (*readError)(nil); errors.As(err, &re) {
+		return false // the spool file's, not the database's
 	}
 	var pe *pgconn.PgError
 	if errors.As(err, &pe) {

@@ -295,8 +295,8 @@ func TestPGOutage(t *testing.T) {
 	}
 	drain(b.Wake())
 	m := pgMessage("s@example.net")
-	if err := a.Put(context.Background(), m, []byte("y")); err == nil {
-		t.Fatal("Put succeeded with the database stopped")
+	if err := a.Put(context.Background(), m, []byte("y")); !errors.Is(err, queue.ErrUnavailable) {
+		t.Fatalf("Put with the database stopped: %v, want an error wrapping ErrUnavailable", err)
 	}
 	if a.Writable() {
 		t.Error("Writable after a failed Put")
