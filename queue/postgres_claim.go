@@ -221,7 +221,8 @@ func (s *PGStore) PutSpooled(ctx context.Context, m *Message, head []byte, sp *S
 }
 
 // Import implements Backend: m as it is, with rest streamed into chunks
-// in the transaction that stores it.
+// in the transaction that stores it. An ID imported once is refused with
+// ErrExists ever after, even once its message has left the queue.
 func (s *PGStore) Import(ctx context.Context, m Message, body []byte, rest io.Reader) error {
 	if err := s.checkOpen("import"); err != nil {
 		return err
@@ -233,10 +234,11 @@ func (s *PGStore) Import(ctx context.Context, m Message, body []byte, rest io.Re
 		return fmt.Errorf("queue: import: %q is not a queue ID", m.ID)
 	}
 	pgTimes(&m)
-	// Looked up first, so that a message already stored costs no copy of
-	// its content.
+	// Looked up first, so that a message already stored, or imported
+	// once and delivered since, costs no copy of its content.
 	var exists bool
-	if err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM queue_messages WHERE id = $1)`, m.ID).Scan(&exists); err != nil {
+	if err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM queue_messages WHERE id = $1)
+		OR EXISTS (SELECT 1 FROM queue_imported WHERE id = $1)`, m.ID).Scan(&exists); err != nil {
 		return s.pgError(ctx, "import "+m.ID, err)
 	}
 	if exists {
@@ -259,7 +261,29 @@ func (s *PGStore) Import(ctx context.Context, m Message, body []byte, rest io.Re
 	}
 	bctx, cancel := bound(ctx)
 	defer cancel()
-	if _, err := s.store(bctx, &rec, body, rest, false); err != nil {
+	v, err := encodeRecord(&rec)
+	if err != nil {
+		return fmt.Errorf("queue: import %s: %w", m.ID, err)
+	}
+	// The ID is recorded as imported with the message, so that importing
+	// the same file again adds nothing, even what has left the queue.
+	err = pgx.BeginFunc(bctx, s.pool, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(bctx, `INSERT INTO queue_imported (id) VALUES ($1) ON CONFLICT DO NOTHING`, m.ID)
+		if err != nil {
+			return err
+		}
+		if tag.RowsAffected() == 0 {
+			return ErrExists
+		}
+		if _, err := s.insertMessage(bctx, tx, &rec, v, body, false, true); err != nil {
+			return err
+		}
+		if rest != nil {
+			_, err = insertChunks(bctx, tx, rec.ID, rest)
+		}
+		return err
+	})
+	if err != nil {
 		var re *readError
 		if errors.Is(err, ErrExists) || errors.As(err, &re) {
 			return fmt.Errorf("queue: import %s: %w", m.ID, err)

@@ -37,4 +37,10 @@ var pgSteps = []string{
 	-- Message content is rarely worth compressing chunk by chunk, and
 	-- uncompressed chunks are read by offset without decompressing.
 	ALTER TABLE queue_bodies ALTER COLUMN data SET STORAGE EXTERNAL;`,
+	// The IDs that Import stored, kept after their messages leave the
+	// queue, so that a second import of the same file copies nothing.
+	`CREATE TABLE queue_imported (
+		id text PRIMARY KEY,
+		at timestamptz NOT NULL DEFAULT now()
+	);`,
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -485,5 +486,44 @@ func TestPGSchedulersShareQueue(t *testing.T) {
 		if k != 1 {
 			t.Errorf("%s delivered %d times", id, k)
 		}
+	}
+}
+
+// TestPGImportOnce: a message imported once is refused by a second
+// import, also after it has left the queue, so that importing the same
+// file twice sends nothing twice; a message that was Put is not
+// recorded as imported.
+func TestPGImportOnce(t *testing.T) {
+	s := openPG(t, testpg.Shared(t).NewDatabase(t), queue.PostgresOptions{})
+	ctx := context.Background()
+	m := pgMessage("r@example.net")
+	m.ID = "0123456789abcdef"
+	m.Received = time.Now().Add(-time.Hour)
+	m.NextAttempt = time.Now()
+	if err := s.Import(ctx, *m, []byte("Subject: x\r\n\r\nbody\r\n"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Import(ctx, *m, []byte("Subject: x\r\n\r\nbody\r\n"), nil); !errors.Is(err, queue.ErrExists) {
+		t.Fatalf("second import while queued: %v, want ErrExists", err)
+	}
+	if err := s.Delete(m.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Import(ctx, *m, []byte("Subject: x\r\n\r\nbody\r\n"), strings.NewReader("more")); !errors.Is(err, queue.ErrExists) {
+		t.Fatalf("import after the message left the queue: %v, want ErrExists", err)
+	}
+	if n, err := s.Len(); err != nil || n != 0 {
+		t.Fatalf("Len = %d, %v; want 0", n, err)
+	}
+
+	put := pgMessage("r@example.net")
+	if err := s.Put(ctx, put, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete(put.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Import(ctx, *put, []byte("x"), nil); err != nil {
+		t.Fatalf("import of an ID that was Put, not imported: %v", err)
 	}
 }
