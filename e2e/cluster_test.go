@@ -425,6 +425,7 @@ func TestClusterCrashLoop(t *testing.T) {
 	}
 	flapStop := make(chan struct{})
 	flapDone := make(chan struct{})
+	flapRNG := rand.New(rand.NewPCG(seed, 15)) // rng is the kill loop's
 	go func() {
 		defer close(flapDone)
 		for {
@@ -432,7 +433,7 @@ func TestClusterCrashLoop(t *testing.T) {
 			case <-flapStop:
 				flapDown.Store(false)
 				return
-			case <-time.After(time.Duration(500+rng.IntN(1500)) * time.Millisecond):
+			case <-time.After(time.Duration(500+flapRNG.IntN(1500)) * time.Millisecond):
 				flapDown.Store(!flapDown.Load())
 			}
 		}

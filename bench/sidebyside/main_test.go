@@ -193,7 +193,7 @@ func TestSmarthostConfig(t *testing.T) {
 	}
 	for _, withDKIM := range []bool{false, true} {
 		var c cfg
-		text := smarthostConfig("/w", "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", 20, "/w/k.key", withDKIM, memoryLimits)
+		text := smarthostConfig("/w", "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", 20, "/w/k.key", withDKIM, memoryLimits, "")
 		if _, err := toml.Decode(text, &c); err != nil {
 			t.Fatalf("config does not decode: %v\n%s", err, text)
 		}

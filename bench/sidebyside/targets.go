@@ -46,6 +46,12 @@ var targets = []Target{
 	{Name: "smarthost-dkim", Label: "smarthost+dkim", DKIM: true, start: func(ctx context.Context, b *Bench, dir, up string) (*relayInstance, error) {
 		return b.startSmarthost(ctx, dir, up, true)
 	}},
+	{Name: "smarthost-pg", Label: "smarthost pg", start: func(ctx context.Context, b *Bench, dir, up string) (*relayInstance, error) {
+		return b.startSmarthostCluster(ctx, dir, up, 1)
+	}},
+	{Name: "smarthost-pg2", Label: "smarthost pg ×2", start: func(ctx context.Context, b *Bench, dir, up string) (*relayInstance, error) {
+		return b.startSmarthostCluster(ctx, dir, up, 2)
+	}},
 }
 
 // relayInstance is one running relay.
@@ -61,11 +67,17 @@ type relayInstance struct {
 	// about 5 s to exit on SIGTERM (its milter loop polls at that pace),
 	// idle all the while, and the next run need not wait for it.
 	slowStop *Process
+	// front, if set, closes what stands before the processes (the
+	// round-robin proxy of several replicas); stop calls it first.
+	front func()
 }
 
 // stop stops every process of the relay by PID, the front first (Postfix
 // before its milter, so that no message is in flight between them).
 func (r *relayInstance) stop(sup *Supervisor) {
+	if r.front != nil {
+		r.front()
+	}
 	for _, p := range r.Roots {
 		if p == r.slowStop {
 			sup.StopLater(p)
@@ -433,6 +445,15 @@ PidFile %s
 // and the sink as its only upstream; with dkim, it signs with the
 // benchmark's RSA-2048 key.
 func (b *Bench) startSmarthost(ctx context.Context, dir, upstream string, dkim bool) (*relayInstance, error) {
+	return b.startSmarthostQueue(ctx, dir, upstream, dkim, "")
+}
+
+// startSmarthostQueue is startSmarthost with queue, more lines for its
+// [queue] table.
+func (b *Bench) startSmarthostQueue(ctx context.Context, dir, upstream string, dkim bool, queue string) (*relayInstance, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
 	addr, err := freeAddr()
 	if err != nil {
 		return nil, err
@@ -442,7 +463,7 @@ func (b *Bench) startSmarthost(ctx context.Context, dir, upstream string, dkim b
 		return nil, err
 	}
 	conf := filepath.Join(dir, "smarthost.toml")
-	if err := os.WriteFile(conf, []byte(smarthostConfig(dir, addr, httpAddr, upstream, b.opts.SmarthostConns, b.dkimKey, dkim, b.extraLimits)), 0o644); err != nil {
+	if err := os.WriteFile(conf, []byte(smarthostConfig(dir, addr, httpAddr, upstream, b.opts.SmarthostConns, b.dkimKey, dkim, b.extraLimits, queue)), 0o644); err != nil {
 		return nil, err
 	}
 	logPath := filepath.Join(dir, "smarthost.log")
@@ -471,15 +492,15 @@ func (b *Bench) startSmarthost(ctx context.Context, dir, upstream string, dkim b
 
 // smarthostConfig is the relay's configuration: defaults except for the
 // loopback listener, the sink upstream and its connection limit, and
-// limits, lines for the [limits] table.
-func smarthostConfig(dir, addr, httpAddr, upstream string, conns int, key string, dkim bool, limits string) string {
+// limits and queue, lines for the [limits] and [queue] tables.
+func smarthostConfig(dir, addr, httpAddr, upstream string, conns int, key string, dkim bool, limits, queue string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, `# smarthost side-by-side benchmark.
 hostname = "smarthost.bench.invalid"
 
 [queue]
 path = %q
-
+%s
 [[listen]]
 name = "bench"
 address = %q
@@ -502,7 +523,7 @@ upstreams = ["sink"]
 
 [http]
 address = %q
-`, filepath.Join(dir, "queue.db"), addr, limits, upstream, conns, httpAddr)
+`, filepath.Join(dir, "queue.db"), queue, addr, limits, upstream, conns, httpAddr)
 	if dkim {
 		fmt.Fprintf(&b, `
 [[dkim]]

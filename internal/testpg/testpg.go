@@ -102,7 +102,7 @@ func CloseShared() {
 
 // New makes and starts a cluster; Close stops and removes it.
 func New(opts Options) (*Server, error) {
-	initdb, err := program("initdb")
+	initdb, err := Program("initdb")
 	if err != nil {
 		return nil, err
 	}
@@ -146,9 +146,9 @@ func New(opts Options) (*Server, error) {
 	return s, nil
 }
 
-// program finds a PostgreSQL server program: on PATH, else in Debian's
+// Program finds a PostgreSQL server program: on PATH, else in Debian's
 // /usr/lib/postgresql/VERSION/bin, the newest version first.
-func program(name string) (string, error) {
+func Program(name string) (string, error) {
 	if p, err := exec.LookPath(name); err == nil {
 		return p, nil
 	}
@@ -166,9 +166,22 @@ func version(path string) int {
 }
 
 // Restart starts the server again after Stop or Kill, on the same data
-// and socket, and waits until it accepts connections.
+// and socket, and waits until it accepts connections. After a Kill, the
+// killed backends may still hold the shared memory for a moment: the
+// start is tried again until they are gone.
 func (s *Server) Restart() error {
-	postgres, err := program("postgres")
+	var err error
+	for range 40 {
+		if err = s.start(); err == nil || !strings.Contains(err.Error(), "pre-existing shared memory block") {
+			return err
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	return err
+}
+
+func (s *Server) start() error {
+	postgres, err := Program("postgres")
 	if err != nil {
 		return err
 	}
