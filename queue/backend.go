@@ -174,6 +174,10 @@ type Attempt struct {
 	// follows.
 	head    []byte
 	spooled bool
+	// stored is the record as the backend wrote it with the attempt, for
+	// a backend that can then finish the attempt in one statement while
+	// the record is unchanged; nil if it has none.
+	stored []byte
 }
 
 // Claimed is what one Claim took and what it found.

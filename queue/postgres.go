@@ -84,6 +84,13 @@ type PGStore struct {
 	leasedMu sync.Mutex
 	leased   map[uint64]struct{}
 
+	// mustScan says that something changed since the last Claim's scan
+	// (lastScan), which found the earliest message due at lastWake.
+	mustScan atomic.Bool
+	scanMu   sync.Mutex
+	lastScan time.Time
+	lastWake time.Time
+
 	takeovers atomic.Uint64
 	// failing is set by a commit that failed for want of the database and
 	// cleared by one that succeeded; probing says the probe runs.
@@ -227,6 +234,7 @@ func pgTimes(m *Message) {
 // notify tells this store's scheduler that a message may be due now.
 // Other replicas learn of it from the NOTIFY sent with the commit.
 func (s *PGStore) notify() {
+	s.rescan()
 	select {
 	case s.wake <- struct{}{}:
 	default:

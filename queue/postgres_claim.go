@@ -140,7 +140,7 @@ func (s *PGStore) put(ctx context.Context, m *Message, body []byte, rest *os.Fil
 		restR = rest
 	}
 	bctx, cancel := bound(ctx)
-	token, err := s.store(bctx, &rec, body, restR, taken)
+	token, stored, err := s.store(bctx, &rec, body, restR, taken)
 	cancel()
 	if err != nil {
 		if taken {
@@ -154,7 +154,7 @@ func (s *PGStore) put(ctx context.Context, m *Message, body []byte, rest *os.Fil
 	s.committed()
 	if taken {
 		s.hold(token)
-		in.Enqueue(Attempt{Message: rec.Message, Token: token, head: body, spooled: rec.Spooled})
+		in.Enqueue(Attempt{Message: rec.Message, Token: token, head: body, spooled: rec.Spooled, stored: stored})
 		return nil
 	}
 	s.notify()
@@ -163,14 +163,15 @@ func (s *PGStore) put(ctx context.Context, m *Message, body []byte, rest *os.Fil
 
 // store inserts rec with its content, head followed by what rest reads,
 // in one commit, and NOTIFYs unless leased. It returns the token of the
-// claim when leased.
-func (s *PGStore) store(ctx context.Context, rec *record, head []byte, rest io.Reader, leased bool) (uint64, error) {
+// claim when leased, and the record as stored.
+func (s *PGStore) store(ctx context.Context, rec *record, head []byte, rest io.Reader, leased bool) (uint64, []byte, error) {
 	v, err := encodeRecord(rec)
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	if rest == nil {
-		return s.insertMessage(ctx, nil, rec, v, head, leased, !leased)
+		token, err := s.insertMessage(ctx, nil, rec, v, head, leased, !leased)
+		return token, v, err
 	}
 	var token uint64
 	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
@@ -181,7 +182,7 @@ func (s *PGStore) store(ctx context.Context, rec *record, head []byte, rest io.R
 		_, err = insertChunks(ctx, tx, rec.ID, rest)
 		return err
 	})
-	return token, err
+	return token, v, err
 }
 
 // NewSpool implements Backend: an empty file in SpoolDir, whose content
@@ -329,6 +330,11 @@ func (s *PGStore) Claim(ctx context.Context, at Start, limit int, skip func(id s
 	if skip == nil {
 		skip = func(string) bool { return false }
 	}
+	if c, ok := s.nothingDue(at.Now); ok {
+		return c, nil
+	}
+	// Changes from here on call for the next Claim to look again.
+	s.mustScan.Store(false)
 	now := pgTime(at.Now)
 	bctx, cancel := bound(ctx)
 	defer cancel()
@@ -345,6 +351,7 @@ func (s *PGStore) Claim(ctx context.Context, at Start, limit int, skip func(id s
 			nexts   []time.Time
 			heads   = map[string][]byte{}
 			msgs    = map[string]*record{}
+			encoded = map[string][]byte{}
 		)
 		after, afterID := time.Time{}, ""
 		for len(ids) < limit {
@@ -381,7 +388,7 @@ func (s *PGStore) Claim(ctx context.Context, at Start, limit int, skip func(id s
 					return err
 				}
 				ids, records, nexts = append(ids, id), append(records, enc), append(nexts, rec.NextAttempt)
-				heads[id], msgs[id] = head, rec
+				heads[id], msgs[id], encoded[id] = head, rec, enc
 				return nil
 			})
 			if err != nil {
@@ -414,7 +421,7 @@ func (s *PGStore) Claim(ctx context.Context, at Start, limit int, skip func(id s
 			}
 			for _, id := range ids {
 				rec := msgs[id]
-				c.Attempts = append(c.Attempts, Attempt{Message: rec.Message, Token: tokens[id], head: heads[id], spooled: rec.Spooled})
+				c.Attempts = append(c.Attempts, Attempt{Message: rec.Message, Token: tokens[id], head: heads[id], spooled: rec.Spooled, stored: encoded[id]})
 			}
 		}
 		var err error
@@ -422,9 +429,11 @@ func (s *PGStore) Claim(ctx context.Context, at Start, limit int, skip func(id s
 		return err
 	})
 	if err != nil {
+		s.rescan()
 		return Claimed{}, s.pgError(ctx, "claim", err)
 	}
 	s.committed()
+	s.scanned(c, len(c.Attempts) == limit)
 	for _, a := range c.Attempts {
 		s.hold(a.Token)
 	}
@@ -503,13 +512,19 @@ func (s *PGStore) Finish(ctx context.Context, a Attempt, update func(m *Message)
 	// Whatever comes of it, the attempt is over: a lease that stays
 	// recorded lapses, and the message is retried.
 	defer s.release(a.Token)
+	bctx, cancel := bound(ctx)
+	defer cancel()
+	if f, done, err := s.finishUnchanged(bctx, a, update); done || err != nil {
+		if err != nil {
+			return Finished{}, s.pgError(ctx, "finish "+id, err)
+		}
+		return f, nil
+	}
 	var (
 		f     Finished
 		added []DSN
 		wake  bool
 	)
-	bctx, cancel := bound(ctx)
-	defer cancel()
 	err := pgx.BeginFunc(bctx, s.pool, func(tx pgx.Tx) error {
 		ctx := bctx
 		f, added, wake = Finished{}, nil, false
@@ -586,8 +601,108 @@ func (s *PGStore) Finish(ctx context.Context, a Attempt, update func(m *Message)
 			s.observer.Finished(f.Message, finishedOutcome(f.Message))
 		}
 	}
+	if !f.Removed {
+		s.rescan() // due again, maybe before the earliest Claim saw
+	}
 	if wake {
 		s.notify()
 	}
 	return f, nil
 }
+
+// pgFinishRemoveSQL deletes a message and its content if its row is
+// still exactly as the attempt $2/$3 stored it ($4).
+const pgFinishRemoveSQL = `WITH m AS (
+	DELETE FROM queue_messages WHERE id = $1 AND lease_owner = $2 AND token = $3 AND record = $4 RETURNING id
+), b AS (
+	DELETE FROM queue_bodies WHERE id IN (SELECT id FROM m)
+)
+SELECT count(*) FROM m`
+
+// pgFinishKeepSQL records an outcome that keeps the message, ending the
+// lease, if its row is still exactly as the attempt stored it; $8 sends
+// the NOTIFY, for a message due already.
+const pgFinishKeepSQL = `WITH m AS (
+	UPDATE queue_messages SET record = $5, next_attempt = $6, held = $7, lease_owner = NULL, lease_until = NULL, token = NULL
+	WHERE id = $1 AND lease_owner = $2 AND token = $3 AND record = $4 RETURNING id
+)
+SELECT count(*) FROM m WHERE CASE WHEN $8 THEN pg_notify('` + pgChannel + `', '') IS NOT NULL ELSE true END`
+
+// finishUnchanged is Finish in one statement, for the usual attempt: no
+// DSN to store, and the row as the attempt stored it (no hold, retry or
+// takeover since), so that the update applied to the attempt's copy is
+// the update applied to the stored one. done is false when that does not
+// hold: then Finish takes the row lock and reads it again.
+func (s *PGStore) finishUnchanged(ctx context.Context, a Attempt, update func(m *Message) (bool, []DSN)) (f Finished, done bool, err error) {
+	if a.stored == nil {
+		return Finished{}, false, nil
+	}
+	m := a.Message
+	m.Recipients = slices.Clone(m.Recipients)
+	remove, dsns := update(&m)
+	if len(dsns) > 0 {
+		return Finished{}, false, nil
+	}
+	var n int
+	if remove {
+		err = s.pool.QueryRow(ctx, pgFinishRemoveSQL, m.ID, s.owner, int64(a.Token), a.stored).Scan(&n)
+	} else {
+		pgTimes(&m)
+		var v []byte
+		if v, err = encodeRecord(&record{Message: m, Spooled: a.spooled}); err != nil {
+			return Finished{}, false, err
+		}
+		due := !m.Held && !m.NextAttempt.After(pgTime(s.now()))
+		err = s.pool.QueryRow(ctx, pgFinishKeepSQL, m.ID, s.owner, int64(a.Token), a.stored, v, m.NextAttempt, m.Held, due).Scan(&n)
+		if err == nil && n == 1 {
+			s.rescan()
+			if due {
+				s.notify()
+			}
+		}
+	}
+	if err != nil || n == 0 {
+		return Finished{}, false, err
+	}
+	s.committed()
+	f = Finished{Message: m, Removed: remove}
+	if remove && s.observer != nil {
+		s.observer.Finished(m, finishedOutcome(m))
+	}
+	return f, true, nil
+}
+
+// rescanEvery bounds how long Claim trusts what the last scan found when
+// nothing said that it changed.
+const rescanEvery = 5 * time.Second
+
+// nothingDue tells, without a query, that nothing can be due at now: no
+// change since the last scan (by this store, or NOTIFYed by another
+// replica), which found nothing due before its Wake, which now is before.
+// A scheduler asks Claim every time a worker frees, and most of those
+// asks find nothing new.
+func (s *PGStore) nothingDue(now time.Time) (Claimed, bool) {
+	if s.mustScan.Load() {
+		return Claimed{}, false
+	}
+	s.scanMu.Lock()
+	defer s.scanMu.Unlock()
+	if time.Since(s.lastScan) > rescanEvery || (!s.lastWake.IsZero() && !now.Before(s.lastWake)) {
+		return Claimed{}, false
+	}
+	return Claimed{Wake: s.lastWake}, true
+}
+
+// scanned records what a Claim's scan found; full says it took as many
+// as it was asked for, so that more may be due.
+func (s *PGStore) scanned(c Claimed, full bool) {
+	if full {
+		s.rescan()
+	}
+	s.scanMu.Lock()
+	defer s.scanMu.Unlock()
+	s.lastWake, s.lastScan = c.Wake, time.Now()
+}
+
+// rescan makes the next Claim query the database.
+func (s *PGStore) rescan() { s.mustScan.Store(true) }
