@@ -103,16 +103,7 @@ func (s *Store) Hold(id string) error {
 // one scheduled.
 func (s *Store) Release(id string) error {
 	now := s.now().Round(0)
-	err := s.modify("release", id, func(rec *record, inFlight bool) (bool, error) {
-		if !rec.Held {
-			return false, nil
-		}
-		rec.Held = false
-		if !inFlight {
-			rec.NextAttempt = now
-		}
-		return true, nil
-	})
+	err := s.modify("release", id, releaseAt(now))
 	if err == nil {
 		s.notify()
 	}
@@ -124,16 +115,7 @@ func (s *Store) Release(id string) error {
 // attempt in progress is its retry.
 func (s *Store) Retry(id string) error {
 	now := s.now().Round(0)
-	err := s.modify("retry", id, func(rec *record, inFlight bool) (bool, error) {
-		if rec.Held {
-			return false, ErrHeld
-		}
-		if inFlight {
-			return false, nil
-		}
-		rec.NextAttempt = now
-		return true, nil
-	})
+	err := s.modify("retry", id, retryAt(now))
 	if err == nil {
 		s.notify()
 	}

@@ -119,16 +119,7 @@ func (s *PGStore) Hold(id string) error {
 // Release implements Backend.
 func (s *PGStore) Release(id string) error {
 	now := pgTime(s.now())
-	err := s.modify("release", id, true, func(rec *record, inFlight bool) (bool, error) {
-		if !rec.Held {
-			return false, nil
-		}
-		rec.Held = false
-		if !inFlight {
-			rec.NextAttempt = now
-		}
-		return true, nil
-	})
+	err := s.modify("release", id, true, releaseAt(now))
 	if err == nil {
 		s.notify()
 	}
@@ -138,16 +129,7 @@ func (s *PGStore) Release(id string) error {
 // Retry implements Backend.
 func (s *PGStore) Retry(id string) error {
 	now := pgTime(s.now())
-	err := s.modify("retry", id, true, func(rec *record, inFlight bool) (bool, error) {
-		if rec.Held {
-			return false, ErrHeld
-		}
-		if inFlight {
-			return false, nil
-		}
-		rec.NextAttempt = now
-		return true, nil
-	})
+	err := s.modify("retry", id, true, retryAt(now))
 	if err == nil {
 		s.notify()
 	}

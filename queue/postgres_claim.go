@@ -126,14 +126,9 @@ func (s *PGStore) put(ctx context.Context, m *Message, body []byte, rest *os.Fil
 	if p := s.intake.Load(); p != nil {
 		in = *p
 	}
-	taken := false
-	if in != nil {
-		var at Start
-		if at, taken = in.Reserve(m.ID); taken {
-			rec.Recipients = slices.Clone(m.Recipients)
-			begin(&rec.Message, at)
-			pgTimes(&rec.Message)
-		}
+	taken := reserve(in, &rec)
+	if taken {
+		pgTimes(&rec.Message)
 	}
 	var restR io.Reader // not a nil *os.File in an interface
 	if rest != nil {

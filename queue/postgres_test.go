@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"smarthost/internal/testpg"
+	"smarthost/internal/testwait"
 	"smarthost/queue"
 )
 
@@ -198,9 +199,14 @@ func TestPGLeaseRenewed(t *testing.T) {
 	}); err != nil {
 		t.Fatalf("Finish after 5s of renewed lease: %v", err)
 	}
-	if c, err := b.Claim(context.Background(), dueAgain(), 10, nil); err != nil || len(c.Attempts) != 1 {
-		t.Errorf("Claim after Finish = %+v, %v; want the message", c, err)
-	}
+	// The other store learns of it from the NOTIFY sent with the commit.
+	testwait.For(t, 2*time.Second, "the other store to claim the finished message", func() bool {
+		c, err := b.Claim(context.Background(), dueAgain(), 10, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(c.Attempts) == 1
+	})
 	if a.Takeovers()+b.Takeovers() != 0 {
 		t.Errorf("takeovers %d, %d; want none", a.Takeovers(), b.Takeovers())
 	}

@@ -385,16 +385,7 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 	if p := s.intake.Load(); p != nil {
 		in = *p
 	}
-	taken := false
-	if in != nil {
-		var at Start
-		if at, taken = in.Reserve(m.ID); taken {
-			// Recorded in the same commit as the message, on recipients of
-			// the attempt's own.
-			rec.Recipients = slices.Clone(m.Recipients)
-			begin(&rec.Message, at)
-		}
-	}
+	taken := reserve(in, &rec)
 	v, err := encodeRecord(&rec)
 	if err != nil {
 		err = fmt.Errorf("queue: put: %w", err)

@@ -150,7 +150,7 @@ type instance struct {
 	// delivery lives as long as the instance; a reload changes its
 	// configuration in place (SetConfig).
 	delivery *upstream.Deliverer
-	shared   *upstream.Cluster // the upstreams' state in the queue's database; nil with bbolt
+	shared   *upstream.Cluster   // the upstreams' state in the queue's database; nil with bbolt
 	certs    *relay.CertReloader // nil without [tls]
 	srv      *relay.Server
 	http     *metrics.Server
