@@ -25,12 +25,25 @@ import (
 // and RateWindow. Times are the callers' (the Deliverer's Now), kept to
 // the microsecond; the leases on slots and probes run on the database's
 // clock, so that replicas whose clocks differ agree on them.
+//
+// Most deliveries find their upstream up and leave it so; to spare the
+// database a read of its row for each of them, a relay that read or
+// wrote an upstream's row and found it up without failures trusts that,
+// for Admit and for Report of a success, during HealthCache
+// (ClusterOptions). An upstream that another relay marks down is thus
+// left out by this one within HealthCache, and a database that stops
+// answering is noticed within it. Failures, probes, upstreams down or
+// with failures, ProbeNow and Status always go to the database.
 type Cluster struct {
-	pool   *pgxpool.Pool
-	owner  string
-	lease  time.Duration
-	poll   time.Duration
-	logger *slog.Logger
+	pool        *pgxpool.Pool
+	owner       string
+	lease       time.Duration
+	poll        time.Duration
+	healthCache time.Duration // < 0: none
+	logger      *slog.Logger
+
+	hmu    sync.Mutex
+	health map[string]*healthCache // by upstream name
 
 	mu     sync.Mutex
 	slots  map[int64]struct{}  // in-flight rate slots held, renewed
@@ -52,6 +65,12 @@ type ClusterOptions struct {
 	// Poll is how often a delivery waiting for a rate slot asks again,
 	// since slots that other relays release are not signalled; default 1s.
 	Poll time.Duration
+	// HealthCache is how long a relay admits deliveries to an upstream
+	// that it last saw up without failures, and takes their successes,
+	// without asking the database; so it is also how long it may go on
+	// sending to an upstream that another relay has marked down since.
+	// Default 1s; negative asks the database every time.
+	HealthCache time.Duration
 	// Logger gets the database's errors in full; the errors returned say
 	// only that the database could not answer. Default slog's.
 	Logger *slog.Logger
@@ -98,21 +117,26 @@ func NewCluster(ctx context.Context, pool *pgxpool.Pool, owner string, opts Clus
 		return nil, err
 	}
 	c := &Cluster{
-		pool:   pool,
-		owner:  owner,
-		lease:  opts.Lease,
-		poll:   opts.Poll,
-		logger: opts.Logger,
-		slots:  make(map[int64]struct{}),
-		probes: make(map[string]struct{}),
-		stop:   make(chan struct{}),
-		done:   make(chan struct{}),
+		pool:        pool,
+		owner:       owner,
+		lease:       opts.Lease,
+		poll:        opts.Poll,
+		healthCache: opts.HealthCache,
+		logger:      opts.Logger,
+		health:      make(map[string]*healthCache),
+		slots:       make(map[int64]struct{}),
+		probes:      make(map[string]struct{}),
+		stop:        make(chan struct{}),
+		done:        make(chan struct{}),
 	}
 	if c.lease <= 0 {
 		c.lease = 2 * time.Minute
 	}
 	if c.poll <= 0 {
 		c.poll = time.Second
+	}
+	if c.healthCache == 0 {
+		c.healthCache = time.Second
 	}
 	if c.logger == nil {
 		c.logger = slog.Default()
@@ -298,15 +322,115 @@ func nullTime(t time.Time) *time.Time {
 	return &t
 }
 
+// healthCache is what this relay last learnt of an upstream's row.
+type healthCache struct {
+	r  healthRow
+	at time.Time // when the statement that learnt it began (monotonic)
+	ok bool      // r is up without failures: worth trusting for a while
+
+	// The changes of the row by this relay in flight, and a count of
+	// their starts and ends: a read or change that overlapped another
+	// change may have learnt an older state than the last one, so it
+	// keeps nothing.
+	changing int
+	gen      uint64
+}
+
+// healthTicket is what a read or a change of the row remembers of the
+// cache when it begins.
+type healthTicket struct {
+	at    time.Time
+	gen   uint64
+	valid bool
+}
+
+func (c *Cluster) healthEntry(name string) *healthCache {
+	e := c.health[name]
+	if e == nil {
+		e = &healthCache{}
+		c.health[name] = e
+	}
+	return e
+}
+
+// cachedHealth returns the upstream's state if this relay learnt less than
+// healthCache ago that it was up without failures.
+func (c *Cluster) cachedHealth(name string) (HealthStatus, bool) {
+	if c.healthCache < 0 {
+		return HealthStatus{}, false
+	}
+	c.hmu.Lock()
+	defer c.hmu.Unlock()
+	e := c.health[name]
+	if e == nil || !e.ok || time.Since(e.at) >= c.healthCache {
+		return HealthStatus{}, false
+	}
+	return e.r.s.st, true
+}
+
+// keep stores r, learnt by the statement that began at at, unless the
+// cache holds what a later one learnt. Called with hmu held.
+func (e *healthCache) keep(at time.Time, r healthRow) {
+	if at.Before(e.at) {
+		return
+	}
+	e.r, e.at = r, at
+	e.ok = !r.s.st.Down && r.s.st.Failures == 0 && !r.s.probing
+}
+
+func (c *Cluster) beginHealthRead(name string) healthTicket {
+	c.hmu.Lock()
+	defer c.hmu.Unlock()
+	e := c.healthEntry(name)
+	return healthTicket{at: time.Now(), gen: e.gen, valid: e.changing == 0}
+}
+
+func (c *Cluster) endHealthRead(name string, t healthTicket, r healthRow) {
+	c.hmu.Lock()
+	defer c.hmu.Unlock()
+	if e := c.healthEntry(name); t.valid && e.changing == 0 && e.gen == t.gen {
+		e.keep(t.at, r)
+	}
+}
+
+// beginHealthChange stops trusting the cache until the change is done:
+// it may be a failure.
+func (c *Cluster) beginHealthChange(name string) healthTicket {
+	c.hmu.Lock()
+	defer c.hmu.Unlock()
+	e := c.healthEntry(name)
+	e.changing++
+	e.gen++
+	e.ok = false
+	return healthTicket{at: time.Now(), gen: e.gen, valid: true}
+}
+
+func (c *Cluster) endHealthChange(name string, t healthTicket, r healthRow, err error) {
+	c.hmu.Lock()
+	defer c.hmu.Unlock()
+	e := c.healthEntry(name)
+	e.changing--
+	if err == nil && e.changing == 0 && e.gen == t.gen {
+		e.keep(t.at, r)
+	} else {
+		e.ok = false
+	}
+	e.gen++
+}
+
 // read returns the upstream's state without locking it; a missing row is
 // an upstream that has never failed.
 func (h *clusterHealth) read(ctx context.Context) (healthRow, error) {
+	t := h.c.beginHealthRead(h.name)
 	r, err := scanHealth(h.c.pool.QueryRow(ctx, readHealthSQL, h.name))
 	for i := 0; i < maxRetries && retryable(ctx, err); i++ {
 		r, err = scanHealth(h.c.pool.QueryRow(ctx, readHealthSQL, h.name))
 	}
 	if errors.Is(err, pgx.ErrNoRows) {
-		return healthRow{}, nil
+		r, err = healthRow{}, nil
+	}
+	if err == nil {
+		h.c.endHealthRead(h.name, t, r)
 	}
 	return r, err
 }
@@ -314,6 +438,8 @@ func (h *clusterHealth) read(ctx context.Context) (healthRow, error) {
 // change applies f to the upstream's state under its row lock and stores
 // the result; probe is what becomes of the probe, as storeHealthSQL's $8.
 func (h *clusterHealth) change(ctx context.Context, f func(r *healthRow) (probe int)) (before, after healthRow, err error) {
+	t := h.c.beginHealthChange(h.name)
+	defer func() { h.c.endHealthChange(h.name, t, after, err) }()
 	err = h.c.inTx(ctx, func(tx pgx.Tx) error {
 		r, err := scanHealth(tx.QueryRow(ctx, lockHealthSQL, h.name))
 		if err != nil {
@@ -332,6 +458,9 @@ func (h *clusterHealth) change(ctx context.Context, f func(r *healthRow) (probe 
 
 func (h *clusterHealth) Admit(ctx context.Context, now time.Time) (bool, HealthStatus, error) {
 	now = microTime(now)
+	if st, ok := h.c.cachedHealth(h.name); ok {
+		return false, st, nil
+	}
 	r, err := h.read(ctx)
 	if err != nil {
 		return false, HealthStatus{}, h.c.fail("health not read", h.name, err)
@@ -361,6 +490,9 @@ func (h *clusterHealth) Report(ctx context.Context, now time.Time, rep HealthRep
 	now = microTime(now)
 	if !rep.Probe && (rep.Event == HealthNone || rep.Event == HealthOK) {
 		// Most reports change nothing: a success while up and clean.
+		if st, ok := h.c.cachedHealth(h.name); ok {
+			return st, st, nil
+		}
 		r, err := h.read(ctx)
 		if err != nil {
 			return HealthStatus{}, HealthStatus{}, h.c.fail("health not read", h.name, err)

@@ -439,7 +439,9 @@ func TestClusterDatabaseDown(t *testing.T) {
 	t.Parallel()
 	pg := testpg.Start(t, testpg.Options{})
 	logger, lb := testLogger(t)
-	r := newReplica(t, pg.NewDatabase(t), "replica-0", ClusterOptions{Logger: logger})
+	// No health cache: the first delivery would leave its upstream up
+	// and clean in it, admitted for a while without the database.
+	r := newReplica(t, pg.NewDatabase(t), "replica-0", ClusterOptions{Logger: logger, HealthCache: -1})
 	s := smtptest.Start(t, smtptest.Options{})
 	up := plainUpstream("a", s)
 	up.RateLimit = Rate{N: 100, Per: time.Minute}
@@ -537,4 +539,149 @@ func TestClusterRateWindowReleaseRetried(t *testing.T) {
 		}
 		return w.Exact && w.For == time.Hour-time.Second
 	})
+}
+
+// TestClusterHealthCache: an upstream last seen up without failures is
+// admitted, and its successes taken, without the database for
+// HealthCache, and no longer; everything else asks the database, which
+// is down here.
+func TestClusterHealthCache(t *testing.T) {
+	t.Parallel()
+	const bound = 4 * time.Second
+	pg := testpg.Start(t, testpg.Options{})
+	r := newReplica(t, pg.NewDatabase(t), "replica-0", ClusterOptions{HealthCache: bound})
+	health := map[string]Health{}
+	for _, name := range []string{"read", "written", "failing", "down", "probed"} {
+		health[name] = r.cluster.Health(name)
+	}
+	ctx := context.Background()
+	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	policy := HealthPolicy{DownAfter: 3, DownFor: time.Minute}
+	ok := HealthReport{Event: HealthOK, Policy: policy}
+	failed := HealthReport{Event: HealthFailed, Reason: "421 4.3.2 Busy", Policy: policy}
+	report := func(name string, r HealthReport) (HealthStatus, error) {
+		_, after, err := health[name].Report(ctx, now, r)
+		return after, err
+	}
+	must := func(st HealthStatus, err error) HealthStatus {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+
+	start := time.Now()
+	// Learnt from a read: never reported, so up and clean.
+	if probe, st, err := health["read"].Admit(ctx, now); err != nil || probe || st.Down {
+		t.Fatalf("admit: %v %+v %v", probe, st, err)
+	}
+	// Learnt from a write: a failure, then a success that clears it.
+	must(report("written", failed))
+	if st := must(report("written", ok)); st.Failures != 0 {
+		t.Fatalf("after a success: %+v", st)
+	}
+	for _, name := range []string{"failing", "probed"} {
+		if _, _, err := health[name].Admit(ctx, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(report("failing", failed))
+	must(report("down", HealthReport{Event: HealthMisconfigured, Reason: "535 5.7.8 No", Policy: policy}))
+	learnt := time.Now()
+
+	if err := pg.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"read", "written"} {
+		if probe, st, err := health[name].Admit(ctx, now); err != nil || probe || st.Down || st.Failures != 0 {
+			t.Errorf("%s: admit from the cache: %v %+v %v", name, probe, st, err)
+		}
+		for _, ev := range []HealthEvent{HealthOK, HealthNone} {
+			if before, after, err := health[name].Report(ctx, now, HealthReport{Event: ev, Policy: policy}); err != nil || before.Down || after.Down || after.Failures != 0 {
+				t.Errorf("%s: report %v from the cache: %+v %+v %v", name, ev, before, after, err)
+			}
+		}
+	}
+	if _, _, err := health["failing"].Admit(ctx, now); err == nil {
+		t.Error("an upstream with a failure admitted without the database")
+	}
+	if _, _, err := health["down"].Admit(ctx, now); err == nil {
+		t.Error("a down upstream admitted without the database")
+	}
+	if _, err := report("probed", HealthReport{Event: HealthOK, Probe: true, Policy: policy}); err == nil {
+		t.Error("a probe's report taken without the database")
+	}
+	if _, err := report("read", failed); err == nil {
+		t.Error("a failure taken without the database")
+	}
+	// Unrecorded, the failure may be there or not: the database decides.
+	if _, _, err := health["read"].Admit(ctx, now); err == nil {
+		t.Error("admitted without the database after a failure it did not take")
+	}
+	if _, err := health["written"].Status(ctx); err == nil {
+		t.Error("status without the database")
+	}
+	if err := health["written"].ProbeNow(ctx, now); err == nil {
+		t.Error("ProbeNow without the database")
+	}
+	t.Logf("stopped and checked in %v", time.Since(start))
+	if took := time.Since(start); took >= bound {
+		t.Fatalf("the checks within the bound took %v, more than %v: too slow to tell", took, bound)
+	}
+
+	time.Sleep(time.Until(learnt.Add(bound)))
+	if _, _, err := health["written"].Admit(ctx, now); err == nil {
+		t.Errorf("admitted without the database %v after it was read", time.Since(learnt))
+	}
+	if _, err := report("written", ok); err == nil {
+		t.Errorf("a success taken without the database %v after it was read", time.Since(learnt))
+	}
+}
+
+// TestClusterHealthCacheReplicas: an upstream that one replica marks down
+// is left out by another within HealthCache; by itself at once.
+func TestClusterHealthCacheReplicas(t *testing.T) {
+	t.Parallel()
+	rs := newReplicas(t, 2, ClusterOptions{}) // HealthCache 1s
+	const bound = time.Second
+	a, b := rs[0].cluster.Health("x"), rs[1].cluster.Health("x")
+	ctx := context.Background()
+	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	policy := HealthPolicy{DownFor: 30 * time.Second}
+
+	for i, h := range []Health{a, b} {
+		if probe, st, err := h.Admit(ctx, now); err != nil || probe || st.Down {
+			t.Fatalf("replica %d: %v %+v %v", i, probe, st, err)
+		}
+	}
+	if _, after, err := a.Report(ctx, now, HealthReport{Event: HealthMisconfigured, Reason: "535 5.7.8 No", Policy: policy}); err != nil || !after.Down {
+		t.Fatalf("report: %+v %v", after, err)
+	}
+	marked := time.Now()
+	if probe, st, err := a.Admit(ctx, now); err != nil || probe || !st.Down {
+		t.Errorf("the replica that marked it down: %v %+v %v", probe, st, err)
+	}
+	// b may go on admitting it until the bound, and not after.
+	time.Sleep(time.Until(marked.Add(bound)))
+	if probe, st, err := b.Admit(ctx, now.Add(time.Second)); err != nil || probe || !st.Down || !st.DownUntil.Equal(now.Add(30*time.Second)) {
+		t.Errorf("the other replica %v after: %v %+v %v", time.Since(marked), probe, st, err)
+	}
+	// Once due, one probe among them.
+	due := now.Add(30 * time.Second)
+	if probe, _, err := b.Admit(ctx, due); err != nil || !probe {
+		t.Errorf("the other replica once due: %v %v", probe, err)
+	}
+	if probe, st, err := a.Admit(ctx, due); err != nil || probe || !st.Down {
+		t.Errorf("a second probe: %v %+v %v", probe, st, err)
+	}
+	// A good probe: up for both at once, from what each wrote or read.
+	if _, after, err := b.Report(ctx, due, HealthReport{Event: HealthOK, Probe: true, Policy: policy}); err != nil || after.Down {
+		t.Fatalf("probe report: %+v %v", after, err)
+	}
+	for i, h := range []Health{a, b} {
+		if probe, st, err := h.Admit(ctx, due); err != nil || probe || st.Down {
+			t.Errorf("replica %d after the probe: %v %+v %v", i, probe, st, err)
+		}
+	}
 }
