@@ -612,7 +612,7 @@ const pgFinishRemoveSQL = `WITH m AS (
 ), b AS (
 	DELETE FROM queue_bodies WHERE id IN (SELECT id FROM m)
 )
-SELECT count(*) FROM m`
+SELECT count(*) FROM m, (SELECT set_config('synchronous_commit', 'off', true)) AS async`
 
 // pgFinishKeepSQL records an outcome that keeps the message, ending the
 // lease, if its row is still exactly as the attempt stored it; $8 sends
@@ -621,13 +621,20 @@ const pgFinishKeepSQL = `WITH m AS (
 	UPDATE queue_messages SET record = $5, next_attempt = $6, held = $7, lease_owner = NULL, lease_until = NULL, token = NULL
 	WHERE id = $1 AND lease_owner = $2 AND token = $3 AND record = $4 RETURNING id
 )
-SELECT count(*) FROM m WHERE CASE WHEN $8 THEN pg_notify('` + pgChannel + `', '') IS NOT NULL ELSE true END`
+SELECT count(*) FROM m, (SELECT set_config('synchronous_commit', 'off', true)) AS async
+WHERE CASE WHEN $8 THEN pg_notify('` + pgChannel + `', '') IS NOT NULL ELSE true END`
 
 // finishUnchanged is Finish in one statement, for the usual attempt: no
 // DSN to store, and the row as the attempt stored it (no hold, retry or
 // takeover since), so that the update applied to the attempt's copy is
 // the update applied to the stored one. done is false when that does not
 // hold: then Finish takes the row lock and reads it again.
+//
+// Its commit does not wait for the database's disk (synchronous_commit
+// off, for this transaction alone): a database that crashes may forget
+// the outcomes of its last fraction of a second, and those messages are
+// attempted again, as after a crash of the relay during an attempt.
+// Every message is still on disk before its 250.
 func (s *PGStore) finishUnchanged(ctx context.Context, a Attempt, update func(m *Message) (bool, []DSN)) (f Finished, done bool, err error) {
 	if a.stored == nil {
 		return Finished{}, false, nil
