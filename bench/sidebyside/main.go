@@ -136,7 +136,7 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	var o Options
 	sizes := fs.String("sizes", "1KB,10KB,100KB", "message body sizes (smtp-source -l), comma-separated")
 	sessions := fs.String("sessions", "1,10,50", "parallel client sessions (smtp-source -s), comma-separated")
-	tg := fs.String("targets", "direct,postfix,postfix-dkim,smarthost,smarthost-dkim", "targets to run, comma-separated")
+	tg := fs.String("targets", "direct,postfix,postfix-dkim,smarthost,smarthost-dkim", "targets to run, comma-separated; smarthost-pg and smarthost-pg2 put the queue in PostgreSQL")
 	fs.IntVar(&o.Messages, "n", 2000, "timed messages per run (smtp-source -m)")
 	fs.IntVar(&o.Warmup, "warmup", 0, "untimed messages before each run (default 2×sessions, at least 20)")
 	fs.StringVar(&o.Smarthost, "smarthost", "", "smarthost binary (required; bench/run builds it)")
