@@ -178,6 +178,7 @@ func TestClusterQueueShared(t *testing.T) {
 // upstream's rate_limit = "30/10s": in no 10 s does the upstream get
 // more than 30 messages, and all arrive, none bounced.
 func TestClusterRateLimit(t *testing.T) {
+	t.Parallel() // a limit is an upper bound: a busy machine only slows it
 	const total, limit, per = 70, 30, 10 * time.Second
 	pki := testpki.New(t)
 	up := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword})

@@ -178,7 +178,15 @@ type Attempt struct {
 	// a backend that can then finish the attempt in one statement while
 	// the record is unchanged; nil if it has none.
 	stored []byte
+	lapsed <-chan struct{}
 }
+
+// Lapsed is closed when the backend can no longer vouch that this is the
+// only attempt on its message: a backend shared by replicas could not
+// renew the attempt's lease in time, and another replica may take the
+// message over. The attempt must then stop. Nil, never closed, for a
+// backend of one process.
+func (a Attempt) Lapsed() <-chan struct{} { return a.lapsed }
 
 // Claimed is what one Claim took and what it found.
 type Claimed struct {

@@ -82,7 +82,7 @@ type PGStore struct {
 	// leased holds the tokens of the attempts this store handed out and
 	// has not finished: the renewer extends their leases.
 	leasedMu sync.Mutex
-	leased   map[uint64]struct{}
+	leased   map[uint64]*pgLease
 
 	// mustScan says that something changed since the last Claim's scan
 	// (lastScan), which found the earliest message due at lastWake.
@@ -151,7 +151,7 @@ func OpenPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*PGSto
 	s := &PGStore{
 		pool: pool, now: opts.Now, log: opts.Logger, observer: opts.Observer,
 		lease: opts.Lease, owner: opts.Owner, spoolDir: opts.SpoolDir,
-		wake: make(chan struct{}, 1), leased: map[uint64]struct{}{},
+		wake: make(chan struct{}, 1), leased: map[uint64]*pgLease{},
 	}
 	err = pool.QueryRow(ctx, `SELECT count(*) FROM queue_messages
 		WHERE lease_owner IS NOT NULL AND lease_until < now()`).Scan(&s.recovered)
@@ -162,8 +162,9 @@ func OpenPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*PGSto
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	renewCtx, stopRenewal := context.WithCancel(s.ctx)
 	s.stopRenewal = stopRenewal
-	s.wg.Add(2)
+	s.wg.Add(3)
 	go s.renew(renewCtx)
+	go s.watchLeases()
 	listening := make(chan struct{})
 	go s.listen(cfg.ConnConfig.Copy(), listening)
 	// Wake-ups work once Open returns, unless the listener cannot connect
@@ -399,6 +400,7 @@ func (s *PGStore) renew(ctx context.Context) {
 		if len(tokens) == 0 {
 			continue
 		}
+		sent := time.Now() // the leases run from no earlier than this
 		qctx, cancel := context.WithTimeout(ctx, s.lease/3)
 		rows, err := s.pool.Query(qctx, `UPDATE queue_messages SET lease_until = now() + $1 * interval '1 microsecond'
 			WHERE lease_owner = $2 AND token = ANY($3) RETURNING token`,
@@ -418,21 +420,69 @@ func (s *PGStore) renew(ctx context.Context) {
 		}
 		s.leasedMu.Lock()
 		for _, tok := range tokens {
-			if !kept[tok] {
-				delete(s.leased, uint64(tok)) // finished, deleted or taken over
+			l := s.leased[uint64(tok)]
+			switch {
+			case l == nil:
+			case kept[tok]:
+				l.renewed = sent
+			default:
+				// Finished, deleted or taken over meanwhile: if the
+				// attempt still runs, it is no longer the only one.
+				s.lapse(uint64(tok), l)
 			}
 		}
 		s.leasedMu.Unlock()
 	}
 }
 
-// hold adds attempts to those the renewer extends; release takes one out.
-func (s *PGStore) hold(tokens ...uint64) {
-	s.leasedMu.Lock()
-	for _, t := range tokens {
-		s.leased[t] = struct{}{}
+// pgLease is an attempt this store handed out and has not finished.
+type pgLease struct {
+	renewed time.Time     // its lease runs at least until renewed + lease
+	lapsed  chan struct{} // closed when the attempt must stop
+}
+
+// watchLeases stops the attempts whose leases were not renewed in time
+// (the database unreachable from here, or too slow): once two thirds of
+// a lease have passed since it was last extended, another replica may
+// take the message over before the next renewal could, and two replicas
+// must never deliver one message at once.
+func (s *PGStore) watchLeases() {
+	defer s.wg.Done()
+	t := time.NewTicker(s.lease / 10)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+		}
+		limit := time.Now().Add(-s.lease * 2 / 3)
+		s.leasedMu.Lock()
+		for tok, l := range s.leased {
+			if l.renewed.Before(limit) {
+				s.log.Warn("queue: the lease on an attempt could not be renewed in time; the attempt stops, so that no other replica delivers the message at the same time")
+				s.lapse(tok, l)
+			}
+		}
+		s.leasedMu.Unlock()
 	}
+}
+
+// lapse stops the attempt of token; s.leasedMu must be held.
+func (s *PGStore) lapse(token uint64, l *pgLease) {
+	close(l.lapsed)
+	delete(s.leased, token)
+}
+
+// hold adds an attempt to those the renewer extends, from claimed, when
+// the statement that took its lease was sent, and returns the channel
+// that Attempt.Lapsed gives; release takes it out.
+func (s *PGStore) hold(token uint64, claimed time.Time) <-chan struct{} {
+	l := &pgLease{renewed: claimed, lapsed: make(chan struct{})}
+	s.leasedMu.Lock()
+	s.leased[token] = l
 	s.leasedMu.Unlock()
+	return l.lapsed
 }
 
 func (s *PGStore) release(token uint64) {

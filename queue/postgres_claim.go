@@ -135,6 +135,7 @@ func (s *PGStore) put(ctx context.Context, m *Message, body []byte, rest *os.Fil
 		restR = rest
 	}
 	bctx, cancel := bound(ctx)
+	sent := time.Now()
 	token, stored, err := s.store(bctx, &rec, body, restR, taken)
 	cancel()
 	if err != nil {
@@ -148,8 +149,8 @@ func (s *PGStore) put(ctx context.Context, m *Message, body []byte, rest *os.Fil
 	}
 	s.committed()
 	if taken {
-		s.hold(token)
-		in.Enqueue(Attempt{Message: rec.Message, Token: token, head: body, spooled: rec.Spooled, stored: stored})
+		lapsed := s.hold(token, sent)
+		in.Enqueue(Attempt{Message: rec.Message, Token: token, head: body, spooled: rec.Spooled, stored: stored, lapsed: lapsed})
 		return nil
 	}
 	s.notify()
@@ -330,6 +331,7 @@ func (s *PGStore) Claim(ctx context.Context, at Start, limit int, skip func(id s
 	}
 	// Changes from here on call for the next Claim to look again.
 	s.mustScan.Store(false)
+	sent := time.Now()
 	now := pgTime(at.Now)
 	bctx, cancel := bound(ctx)
 	defer cancel()
@@ -429,8 +431,8 @@ func (s *PGStore) Claim(ctx context.Context, at Start, limit int, skip func(id s
 	}
 	s.committed()
 	s.scanned(c, len(c.Attempts) == limit)
-	for _, a := range c.Attempts {
-		s.hold(a.Token)
+	for i := range c.Attempts {
+		c.Attempts[i].lapsed = s.hold(c.Attempts[i].Token, sent)
 	}
 	for _, t := range takenFrom {
 		s.takeovers.Add(1)

@@ -533,3 +533,66 @@ func TestPGImportOnce(t *testing.T) {
 		t.Fatalf("import of an ID that was Put, not imported: %v", err)
 	}
 }
+
+// TestPGLapsedAttemptStops: when a store cannot renew its leases (here
+// it stops trying, as when the database is unreachable from it alone),
+// the Scheduler's delivery is cancelled while the lease still holds, so
+// that it has stopped before another replica could take the message over.
+func TestPGLapsedAttemptStops(t *testing.T) {
+	dsn := testpg.Shared(t).NewDatabase(t)
+	const lease = 3 * time.Second
+	a := openPG(t, dsn, queue.PostgresOptions{Lease: lease, Owner: "a"})
+
+	type stop struct {
+		at   time.Time
+		held bool // the lease was still a's, and not lapsed, in the database
+		err  error
+	}
+	started := make(chan struct{})
+	stopped := make(chan stop, 1)
+	deliver := func(ctx context.Context, m queue.Message, _ queue.Body) []queue.Result {
+		close(started)
+		<-ctx.Done()
+		st := stop{at: time.Now()}
+		qctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(qctx, dsn)
+		if err == nil {
+			err = conn.QueryRow(qctx, `SELECT coalesce(lease_owner = 'a' AND lease_until > now(), false) FROM queue_messages WHERE id = $1`, m.ID).Scan(&st.held)
+			conn.Close(qctx)
+		}
+		st.err = err
+		stopped <- st
+		return []queue.Result{{Rcpt: m.Recipients[0].Addr, State: queue.Pending, Reply: "stopped", Upstream: "test"}}
+	}
+	s := queue.NewScheduler(a, deliver)
+	s.Logger = slog.New(slog.DiscardHandler)
+	errc := make(chan error, 1)
+	go func() { errc <- s.Run() }()
+	t.Cleanup(func() {
+		s.Close()
+		<-errc
+	})
+	if err := a.Put(context.Background(), pgMessage("r@example.net"), []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the delivery did not start")
+	}
+	begun := time.Now()
+	a.StopRenewing()
+	select {
+	case st := <-stopped:
+		t.Logf("renewals stopped; the delivery stopped %s later", st.at.Sub(begun).Round(time.Millisecond))
+		if st.err != nil {
+			t.Fatal(st.err)
+		}
+		if !st.held {
+			t.Error("the delivery stopped only after its lease had lapsed: another replica could have taken the message over meanwhile")
+		}
+	case <-time.After(2 * lease):
+		t.Fatal("the delivery went on after its lease could no longer be renewed")
+	}
+}

@@ -323,7 +323,7 @@ func (s *Scheduler) work(a Attempt) {
 			"queue_id", m.ID, "msg_id", m.MessageID, "err", err)
 		results = unreadable(m, err) // body is the head, for a DSN
 	} else {
-		results = s.deliver(m, body)
+		results = s.deliver(a, body)
 	}
 	now := s.Now().Round(0)
 
@@ -460,8 +460,25 @@ func (s *Scheduler) done(m Message) {
 
 // deliver calls Deliver, turning a panic into a temporary failure so that
 // one bad message cannot stop the process.
-func (s *Scheduler) deliver(m Message, body Body) (results []Result) {
+func (s *Scheduler) deliver(a Attempt, body Body) (results []Result) {
+	m := a.Message
 	m.Recipients = slices.Clone(m.Recipients)
+	ctx := s.ctx
+	if lapsed := a.Lapsed(); lapsed != nil {
+		// Another replica may take the message over: stop, and leave
+		// the recipients not yet done pending.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		go func() {
+			select {
+			case <-lapsed:
+				s.Logger.Warn("queue: attempt stopped: its lease lapsed", "queue_id", m.ID, "msg_id", m.MessageID)
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
+	}
 	defer func() {
 		if p := recover(); p != nil {
 			s.Logger.Error("queue: delivery panicked", "queue_id", m.ID, "msg_id", m.MessageID,
@@ -472,7 +489,7 @@ func (s *Scheduler) deliver(m Message, body Body) (results []Result) {
 			}
 		}
 	}()
-	return s.Deliver(s.ctx, m, body)
+	return s.Deliver(ctx, m, body)
 }
 
 // outcome summarises one attempt.
