@@ -19,8 +19,9 @@ var metricName = regexp.MustCompile(`\b(?:smarthost|go|process)_[a-zA-Z0-9_]+`)
 
 // TestDashboardAndAlertsUseLiveMetrics: every metric that the Grafana
 // dashboard (deploy/grafana/smarthost.json) and the alert rules
-// (deploy/prometheus/alerts.yaml) name is in a live scrape of the binary,
-// and every smarthost_ metric of the scrape is on the dashboard.
+// (deploy/prometheus/alerts.yaml) name is in a live scrape of the binary
+// (on a bbolt queue, and on a PostgreSQL one), and every smarthost_
+// metric of those scrapes is on the dashboard.
 //
 // The scrape is taken right after the start, before any mail: the relay
 // creates each labelled series at zero when it starts (listeners,
@@ -36,6 +37,13 @@ func TestDashboardAndAlertsUseLiveMetrics(t *testing.T) {
 	down, _ := reserveAddr(t)
 	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: down}))
 	_, fams := scrapeMetrics(t, r)
+	// A relay on a PostgreSQL queue shows the database's metrics too.
+	q := newSharedQueue(t, false)
+	pg := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: down, QueueExtra: q.config("")}))
+	_, pgFams := scrapeMetrics(t, pg)
+	for name, f := range pgFams {
+		fams[name] = f
+	}
 
 	// series maps each name a query may use to its family.
 	series := map[string]string{}

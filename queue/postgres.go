@@ -446,14 +446,26 @@ type pgLease struct {
 // a lease have passed since it was last extended, another replica may
 // take the message over before the next renewal could, and two replicas
 // must never deliver one message at once.
+//
+// Every half lease it also looks for a message that is due and that no
+// replica holds: one whose lease lapsed when its replica died, or whose
+// retry came due after that replica had stopped. Nothing NOTIFYs about
+// those, and an idle scheduler would otherwise sleep past them.
 func (s *PGStore) watchLeases() {
 	defer s.wg.Done()
 	t := time.NewTicker(s.lease / 10)
 	defer t.Stop()
+	orphans := time.NewTicker(s.lease / 2)
+	defer orphans.Stop()
 	for {
 		select {
 		case <-s.ctx.Done():
 			return
+		case <-orphans.C:
+			if s.dueUnheld() {
+				s.notify()
+			}
+			continue
 		case <-t.C:
 		}
 		limit := time.Now().Add(-s.lease * 2 / 3)
@@ -466,6 +478,16 @@ func (s *PGStore) watchLeases() {
 		}
 		s.leasedMu.Unlock()
 	}
+}
+
+// dueUnheld tells whether a message is due that no lease holds.
+func (s *PGStore) dueUnheld() bool {
+	ctx, cancel := context.WithTimeout(s.ctx, s.lease/3)
+	defer cancel()
+	var due bool
+	err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM queue_messages
+		WHERE NOT held AND next_attempt <= $1 AND (lease_owner IS NULL OR lease_until < now()))`, pgTime(s.now())).Scan(&due)
+	return err == nil && due
 }
 
 // lapse stops the attempt of token; s.leasedMu must be held.

@@ -596,3 +596,41 @@ func TestPGLapsedAttemptStops(t *testing.T) {
 		t.Fatal("the delivery went on after its lease could no longer be renewed")
 	}
 }
+
+// TestPGOrphanWakesIdleStore: a replica that dies during an attempt
+// NOTIFYs nobody; another, idle, is woken once the lease has lapsed, by
+// its own look for due messages that no lease holds, and takes it over.
+func TestPGOrphanWakesIdleStore(t *testing.T) {
+	dsn := testpg.Shared(t).NewDatabase(t)
+	const lease = 2 * time.Second
+	a := openPG(t, dsn, queue.PostgresOptions{Lease: lease, Owner: "a"})
+	b := openPG(t, dsn, queue.PostgresOptions{Lease: lease, Owner: "b"})
+	if err := a.Put(context.Background(), pgMessage("r@example.net"), []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := a.Claim(context.Background(), dueAgain(), 1, nil); err != nil || len(c.Attempts) != 1 {
+		t.Fatalf("Claim = %+v, %v", c, err)
+	}
+	a.Close() // dies: the lease is neither renewed nor ended
+	time.Sleep(200 * time.Millisecond)
+	for len(b.Wake()) > 0 {
+		<-b.Wake() // the Put's NOTIFY
+	}
+	begun := time.Now()
+	select {
+	case <-b.Wake():
+		t.Logf("woken %s after the owner died", time.Since(begun).Round(time.Millisecond))
+	case <-time.After(3 * lease):
+		t.Fatal("an idle store was not woken for a message whose owner died")
+	}
+	testwait.For(t, lease, "the takeover", func() bool {
+		c, err := b.Claim(context.Background(), dueAgain(), 1, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(c.Attempts) == 1
+	})
+	if b.Takeovers() != 1 {
+		t.Errorf("takeovers %d, want 1", b.Takeovers())
+	}
+}
