@@ -39,15 +39,17 @@ func openQueue(cfg *config.Config, logger *slog.Logger, observer queue.Observer)
 
 // sharedState is the upstreams' rate-limit windows and up/down state,
 // kept in the queue's database when it is shared by replicas, so that
-// they hold for the whole cluster; nil for a queue of one process.
-func sharedState(store queue.Backend, logger *slog.Logger) (*upstream.Cluster, error) {
+// they hold for the whole cluster; nil for a queue of one process. A
+// replica that dies holding a rate slot or an upstream's probe holds it
+// for no longer than it would hold a message: [queue] lease.
+func sharedState(store queue.Backend, lease time.Duration, logger *slog.Logger) (*upstream.Cluster, error) {
 	pg, ok := store.(*queue.PGStore)
 	if !ok {
 		return nil, nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
 	defer cancel()
-	c, err := upstream.NewCluster(ctx, pg.Pool(), pg.Owner(), upstream.ClusterOptions{Logger: logger})
+	c, err := upstream.NewCluster(ctx, pg.Pool(), pg.Owner(), upstream.ClusterOptions{Lease: lease, Logger: logger})
 	if err != nil {
 		return nil, fmt.Errorf("queue database: upstream state: %w", err)
 	}

@@ -257,7 +257,7 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	if n := store.Recovered(); n > 0 {
 		logger.Warn("resuming deliveries interrupted by a crash; these may be delivered twice", "messages", n)
 	}
-	shared, err := sharedState(store, logger)
+	shared, err := sharedState(store, cfg.Queue.Lease, logger)
 	if err != nil {
 		store.Close()
 		return nil, err
