@@ -338,3 +338,20 @@ func TestEndToEnd(t *testing.T) {
 		}
 	}
 }
+
+// TestPostfixProblem: a maillog line about the mail is trouble; Postfix's
+// warning that the file system clock runs ahead of its own is about the
+// host, and is not.
+func TestPostfixProblem(t *testing.T) {
+	for line, want := range map[string]bool{
+		"Dec 05 09:14:43 postfix postfix/smtp[1]: 4ABC: to=<rcpt@example.net>, relay=127.0.0.1[127.0.0.1]:2525, status=sent (250 Ok)":       false,
+		"Dec 05 09:14:43 postfix postfix/smtp[1]: 4ABC: to=<rcpt@example.net>, relay=none, status=deferred (connect to 127.0.0.1: refused)": true,
+		"Dec 05 09:14:43 postfix postfix/cleanup[1]: warning: milter unix:/x/opendkim.sock: can't read SMFIC_OPTNEG reply packet":           true,
+		"Dec 05 09:14:43 postfix postfix/cleanup[17661]: warning: file system clock is 1 seconds ahead of local clock":                      false,
+		"Dec 05 09:14:43 postfix postfix/cleanup[17661]: warning: resetting file time stamps - this hurts performance":                      false,
+	} {
+		if got := postfixProblem(line); got != want {
+			t.Errorf("postfixProblem(%q) = %v, want %v", line, got, want)
+		}
+	}
+}
