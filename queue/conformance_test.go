@@ -76,6 +76,7 @@ func (s pgStorage) Damage(t *testing.T, id string) {
 // TestConformancePostgres runs the backend conformance suite on the
 // PostgreSQL store, each test on a new database of a real server.
 func TestConformancePostgres(t *testing.T) {
+	t.Parallel()
 	queuetest.Run(t, func(t *testing.T) queuetest.Storage {
 		return pgStorage{dsn: testpg.Shared(t).NewDatabase(t)}
 	})

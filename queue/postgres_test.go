@@ -51,6 +51,7 @@ func dueAgain() queue.Start {
 // replicas, claim from many goroutines each: every message is claimed
 // exactly once while the leases hold.
 func TestPGReplicasClaimConcurrently(t *testing.T) {
+	t.Parallel()
 	dsn := testpg.Shared(t).NewDatabase(t)
 	a, b := openPG(t, dsn, queue.PostgresOptions{}), openPG(t, dsn, queue.PostgresOptions{})
 	const n = 300
@@ -263,6 +264,7 @@ func drain(w <-chan struct{}) {
 // scheduler at once, through LISTEN/NOTIFY, not by polling; a message
 // that the putting store's intake took wakes nobody.
 func TestPGWakeAcrossStores(t *testing.T) {
+	t.Parallel()
 	dsn := testpg.Shared(t).NewDatabase(t)
 	a, b := openPG(t, dsn, queue.PostgresOptions{}), openPG(t, dsn, queue.PostgresOptions{})
 	drain(b.Wake())
@@ -291,6 +293,7 @@ func TestPGWakeAcrossStores(t *testing.T) {
 // not writable; once the database is back, the store turns writable by
 // itself, Put works, and wake-ups reach it again.
 func TestPGOutage(t *testing.T) {
+	t.Parallel()
 	srv := testpg.Start(t, testpg.Options{})
 	dsn := srv.NewDatabase(t)
 	a, b := openPG(t, dsn, queue.PostgresOptions{}), openPG(t, dsn, queue.PostgresOptions{})
@@ -340,6 +343,7 @@ func TestPGOutage(t *testing.T) {
 // TestPGSpooledLarge: a spooled message of several MiB goes into the
 // database in chunks and reads back byte for byte, from every reader.
 func TestPGSpooledLarge(t *testing.T) {
+	t.Parallel()
 	dsn := testpg.Shared(t).NewDatabase(t)
 	s := openPG(t, dsn, queue.PostgresOptions{SpoolDir: t.TempDir()})
 	head := []byte("Subject: large\r\n\r\n")
@@ -415,6 +419,7 @@ func TestPGSpooledLarge(t *testing.T) {
 // each message once, never by both at once, deferred ones retried by
 // whichever replica claims them.
 func TestPGSchedulersShareQueue(t *testing.T) {
+	t.Parallel()
 	dsn := testpg.Shared(t).NewDatabase(t)
 	const n = 120
 	var (
@@ -500,6 +505,7 @@ func TestPGSchedulersShareQueue(t *testing.T) {
 // file twice sends nothing twice; a message that was Put is not
 // recorded as imported.
 func TestPGImportOnce(t *testing.T) {
+	t.Parallel()
 	s := openPG(t, testpg.Shared(t).NewDatabase(t), queue.PostgresOptions{})
 	ctx := context.Background()
 	m := pgMessage("r@example.net")
