@@ -175,6 +175,11 @@ func TestDeliverSpooledStreams(t *testing.T) {
 	st, _ := openQueue(t)
 	sink := startHashSink(t)
 	env := newDeliverer(t, Upstream{Name: "sink", Address: sink.addr, TLS: mailproto.TLSNone})
+	// 25 MB under the race detector on a busy machine may take longer
+	// than the other tests' data timeout; this test is not about it.
+	cfg := env.d.Config()
+	cfg.DataTimeout = 2 * time.Minute
+	env.d.SetConfig(cfg)
 	done := runScheduler(t, st, env.d.Deliver)
 
 	sp, sum := writeSpool(t, st, size)
