@@ -77,7 +77,7 @@ type PGStore struct {
 	recovered int
 
 	wake   chan struct{}
-	intake atomic.Pointer[Intake]
+	intake intakeSlot
 
 	// leased holds the tokens of the attempts this store handed out and
 	// has not finished: the renewer extends their leases.
@@ -247,13 +247,7 @@ func (s *PGStore) notify() {
 func (s *PGStore) Wake() <-chan struct{} { return s.wake }
 
 // SetIntake implements Backend.
-func (s *PGStore) SetIntake(in Intake) {
-	if in == nil {
-		s.intake.Store(nil)
-		return
-	}
-	s.intake.Store(&in)
-}
+func (s *PGStore) SetIntake(in Intake) { s.intake.set(in) }
 
 // checkOpen refuses an operation on a closed store.
 func (s *PGStore) checkOpen(op string) error {

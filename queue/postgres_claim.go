@@ -107,26 +107,9 @@ func (s *PGStore) put(ctx context.Context, m *Message, body []byte, rest *os.Fil
 	if err := checkPut(ctx, m); err != nil {
 		return err
 	}
-	if m.ID == "" {
-		m.ID = NewID()
-	}
-	if m.Received.IsZero() {
-		m.Received = s.now()
-	}
-	m.Received = pgTime(m.Received)
-	m.NextAttempt = m.Received
-	if m.Size == 0 {
-		m.Size = int64(len(body))
-	}
-	for i := range m.Recipients {
-		m.Recipients[i].State = Pending
-	}
-	rec := record{Message: *m, Spooled: rest != nil}
-	var in Intake
-	if p := s.intake.Load(); p != nil {
-		in = *p
-	}
-	taken := reserve(in, &rec)
+	rec := newRecord(m, body, rest != nil, s.now(), pgTime)
+	in := s.intake.reserve(&rec)
+	taken := in != nil
 	if taken {
 		pgTimes(&rec.Message)
 	}

@@ -107,7 +107,7 @@ type Store struct {
 	// in the commit that stores them (SetIntake). Without that, each
 	// message would cost a second commit for the claim, which a single
 	// submitting session waits behind.
-	intake atomic.Pointer[Intake]
+	intake intakeSlot
 
 	// freelistSyncMax is the number of free pages past which commits may
 	// stop writing the freelist (chooseFreelistSync).
@@ -365,27 +365,11 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 		return err
 	}
 	// Everything random or clock-dependent is decided here, outside the
-	// transaction, because a group commit may run the function more than once.
-	if m.ID == "" {
-		m.ID = NewID()
-	}
-	if m.Received.IsZero() {
-		m.Received = s.now()
-	}
-	m.Received = m.Received.Round(0) // drop the monotonic reading: it is not stored
-	m.NextAttempt = m.Received
-	if m.Size == 0 {
-		m.Size = int64(len(body))
-	}
-	for i := range m.Recipients {
-		m.Recipients[i].State = Pending
-	}
-	rec := record{Message: *m, Spooled: spooled}
-	var in Intake
-	if p := s.intake.Load(); p != nil {
-		in = *p
-	}
-	taken := reserve(in, &rec)
+	// transaction, because a group commit may run the function more than
+	// once. Round(0) drops the monotonic reading, which is not stored.
+	rec := newRecord(m, body, spooled, s.now(), func(t time.Time) time.Time { return t.Round(0) })
+	in := s.intake.reserve(&rec)
+	taken := in != nil
 	v, err := encodeRecord(&rec)
 	if err != nil {
 		err = fmt.Errorf("queue: put: %w", err)
@@ -412,13 +396,7 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 }
 
 // SetIntake implements Backend.
-func (s *Store) SetIntake(in Intake) {
-	if in == nil {
-		s.intake.Store(nil)
-		return
-	}
-	s.intake.Store(&in)
-}
+func (s *Store) SetIntake(in Intake) { s.intake.set(in) }
 
 // begin records on m an attempt that starts as at says.
 func begin(m *Message, at Start) {
