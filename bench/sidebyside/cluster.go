@@ -7,9 +7,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -68,45 +66,24 @@ func (b *Bench) startSmarthostCluster(ctx context.Context, dir, upstream string,
 // on a Unix socket there, as the user nobody (PostgreSQL refuses root),
 // and returns the server and the connection string of its database.
 func (b *Bench) startPostgres(ctx context.Context, dir string) (*Process, string, error) {
-	initdb, err := testpg.Program("initdb")
-	if err != nil {
-		return nil, "", err
-	}
 	postgres, err := testpg.Program("postgres")
 	if err != nil {
 		return nil, "", err
 	}
-	sock := filepath.Join(dir, "sock")
-	if err := os.MkdirAll(sock, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, "", err
 	}
-	var cred *syscall.Credential
-	if os.Geteuid() == 0 {
-		u, err := user.Lookup("nobody")
-		if err != nil {
-			return nil, "", err
-		}
-		uid, _ := strconv.Atoi(u.Uid)
-		gid, _ := strconv.Atoi(u.Gid)
-		cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
-		for _, p := range []string{dir, sock} {
-			if err := os.Chown(p, uid, gid); err != nil {
-				return nil, "", err
-			}
-		}
+	cred, err := testpg.Init(dir)
+	if err != nil {
+		return nil, "", err
 	}
-	data := filepath.Join(dir, "data")
-	cmd := exec.CommandContext(ctx, initdb, "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return nil, "", fmt.Errorf("initdb: %v\n%s", err, out)
-	}
+	data, sock := filepath.Join(dir, "data"), filepath.Join(dir, "sock")
 	logFile, err := os.Create(filepath.Join(dir, "postgres.log"))
 	if err != nil {
 		return nil, "", err
 	}
 	defer logFile.Close()
-	cmd = exec.Command(postgres, "-D", data, "-c", "listen_addresses=", "-c", "unix_socket_directories="+sock,
+	cmd := exec.Command(postgres, "-D", data, "-c", "listen_addresses=", "-c", "unix_socket_directories="+sock,
 		"-c", "max_connections=100", "-c", "shared_buffers=128MB")
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred, Setpgid: true, Pdeathsig: syscall.SIGTERM}

@@ -102,48 +102,58 @@ func CloseShared() {
 
 // New makes and starts a cluster; Close stops and removes it.
 func New(opts Options) (*Server, error) {
-	initdb, err := Program("initdb")
-	if err != nil {
-		return nil, err
-	}
 	dir, err := os.MkdirTemp("", "smarthost-pg-")
 	if err != nil {
 		return nil, err
 	}
 	s := &Server{dir: dir, data: filepath.Join(dir, "data"), sockDir: filepath.Join(dir, "sock"), opts: opts}
-	fail := func(err error) (*Server, error) {
+	if s.cred, err = Init(dir); err == nil {
+		err = s.Restart()
+	}
+	if err != nil {
 		os.RemoveAll(dir)
 		return nil, err
 	}
-	if err := os.Mkdir(s.sockDir, 0o755); err != nil {
-		return fail(err)
+	return s, nil
+}
+
+// Init makes a cluster with initdb in dir/data, and dir/sock for its
+// Unix socket, owned by the user its server must run as: nobody when
+// running as root (the credential to run it with), else this user (nil).
+// dir must exist.
+func Init(dir string) (*syscall.Credential, error) {
+	initdb, err := Program("initdb")
+	if err != nil {
+		return nil, err
 	}
+	sock := filepath.Join(dir, "sock")
+	if err := os.MkdirAll(sock, 0o755); err != nil {
+		return nil, err
+	}
+	var cred *syscall.Credential
 	if os.Geteuid() == 0 {
 		u, err := user.Lookup("nobody")
 		if err != nil {
-			return fail(fmt.Errorf("running as root, and no user nobody to run PostgreSQL as: %w", err))
+			return nil, fmt.Errorf("running as root, and no user nobody to run PostgreSQL as: %w", err)
 		}
 		uid, _ := strconv.Atoi(u.Uid)
 		gid, _ := strconv.Atoi(u.Gid)
-		s.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
-		for _, p := range []string{dir, s.sockDir} {
+		cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
+		for _, p := range []string{dir, sock} {
 			if err := os.Chown(p, uid, gid); err != nil {
-				return fail(err)
+				return nil, err
 			}
 		}
 		if err := os.Chmod(dir, 0o755); err != nil {
-			return fail(err)
+			return nil, err
 		}
 	}
-	cmd := exec.Command(initdb, "-D", s.data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
+	cmd := exec.Command(initdb, "-D", filepath.Join(dir, "data"), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return fail(fmt.Errorf("initdb: %v\n%s", err, out))
+		return nil, fmt.Errorf("initdb: %v\n%s", err, out)
 	}
-	if err := s.Restart(); err != nil {
-		return fail(err)
-	}
-	return s, nil
+	return cred, nil
 }
 
 // Program finds a PostgreSQL server program: on PATH, else in Debian's
