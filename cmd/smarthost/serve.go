@@ -301,7 +301,7 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 		Logger:  logger,
 	}
 	if err := inst.http.Listen(); err != nil {
-		store.Close()
+		inst.closeStorage()
 		return nil, fmt.Errorf("[http] address: %w", err)
 	}
 	if token == "" && !isLoopbackListen(inst.http.Addr()) {
@@ -320,7 +320,7 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	srv.Observer = m
 	if err := srv.Listen(); err != nil {
 		inst.http.Close()
-		store.Close()
+		inst.closeStorage()
 		return nil, err
 	}
 	inst.srv = srv
@@ -434,13 +434,19 @@ func (in *instance) shutdown(ctx context.Context) error {
 	}
 	// Idle upstream connections are closed once no delivery can use them.
 	in.delivery.Close()
-	if in.shared != nil {
-		in.shared.Close()
-	}
-	if err := in.store.Close(); err != nil {
+	if err := in.closeStorage(); err != nil {
 		errs = append(errs, fmt.Errorf("queue: %w", err))
 	}
 	return errors.Join(errs...)
+}
+
+// closeStorage closes the upstreams' shared state, then the queue it
+// lives in.
+func (in *instance) closeStorage() error {
+	if in.shared != nil {
+		in.shared.Close()
+	}
+	return in.store.Close()
 }
 
 // adminQueue is the queue as the admin API sees it: a flush or a retry
