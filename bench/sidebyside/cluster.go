@@ -3,13 +3,9 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -20,9 +16,9 @@ import (
 
 // startSmarthostCluster runs replicas smarthost processes on one queue in
 // a PostgreSQL server of their own, durable as in production (fsync on).
-// With more than one replica, a round-robin TCP proxy in front gives each
-// new session to the next replica, as a Kubernetes Service would; the
-// proxy runs in this process, so its CPU is not counted as the relay's.
+// The client shares its sessions out among the replicas' listeners
+// (Addrs), as a Service that balances connections in the kernel would,
+// with no proxy of its own on the machine's cores.
 func (b *Bench) startSmarthostCluster(ctx context.Context, dir, upstream string, replicas int) (*relayInstance, error) {
 	pg, dsn, err := b.startPostgres(ctx, filepath.Join(dir, "pg"))
 	if err != nil {
@@ -50,15 +46,7 @@ func (b *Bench) startSmarthostCluster(ctx context.Context, dir, upstream string,
 	}
 	// The database stops last, once no replica uses it.
 	inst.Roots = append(inst.Roots, pg)
-	inst.Addr = addrs[0]
-	if replicas > 1 {
-		rr, err := startRoundRobin(addrs)
-		if err != nil {
-			inst.stop(b.sup)
-			return nil, err
-		}
-		inst.Addr, inst.front = rr.addr(), rr.close
-	}
+	inst.Addr, inst.Addrs = addrs[0], addrs
 	return inst, nil
 }
 
@@ -114,57 +102,4 @@ func (b *Bench) startPostgres(ctx context.Context, dir string) (*Process, string
 			return nil, "", fmt.Errorf("postgres: no connection within 30s: %v", err)
 		}
 	}
-}
-
-// roundRobin is a TCP proxy that gives each new connection to the next
-// of its backends.
-type roundRobin struct {
-	ln       net.Listener
-	backends []string
-	next     atomic.Uint64
-	wg       sync.WaitGroup
-}
-
-func startRoundRobin(backends []string) (*roundRobin, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	rr := &roundRobin{ln: ln, backends: backends}
-	rr.wg.Go(rr.serve)
-	return rr, nil
-}
-
-func (rr *roundRobin) addr() string { return rr.ln.Addr().String() }
-
-func (rr *roundRobin) close() {
-	rr.ln.Close()
-	rr.wg.Wait()
-}
-
-func (rr *roundRobin) serve() {
-	for {
-		c, err := rr.ln.Accept()
-		if err != nil {
-			return
-		}
-		backend := rr.backends[rr.next.Add(1)%uint64(len(rr.backends))]
-		go pipe(c, backend) // ends with its connections, after close too
-	}
-}
-
-// pipe copies both ways between c and a new connection to backend
-// (io.Copy splices between TCP sockets on Linux) until either side
-// closes.
-func pipe(c net.Conn, backend string) {
-	defer c.Close()
-	d, err := net.Dial("tcp", backend)
-	if err != nil {
-		return
-	}
-	defer d.Close()
-	done := make(chan struct{}, 2)
-	go func() { io.Copy(d, c); done <- struct{}{} }()
-	go func() { io.Copy(c, d); done <- struct{}{} }()
-	<-done
 }

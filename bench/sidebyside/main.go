@@ -514,7 +514,7 @@ func (b *Bench) measure(ctx context.Context, t Target, pt Point, dir string) Res
 		return fail(err)
 	}
 
-	addr := sinkAddr
+	addrs := []string{sinkAddr}
 	var sampler *Sampler
 	if t.Relay() {
 		started, err := t.start(ctx, b, dir, sinkAddr)
@@ -523,7 +523,10 @@ func (b *Bench) measure(ctx context.Context, t Target, pt Point, dir string) Res
 		}
 		inst = started
 		defer inst.stop(b.sup)
-		addr = inst.Addr
+		addrs = []string{inst.Addr}
+		if len(inst.Addrs) > 0 {
+			addrs = inst.Addrs
+		}
 		sampler = NewSampler(inst.Roots, b.opts.Interval)
 		defer sampler.Close()
 	}
@@ -531,7 +534,7 @@ func (b *Bench) measure(ctx context.Context, t Target, pt Point, dir string) Res
 	// Warm-up: the relay forks its daemons, grows its heap, opens its
 	// upstream connections; none of it is timed.
 	warm := b.warmup(pt.Sessions)
-	if err := b.client(ctx, dir, addr, pt, warm).Err(); err != nil {
+	if err := b.clients(ctx, dir, addrs, pt, warm).Err(); err != nil {
 		return fail(fmt.Errorf("warm-up client: %w (%s)", err, lastLine(filepath.Join(dir, "client.log"))))
 	}
 	wctx, cancel := context.WithTimeout(ctx, b.opts.Drain)
@@ -551,7 +554,7 @@ func (b *Bench) measure(ctx context.Context, t Target, pt Point, dir string) Res
 		cpu0 = sampler.CPU()
 	}
 	t0 := time.Now()
-	client := b.client(ctx, dir, addr, pt, b.opts.Messages)
+	client := b.clients(ctx, dir, addrs, pt, b.opts.Messages)
 	want := warm + b.opts.Messages
 	wctx, cancel = context.WithTimeout(ctx, runLimit)
 	defer cancel()
@@ -575,7 +578,7 @@ func (b *Bench) measure(ctx context.Context, t Target, pt Point, dir string) Res
 	select {
 	case <-clientDone:
 	case <-time.After(b.opts.Drain):
-		b.sup.Stop(client)
+		client.stop(b.sup)
 		<-clientDone
 	}
 	if clientErr != nil {
@@ -638,6 +641,46 @@ func (b *Bench) client(ctx context.Context, dir, addr string, pt Point, n int) *
 		}
 	}()
 	return p
+}
+
+// clientGroup is the smtp-source processes of one run.
+type clientGroup []*Process
+
+// clients starts one smtp-source per address, sharing pt's sessions and
+// the n messages out evenly among them (one address: one client, as
+// client).
+func (b *Bench) clients(ctx context.Context, dir string, addrs []string, pt Point, n int) clientGroup {
+	k := max(1, min(len(addrs), pt.Sessions))
+	g := make(clientGroup, k)
+	for i := range k {
+		share := Point{Size: pt.Size, Sessions: pt.Sessions / k}
+		if i < pt.Sessions%k {
+			share.Sessions++
+		}
+		m := n / k
+		if i < n%k {
+			m++
+		}
+		g[i] = b.client(ctx, dir, addrs[i], share, m)
+	}
+	return g
+}
+
+// Err waits for every client and returns the first failure.
+func (g clientGroup) Err() error {
+	var first error
+	for _, p := range g {
+		if err := p.Err(); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+func (g clientGroup) stop(sup *Supervisor) {
+	for _, p := range g {
+		sup.Stop(p)
+	}
 }
 
 // clientArgs are smtp-source's flags, identical for every target.

@@ -56,7 +56,10 @@ var targets = []Target{
 
 // relayInstance is one running relay.
 type relayInstance struct {
-	Addr  string     // its SMTP listener
+	Addr string // its SMTP listener
+	// Addrs, if set, are the listeners of several replicas, among which
+	// the client shares out its sessions.
+	Addrs []string
 	HTTP  string     // smarthost's [http] listener
 	Roots []*Process // the roots of its process trees (all its CPU and memory)
 	// Logs are the relay's log files, scanned for warnings afterwards.
@@ -67,17 +70,11 @@ type relayInstance struct {
 	// about 5 s to exit on SIGTERM (its milter loop polls at that pace),
 	// idle all the while, and the next run need not wait for it.
 	slowStop *Process
-	// front, if set, closes what stands before the processes (the
-	// round-robin proxy of several replicas); stop calls it first.
-	front func()
 }
 
-// stop stops every process of the relay by PID, the front first (Postfix
+// stop stops every process of the relay by PID, in order (Postfix
 // before its milter, so that no message is in flight between them).
 func (r *relayInstance) stop(sup *Supervisor) {
-	if r.front != nil {
-		r.front()
-	}
 	for _, p := range r.Roots {
 		if p == r.slowStop {
 			sup.StopLater(p)
