@@ -344,7 +344,7 @@ func TestQueueCommands(t *testing.T) {
 	if out, err := queueCLI(t, r, adminToken, "release", ids[0]); err != nil {
 		t.Fatalf("release: %v\n%s", err, out)
 	}
-	r.waitLog("deferred", map[string]string{"queue_id": ids[0], "attempts": "2"}, 20*time.Second)
+	r.waitLog("deferred", map[string]string{"queue_id": ids[0], "attempt": "2"}, 20*time.Second)
 	if listQueue(t, r)[ids[0]].Held {
 		t.Error("release did not release")
 	}
@@ -352,7 +352,7 @@ func TestQueueCommands(t *testing.T) {
 	if out, err := queueCLI(t, r, adminToken, "retry", ids[1]); err != nil {
 		t.Fatalf("retry: %v\n%s", err, out)
 	}
-	r.waitLog("deferred", map[string]string{"queue_id": ids[1], "attempts": "2"}, 20*time.Second)
+	r.waitLog("deferred", map[string]string{"queue_id": ids[1], "attempt": "2"}, 20*time.Second)
 
 	if out, err := queueCLI(t, r, adminToken, "delete", ids[2]); err != nil {
 		t.Fatalf("delete: %v\n%s", err, out)

@@ -380,8 +380,8 @@ func (e *faultEnv) clearAndDeliver(id string, clear ...func()) int {
 	return len(copies)
 }
 
-// logDuration reads a slog duration attribute (nanoseconds in JSON).
+// logDuration reads the duration_ms of a delivery attempt line.
 func logDuration(line map[string]any) time.Duration {
-	ns, _ := line["duration"].(float64)
-	return time.Duration(ns)
+	ms, _ := line["duration_ms"].(float64)
+	return time.Duration(ms) * time.Millisecond
 }

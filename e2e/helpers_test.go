@@ -291,11 +291,56 @@ func (r *relay) logLines() []map[string]any {
 		for line := range bytes.Lines(data) {
 			var m map[string]any
 			if json.Unmarshal(line, &m) == nil {
+				if key, dup := duplicateKey(line); dup {
+					// Log pipelines that refuse duplicate keys drop such lines.
+					r.t.Errorf("log line with the key %q twice: %s", key, line)
+				}
 				r.logSeen = append(r.logSeen, m)
 			}
 		}
 	}
 	return r.logSeen[:len(r.logSeen):len(r.logSeen)]
+}
+
+// duplicateKey reports a key that appears twice in one object of a JSON
+// text, as a strict decoder would refuse it.
+func duplicateKey(data []byte) (string, bool) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	var walk func() (string, bool)
+	walk = func() (string, bool) {
+		tok, err := dec.Token()
+		if err != nil {
+			return "", false
+		}
+		switch tok {
+		case json.Delim('{'):
+			seen := map[string]bool{}
+			for dec.More() {
+				k, err := dec.Token()
+				if err != nil {
+					return "", false
+				}
+				key, _ := k.(string)
+				if seen[key] {
+					return key, true
+				}
+				seen[key] = true
+				if key, dup := walk(); dup {
+					return key, true
+				}
+			}
+			dec.Token() // }
+		case json.Delim('['):
+			for dec.More() {
+				if key, dup := walk(); dup {
+					return key, true
+				}
+			}
+			dec.Token() // ]
+		}
+		return "", false
+	}
+	return walk()
 }
 
 // waitLog waits for a log line with msg and the given attribute values.

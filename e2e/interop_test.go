@@ -359,7 +359,7 @@ func TestInteropAiosmtpdRejectsAuth(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.waitLog("deferred", map[string]string{"queue_id": id, "attempts": "1"}, 20*time.Second)
+	r.waitLog("deferred", map[string]string{"queue_id": id, "attempt": "1"}, 20*time.Second)
 	// After the refusal the upstream is marked down for a while; once that
 	// passes the relay must come back and try its credentials again.
 	var auths []aiosmtpdAuth

@@ -74,8 +74,8 @@ func TestUpstreamDownThenUp(t *testing.T) {
 		t.Fatalf("submission while the upstream is down: %v", err)
 	}
 	// It is tried, fails, and is deferred with backoff.
-	r.waitLog("deferred", map[string]string{"queue_id": id, "attempts": "1"}, 20*time.Second)
-	r.waitLog("deferred", map[string]string{"queue_id": id, "attempts": "2"}, 20*time.Second)
+	r.waitLog("deferred", map[string]string{"queue_id": id, "attempt": "1"}, 20*time.Second)
+	r.waitLog("deferred", map[string]string{"queue_id": id, "attempt": "2"}, 20*time.Second)
 
 	freeUp()
 	up := smtptest.Start(t, smtptest.Options{Addr: upAddr, TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword})

@@ -522,32 +522,31 @@ func TestApplyNotBefore(t *testing.T) {
 		results []Result
 		next    time.Time
 		paced   int
-		state   Outcome
 	}{
 		{"temporary failure", []Result{
 			{Rcpt: "a", State: Pending}, {Rcpt: "b", State: Pending},
-		}, backoff, 0, "deferred"},
+		}, backoff, 0},
 		{"all paced, later than backoff", []Result{
 			{Rcpt: "a", State: Pending, NotBefore: late}, {Rcpt: "b", State: Pending, NotBefore: soon},
-		}, late, 1, "paced"},
+		}, late, 1},
 		{"all paced, sooner than backoff", []Result{
 			{Rcpt: "a", State: Pending, NotBefore: soon}, {Rcpt: "b", State: Pending, NotBefore: soon},
-		}, soon, 1, "paced"},
+		}, soon, 1},
 		{"paced in the past", []Result{
 			{Rcpt: "a", State: Pending, NotBefore: now.Add(-time.Hour)}, {Rcpt: "b", State: Delivered},
-		}, now, 1, "paced"},
+		}, now, 1},
 		{"one paced one failed, later", []Result{
 			{Rcpt: "a", State: Pending, NotBefore: late}, {Rcpt: "b", State: Pending},
-		}, late, 0, "deferred"},
+		}, late, 0},
 		{"one paced one failed, sooner", []Result{
 			{Rcpt: "a", State: Pending, NotBefore: soon}, {Rcpt: "b", State: Pending},
-		}, backoff, 0, "deferred"},
+		}, backoff, 0},
 		{"paced but another recipient without a result", []Result{
 			{Rcpt: "a", State: Pending, NotBefore: late},
-		}, late, 0, "deferred"},
+		}, late, 0},
 		{"NotBefore on a delivered result is ignored", []Result{
 			{Rcpt: "a", State: Delivered, NotBefore: late}, {Rcpt: "b", State: Pending},
-		}, backoff, 0, "deferred"},
+		}, backoff, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := NewScheduler(nil, nil)
@@ -556,9 +555,49 @@ func TestApplyNotBefore(t *testing.T) {
 				Recipients: []Recipient{{Addr: "a"}, {Addr: "b"}},
 			}
 			out := s.apply(m, tc.results, now)
-			if !m.NextAttempt.Equal(tc.next) || m.Paced != tc.paced || out.state != tc.state || out.done {
-				t.Errorf("NextAttempt %v, Paced %d, state %s, done %v; want %v, %d, %s",
-					m.NextAttempt, m.Paced, out.state, out.done, tc.next, tc.paced, tc.state)
+			if !m.NextAttempt.Equal(tc.next) || m.Paced != tc.paced || out.done {
+				t.Errorf("NextAttempt %v, Paced %d, done %v; want %v, %d", m.NextAttempt, m.Paced, out.done, tc.next, tc.paced)
+			}
+		})
+	}
+}
+
+// TestApplyRecipientOutcomes: an attempt names what it decided for each
+// recipient it had a result for, and a recipient that expires is expired,
+// whether this attempt deferred it or had no result for it.
+func TestApplyRecipientOutcomes(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	s := NewScheduler(nil, nil)
+	s.MaxAge = time.Hour
+	for _, tc := range []struct {
+		name     string
+		age      time.Duration
+		results  []Result
+		want     string
+		relayFor string
+	}{
+		{"fresh", time.Minute, []Result{
+			{Rcpt: "a", State: Delivered, Relay: "192.0.2.1:465"}, {Rcpt: "b", State: Failed}, {Rcpt: "c", State: Pending},
+		}, "a:delivered b:bounced c:deferred", "a"},
+		{"expired", 2 * time.Hour, []Result{
+			{Rcpt: "a", State: Delivered}, {Rcpt: "c", State: Pending, Reply: "451 busy", Relay: "192.0.2.1:465"},
+		}, "a:delivered c:expired b:expired", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := &Message{ID: "x", Received: now.Add(-tc.age), Attempts: 1, Recipients: []Recipient{{Addr: "a"}, {Addr: "b"}, {Addr: "c"}}}
+			out := s.apply(m, tc.results, now)
+			var got []string
+			for _, ro := range out.rcpts {
+				got = append(got, ro.Addr+":"+string(ro.outcome))
+				if ro.outcome == OutcomeExpired && !strings.HasPrefix(ro.Reply, "expired after 1h0m0s in queue") {
+					t.Errorf("%s expired with reply %q", ro.Addr, ro.Reply)
+				}
+				if ro.Addr == tc.relayFor && ro.relay != "192.0.2.1:465" {
+					t.Errorf("%s: relay %q", ro.Addr, ro.relay)
+				}
+			}
+			if strings.Join(got, " ") != tc.want {
+				t.Errorf("outcomes %q, want %q", strings.Join(got, " "), tc.want)
 			}
 		})
 	}

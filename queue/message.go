@@ -78,6 +78,9 @@ type Result struct {
 	State    RcptState // Pending means a temporary failure: retry later
 	Reply    string    // the upstream's reply, or the local error text
 	Upstream string
+	// Relay is the address of the upstream server that answered, if one
+	// did.
+	Relay string
 	// NotBefore, on a Pending result, asks for no retry before that time
 	// (an upstream's rate limit); it does not count as a failure.
 	NotBefore time.Time

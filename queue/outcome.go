@@ -2,8 +2,9 @@ package queue
 
 // Outcome is what happened, in one vocabulary for the logs, the metrics
 // and the events of every level: to a message in one upstream's
-// transaction, to a message in one attempt, or to a message that left
-// the queue. Which words each level uses is listed below.
+// transaction, to a message in one attempt, to one recipient in an
+// attempt, or to a message that left the queue. Which words each level
+// uses is listed below.
 type Outcome string
 
 const (
@@ -12,21 +13,17 @@ const (
 	OutcomeDelivered Outcome = "delivered"
 	// OutcomeDeferred: recipients stay pending, for a later attempt.
 	OutcomeDeferred Outcome = "deferred"
-	// OutcomePaced: an attempt deferred only by upstreams' rate limits;
-	// it does not grow the backoff.
-	OutcomePaced Outcome = "paced"
 	// OutcomeFailed: recipients were refused for good (a transaction
-	// with none taken and at least one refused; an attempt after which
-	// none is pending and some failed).
+	// with none taken and at least one refused).
 	OutcomeFailed Outcome = "failed"
-	// OutcomeExpired: an attempt after max_age failed the recipients
-	// still pending.
+	// OutcomeExpired: a recipient still pending after max_age, failed
+	// for it.
 	OutcomeExpired Outcome = "expired"
 	// OutcomeSkipped: an upstream was left out of an attempt, being down
 	// or at its rate limit.
 	OutcomeSkipped Outcome = "skipped"
 	// OutcomeBounced: a message left the queue with at least one
-	// recipient failed or expired.
+	// recipient failed or expired; a recipient refused for good.
 	OutcomeBounced Outcome = "bounced"
 	// OutcomeDeleted: an administrator deleted the message.
 	OutcomeDeleted Outcome = "deleted"
@@ -38,10 +35,10 @@ func TransactionOutcomes() []Outcome {
 	return []Outcome{OutcomeDelivered, OutcomeDeferred, OutcomeFailed, OutcomeSkipped}
 }
 
-// AttemptOutcomes are the outcomes of one delivery attempt, the message
-// of the scheduler's log line for it.
-func AttemptOutcomes() []Outcome {
-	return []Outcome{OutcomeDelivered, OutcomeDeferred, OutcomePaced, OutcomeFailed, OutcomeExpired}
+// RecipientOutcomes are what one attempt decided for a recipient, the
+// message of the log line for it.
+func RecipientOutcomes() []Outcome {
+	return []Outcome{OutcomeDelivered, OutcomeDeferred, OutcomeBounced, OutcomeExpired}
 }
 
 // FinishedOutcomes are the ways a message leaves the queue.

@@ -362,7 +362,7 @@ func (s *Scheduler) work(a Attempt) {
 			"queue_id", m.ID, "msg_id", m.MessageID, "err", err)
 		return
 	}
-	s.log(f.Message, final)
+	s.log(f.Message, final, now)
 	for _, n := range dsns {
 		s.Logger.Info("queue: dsn queued", "queue_id", n.Message.ID, "for_queue_id", m.ID,
 			"msg_id", m.MessageID, "rcpts", len(n.Message.Recipients))
@@ -494,12 +494,35 @@ func (s *Scheduler) deliver(a Attempt, body Body) (results []Result) {
 
 // outcome summarises one attempt.
 type outcome struct {
-	state                       Outcome // one of AttemptOutcomes
-	done                        bool    // no recipient pending: leave the queue
-	delivered, failed, deferred int     // recipients by result of this attempt
+	done                        bool // no recipient pending: leave the queue
+	delivered, failed, deferred int  // recipients by result of this attempt
 	// newlyFailed are the recipients that became Failed in this attempt
 	// (refused, or expired); pending those still Pending after it.
 	newlyFailed, pending []Recipient
+	// rcpts are the recipients that this attempt decided something for,
+	// one log line each.
+	rcpts []rcptOutcome
+}
+
+// rcptOutcome is what an attempt did for one recipient: delivered,
+// deferred (paced included), bounced (refused for good) or expired.
+type rcptOutcome struct {
+	Recipient
+	outcome Outcome
+	relay   string
+	paced   bool
+}
+
+// expire records that rc expired: its deferral in this attempt, if any,
+// becomes the expiry.
+func (out *outcome) expire(rc Recipient) {
+	for i := range out.rcpts {
+		if ro := &out.rcpts[i]; ro.outcome == OutcomeDeferred && ro.Addr == rc.Addr {
+			ro.Recipient, ro.outcome = rc, OutcomeExpired
+			return
+		}
+	}
+	out.rcpts = append(out.rcpts, rcptOutcome{Recipient: rc, outcome: OutcomeExpired})
 }
 
 // apply records results on m and decides what happens to it next. It must
@@ -525,12 +548,15 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 			}
 			used[i] = true
 			rc.State, rc.Reply, rc.Upstream = r.State, r.Reply, r.Upstream
+			ro := rcptOutcome{outcome: OutcomeDeferred, relay: r.Relay, paced: !r.NotBefore.IsZero()}
 			switch r.State {
 			case Delivered:
 				out.delivered++
+				ro.outcome = OutcomeDelivered
 			case Failed:
 				out.failed++
 				out.newlyFailed = append(out.newlyFailed, *rc)
+				ro.outcome = OutcomeBounced
 			default:
 				rc.State = Pending
 				out.deferred++
@@ -549,6 +575,8 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 			if r.Reply != "" {
 				lastAny = r.Reply
 			}
+			ro.Recipient = *rc
+			out.rcpts = append(out.rcpts, ro)
 			break
 		}
 	}
@@ -576,9 +604,9 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 	}
 	switch {
 	case pending == 0 && failed == 0:
-		out.state, out.done = OutcomeDelivered, true
+		out.done = true
 	case pending == 0:
-		out.state, out.done = OutcomeFailed, true
+		out.done = true
 	case now.Sub(m.Received) >= s.MaxAge:
 		// Pacing does not stop the clock: a message never leaves the queue
 		// later than MaxAge.
@@ -594,15 +622,15 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 			rc.State = Failed
 			rc.Reply = fmt.Sprintf("expired after %s in queue; last reply: %s", s.MaxAge, last)
 			out.newlyFailed = append(out.newlyFailed, *rc)
+			out.expire(*rc)
 		}
-		out.state, out.done = OutcomeExpired, true
+		out.done = true
 	case paced > 0 && unpaced == 0:
 		m.Paced++
 		m.NextAttempt = notBefore
 		if m.NextAttempt.Before(now) {
 			m.NextAttempt = now
 		}
-		out.state = OutcomePaced
 	default:
 		// The backoff counts from the end of the attempt: one that outlasted
 		// it (an upstream slow or silent until its timeout) is not retried
@@ -613,7 +641,6 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 		if notBefore.After(m.NextAttempt) {
 			m.NextAttempt = notBefore
 		}
-		out.state = OutcomeDeferred
 	}
 	if !out.done {
 		for _, rc := range m.Recipients {
@@ -625,23 +652,26 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 	return out
 }
 
-func (s *Scheduler) log(m Message, out outcome) {
-	attrs := []any{
-		"queue_id", m.ID, "msg_id", m.MessageID, "user", m.User,
-		"attempts", m.Attempts,
-		"delivered", out.delivered, "failed", out.failed, "deferred", out.deferred,
+// log writes one line per recipient that the attempt decided something
+// for, with that recipient's own reply: its message is the outcome
+// (delivered, deferred, bounced, expired), what an operator greps for.
+func (s *Scheduler) log(m Message, out outcome, now time.Time) {
+	for _, ro := range out.rcpts {
+		level := slog.LevelWarn
+		if ro.outcome == OutcomeDelivered || ro.paced {
+			level = slog.LevelInfo // waiting for an upstream's pace is normal
+		}
+		attrs := []slog.Attr{
+			slog.String("queue_id", m.ID), slog.String("msg_id", m.MessageID), slog.String("user", m.User),
+			slog.String("from", m.From), slog.String("rcpt", ro.Addr),
+			slog.String("upstream", ro.Upstream), slog.String("relay", ro.relay), slog.String("reply", ro.Reply),
+			slog.Int("attempt", m.Attempts), slog.Int64("delay_ms", now.Sub(m.Received).Milliseconds()),
+		}
+		if ro.outcome == OutcomeDeferred {
+			attrs = append(attrs, slog.Time("next_attempt", m.NextAttempt))
+		}
+		s.Logger.LogAttrs(context.Background(), level, string(ro.outcome), attrs...)
 	}
-	level := slog.LevelWarn
-	if out.state == OutcomeDelivered || out.state == OutcomePaced {
-		level = slog.LevelInfo // waiting for an upstream's pace is normal
-	}
-	if !out.done {
-		attrs = append(attrs, "next_attempt", m.NextAttempt)
-	}
-	attrs = append(attrs, "reply", m.LastReply)
-	// The message is the outcome, so that "deferred" or "expired" is what an
-	// operator greps for.
-	s.Logger.Log(context.Background(), level, string(out.state), attrs...)
 }
 
 // Shutdown stops claiming messages and waits for in-flight deliveries to

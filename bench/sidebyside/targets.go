@@ -543,8 +543,9 @@ func smarthostProblem(line string) bool {
 	return strings.Contains(line, "level=WARN") || strings.Contains(line, "level=ERROR") || notAtOnce.MatchString(line)
 }
 
-// notAtOnce matches a delivery log line with a deferred or failed recipient.
-var notAtOnce = regexp.MustCompile(`\b(deferred|failed)=[1-9]`)
+// notAtOnce matches a line of a recipient not delivered at once (paced
+// deferrals are not warnings), or of a transaction with such recipients.
+var notAtOnce = regexp.MustCompile(`\bmsg=(deferred|bounced|expired)\b|\b(deferred|failed)=[1-9]`)
 
 // waitReady polls a /readyz URL until it answers 200.
 func waitReady(ctx context.Context, url string, p *Process, timeout time.Duration) error {

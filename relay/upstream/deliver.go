@@ -433,7 +433,7 @@ func (d *Deliverer) logAttempt(ctx context.Context, m queue.Message, upstream st
 		slog.String("queue_id", m.ID),
 		slog.String("msg_id", m.MessageID),
 		slog.String("upstream", upstream),
-		slog.Duration("duration", took),
+		slog.Int64("duration_ms", took.Milliseconds()),
 		slog.Int("delivered", delivered),
 		slog.Int("deferred", deferred),
 		slog.Int("failed", failed),

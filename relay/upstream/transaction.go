@@ -28,8 +28,8 @@ type txOutcome struct {
 
 // set records a recipient's result; a temporary failure may go to the
 // next upstream unless the caller says otherwise.
-func (o *txOutcome) set(i int, rcpt, upstream string, state queue.RcptState, reply string) {
-	o.results[i] = queue.Result{Rcpt: rcpt, State: state, Reply: reply, Upstream: upstream}
+func (o *txOutcome) set(i int, rcpt, upstream, relay string, state queue.RcptState, reply string) {
+	o.results[i] = queue.Result{Rcpt: rcpt, State: state, Reply: reply, Upstream: upstream, Relay: relay}
 	o.failover[i] = state == queue.Pending
 }
 
@@ -40,11 +40,11 @@ func (o *txOutcome) set(i int, rcpt, upstream string, state queue.RcptState, rep
 // upstream, except when the reply after the final dot never came.
 func (d *Deliverer) transact(uc *upstreamConn, from string, rcpts []string, body queue.Body) txOutcome {
 	c := uc.client
-	upName := uc.upstream
+	upName, relay := uc.upstream, uc.raw.RemoteAddr().String()
 	out := txOutcome{results: make([]queue.Result, len(rcpts)), failover: make([]bool, len(rcpts))}
 	set := func(idx []int, state queue.RcptState, reply string) {
 		for _, i := range idx {
-			out.set(i, rcpts[i], upName, state, reply)
+			out.set(i, rcpts[i], upName, relay, state, reply)
 		}
 	}
 	// broken ends the transaction on a lost connection: the recipients idx
