@@ -15,6 +15,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"smarthost/dkim"
 	"smarthost/internal/smtptest"
 	"smarthost/internal/testpki"
 	"smarthost/internal/testwait"
@@ -298,7 +299,20 @@ func TestQueueCommands(t *testing.T) {
 	t.Parallel()
 	pki := testpki.New(t)
 	upAddr, freeUp := reserveAddr(t)
-	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: upAddr, RetryMin: "1h", RetryMax: "2h"}))
+	key, err := dkim.GenerateKey("ed25519", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyPEM, err := dkim.MarshalKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyFile := filepath.Join(t.TempDir(), "dkim.key")
+	if err := os.WriteFile(keyFile, keyPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	signing := fmt.Sprintf("\n[[dkim]]\ndomain = \"example.com\"\nselector = \"q1\"\nkey_file = %q\n", keyFile)
+	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: upAddr, RetryMin: "1h", RetryMax: "2h", Extra: signing}))
 	if r.http == "" {
 		t.Fatal("no http address in the start log")
 	}
@@ -333,6 +347,18 @@ func TestQueueCommands(t *testing.T) {
 	}
 	if out, err := queueCLI(t, r, adminToken, "show", "0000000000000000"); err == nil {
 		t.Errorf("show of a missing ID succeeded:\n%s", out)
+	}
+	// cat: the bytes that the flush below sends, signature included.
+	stored, err := queueCLI(t, r, adminToken, "cat", ids[1])
+	if err != nil || !strings.HasPrefix(stored, "DKIM-Signature: ") || !strings.HasSuffix(stored, testMsg) {
+		t.Errorf("cat: %v\n%q", err, stored)
+	}
+	if out, err := queueCLI(t, r, adminToken, "cat", "-headers", ids[1]); err != nil || !strings.HasPrefix(stored, out) ||
+		!strings.HasSuffix(out, "\r\n\r\n") || strings.Contains(out, "Hello Bob") {
+		t.Errorf("cat -headers: %v\n%q", err, out)
+	}
+	if out, err := queueCLI(t, r, adminToken, "cat", "0000000000000000"); err == nil || !strings.Contains(out, "HTTP 404") {
+		t.Errorf("cat of a missing ID: %v\n%s", err, out)
 	}
 
 	if out, err := queueCLI(t, r, adminToken, "hold", ids[0]); err != nil {
@@ -375,5 +401,10 @@ func TestQueueCommands(t *testing.T) {
 	sort.Strings(want)
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("flushed %v, want %v (the deleted one must not go)", got, want)
+	}
+	for _, m := range msgs {
+		if queueIDOf(m.Data) == ids[1] && string(m.Data) != stored {
+			t.Errorf("cat printed %d bytes, the upstream received %d:\n%q\n%q", len(stored), len(m.Data), stored, m.Data)
+		}
 	}
 }

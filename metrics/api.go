@@ -1,11 +1,13 @@
 package metrics
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -38,12 +40,16 @@ type QueueAdmin interface {
 	// Flush makes every message that is not held due now and returns how
 	// many it touched.
 	Flush() (int, error)
+	// Content opens a queued message's content, as its delivery sends
+	// it; an error wrapping queue.ErrNotFound if it is not queued.
+	Content(id string) (queue.Body, func(), error)
 }
 
 // API is the queue administration API under /api/:
 //
 //	GET    /api/queue               every queued message ([]MessageInfo), unreadable ones with Error
 //	GET    /api/queue/{id}          one message (MessageInfo)
+//	GET    /api/queue/{id}/content  its content as it will be sent (message/rfc822); ?headers=1 its header section only
 //	POST   /api/queue/{id}/retry    make it due now (ActionResult)
 //	POST   /api/queue/{id}/hold     keep it out of delivery
 //	POST   /api/queue/{id}/release  let it be delivered again
@@ -182,6 +188,7 @@ func (a *API) init() {
 	} {
 		mux.HandleFunc("/api/queue/{id}/"+action, methods{http.MethodPost: a.change(action, op)}.serve)
 	}
+	mux.HandleFunc("/api/queue/{id}/content", methods{http.MethodGet: a.content}.serve)
 	mux.HandleFunc("/api/upstreams", methods{http.MethodGet: a.upstreams}.serve)
 	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no such API endpoint: "+r.URL.Path)
@@ -297,6 +304,41 @@ func (a *API) show(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, NewMessageInfo(*m, a.Now()))
+}
+
+// content streams a message's stored content, or with ?headers=1 its
+// header section, up to and including the empty line that ends it.
+func (a *API) content(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	body, closeBody, err := a.Queue.Content(id)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	defer closeBody()
+	var src io.Reader = body.Reader()
+	if r.URL.Query().Get("headers") == "1" {
+		src = bytes.NewReader(headerSection(body.Head()))
+	}
+	w.Header().Set("Content-Type", "message/rfc822")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	if _, err := io.Copy(w, src); err != nil {
+		// The status is sent: the client sees a short body.
+		a.Logger.Warn("queue: sending a message's content failed", "queue_id", id, "err", err)
+	}
+}
+
+// headerSection returns head up to and including the empty line that ends
+// the header section, or all of head if it has none. The head of a stored
+// message holds at least its header section.
+func headerSection(head []byte) []byte {
+	if bytes.HasPrefix(head, []byte("\r\n")) {
+		return head[:2]
+	}
+	if i := bytes.Index(head, []byte("\r\n\r\n")); i >= 0 {
+		return head[:i+4]
+	}
+	return head
 }
 
 // change returns the handler that applies op to the message {id}.

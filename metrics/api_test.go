@@ -49,6 +49,16 @@ func (f *fakeAdmin) List() ([]queue.Entry, []queue.Unreadable, error) {
 	return slices.Clone(f.msgs), nil, nil
 }
 
+func (f *fakeAdmin) Content(id string) (queue.Body, func(), error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("content " + id)
+	if f.err != nil {
+		return queue.Body{}, nil, f.err
+	}
+	return queue.Body{}, nil, fmt.Errorf("queue: content of %s: %w", id, queue.ErrNotFound)
+}
+
 func (f *fakeAdmin) Get(id string) (*queue.Entry, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -524,7 +534,15 @@ func TestAPIOverStore(t *testing.T) {
 		t.Error("held after release")
 	}
 	act("POST", "/api/queue/"+m.ID+"/retry", 200)
+	for query, want := range map[string]string{"": "Subject: hi\r\n\r\nhello\r\n", "?headers=1": "Subject: hi\r\n\r\n"} {
+		resp := call(t, api, "GET", "/api/queue/"+m.ID+"/content"+query, loopback4, "")
+		got, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 || string(got) != want || resp.Header.Get("Content-Type") != "message/rfc822" {
+			t.Errorf("content%s: %d %s %q, want 200 message/rfc822 %q", query, resp.StatusCode, resp.Header.Get("Content-Type"), got, want)
+		}
+	}
 	act("DELETE", "/api/queue/"+m.ID, 200)
 	act("GET", "/api/queue/"+m.ID, 404)
+	act("GET", "/api/queue/"+m.ID+"/content", 404)
 	act("DELETE", "/api/queue/"+m.ID, 404)
 }

@@ -87,6 +87,11 @@ type Backend interface {
 
 	// Get returns one message or an error wrapping ErrNotFound.
 	Get(id string) (*Entry, error)
+	// Content opens the stored content of a queued message, the bytes
+	// that its delivery sends, to be streamed outside any transaction
+	// (as OpenBody); close releases it. An error wrapping ErrNotFound if
+	// the message is not queued.
+	Content(id string) (b Body, close func(), err error)
 	// List returns every queued message, oldest (Received) first, and
 	// those whose records cannot be read, by ID: one bad record does not
 	// hide the rest.

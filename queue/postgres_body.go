@@ -37,6 +37,27 @@ func (s *PGStore) OpenBody(a Attempt) (b Body, close func(), err error) {
 	return Body{head: a.head, rest: io.NewSectionReader(r, 0, size)}, r.drop, nil
 }
 
+// Content implements Backend: the head and the record's spooled flag read
+// in one query, then the chunks as for an attempt.
+func (s *PGStore) Content(id string) (b Body, close func(), err error) {
+	ctx, cancel := opContext()
+	defer cancel()
+	var v, head []byte
+	err = s.pool.QueryRow(ctx, `SELECT m.record, b.data FROM queue_messages m
+		JOIN queue_bodies b ON b.id = m.id AND b.seq = 0 WHERE m.id = $1`, id).Scan(&v, &head)
+	if errors.Is(err, pgx.ErrNoRows) {
+		err = ErrNotFound
+	}
+	var rec *record
+	if err == nil {
+		rec, err = decodeRecord(v)
+	}
+	if err != nil {
+		return Body{}, func() {}, fmt.Errorf("queue: content of %s: %w", id, err)
+	}
+	return s.OpenBody(Attempt{Message: Message{ID: id}, head: head, spooled: rec.Spooled})
+}
+
 // chunkReader reads a message's content past its head, chunks 1…, by
 // offset. It keeps the last chunk it fetched, which a reader reading in
 // order reads from pgChunk bytes at a time.

@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -230,6 +231,25 @@ func (s *Store) OpenBody(a Attempt) (b Body, close func(), err error) {
 		return head, func() {}, fmt.Errorf("queue: open spool file of %s: %w", id, err)
 	}
 	return Body{head: a.head, rest: io.NewSectionReader(f, 0, fi.Size())}, func() { f.Close() }, nil
+}
+
+// Content implements Backend: the head read in a read transaction, and a
+// spooled message's file opened after it, as for an attempt.
+func (s *Store) Content(id string) (b Body, close func(), err error) {
+	a := Attempt{Message: Message{ID: id}}
+	err = s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bodiesBucket).Get([]byte(id))
+		if v == nil || tx.Bucket(msgsBucket).Get([]byte(id)) == nil {
+			return ErrNotFound
+		}
+		a.head = bytes.Clone(v) // v is only valid inside the transaction
+		a.spooled = spooled(tx, []byte(id))
+		return nil
+	})
+	if err != nil {
+		return Body{}, func() {}, fmt.Errorf("queue: content of %s: %w", id, err)
+	}
+	return s.OpenBody(a)
 }
 
 // removeSpool removes id's spool file, after the commit that took the

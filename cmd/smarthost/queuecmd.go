@@ -32,6 +32,10 @@ Commands (they talk to the running server's admin API):
                 state, attempts, next attempt, last reply, flags; a message
                 whose record cannot be read shows as unreadable, with why
   show ID       every detail of one message, with each recipient's reply
+  cat ID        the message's content as it will be sent (DKIM signature
+                included); -headers: its header section only. To a
+                terminal, control characters are shown escaped; to a file
+                or a pipe, the bytes are written exactly
   retry ID      make the message due now
   hold ID       keep the message out of delivery until release
   release ID    let a held message be delivered again, now
@@ -72,7 +76,7 @@ const defaultServerURL = "http://" + config.DefaultHTTPAddress
 // queueCommands maps each subcommand to whether it takes a message ID.
 var queueCommands = map[string]bool{
 	"list": false, "flush": false,
-	"show": true, "retry": true, "hold": true, "release": true, "delete": true,
+	"show": true, "cat": true, "retry": true, "hold": true, "release": true, "delete": true,
 }
 
 func runQueue(args []string, stdout, stderr io.Writer) int {
@@ -82,6 +86,7 @@ func runQueue(args []string, stdout, stderr io.Writer) int {
 	server := fs.String("server", "", "admin API base URL (default: from the configuration's [http] address)")
 	configPath := fs.String("config", defaultConfigPath(), "configuration file to read [http] from (env SMARTHOST_CONFIG)")
 	asJSON := fs.Bool("json", false, "print the API's JSON")
+	headers := fs.Bool("headers", false, "cat: the header section only")
 	// Flags may also follow the command ("list -json"): parse again after
 	// each positional argument.
 	var words []string
@@ -117,6 +122,9 @@ func runQueue(args []string, stdout, stderr io.Writer) int {
 	case !needsID && len(ids) != 0:
 		fmt.Fprintf(stderr, "smarthost queue %s: takes no arguments\n", cmd)
 		return 2
+	case *headers && cmd != "cat":
+		fmt.Fprintf(stderr, "smarthost queue %s: -headers is for cat only\n", cmd)
+		return 2
 	}
 
 	c, err := newQueueClient(*server, *configPath)
@@ -124,7 +132,12 @@ func runQueue(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "smarthost queue:", err)
 		return 1
 	}
-	if err := c.run(cmd, ids, *asJSON, stdout); err != nil {
+	if cmd == "cat" {
+		err = c.cat(ids[0], *headers, stdout)
+	} else {
+		err = c.run(cmd, ids, *asJSON, stdout)
+	}
+	if err != nil {
 		fmt.Fprintln(stderr, "smarthost queue:", err)
 		return 1
 	}
@@ -371,6 +384,22 @@ func (c *queueClient) call(method, path string) ([]byte, error) {
 		return nil, err
 	}
 	req.Header.Set("Accept", "application/json")
+	resp, err := c.do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", method, c.base+path, err)
+	}
+	return body, nil
+}
+
+// do sends req with the token and returns a 2xx answer, whose body the
+// caller closes; any other answer becomes an error that says what to do
+// about it.
+func (c *queueClient) do(req *http.Request) (*http.Response, error) {
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
@@ -378,14 +407,11 @@ func (c *queueClient) call(method, path string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cannot reach smarthost at %s (is it running? set -server or [http] address): %w", c.base, err)
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
-	if err != nil {
-		return nil, fmt.Errorf("%s %s: %w", method, c.base+path, err)
-	}
 	if resp.StatusCode/100 == 2 {
-		return body, nil
+		return resp, nil
 	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	var apiErr metrics.APIError
 	msg := strings.TrimSpace(string(body))
 	if json.Unmarshal(body, &apiErr) == nil && apiErr.Error != "" {

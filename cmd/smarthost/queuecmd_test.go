@@ -926,3 +926,26 @@ func TestQueueImport(t *testing.T) {
 		})
 	}
 }
+
+// TestCopyEscaped: what cat writes to a terminal shows a message's control
+// characters and invalid UTF-8 escaped, line by line, and the rest as it
+// is; a buffer is no terminal, so that a pipe gets the exact bytes.
+func TestCopyEscaped(t *testing.T) {
+	in := "Subject: \x1b]0;owned\x07 Привет\r\nX-Tab:\ta\r\n\r\nbody \xff\u202e\r\nlast line without end"
+	want := "Subject: \\x1b]0;owned\\a Привет\nX-Tab:\ta\n\nbody \\xff\\u202e\nlast line without end"
+	var out bytes.Buffer
+	if err := copyEscaped(&out, strings.NewReader(in)); err != nil {
+		t.Fatal(err)
+	}
+	if out.String() != want {
+		t.Errorf("got  %q\nwant %q", out.String(), want)
+	}
+	if isTerminal(&out) {
+		t.Error("a buffer taken for a terminal")
+	}
+	long := strings.Repeat("x", 200<<10) + "\x1b\r\n"
+	out.Reset()
+	if err := copyEscaped(&out, strings.NewReader(long)); err != nil || out.String() != strings.Repeat("x", 200<<10)+"\\x1b\n" {
+		t.Errorf("a line longer than the buffer: %v, %d bytes", err, out.Len())
+	}
+}

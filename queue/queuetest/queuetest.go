@@ -58,6 +58,7 @@ func Run(t *testing.T, newStorage func(t *testing.T) Storage) {
 		{"RetryFlush", testRetryFlush},
 		{"Counts", testCounts},
 		{"Spooled", testSpooled},
+		{"Content", testContent},
 		{"Import", testImport},
 		{"Intake", testIntake},
 		{"Unreadable", testUnreadable},
@@ -893,6 +894,58 @@ func testSpooled(e *env) {
 		e.t.Error("PutSpooled of an aborted spool succeeded")
 	}
 	e.check("after abort", queue.Stats{InFlight: 1, Oldest: t0})
+}
+
+// content reads the whole stored content of a queued message by its ID.
+func (e *env) content(id string) ([]byte, error) {
+	body, closeBody, err := e.b.Content(id)
+	if err != nil {
+		return nil, err
+	}
+	defer closeBody()
+	data, err := io.ReadAll(body.Reader())
+	if err == nil && int64(len(data)) != body.Size() {
+		e.t.Errorf("content of %s: read %d bytes, Size %d", id, len(data), body.Size())
+	}
+	return data, err
+}
+
+// testContent: Content reads a queued message's content by its ID, whole
+// or spooled, claimed or not, held or not; a message not queued is
+// ErrNotFound.
+func testContent(e *env) {
+	small := e.put(t0, "Subject: small\r\n\r\nhello\r\n", "a@example.net")
+	head := "Subject: large\r\n\r\n"
+	var rest bytes.Buffer
+	for i := 0; rest.Len() < 300<<10; i++ {
+		fmt.Fprintf(&rest, "line %d of a large message\r\n", i)
+	}
+	large := newMessage("b@example.net")
+	e.putSpooled(large, head, rest.String())
+	want := map[string]string{small.ID: "Subject: small\r\n\r\nhello\r\n", large.ID: head + rest.String()}
+	for id, w := range want {
+		if got, err := e.content(id); err != nil || string(got) != w {
+			e.t.Errorf("Content %s: %d bytes, %v; want %d", id, len(got), err, len(w))
+		}
+	}
+	if err := e.b.Hold(large.ID); err != nil {
+		e.t.Fatal(err)
+	}
+	e.claimOne(t0, t0.Add(time.Hour), small.ID)
+	e.reopen()
+	for id, w := range want {
+		if got, err := e.content(id); err != nil || string(got) != w {
+			e.t.Errorf("Content %s claimed or held, after reopen: %d bytes, %v; want %d", id, len(got), err, len(w))
+		}
+	}
+	if err := e.b.Delete(large.ID); err != nil {
+		e.t.Fatal(err)
+	}
+	for _, id := range []string{large.ID, "0000000000000000"} {
+		if _, err := e.content(id); !errors.Is(err, queue.ErrNotFound) {
+			e.t.Errorf("Content %s, not queued: %v, want ErrNotFound", id, err)
+		}
+	}
 }
 
 // testImport: Import keeps the whole state of a message, and a second
