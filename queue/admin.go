@@ -19,6 +19,7 @@ import (
 func (s *Store) Delete(id string) error {
 	key := []byte(id)
 	var gone Message // what the observer is told about
+	now := s.now().Round(0)
 	err := s.commit.update(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx) // deleting a backlog frees many pages
 		msgs, due := tx.Bucket(msgsBucket), tx.Bucket(dueBucket)
@@ -51,6 +52,9 @@ func (s *Store) Delete(id string) error {
 			return err
 		}
 		if err := tx.Bucket(bodiesBucket).Delete(key); err != nil {
+			return err
+		}
+		if err := s.leaveHistory(tx, id, now, OutcomeDeleted, Event{At: now, Type: EventDeleted}); err != nil {
 			return err
 		}
 		return tx.Bucket(claimedBucket).Delete(key)
@@ -122,11 +126,15 @@ func (s *Store) Retry(id string) error {
 	return err
 }
 
+// adminEvents are the history's events of the administrative changes.
+var adminEvents = map[string]EventType{"hold": EventHeld, "release": EventReleased, "retry": EventRetried}
+
 // modify runs change on the record of id, whose inFlight tells whether an
 // attempt is in progress, and if it reports a change stores the record and
 // moves its index entry to the new NextAttempt, or removes it when held.
 func (s *Store) modify(op, id string, change func(rec *record, inFlight bool) (bool, error)) error {
 	key := []byte(id)
+	event := Event{At: s.now().Round(0), Type: adminEvents[op]}
 	err := s.commit.update(func(tx *bolt.Tx) error {
 		msgs, due := tx.Bucket(msgsBucket), tx.Bucket(dueBucket)
 		v := msgs.Get(key)
@@ -152,6 +160,9 @@ func (s *Store) modify(op, id string, change func(rec *record, inFlight bool) (b
 			if err := due.Put(dueKey(rec.NextAttempt, id), nil); err != nil {
 				return err
 			}
+		}
+		if err := addHistory(tx, id, event); err != nil {
+			return err
 		}
 		return putRecord(msgs, rec)
 	})

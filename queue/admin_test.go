@@ -100,7 +100,7 @@ func attemptOf(t *testing.T, st *Store, id string) Attempt {
 // finish ends the attempt in progress on id with update.
 func finish(t *testing.T, st *Store, id string, update func(m *Message) (bool, []DSN)) (Finished, error) {
 	t.Helper()
-	return st.Finish(context.Background(), attemptOf(t, st, id), update)
+	return st.Finish(context.Background(), attemptOf(t, st, id), nil, update)
 }
 
 // defer_ records a temporary failure for every pending recipient of id.
@@ -172,7 +172,7 @@ func TestDelete(t *testing.T) {
 		t.Errorf("Len = %d after deleting both", n)
 	}
 	checkIndex(t, st)
-	f, err := st.Finish(context.Background(), deleted, func(m *Message) (bool, []DSN) {
+	f, err := st.Finish(context.Background(), deleted, nil, func(m *Message) (bool, []DSN) {
 		t.Error("finish ran update on a deleted message")
 		return false, nil
 	})

@@ -78,7 +78,11 @@ type Backend interface {
 	// neither. A message deleted during the attempt is neither brought
 	// back nor bounced: Finish stores nothing and returns an error that
 	// wraps ErrNotFound; ErrClaimLost if the backend no longer holds a.
-	Finish(ctx context.Context, a Attempt, update func(m *Message) (remove bool, dsns []DSN)) (Finished, error)
+	//
+	// events go into the message's history in the same commit; when the
+	// message leaves the queue, its history records that and is kept for
+	// the backend's retention.
+	Finish(ctx context.Context, a Attempt, events []Event, update func(m *Message) (remove bool, dsns []DSN)) (Finished, error)
 	// Wake returns a channel that receives when a message may be due
 	// sooner than the last Claim reported: a new message that the Intake
 	// did not take, an import, a DSN, a release, a retry or a flush. One
@@ -87,6 +91,19 @@ type Backend interface {
 
 	// Get returns one message or an error wrapping ErrNotFound.
 	Get(id string) (*Entry, error)
+	// History returns the history of a message, queued or gone within its
+	// retention, with its events in order; ErrNotFound if there is none.
+	// Put, Import, Finish (and its DSNs), Hold, Release, Retry and Delete
+	// record events in the commit of their change.
+	History(id string) (*History, error)
+	// FindHistory returns the histories that f selects, newest first,
+	// without their events, through an index: the cost grows with the
+	// answer, not with what is stored.
+	FindHistory(f HistoryFilter) ([]History, error)
+	// PruneHistory removes the histories of at most max messages that
+	// left the queue before before, in one short commit, and returns how
+	// many it removed.
+	PruneHistory(before time.Time, max int) (int, error)
 	// Content opens the stored content of a queued message, the bytes
 	// that its delivery sends, to be streamed outside any transaction
 	// (as OpenBody); close releases it. An error wrapping ErrNotFound if

@@ -56,6 +56,9 @@ type PostgresOptions struct {
 	// claim and outcome, and every chunk read holds one while it runs.
 	// Default 20.
 	MaxConns int32
+	// HistoryRetention is how long a message's history is kept after it
+	// left the queue; zero keeps none (PruneHistory removes it).
+	HistoryRetention time.Duration
 	// SpoolDir is where NewSpool writes the part of a large message past
 	// its head until PutSpooled streams it into the database. Default
 	// os.TempDir().
@@ -75,6 +78,8 @@ type PGStore struct {
 	owner     string
 	spoolDir  string
 	recovered int
+	// historyRetention is PostgresOptions.HistoryRetention.
+	historyRetention time.Duration
 
 	wake   chan struct{}
 	intake intakeSlot
@@ -150,7 +155,7 @@ func OpenPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*PGSto
 	}
 	s := &PGStore{
 		pool: pool, now: opts.Now, log: opts.Logger, observer: opts.Observer,
-		lease: opts.Lease, owner: opts.Owner, spoolDir: opts.SpoolDir,
+		lease: opts.Lease, owner: opts.Owner, spoolDir: opts.SpoolDir, historyRetention: opts.HistoryRetention,
 		wake: make(chan struct{}, 1), leased: map[uint64]*pgLease{},
 	}
 	err = pool.QueryRow(ctx, `SELECT count(*) FROM queue_messages

@@ -84,9 +84,15 @@ func (s *PGStore) Delete(id string) error {
 	}
 	ctx, cancel := opContext()
 	defer cancel()
+	now := pgTime(s.now())
+	evs, err := encodeEvents([]Event{{At: now, Type: EventDeleted}})
+	if err != nil {
+		return fmt.Errorf("queue: delete %s: %w", id, err)
+	}
 	var v []byte
-	err := s.pool.QueryRow(ctx, `WITH b AS (DELETE FROM queue_bodies WHERE id = $1)
-		DELETE FROM queue_messages WHERE id = $1 RETURNING record`, id).Scan(&v)
+	err = s.pool.QueryRow(ctx, `WITH m AS (DELETE FROM queue_messages WHERE id = $1 RETURNING id, record),
+		b AS (DELETE FROM queue_bodies WHERE id = $1)`+s.pgLeaveCTEs("$2", "$3", "$4")+`
+		SELECT record FROM m`, id, evs, now, string(OutcomeDeleted)).Scan(&v)
 	if errors.Is(err, pgx.ErrNoRows) {
 		s.committed()
 		return fmt.Errorf("queue: delete %s: %w", id, ErrNotFound)
@@ -145,6 +151,7 @@ func (s *PGStore) modify(op, id string, wake bool, change func(rec *record, inFl
 	}
 	ctx, cancel := opContext()
 	defer cancel()
+	event := Event{At: pgTime(s.now()), Type: adminEvents[op]}
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var (
 			v        []byte
@@ -172,6 +179,9 @@ func (s *PGStore) modify(op, id string, wake bool, change func(rec *record, inFl
 		}
 		if _, err := tx.Exec(ctx, `UPDATE queue_messages SET record = $2, next_attempt = $3, held = $4 WHERE id = $1`,
 			id, nv, rec.NextAttempt, rec.Held); err != nil {
+			return err
+		}
+		if err := s.addHistory(ctx, tx, id, []Event{event}); err != nil {
 			return err
 		}
 		if wake {

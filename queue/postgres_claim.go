@@ -14,9 +14,10 @@ import (
 )
 
 // pgInsertSQL stores a new message with its head (or whole body) as
-// chunk 0, in one statement: nothing if the ID is taken (no row comes
-// back). $6 set claims it for this store, under a new token; $9 sends the
-// NOTIFY that wakes idle replicas, with the commit.
+// chunk 0, and its history ($10…, pgHistoryArgs), in one statement:
+// nothing if the ID is taken (no row comes back). $6 set claims it for
+// this store, under a new token; $9 sends the NOTIFY that wakes idle
+// replicas, with the commit.
 const pgInsertSQL = `WITH m AS (
 	INSERT INTO queue_messages (id, record, received, next_attempt, held, lease_owner, lease_until, token)
 	VALUES ($1, $2, $3, $4, $5, $6::text, now() + $7::bigint * interval '1 microsecond', CASE WHEN $6::text IS NULL THEN NULL ELSE nextval('queue_token') END)
@@ -24,6 +25,14 @@ const pgInsertSQL = `WITH m AS (
 	RETURNING id, token
 ), b AS (
 	INSERT INTO queue_bodies (id, seq, data) SELECT id, 0, $8 FROM m
+), h AS (
+	INSERT INTO queue_history (id, head, sender, username, msg_id, received) SELECT id, $10, $11, $12, $13, $3 FROM m
+	ON CONFLICT (id) DO NOTHING
+), hr AS (
+	INSERT INTO queue_history_rcpts (rcpt, received, id) SELECT unnest($14::text[]), $3, id FROM m
+	ON CONFLICT DO NOTHING
+), he AS (
+	INSERT INTO queue_history_events (id, event) SELECT id, $15 FROM m
 )
 SELECT coalesce(token, 0) FROM m WHERE CASE WHEN $9 THEN pg_notify('` + pgChannel + `', '') IS NOT NULL ELSE true END`
 
@@ -45,7 +54,12 @@ func (s *PGStore) insertMessage(ctx context.Context, q pgx.Tx, rec *record, v, h
 	if head == nil {
 		head = []byte{}
 	}
-	args := []any{rec.ID, v, rec.Received, rec.NextAttempt, rec.Held, owner, until, head, notify}
+	h, err := newPGHistoryArgs(&rec.Message)
+	if err != nil {
+		return 0, err
+	}
+	args := []any{rec.ID, v, rec.Received, rec.NextAttempt, rec.Held, owner, until, head, notify,
+		h.head, h.sender, h.user, h.messageID, h.rcpts, h.accepted}
 	var row pgx.Row
 	if q != nil {
 		row = q.QueryRow(ctx, pgInsertSQL, args...)
@@ -481,7 +495,7 @@ func (s *PGStore) nextWake(ctx context.Context, tx pgx.Tx, skip func(string) boo
 // Finish implements Backend: in one transaction, the row locked, the
 // outcome recorded and the lease ended, or the message and its content
 // deleted, and the DSNs stored.
-func (s *PGStore) Finish(ctx context.Context, a Attempt, update func(m *Message) (remove bool, dsns []DSN)) (Finished, error) {
+func (s *PGStore) Finish(ctx context.Context, a Attempt, events []Event, update func(m *Message) (remove bool, dsns []DSN)) (Finished, error) {
 	id := a.Message.ID
 	if err := s.checkOpen("finish " + id); err != nil {
 		return Finished{}, err
@@ -494,7 +508,8 @@ func (s *PGStore) Finish(ctx context.Context, a Attempt, update func(m *Message)
 	defer s.release(a.Token)
 	bctx, cancel := bound(ctx)
 	defer cancel()
-	if f, done, err := s.finishUnchanged(bctx, a, update); done || err != nil {
+	left := pgTime(s.now())
+	if f, done, err := s.finishUnchanged(bctx, a, events, left, update); done || err != nil {
 		if err != nil {
 			return Finished{}, s.pgError(ctx, "finish "+id, err)
 		}
@@ -545,8 +560,14 @@ func (s *PGStore) Finish(ctx context.Context, a Attempt, update func(m *Message)
 			wake = true
 		}
 		if remove {
+			if err := s.leaveHistory(ctx, tx, id, left, finishedOutcome(rec.Message), events); err != nil {
+				return err
+			}
 			_, err := tx.Exec(ctx, `WITH b AS (DELETE FROM queue_bodies WHERE id = $1)
 				DELETE FROM queue_messages WHERE id = $1`, id)
+			return err
+		}
+		if err := s.addHistory(ctx, tx, id, events); err != nil {
 			return err
 		}
 		pgTimes(&rec.Message)
@@ -591,20 +612,27 @@ func (s *PGStore) Finish(ctx context.Context, a Attempt, update func(m *Message)
 }
 
 // pgFinishRemoveSQL deletes a message and its content if its row is
-// still exactly as the attempt $2/$3 stored it ($4).
-const pgFinishRemoveSQL = `WITH m AS (
+// still exactly as the attempt $2/$3 stored it ($4), and records in its
+// history the events $5, that it left at $6, and how ($7).
+func (s *PGStore) pgFinishRemoveSQL() string {
+	return `WITH m AS (
 	DELETE FROM queue_messages WHERE id = $1 AND lease_owner = $2 AND token = $3 AND record = $4 RETURNING id
 ), b AS (
 	DELETE FROM queue_bodies WHERE id IN (SELECT id FROM m)
-)
+)` + s.pgLeaveCTEs("$5", "$6", "$7") + `
 SELECT count(*) FROM m, (SELECT set_config('synchronous_commit', 'off', true)) AS async`
+}
 
 // pgFinishKeepSQL records an outcome that keeps the message, ending the
-// lease, if its row is still exactly as the attempt stored it; $8 sends
-// the NOTIFY, for a message due already.
+// lease, if its row is still exactly as the attempt stored it, with the
+// events $9 in its history; $8 sends the NOTIFY, for a message due
+// already.
 const pgFinishKeepSQL = `WITH m AS (
 	UPDATE queue_messages SET record = $5, next_attempt = $6, held = $7, lease_owner = NULL, lease_until = NULL, token = NULL
 	WHERE id = $1 AND lease_owner = $2 AND token = $3 AND record = $4 RETURNING id
+), he AS (
+	INSERT INTO queue_history_events (id, event) SELECT m.id, unnest($9::bytea[]) FROM m
+	WHERE EXISTS (SELECT 1 FROM queue_history WHERE id = m.id)
 )
 SELECT count(*) FROM m, (SELECT set_config('synchronous_commit', 'off', true)) AS async
 WHERE CASE WHEN $8 THEN pg_notify('` + pgChannel + `', '') IS NOT NULL ELSE true END`
@@ -620,7 +648,7 @@ WHERE CASE WHEN $8 THEN pg_notify('` + pgChannel + `', '') IS NOT NULL ELSE true
 // the outcomes of its last fraction of a second, and those messages are
 // attempted again, as after a crash of the relay during an attempt.
 // Every message is still on disk before its 250.
-func (s *PGStore) finishUnchanged(ctx context.Context, a Attempt, update func(m *Message) (bool, []DSN)) (f Finished, done bool, err error) {
+func (s *PGStore) finishUnchanged(ctx context.Context, a Attempt, events []Event, left time.Time, update func(m *Message) (bool, []DSN)) (f Finished, done bool, err error) {
 	if a.stored == nil {
 		return Finished{}, false, nil
 	}
@@ -630,9 +658,13 @@ func (s *PGStore) finishUnchanged(ctx context.Context, a Attempt, update func(m 
 	if len(dsns) > 0 {
 		return Finished{}, false, nil
 	}
+	evs, err := encodeEvents(events)
+	if err != nil {
+		return Finished{}, false, err
+	}
 	var n int
 	if remove {
-		err = s.pool.QueryRow(ctx, pgFinishRemoveSQL, m.ID, s.owner, int64(a.Token), a.stored).Scan(&n)
+		err = s.pool.QueryRow(ctx, s.pgFinishRemoveSQL(), m.ID, s.owner, int64(a.Token), a.stored, evs, left, string(finishedOutcome(m))).Scan(&n)
 	} else {
 		pgTimes(&m)
 		var v []byte
@@ -640,7 +672,7 @@ func (s *PGStore) finishUnchanged(ctx context.Context, a Attempt, update func(m 
 			return Finished{}, false, err
 		}
 		due := !m.Held && !m.NextAttempt.After(pgTime(s.now()))
-		err = s.pool.QueryRow(ctx, pgFinishKeepSQL, m.ID, s.owner, int64(a.Token), a.stored, v, m.NextAttempt, m.Held, due).Scan(&n)
+		err = s.pool.QueryRow(ctx, pgFinishKeepSQL, m.ID, s.owner, int64(a.Token), a.stored, v, m.NextAttempt, m.Held, due, evs).Scan(&n)
 		if err == nil && n == 1 {
 			s.rescan()
 			if due {

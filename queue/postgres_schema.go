@@ -43,4 +43,36 @@ var pgSteps = []string{
 		id text PRIMARY KEY,
 		at timestamptz NOT NULL DEFAULT now()
 	);`,
+	// The history: one row per message (head is its History without
+	// events, outcome and left), its recipients apart for the lookup by
+	// recipient, and its events in the order they were added. Lookups go
+	// by index: by recipient, sender, user or Message-ID, newest first.
+	`CREATE TABLE queue_history (
+		id       text PRIMARY KEY,
+		head     bytea NOT NULL,
+		sender   text NOT NULL,
+		username text NOT NULL,
+		msg_id   text NOT NULL,
+		received timestamptz NOT NULL,
+		left_at  timestamptz,
+		outcome  text NOT NULL DEFAULT ''
+	);
+	CREATE INDEX queue_history_received ON queue_history (received);
+	CREATE INDEX queue_history_sender ON queue_history (sender, received);
+	CREATE INDEX queue_history_user ON queue_history (username, received) WHERE username <> '';
+	CREATE INDEX queue_history_msg_id ON queue_history (msg_id, received) WHERE msg_id <> '';
+	CREATE INDEX queue_history_left ON queue_history (left_at) WHERE left_at IS NOT NULL;
+	CREATE TABLE queue_history_rcpts (
+		rcpt     text NOT NULL,
+		received timestamptz NOT NULL,
+		id       text NOT NULL,
+		PRIMARY KEY (rcpt, received, id)
+	);
+	CREATE INDEX queue_history_rcpts_id ON queue_history_rcpts (id);
+	CREATE TABLE queue_history_events (
+		id    text NOT NULL,
+		seq   bigint GENERATED ALWAYS AS IDENTITY,
+		event bytea NOT NULL,
+		PRIMARY KEY (id, seq)
+	);`,
 }

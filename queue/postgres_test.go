@@ -151,7 +151,7 @@ func TestPGLeaseTakeover(t *testing.T) {
 	if got := b.Takeovers(); got != 1 {
 		t.Errorf("Takeovers = %d, want 1", got)
 	}
-	_, err = a.Finish(context.Background(), c.Attempts[0], func(m *queue.Message) (bool, []queue.DSN) {
+	_, err = a.Finish(context.Background(), c.Attempts[0], nil, func(m *queue.Message) (bool, []queue.DSN) {
 		m.Recipients[0].State = queue.Delivered
 		return true, nil
 	})
@@ -161,7 +161,7 @@ func TestPGLeaseTakeover(t *testing.T) {
 	if e, err := b.Get(m.ID); err != nil || !e.InFlight || e.Attempts != 2 {
 		t.Errorf("after the lost Finish: %+v, %v; want in flight at attempt 2", e, err)
 	}
-	if _, err := b.Finish(context.Background(), taken, func(m *queue.Message) (bool, []queue.DSN) {
+	if _, err := b.Finish(context.Background(), taken, nil, func(m *queue.Message) (bool, []queue.DSN) {
 		m.Recipients[0].State = queue.Delivered
 		return true, nil
 	}); err != nil {
@@ -194,7 +194,7 @@ func TestPGLeaseRenewed(t *testing.T) {
 			t.Fatalf("claimed by another store while its owner renews the lease: %+v", c.Attempts[0].Message)
 		}
 	}
-	if _, err := a.Finish(context.Background(), c.Attempts[0], func(m *queue.Message) (bool, []queue.DSN) {
+	if _, err := a.Finish(context.Background(), c.Attempts[0], nil, func(m *queue.Message) (bool, []queue.DSN) {
 		m.NextAttempt = time.Now().Add(-time.Second)
 		return false, nil
 	}); err != nil {

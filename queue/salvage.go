@@ -200,6 +200,9 @@ func (sv *salvage) scan(ctx context.Context, w *boltWalk, records bool) {
 				if _, err := decodeRecord(e.value); err == nil {
 					continue // a record, not a body
 				}
+				if isHistoryValue(rec.ID, e.value) {
+					continue // its history, also keyed by its ID
+				}
 				delete(need, rec.ID)
 				sv.withBody[rec.ID] = true
 				sv.send(jobs, rec, e.value)
@@ -402,4 +405,10 @@ func (sv *salvage) reportUnsaved(damaged map[string]bool) {
 	case recordsDamaged:
 		sv.rep.Unnamed = -1
 	}
+}
+
+// isHistoryValue tells a value of historyBucket from a body: a history is
+// JSON that begins with its ID, a body a header section.
+func isHistoryValue(id string, v []byte) bool {
+	return bytes.HasPrefix(v, []byte(`{"id":"`+id+`"`))
 }

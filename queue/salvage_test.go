@@ -105,7 +105,7 @@ func newSalvageFixture(t *testing.T) *salvageFixture {
 	// stays, as a crash mid-delivery leaves it.
 	for _, d := range out {
 		if d.Message.ID != claimed.ID && d.Message.ID != partial.ID {
-			if _, err := s.Finish(context.Background(), d, func(*Message) (bool, []DSN) { return false, nil }); err != nil {
+			if _, err := s.Finish(context.Background(), d, nil, func(*Message) (bool, []DSN) { return false, nil }); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -339,7 +339,8 @@ func (s *Scheduler) work(a Attempt) {
 	var final outcome
 	// Not s.ctx: an outcome is recorded even when Shutdown's deadline
 	// has cancelled the delivery.
-	f, err := s.Backend.Finish(context.Background(), a, func(stored *Message) (bool, []DSN) {
+	events := attemptEvents(preview, out, dsns, now)
+	f, err := s.Backend.Finish(context.Background(), a, events, func(stored *Message) (bool, []DSN) {
 		final = s.apply(stored, results, now)
 		if warned {
 			stored.Warned = true

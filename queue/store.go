@@ -78,6 +78,10 @@ type Options struct {
 	// Default slog.Default().
 	Logger *slog.Logger
 
+	// HistoryRetention is how long a message's history is kept after it
+	// left the queue; zero keeps none (PruneHistory removes it).
+	HistoryRetention time.Duration
+
 	// freelistSyncMax overrides defaultFreelistSyncMax, and noCompact
 	// keeps Open from compacting, for tests.
 	freelistSyncMax int
@@ -112,6 +116,8 @@ type Store struct {
 	// freelistSyncMax is the number of free pages past which commits may
 	// stop writing the freelist (chooseFreelistSync).
 	freelistSyncMax int
+	// historyRetention is Options.HistoryRetention.
+	historyRetention time.Duration
 
 	closed atomic.Bool // Close has run
 }
@@ -191,7 +197,7 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 
 	s := &Store{db: db, path: path, spool: path + ".spool", now: opts.Now, observer: opts.Observer, wake: make(chan struct{}, 1),
-		freelistSyncMax: opts.freelistSyncMax, log: opts.Logger}
+		freelistSyncMax: opts.freelistSyncMax, log: opts.Logger, historyRetention: opts.HistoryRetention}
 	s.commit = newCommitter(db, s.probeWrite, s.writesChanged)
 	if err := db.Update(s.prepare); err != nil {
 		s.commit.close()
@@ -217,7 +223,7 @@ func Open(path string, opts Options) (*Store, error) {
 // is ignored.)
 func (s *Store) prepare(tx *bolt.Tx) error {
 	s.chooseFreelistSync(tx)
-	for _, name := range [][]byte{metaBucket, msgsBucket, bodiesBucket, dueBucket, claimedBucket, receivedBucket} {
+	for _, name := range append([][]byte{metaBucket, msgsBucket, bodiesBucket, dueBucket, claimedBucket, receivedBucket}, historyBuckets...) {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return err
 		}
@@ -441,6 +447,9 @@ func insert(tx *bolt.Tx, rec *record, v, body []byte, claimed bool) error {
 		return err
 	}
 	if err := tx.Bucket(receivedBucket).Put(receivedKey(rec.Received, rec.ID), nil); err != nil {
+		return err
+	}
+	if err := putHistory(tx, newHistory(&rec.Message), true); err != nil {
 		return err
 	}
 	if err := addCounts(tx, 1, b2i(rec.Held)); err != nil {
@@ -701,11 +710,12 @@ func nextWake(due *bolt.Bucket, skip func(id string) bool, taken map[string]bool
 // Finish implements Backend. The outcome is recorded only while the
 // message is claimed with the attempt's number (attemptOn). Its commit may
 // wait a few milliseconds for a client's, to share it (writeLazy).
-func (s *Store) Finish(ctx context.Context, a Attempt, update func(m *Message) (remove bool, dsns []DSN)) (Finished, error) {
+func (s *Store) Finish(ctx context.Context, a Attempt, events []Event, update func(m *Message) (remove bool, dsns []DSN)) (Finished, error) {
 	id := a.Message.ID
 	if err := ctx.Err(); err != nil {
 		return Finished{}, fmt.Errorf("queue: finish %s: %w", id, err)
 	}
+	left := s.now().Round(0)
 	key := []byte(id)
 	var (
 		f                    Finished
@@ -752,6 +762,9 @@ func (s *Store) Finish(ctx context.Context, a Attempt, update func(m *Message) (
 			return err
 		}
 		if remove {
+			if err := s.leaveHistory(tx, id, left, finishedOutcome(rec.Message), events...); err != nil {
+				return err
+			}
 			if err := tx.Bucket(receivedBucket).Delete(oldReceived); err != nil {
 				return err
 			}
@@ -762,6 +775,9 @@ func (s *Store) Finish(ctx context.Context, a Attempt, update func(m *Message) (
 				return err
 			}
 			return bodies.Delete(key)
+		}
+		if err := addHistory(tx, id, events...); err != nil {
+			return err
 		}
 		// A message put on hold during the attempt stays out of the index.
 		if !rec.Held {

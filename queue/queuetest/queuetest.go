@@ -29,14 +29,18 @@ import (
 
 // Storage is one empty queue storage under test: a file, a database.
 type Storage interface {
-	// Open opens a backend over the storage whose clock is now. The suite
-	// closes each backend it opens before it opens the next one, which
-	// must find everything that was committed before.
+	// Open opens a backend over the storage whose clock is now, which
+	// keeps a message's history for HistoryRetention after it left the
+	// queue. The suite closes each backend it opens before it opens the
+	// next one, which must find everything that was committed before.
 	Open(t *testing.T, now func() time.Time) queue.Backend
 	// Damage makes the stored record of message id unreadable, as a bad
 	// disk or a bug would. No backend is open on the storage meanwhile.
 	Damage(t *testing.T, id string)
 }
+
+// HistoryRetention is the history retention of the backends under test.
+const HistoryRetention = time.Hour
 
 // Run runs the suite, each test on a new Storage from newStorage.
 func Run(t *testing.T, newStorage func(t *testing.T) Storage) {
@@ -59,6 +63,8 @@ func Run(t *testing.T, newStorage func(t *testing.T) Storage) {
 		{"Counts", testCounts},
 		{"Spooled", testSpooled},
 		{"Content", testContent},
+		{"History", testHistory},
+		{"FindHistory", testFindHistory},
 		{"Import", testImport},
 		{"Intake", testIntake},
 		{"Unreadable", testUnreadable},
@@ -162,7 +168,7 @@ func (e *env) claimOne(now, retry time.Time, id string) queue.Attempt {
 // keep ends attempt a with the message kept, changed by change.
 func (e *env) keep(a queue.Attempt, change func(m *queue.Message)) queue.Finished {
 	e.t.Helper()
-	f, err := e.b.Finish(context.Background(), a, func(m *queue.Message) (bool, []queue.DSN) {
+	f, err := e.b.Finish(context.Background(), a, nil, func(m *queue.Message) (bool, []queue.DSN) {
 		change(m)
 		return false, nil
 	})
@@ -530,7 +536,7 @@ func testFinishWithDSNs(e *env) {
 	a := e.claimOne(t0, t0.Add(time.Hour), m.ID)
 	e.drainWake()
 	const dsnID = "00000000dddddddd"
-	f, err := e.b.Finish(context.Background(), a, func(m *queue.Message) (bool, []queue.DSN) {
+	f, err := e.b.Finish(context.Background(), a, nil, func(m *queue.Message) (bool, []queue.DSN) {
 		m.Recipients[0].State, m.Recipients[0].Reply = queue.Failed, "550 no such user"
 		return true, []queue.DSN{dsnFor(m, dsnID, t0)}
 	})
@@ -569,7 +575,7 @@ func testFinishAllOrNothing(e *env) {
 			return true, []queue.DSN{dsnFor(m, dsnID, t0)}
 		}
 	}
-	if _, err := e.b.Finish(context.Background(), a, update(other.ID)); err == nil {
+	if _, err := e.b.Finish(context.Background(), a, nil, update(other.ID)); err == nil {
 		e.t.Fatal("Finish with a DSN whose ID is taken succeeded")
 	}
 	got := e.get(m.ID)
@@ -580,7 +586,7 @@ func testFinishAllOrNothing(e *env) {
 	e.check("failed finish", queue.Stats{Queued: 1, InFlight: 1, Oldest: t0})
 
 	const dsnID = "00000000eeeeeeee"
-	if f, err := e.b.Finish(context.Background(), a, update(dsnID)); err != nil || !f.Removed {
+	if f, err := e.b.Finish(context.Background(), a, nil, update(dsnID)); err != nil || !f.Removed {
 		e.t.Fatalf("Finish again: %+v, %v", f, err)
 	}
 	e.reopen()
@@ -606,7 +612,7 @@ func testFinishClaimLost(e *env) {
 			e.keep(a, func(m *queue.Message) { m.LastReply = "first" })
 		}
 		before := e.get(m.ID).Message
-		_, err := e.b.Finish(context.Background(), tc.a, func(m *queue.Message) (bool, []queue.DSN) {
+		_, err := e.b.Finish(context.Background(), tc.a, nil, func(m *queue.Message) (bool, []queue.DSN) {
 			m.LastReply = "second"
 			return true, nil
 		})
@@ -628,7 +634,7 @@ func testDeleteDuringAttempt(e *env) {
 		e.t.Fatal(err)
 	}
 	e.gone(m.ID)
-	_, err := e.b.Finish(context.Background(), a, func(m *queue.Message) (bool, []queue.DSN) {
+	_, err := e.b.Finish(context.Background(), a, nil, func(m *queue.Message) (bool, []queue.DSN) {
 		return false, []queue.DSN{dsnFor(m, "00000000ffffffff", t0)}
 	})
 	if !errors.Is(err, queue.ErrNotFound) {
@@ -811,7 +817,7 @@ func testCounts(e *env) {
 	e.check("hold in flight", queue.Stats{Held: 1, InFlight: 2, Oldest: t0.Add(-5 * time.Minute)})
 	e.keep(c.Attempts[0], func(*queue.Message) {})
 	e.check("finish kept", queue.Stats{Held: 2, InFlight: 1, Oldest: t0.Add(-5 * time.Minute)})
-	_, err := e.b.Finish(context.Background(), c.Attempts[1], func(m *queue.Message) (bool, []queue.DSN) {
+	_, err := e.b.Finish(context.Background(), c.Attempts[1], nil, func(m *queue.Message) (bool, []queue.DSN) {
 		m.Recipients[0].State = queue.Failed
 		return true, []queue.DSN{dsnFor(m, "00000000dddddddd", t0)}
 	})
@@ -836,7 +842,7 @@ func testCounts(e *env) {
 	e.reopen()
 	e.check("reopen", queue.Stats{Queued: 2, Oldest: t0.Add(-3 * time.Minute)})
 	for _, a := range e.claim(t0.Add(time.Minute), t0.Add(time.Hour), 10).Attempts {
-		if _, err := e.b.Finish(context.Background(), a, func(m *queue.Message) (bool, []queue.DSN) {
+		if _, err := e.b.Finish(context.Background(), a, nil, func(m *queue.Message) (bool, []queue.DSN) {
 			m.Recipients[0].State = queue.Delivered
 			return true, nil
 		}); err != nil {
@@ -1050,7 +1056,7 @@ func testIntake(e *env) {
 	if got := e.read(a); string(got) != "body" {
 		e.t.Errorf("body %q", got)
 	}
-	if _, err := e.b.Finish(context.Background(), a, func(m *queue.Message) (bool, []queue.DSN) {
+	if _, err := e.b.Finish(context.Background(), a, nil, func(m *queue.Message) (bool, []queue.DSN) {
 		m.Recipients[0].State = queue.Delivered
 		return true, nil
 	}); err != nil {
@@ -1141,5 +1147,193 @@ func testUnreadable(e *env) {
 	}
 	if n, err := e.b.Len(); err != nil || n != 1 {
 		e.t.Errorf("Len = %d, %v after Delete; want 1", n, err)
+	}
+}
+
+// events lists the types of a history's events, and the recipient of
+// those that have one: "accepted deferred:a@example.net held".
+func events(h *queue.History) string {
+	var out []string
+	for _, ev := range h.Events {
+		s := string(ev.Type)
+		if ev.Rcpt != "" {
+			s += ":" + ev.Rcpt
+		}
+		if ev.DSNID != "" {
+			s += ":" + ev.DSNID
+		}
+		out = append(out, s)
+	}
+	return strings.Join(out, " ")
+}
+
+func (e *env) history(id string) *queue.History {
+	e.t.Helper()
+	h, err := e.b.History(id)
+	if err != nil {
+		e.t.Fatalf("History %s: %v", id, err)
+	}
+	return h
+}
+
+// testHistory: every change records its events in the history, with the
+// change, and the history outlives the message until it is pruned.
+func testHistory(e *env) {
+	m := e.put(t0, "Subject: h\r\n\r\nx\r\n", "a@example.net", "b@example.org")
+	h := e.history(m.ID)
+	if h.ID != m.ID || h.From != "app@example.com" || h.User != "billing-app" || h.MessageID != "<1@example.com>" ||
+		!h.Received.Equal(t0) || strings.Join(h.Recipients, ",") != "a@example.net,b@example.org" ||
+		!h.Left.IsZero() || h.Outcome != "" || events(h) != "accepted" || !h.Events[0].At.Equal(t0) {
+		e.t.Errorf("history after Put: %+v", h)
+	}
+
+	// An attempt that defers one recipient and delivers the other.
+	t1 := t0.Add(time.Second)
+	a := e.claimOne(t0, t1, m.ID)
+	deferred := []queue.Event{
+		{At: t1, Type: queue.EventDelivered, Attempt: 1, Rcpt: "b@example.org", Upstream: "up", Relay: "192.0.2.1:465", Reply: "250 ok"},
+		{At: t1, Type: queue.EventDeferred, Attempt: 1, Rcpt: "a@example.net", Upstream: "up", Relay: "192.0.2.1:465", Reply: "451 later"},
+	}
+	if _, err := e.b.Finish(context.Background(), a, deferred, func(m *queue.Message) (bool, []queue.DSN) {
+		m.Recipients[1].State = queue.Delivered
+		m.NextAttempt = t1
+		return false, nil
+	}); err != nil {
+		e.t.Fatal(err)
+	}
+	if err := e.b.Hold(m.ID); err != nil {
+		e.t.Fatal(err)
+	}
+	if err := e.b.Release(m.ID); err != nil {
+		e.t.Fatal(err)
+	}
+	e.reopen()
+	h = e.history(m.ID)
+	if got := events(h); got != "accepted delivered:b@example.org deferred:a@example.net held released" {
+		e.t.Errorf("events %q", got)
+	}
+	if got := h.Events[2]; got != deferred[1] && !(got.At.Equal(t1) && got.Reply == "451 later" && got.Relay == "192.0.2.1:465" &&
+		got.Upstream == "up" && got.Attempt == 1) {
+		e.t.Errorf("deferred event %+v, want %+v", got, deferred[1])
+	}
+
+	// The last attempt bounces the other recipient and queues a DSN: the
+	// message leaves, its history stays, the DSN has one of its own.
+	e.clock.set(t1)
+	a = e.claimOne(t1, t1.Add(time.Minute), m.ID)
+	dsn := dsnFor(m, "d5a0000000000001", t1)
+	bounced := []queue.Event{
+		{At: t1, Type: queue.EventBounced, Attempt: 2, Rcpt: "a@example.net", Reply: "550 no"},
+		{At: t1, Type: queue.EventDSN, Attempt: 2, DSNID: dsn.Message.ID},
+	}
+	if f, err := e.b.Finish(context.Background(), a, bounced, func(m *queue.Message) (bool, []queue.DSN) {
+		m.Recipients[0].State = queue.Failed
+		return true, []queue.DSN{dsn}
+	}); err != nil || !f.Removed {
+		e.t.Fatalf("Finish: %+v %v", f, err)
+	}
+	e.gone(m.ID)
+	h = e.history(m.ID)
+	if got := events(h); got != "accepted delivered:b@example.org deferred:a@example.net held released bounced:a@example.net dsn:d5a0000000000001" ||
+		!h.Left.Equal(t1) || h.Outcome != queue.OutcomeBounced {
+		e.t.Errorf("history of a bounced message: left %v outcome %q events %q", h.Left, h.Outcome, got)
+	}
+	if d := e.history(dsn.Message.ID); events(d) != "accepted" || d.From != "" {
+		e.t.Errorf("history of the DSN: %+v", d)
+	}
+
+	// Deleted by the administrator: that is its outcome.
+	other := e.put(t1, "x", "c@example.net")
+	t2 := t1.Add(time.Second)
+	e.clock.set(t2)
+	if err := e.b.Delete(other.ID); err != nil {
+		e.t.Fatal(err)
+	}
+	if h := e.history(other.ID); events(h) != "accepted deleted" || h.Outcome != queue.OutcomeDeleted || !h.Left.Equal(t2) {
+		e.t.Errorf("history of a deleted message: %+v", h)
+	}
+
+	// Pruning: the histories of messages that left before a time, a
+	// bounded number at a time; queued messages keep theirs.
+	if n, err := e.b.PruneHistory(t1, 10); err != nil || n != 0 {
+		e.t.Errorf("PruneHistory before anything left: %d, %v", n, err)
+	}
+	if n, err := e.b.PruneHistory(t2.Add(time.Hour), 1); err != nil || n != 1 {
+		e.t.Errorf("PruneHistory, at most 1: %d, %v", n, err)
+	}
+	if _, err := e.b.History(m.ID); !errors.Is(err, queue.ErrNotFound) {
+		e.t.Errorf("History of the first to leave after pruning: %v", err)
+	}
+	if n, err := e.b.PruneHistory(t2.Add(time.Hour), 10); err != nil || n != 1 {
+		e.t.Errorf("PruneHistory, the rest: %d, %v", n, err)
+	}
+	if _, err := e.b.History(other.ID); !errors.Is(err, queue.ErrNotFound) {
+		e.t.Errorf("History after pruning: %v", err)
+	}
+	if found, err := e.b.FindHistory(queue.HistoryFilter{To: "c@example.net"}); err != nil || len(found) != 0 {
+		e.t.Errorf("FindHistory finds a pruned message: %v %v", found, err)
+	}
+	e.history(dsn.Message.ID) // still queued
+	if _, err := e.b.History("0000000000000000"); !errors.Is(err, queue.ErrNotFound) {
+		e.t.Errorf("History of an unknown ID: %v", err)
+	}
+}
+
+// testFindHistory: FindHistory selects by recipient, sender, user,
+// Message-ID and time, newest first, queued messages and gone ones alike.
+func testFindHistory(e *env) {
+	put := func(at time.Time, from, user, msgID string, rcpts ...string) string {
+		e.t.Helper()
+		m := newMessage(rcpts...)
+		m.Received, m.From, m.User, m.MessageID = at, from, user, msgID
+		if err := e.b.Put(context.Background(), m, []byte("x")); err != nil {
+			e.t.Fatal(err)
+		}
+		return m.ID
+	}
+	a := put(t0, "app@example.com", "billing", "<a@example.com>", "bob@example.net", "carol@example.net")
+	b := put(t0.Add(time.Second), "news@example.com", "news", "<b@example.com>", "Bob@Example.NET")
+	c := put(t0.Add(2*time.Second), "app@example.com", "billing", "", "dave@example.org")
+	if err := e.b.Delete(c); err != nil {
+		e.t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		f    queue.HistoryFilter
+		want []string
+	}{
+		{"all", queue.HistoryFilter{}, []string{c, b, a}},
+		{"to, any case", queue.HistoryFilter{To: "bob@example.net"}, []string{b, a}},
+		{"to, one", queue.HistoryFilter{To: "CAROL@example.net"}, []string{a}},
+		{"to, gone", queue.HistoryFilter{To: "dave@example.org"}, []string{c}},
+		{"to, nobody", queue.HistoryFilter{To: "bob@example.ne"}, nil},
+		{"from", queue.HistoryFilter{From: "app@example.com"}, []string{c, a}},
+		{"user", queue.HistoryFilter{User: "news"}, []string{b}},
+		{"Message-ID without brackets", queue.HistoryFilter{MessageID: "a@example.com"}, []string{a}},
+		{"Message-ID with brackets", queue.HistoryFilter{MessageID: "<b@example.com>"}, []string{b}},
+		{"since", queue.HistoryFilter{Since: t0.Add(time.Second)}, []string{c, b}},
+		{"until", queue.HistoryFilter{Until: t0.Add(time.Second)}, []string{b, a}},
+		{"to and user", queue.HistoryFilter{To: "bob@example.net", User: "billing"}, []string{a}},
+		{"from and since", queue.HistoryFilter{From: "app@example.com", Since: t0.Add(time.Second)}, []string{c}},
+		{"limit", queue.HistoryFilter{Limit: 2}, []string{c, b}},
+	} {
+		found, err := e.b.FindHistory(tc.f)
+		if err != nil {
+			e.t.Fatalf("%s: %v", tc.name, err)
+		}
+		var got []string
+		for _, h := range found {
+			got = append(got, h.ID)
+			if len(h.Events) != 0 {
+				e.t.Errorf("%s: FindHistory returned events", tc.name)
+			}
+		}
+		if !slices.Equal(got, tc.want) {
+			e.t.Errorf("%s: found %v, want %v", tc.name, got, tc.want)
+		}
+	}
+	found, _ := e.b.FindHistory(queue.HistoryFilter{To: "dave@example.org"})
+	if len(found) != 1 || found[0].Outcome != queue.OutcomeDeleted || found[0].Left.IsZero() {
+		e.t.Errorf("a gone message found without its outcome: %+v", found)
 	}
 }
