@@ -55,6 +55,9 @@ type QueueAdmin interface {
 //	POST   /api/queue/{id}/release  let it be delivered again
 //	DELETE /api/queue/{id}          remove it, without a bounce
 //	POST   /api/queue/flush         make every message that is not held due now
+//	POST   /api/queue/{action}      hold, release, retry or delete every message that
+//	                                ?from=, ?to=, ?user= (all that are given must match) or
+//	                                ?all=1 select; ?dry_run=1 changes nothing (ActionResult)
 //	GET    /api/upstreams           the upstreams' states
 //
 // With Token set every request must carry "Authorization: Bearer Token".
@@ -112,11 +115,22 @@ type RecipientInfo struct {
 }
 
 // ActionResult answers a change: the action, the message it was applied
-// to (none for flush) and how many messages it touched.
+// to (none for flush and bulk actions) and how many messages it touched.
 type ActionResult struct {
 	Action   string `json:"action"` // "retry", "hold", "release", "delete" or "flush"
 	ID       string `json:"id,omitempty"`
 	Messages int    `json:"messages"`
+	// IDs, for a bulk action, are the messages it was applied to, or with
+	// DryRun those it would be applied to; empty, not absent, for none.
+	IDs    []string `json:"ids,omitzero"`
+	DryRun bool     `json:"dry_run,omitempty"`
+	// Skipped counts the matching messages a bulk action left as they
+	// are, and SkippedBecause breaks them down by why: "held" (retry),
+	// "in flight" (retry: the attempt in progress is its retry), "already
+	// held" (hold), "not held" (release), "gone" (delivered or deleted
+	// meanwhile), "unreadable" (all=1; delete those by ID).
+	Skipped        int            `json:"skipped,omitempty"`
+	SkippedBecause map[string]int `json:"skipped_because,omitempty"`
 }
 
 // APIError is the body of every error answer.
@@ -187,6 +201,16 @@ func (a *API) init() {
 		"release": a.Queue.Release,
 	} {
 		mux.HandleFunc("/api/queue/{id}/"+action, methods{http.MethodPost: a.change(action, op)}.serve)
+	}
+	// Queue IDs are hex digits, never these words, which the mux prefers
+	// to {id} as more specific.
+	for action, op := range map[string]func(id string) error{
+		"retry":   a.Queue.Retry,
+		"hold":    a.Queue.Hold,
+		"release": a.Queue.Release,
+		"delete":  a.Queue.Delete,
+	} {
+		mux.HandleFunc("/api/queue/"+action, methods{http.MethodPost: a.bulk(action, op)}.serve)
 	}
 	mux.HandleFunc("/api/queue/{id}/content", methods{http.MethodGet: a.content}.serve)
 	mux.HandleFunc("/api/upstreams", methods{http.MethodGet: a.upstreams}.serve)

@@ -407,7 +407,7 @@ func TestAPIActions(t *testing.T) {
 				}
 				var got ActionResult
 				decode(t, resp, &got)
-				if got != tt.want {
+				if !reflect.DeepEqual(got, tt.want) {
 					t.Errorf("result = %+v, want %+v", got, tt.want)
 				}
 			}

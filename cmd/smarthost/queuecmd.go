@@ -42,6 +42,17 @@ Commands (they talk to the running server's admin API):
   delete ID     remove the message; no bounce is sent
   flush         make every message that is not held due now
 
+  retry|hold|release|delete -from A | -to A | -user U | -all [-dry-run]
+                instead of one ID, every queued message that the filters
+                select (all of those given must match): -from the envelope
+                sender, -to a recipient still to be delivered, -user the
+                user who submitted it; an address A is user@domain, or
+                *@domain for any at the domain; -all every message (it
+                cannot be combined with a filter). Prints how many were
+                changed, and how many matched but were left as they are
+                and why (retry of a held message, say). -dry-run changes
+                nothing and lists the IDs it would change
+
   salvage -path FILE -out NEWFILE
                 copy every message that can still be read from the queue
                 file FILE, which a relay refuses as damaged, into the new
@@ -87,6 +98,12 @@ func runQueue(args []string, stdout, stderr io.Writer) int {
 	configPath := fs.String("config", defaultConfigPath(), "configuration file to read [http] from (env SMARTHOST_CONFIG)")
 	asJSON := fs.Bool("json", false, "print the API's JSON")
 	headers := fs.Bool("headers", false, "cat: the header section only")
+	var bf bulkFlags
+	fs.StringVar(&bf.from, "from", "", "retry|hold|release|delete: messages from this sender (user@domain or *@domain)")
+	fs.StringVar(&bf.to, "to", "", "retry|hold|release|delete: messages with this recipient still pending")
+	fs.StringVar(&bf.user, "user", "", "retry|hold|release|delete: messages submitted by this user")
+	fs.BoolVar(&bf.all, "all", false, "retry|hold|release|delete: every message")
+	fs.BoolVar(&bf.dryRun, "dry-run", false, "with -from, -to, -user or -all: list the messages, change nothing")
 	// Flags may also follow the command ("list -json"): parse again after
 	// each positional argument.
 	var words []string
@@ -112,18 +129,28 @@ func runQueue(args []string, stdout, stderr io.Writer) int {
 	}
 	cmd, ids := words[0], words[1:]
 	needsID, known := queueCommands[cmd]
+	fs.Visit(func(f *flag.Flag) { bf.set = append(bf.set, f.Name) })
+	bulk := bf.selects()
 	switch {
 	case !known:
 		fmt.Fprintf(stderr, "smarthost queue: unknown command %q\n\n%s", cmd, queueUsage)
+		return 2
+	case *headers && cmd != "cat":
+		fmt.Fprintf(stderr, "smarthost queue %s: -headers is for cat only\n", cmd)
+		return 2
+	case bulk || bf.dryRun:
+		if err := bf.check(cmd, ids); err != nil {
+			fmt.Fprintf(stderr, "smarthost queue %s: %v\n", cmd, err)
+			return 2
+		}
+	case needsID && len(ids) != 1 && bulkCommands[cmd]:
+		fmt.Fprintf(stderr, "smarthost queue %s: want one message ID, or -from, -to, -user or -all\n", cmd)
 		return 2
 	case needsID && len(ids) != 1:
 		fmt.Fprintf(stderr, "smarthost queue %s: want one message ID\n", cmd)
 		return 2
 	case !needsID && len(ids) != 0:
 		fmt.Fprintf(stderr, "smarthost queue %s: takes no arguments\n", cmd)
-		return 2
-	case *headers && cmd != "cat":
-		fmt.Fprintf(stderr, "smarthost queue %s: -headers is for cat only\n", cmd)
 		return 2
 	}
 
@@ -132,9 +159,12 @@ func runQueue(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "smarthost queue:", err)
 		return 1
 	}
-	if cmd == "cat" {
+	switch {
+	case cmd == "cat":
 		err = c.cat(ids[0], *headers, stdout)
-	} else {
+	case bulk:
+		err = c.bulk(cmd, bf, *asJSON, stdout)
+	default:
 		err = c.run(cmd, ids, *asJSON, stdout)
 	}
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -248,14 +249,14 @@ func TestQueueActions(t *testing.T) {
 	if err := json.Unmarshal([]byte(s.mustQueue(t, "-json", "hold", s.ids[0])), &res); err != nil {
 		t.Fatal(err)
 	}
-	if res != (metrics.ActionResult{Action: "hold", ID: s.ids[0], Messages: 1}) {
+	if !reflect.DeepEqual(res, metrics.ActionResult{Action: "hold", ID: s.ids[0], Messages: 1}) {
 		t.Errorf("-json hold = %+v", res)
 	}
 	res = metrics.ActionResult{}
 	if err := json.Unmarshal([]byte(s.mustQueue(t, "-json", "flush")), &res); err != nil {
 		t.Fatal(err)
 	}
-	if res != (metrics.ActionResult{Action: "flush", Messages: 0}) {
+	if !reflect.DeepEqual(res, metrics.ActionResult{Action: "flush", Messages: 0}) {
 		t.Errorf("-json flush = %+v (both remaining messages are held)", res)
 	}
 
@@ -263,6 +264,86 @@ func TestQueueActions(t *testing.T) {
 		code, stdout, stderr := s.queueCmd(t, cmd, id)
 		if code != 1 || stdout != "" || stderr != "smarthost queue: no queued message "+id+" (HTTP 404)\n" {
 			t.Errorf("%s of a deleted message: exit %d, stdout %q, stderr %q", cmd, code, stdout, stderr)
+		}
+	}
+}
+
+// TestQueueBulk drives the filters of retry, hold, release and delete
+// against a real store behind the API, and checks what each changed.
+func TestQueueBulk(t *testing.T) {
+	s := newAdminServer(t, "")
+	held := func() []bool {
+		var out []bool
+		for _, id := range s.ids {
+			m, err := s.store.Get(id)
+			if err != nil {
+				out = append(out, false)
+				continue
+			}
+			out = append(out, m.Held)
+		}
+		return out
+	}
+
+	if out := s.mustQueue(t, "hold", "-dry-run", "-from", "*@example.com"); out != "would hold 2 messages:\n"+s.ids[0]+"\n"+s.ids[2]+"\n" {
+		t.Errorf("hold -dry-run: %q", out)
+	}
+	if out := s.mustQueue(t, "delete", "-dry-run", "-to", "nobody@example.com"); out != "would delete 0 messages\n" {
+		t.Errorf("delete -dry-run of nothing: %q", out)
+	}
+	if h := held(); !slices.Equal(h, []bool{false, true, false}) {
+		t.Errorf("dry runs changed holds: %v", h)
+	}
+	if out := s.mustQueue(t, "release", "-to", "@example.net"); out != "released 0 messages\nskipped 2: not held\n" {
+		t.Errorf("release -to: %q", out)
+	}
+	if out := s.mustQueue(t, "hold", "-from", "cron@example.com"); out != "held 1 message\n" {
+		t.Errorf("hold -from: %q", out)
+	}
+	if h := held(); !slices.Equal(h, []bool{false, true, true}) {
+		t.Errorf("after hold -from: %v", h)
+	}
+	if out := s.mustQueue(t, "retry", "-all"); out != "retried 1 message\nskipped 2: held\n" {
+		t.Errorf("retry -all: %q", out)
+	}
+
+	var res metrics.ActionResult
+	if err := json.Unmarshal([]byte(s.mustQueue(t, "-json", "release", "-all", "-dry-run")), &res); err != nil {
+		t.Fatal(err)
+	}
+	want := metrics.ActionResult{Action: "release", Messages: 2, IDs: []string{s.ids[1], s.ids[2]}, DryRun: true,
+		Skipped: 1, SkippedBecause: map[string]int{"not held": 1}}
+	if !reflect.DeepEqual(res, want) {
+		t.Errorf("-json release -all -dry-run = %+v, want %+v", res, want)
+	}
+
+	if out := s.mustQueue(t, "delete", "-user", "billing-app"); out != "deleted 1 message\n" {
+		t.Errorf("delete -user: %q", out)
+	}
+	if _, err := s.store.Get(s.ids[0]); err == nil {
+		t.Error("the billing-app message is still queued")
+	}
+	if n, err := s.store.Len(); err != nil || n != 2 {
+		t.Errorf("%d messages left, want 2 (%v)", n, err)
+	}
+}
+
+func TestPrintBulk(t *testing.T) {
+	tests := []struct {
+		r    metrics.ActionResult
+		want string
+	}{
+		{metrics.ActionResult{Action: "hold", Messages: 3, IDs: []string{"a", "b", "c"}}, "held 3 messages\n"},
+		{metrics.ActionResult{Action: "retry", Messages: 0, IDs: []string{}, Skipped: 3, SkippedBecause: map[string]int{"held": 2, "gone": 1}},
+			"retried 0 messages\nskipped 3: 1 gone, 2 held\n"},
+		{metrics.ActionResult{Action: "delete", Messages: 1, IDs: []string{"a\x1b[2J"}, DryRun: true, Skipped: 1, SkippedBecause: map[string]int{"unreadable": 1}},
+			"would delete 1 message:\n\"a\\x1b[2J\"\nwould skip 1: unreadable\n"},
+	}
+	for _, tt := range tests {
+		var b strings.Builder
+		printBulk(&b, tt.r)
+		if b.String() != tt.want {
+			t.Errorf("%+v:\n%q, want\n%q", tt.r, b.String(), tt.want)
 		}
 	}
 }
@@ -402,6 +483,19 @@ func TestQueueUsage(t *testing.T) {
 		{"list", "extra"},
 		{"flush", "now"},
 		{"-nosuchflag", "list"},
+		{"hold", "-all", "0000000000000001"},
+		{"delete", "-from", "a@example.com", "0000000000000001"},
+		{"hold", "-all", "-from", "a@example.com"},
+		{"hold", "-dry-run", "0000000000000001"},
+		{"release", "-dry-run"},
+		{"list", "-all"},
+		{"flush", "-user", "u"},
+		{"cat", "-to", "a@example.com"},
+		{"show", "-all"},
+		{"hold", "-headers", "-all"},
+		{"hold", "-from", "example.com"},
+		{"hold", "-to", "a@"},
+		{"hold", "-user", ""},
 	}
 	for _, args := range tests {
 		code, stdout, stderr := runCmd(t, append([]string{"queue", "-config", cfg}, args...)...)
