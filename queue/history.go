@@ -5,6 +5,10 @@ import (
 	"time"
 )
 
+// pruneBatch is how many histories one commit of the pruning removes, so
+// that no long write transaction holds the queue.
+const pruneBatch = 500
+
 // EventType names a thing that happened to a message, an event of its
 // history.
 type EventType string
@@ -172,4 +176,37 @@ func attemptEvents(m Message, out outcome, dsns []DSN, now time.Time) []Event {
 		evs = append(evs, Event{At: now, Type: EventDSN, Attempt: m.Attempts, DSNID: d.Message.ID})
 	}
 	return evs
+}
+
+// pruneHistory removes, until the scheduler stops, the histories whose
+// retention has ended: every quarter of the retention (at least a second,
+// at most a minute), pruneBatch at a time, other writes let in between.
+func (s *Scheduler) pruneHistory() {
+	defer s.wg.Done()
+	every := min(max(s.HistoryRetention/4, time.Second), time.Minute)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+		}
+		before := s.Now().Add(-s.HistoryRetention)
+		for {
+			n, err := s.Backend.PruneHistory(before, pruneBatch)
+			if err != nil {
+				s.Logger.Warn("queue: removing the histories past their retention failed", "err", err)
+				break
+			}
+			if n < pruneBatch {
+				break
+			}
+			select {
+			case <-s.stop:
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}
 }

@@ -89,6 +89,9 @@ type Scheduler struct {
 	// for a null sender or for a DSN (RFC 3461 section 6.2), and whatever
 	// it returns is marked DSN.
 	Bounce BounceFunc
+	// HistoryRetention is how long the backend keeps the history of a
+	// message that left the queue; Run removes it after that.
+	HistoryRetention time.Duration
 	// DelayWarning, if positive, is the age after which an attempt that
 	// leaves recipients pending asks Bounce for one BounceDelayed warning
 	// per message. 0 turns warnings off.
@@ -210,6 +213,8 @@ func (s *Scheduler) Run() error {
 	defer close(s.loopDone)
 	s.Backend.SetIntake(s) // Put may start first attempts on free workers
 	defer s.Backend.SetIntake(nil)
+	s.wg.Add(1) // Shutdown waits for the pruning as for a worker
+	go s.pruneHistory()
 
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()

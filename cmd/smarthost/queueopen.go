@@ -23,9 +23,10 @@ func openQueue(cfg *config.Config, logger *slog.Logger, observer queue.Observer)
 		ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
 		defer cancel()
 		st, err := queue.OpenPostgres(ctx, string(cfg.Queue.DSN), queue.PostgresOptions{
-			Logger:   logger,
-			Observer: observer,
-			Lease:    cfg.Queue.Lease,
+			Logger:           logger,
+			Observer:         observer,
+			Lease:            cfg.Queue.Lease,
+			HistoryRetention: cfg.HistoryRetention,
 		})
 		if err != nil {
 			// pgx's errors name the host and user, never the password.
@@ -33,7 +34,7 @@ func openQueue(cfg *config.Config, logger *slog.Logger, observer queue.Observer)
 		}
 		return st, nil
 	default:
-		return queue.Open(cfg.Queue.Path, queue.Options{Observer: observer, Logger: logger})
+		return queue.Open(cfg.Queue.Path, queue.Options{Observer: observer, Logger: logger, HistoryRetention: cfg.HistoryRetention})
 	}
 }
 

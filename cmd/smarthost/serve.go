@@ -272,6 +272,7 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	sched.RetryMin, sched.RetryMax = cfg.Queue.RetryMin, cfg.Queue.RetryMax
 	sched.MaxAge = cfg.Queue.MaxAge
 	sched.DelayWarning = cfg.Queue.DelayWarning
+	sched.HistoryRetention = cfg.HistoryRetention
 	sched.Logger = logger
 	if cfg.Queue.Bounce {
 		b := &upstream.Bouncer{Hostname: cfg.Hostname, MaxAge: cfg.Queue.MaxAge}

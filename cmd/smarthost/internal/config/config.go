@@ -27,6 +27,9 @@ type Config struct {
 	LogFormat string     // "text" (default) or "json"
 	LogLevel  slog.Level // default slog.LevelInfo
 	Queue     Queue
+	// HistoryRetention is how long a message's history is kept after it
+	// left the queue ([history] retention); 0 keeps none.
+	HistoryRetention time.Duration
 
 	// TLSCertFile and TLSKeyFile hold the serving certificate ([tls]).
 	// They are checked to load as a pair; the server re-reads them itself.
@@ -171,6 +174,7 @@ func (p *parser) config(root *table) *Config {
 
 	cfg.ShutdownTimeout = root.duration("shutdown_timeout", DefaultShutdownTimeout)
 	cfg.Queue = p.queue(root.sub("queue"))
+	cfg.HistoryRetention = p.history(root.sub("history"))
 	cfg.Listeners = p.listeners(root)
 	cfg.TLSCertFile, cfg.TLSKeyFile = p.servingTLS(root.sub("tls"), cfg.Listeners)
 	cfg.Limits = p.limits(root.sub("limits"))

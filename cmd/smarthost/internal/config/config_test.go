@@ -83,6 +83,7 @@ upstreams = ["local"]
 			MaxAge: 120 * time.Hour, Bounce: true, Workers: 16,
 			UpstreamCommandTimeout: 2 * time.Minute, UpstreamDataTimeout: 10 * time.Minute,
 		},
+		HistoryRetention: 168 * time.Hour,
 		Listeners: []relay.Listener{{
 			Name: "127.0.0.1:0", Address: "127.0.0.1:0", TLS: mailproto.TLSNone,
 			TrustedNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
