@@ -40,6 +40,10 @@ type QueueAdmin interface {
 	// Flush makes every message that is not held due now and returns how
 	// many it touched.
 	Flush() (int, error)
+	// History returns a message's history, queued or gone; FindHistory
+	// the histories a filter selects (queue.Backend).
+	History(id string) (*queue.History, error)
+	FindHistory(f queue.HistoryFilter) ([]queue.History, error)
 	// Content opens a queued message's content, as its delivery sends
 	// it; an error wrapping queue.ErrNotFound if it is not queued.
 	Content(id string) (queue.Body, func(), error)
@@ -58,6 +62,8 @@ type QueueAdmin interface {
 //	POST   /api/queue/{action}      hold, release, retry or delete every message that
 //	                                ?from=, ?to=, ?user= (all that are given must match) or
 //	                                ?all=1 select; ?dry_run=1 changes nothing (ActionResult)
+//	GET    /api/messages            messages queued or gone, newest first ([]MessageHistory); ?to=&from=&user=&msg_id=&since=&until=&limit=
+//	GET    /api/messages/{id}       one, with its events (MessageHistory)
 //	GET    /api/upstreams           the upstreams' states
 //
 // With Token set every request must carry "Authorization: Bearer Token".
@@ -213,6 +219,8 @@ func (a *API) init() {
 		mux.HandleFunc("/api/queue/"+action, methods{http.MethodPost: a.bulk(action, op)}.serve)
 	}
 	mux.HandleFunc("/api/queue/{id}/content", methods{http.MethodGet: a.content}.serve)
+	mux.HandleFunc("/api/messages", methods{http.MethodGet: a.messages}.serve)
+	mux.HandleFunc("/api/messages/{id}", methods{http.MethodGet: a.message}.serve)
 	mux.HandleFunc("/api/upstreams", methods{http.MethodGet: a.upstreams}.serve)
 	mux.HandleFunc("/api/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no such API endpoint: "+r.URL.Path)

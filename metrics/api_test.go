@@ -49,6 +49,12 @@ func (f *fakeAdmin) List() ([]queue.Entry, []queue.Unreadable, error) {
 	return slices.Clone(f.msgs), nil, nil
 }
 
+func (f *fakeAdmin) History(id string) (*queue.History, error) {
+	return nil, fmt.Errorf("queue: history of %s: %w", id, queue.ErrNotFound)
+}
+
+func (f *fakeAdmin) FindHistory(queue.HistoryFilter) ([]queue.History, error) { return nil, f.err }
+
 func (f *fakeAdmin) Content(id string) (queue.Body, func(), error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -545,4 +551,51 @@ func TestAPIOverStore(t *testing.T) {
 	act("GET", "/api/queue/"+m.ID, 404)
 	act("GET", "/api/queue/"+m.ID+"/content", 404)
 	act("DELETE", "/api/queue/"+m.ID, 404)
+}
+
+// TestAPIHistoryOverStore: GET /api/messages finds messages queued and
+// gone by recipient, and GET /api/messages/{id} shows one with its events,
+// over a real bbolt store.
+func TestAPIHistoryOverStore(t *testing.T) {
+	store, err := queue.Open(filepath.Join(t.TempDir(), "queue.db"), queue.Options{HistoryRetention: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	put := func(rcpt string) string {
+		m := &queue.Message{From: "app@example.com", User: "billing", MessageID: "<x@example.com>", Recipients: []queue.Recipient{{Addr: rcpt}}}
+		if err := store.Put(context.Background(), m, []byte("Subject: hi\r\n\r\nhello\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		return m.ID
+	}
+	kept, gone := put("bob@example.net"), put("Bob@example.net")
+	if err := store.Delete(gone); err != nil {
+		t.Fatal(err)
+	}
+	api := &API{Queue: store, Logger: slog.New(slog.DiscardHandler)}
+
+	var found []MessageHistory
+	resp := call(t, api, "GET", "/api/messages?to=BOB@example.net&user=billing", loopback4, "")
+	decode(t, resp, &found)
+	if len(found) != 2 || found[0].ID != gone || found[0].State != "deleted" || found[1].ID != kept || found[1].State != "queued" ||
+		found[1].From != "app@example.com" || len(found[1].Events) != 0 {
+		t.Errorf("found %+v", found)
+	}
+	var one MessageHistory
+	decode(t, call(t, api, "GET", "/api/messages/"+gone, loopback4, ""), &one)
+	if one.ID != gone || one.State != "deleted" || len(one.Events) != 2 || one.Events[0].Type != queue.EventAccepted || one.Events[1].Type != queue.EventDeleted {
+		t.Errorf("message %+v", one)
+	}
+	since := time.Now().Add(time.Hour).UTC().Format(time.RFC3339)
+	found = nil
+	decode(t, call(t, api, "GET", "/api/messages?since="+since, loopback4, ""), &found)
+	if len(found) != 0 {
+		t.Errorf("since an hour from now: %+v", found)
+	}
+	for _, q := range []string{"?rcpt=bob@example.net", "?to=a&to=b", "?since=yesterday", "?limit=0", "?limit=1001", "?user="} {
+		wantError(t, call(t, api, "GET", "/api/messages"+q, loopback4, ""), 400, "")
+	}
+	wantError(t, call(t, api, "GET", "/api/messages/0000000000000000", loopback4, ""), 404, "no message")
+	wantError(t, call(t, api, "POST", "/api/messages", loopback4, ""), 405, "")
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -89,13 +88,7 @@ func (c *queueClient) bulk(cmd string, b bulkFlags, asJSON bool, stdout io.Write
 		return err
 	}
 	if asJSON {
-		var out bytes.Buffer
-		if err := json.Indent(&out, bytes.TrimSpace(body), "", "  "); err != nil {
-			return fmt.Errorf("server sent invalid JSON: %w", err)
-		}
-		out.WriteByte('\n')
-		_, err := out.WriteTo(stdout)
-		return err
+		return printJSON(stdout, body)
 	}
 	var res metrics.ActionResult
 	if err := json.Unmarshal(body, &res); err != nil {

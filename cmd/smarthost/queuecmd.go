@@ -32,6 +32,13 @@ Commands (they talk to the running server's admin API):
                 state, attempts, next attempt, last reply, flags; a message
                 whose record cannot be read shows as unreadable, with why
   show ID       every detail of one message, with each recipient's reply
+  history ID    what happened to a message, queued or gone within [history]
+                retention: when it was accepted, each attempt's outcome for
+                each recipient (upstream, server, reply), its DSNs, and what
+                an administrator did
+  find          messages queued or gone, newest first: -to ADDRESS,
+                -from ADDRESS, -user NAME, -msg-id ID, -since DURATION
+                (such as 24h), -limit N; any together
   cat ID        the message's content as it will be sent (DKIM signature
                 included); -headers: its header section only. To a
                 terminal, control characters are shown escaped; to a file
@@ -88,6 +95,7 @@ const defaultServerURL = "http://" + config.DefaultHTTPAddress
 var queueCommands = map[string]bool{
 	"list": false, "flush": false,
 	"show": true, "cat": true, "retry": true, "hold": true, "release": true, "delete": true,
+	"history": true, "find": false,
 }
 
 func runQueue(args []string, stdout, stderr io.Writer) int {
@@ -104,6 +112,10 @@ func runQueue(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&bf.user, "user", "", "retry|hold|release|delete: messages submitted by this user")
 	fs.BoolVar(&bf.all, "all", false, "retry|hold|release|delete: every message")
 	fs.BoolVar(&bf.dryRun, "dry-run", false, "with -from, -to, -user or -all: list the messages, change nothing")
+	var ff findFlags
+	fs.StringVar(&ff.msgID, "msg-id", "", "find: messages with this Message-ID")
+	fs.DurationVar(&ff.since, "since", 0, "find: messages received within this long, such as 24h")
+	fs.IntVar(&ff.limit, "limit", 0, "find: at most this many, newest first (default and at most 1000)")
 	// Flags may also follow the command ("list -json"): parse again after
 	// each positional argument.
 	var words []string
@@ -130,11 +142,24 @@ func runQueue(args []string, stdout, stderr io.Writer) int {
 	cmd, ids := words[0], words[1:]
 	needsID, known := queueCommands[cmd]
 	fs.Visit(func(f *flag.Flag) { bf.set = append(bf.set, f.Name) })
-	bulk := bf.selects()
+	bulk := bf.selects() && cmd != "find"
+	var findQ url.Values
 	switch {
 	case !known:
 		fmt.Fprintf(stderr, "smarthost queue: unknown command %q\n\n%s", cmd, queueUsage)
 		return 2
+	case cmd != "find" && (bf.given("msg-id") || bf.given("since") || bf.given("limit")):
+		fmt.Fprintf(stderr, "smarthost queue %s: -msg-id, -since and -limit are for find\n", cmd)
+		return 2
+	case cmd == "find":
+		var err error
+		if findQ, err = findQuery(bf, ff, time.Now()); err == nil && (len(ids) > 0 || bf.all || bf.dryRun) {
+			err = errors.New("takes -to, -from, -user, -msg-id, -since and -limit, no arguments")
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "smarthost queue find: %v\n", err)
+			return 2
+		}
 	case *headers && cmd != "cat":
 		fmt.Fprintf(stderr, "smarthost queue %s: -headers is for cat only\n", cmd)
 		return 2
@@ -162,6 +187,10 @@ func runQueue(args []string, stdout, stderr io.Writer) int {
 	switch {
 	case cmd == "cat":
 		err = c.cat(ids[0], *headers, stdout)
+	case cmd == "history":
+		err = c.history(ids[0], *asJSON, stdout)
+	case cmd == "find":
+		err = c.find(findQ, *asJSON, stdout)
 	case bulk:
 		err = c.bulk(cmd, bf, *asJSON, stdout)
 	default:
@@ -375,13 +404,7 @@ func (c *queueClient) run(cmd string, ids []string, asJSON bool, stdout io.Write
 		return err
 	}
 	if asJSON {
-		var out bytes.Buffer
-		if err := json.Indent(&out, bytes.TrimSpace(body), "", "  "); err != nil {
-			return fmt.Errorf("server sent invalid JSON: %w", err)
-		}
-		out.WriteByte('\n')
-		_, err := out.WriteTo(stdout)
-		return err
+		return printJSON(stdout, body)
 	}
 	switch cmd {
 	case "list":
@@ -404,6 +427,17 @@ func (c *queueClient) run(cmd string, ids []string, asJSON bool, stdout io.Write
 		fmt.Fprintln(stdout, actionLine(res))
 	}
 	return nil
+}
+
+// printJSON writes the API's answer body indented, for -json.
+func printJSON(w io.Writer, body []byte) error {
+	var out bytes.Buffer
+	if err := json.Indent(&out, bytes.TrimSpace(body), "", "  "); err != nil {
+		return fmt.Errorf("server sent invalid JSON: %w", err)
+	}
+	out.WriteByte('\n')
+	_, err := out.WriteTo(w)
+	return err
 }
 
 // call sends one request and returns the body of a 2xx answer; any other
