@@ -602,3 +602,22 @@ func TestApplyRecipientOutcomes(t *testing.T) {
 		})
 	}
 }
+
+// TestAttemptEventsTried: the upstreams a recipient failed over from in an
+// attempt are events of its history, before its outcome.
+func TestAttemptEventsTried(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	s := NewScheduler(nil, nil)
+	s.MaxAge = time.Hour
+	m := &Message{ID: "x", Received: now, Attempts: 1, Recipients: []Recipient{{Addr: "a"}}}
+	out := s.apply(m, []Result{{Rcpt: "a", State: Delivered, Upstream: "b", Reply: "250 ok", Relay: "192.0.2.2:25",
+		Earlier: []Result{{Rcpt: "a", State: Pending, Upstream: "a", Reply: "421 busy", Relay: "192.0.2.1:25"}}}}, now)
+	evs := attemptEvents(*m, out, nil, now)
+	want := []Event{
+		{At: now, Type: EventTried, Attempt: 1, Rcpt: "a", Upstream: "a", Relay: "192.0.2.1:25", Reply: "421 busy"},
+		{At: now, Type: EventDelivered, Attempt: 1, Rcpt: "a", Upstream: "b", Relay: "192.0.2.2:25", Reply: "250 ok"},
+	}
+	if !slices.Equal(evs, want) {
+		t.Errorf("events %+v\nwant %+v", evs, want)
+	}
+}

@@ -15,6 +15,9 @@ type EventType string
 
 const (
 	EventAccepted EventType = "accepted" // stored, with its recipients
+	// EventTried: an upstream's answer for a recipient that the attempt
+	// then took to the next upstream of its route.
+	EventTried EventType = "tried"
 	// A recipient's outcome in an attempt: Rcpt, Attempt, Upstream, Relay
 	// and Reply say which, when, through what and what was answered.
 	EventDelivered EventType = "delivered"
@@ -167,6 +170,12 @@ func normMessageID(id string) string {
 func attemptEvents(m Message, out outcome, dsns []DSN, now time.Time) []Event {
 	var evs []Event
 	for _, ro := range out.rcpts {
+		for _, r := range ro.earlier {
+			evs = append(evs, Event{
+				At: now, Type: EventTried, Attempt: m.Attempts,
+				Rcpt: ro.Addr, Upstream: r.Upstream, Relay: r.Relay, Reply: r.Reply,
+			})
+		}
 		evs = append(evs, Event{
 			At: now, Type: EventType(ro.outcome), Attempt: m.Attempts,
 			Rcpt: ro.Addr, Upstream: ro.Upstream, Relay: ro.relay, Reply: ro.Reply,

@@ -81,6 +81,9 @@ type Result struct {
 	// Relay is the address of the upstream server that answered, if one
 	// did.
 	Relay string
+	// Earlier are the answers of the upstreams tried before for this
+	// recipient in the same attempt, each failed over to the next.
+	Earlier []Result
 	// NotBefore, on a Pending result, asks for no retry before that time
 	// (an upstream's rate limit); it does not count as a failure.
 	NotBefore time.Time

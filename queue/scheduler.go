@@ -517,6 +517,7 @@ type rcptOutcome struct {
 	outcome Outcome
 	relay   string
 	paced   bool
+	earlier []Result // the upstreams that failed over to the one that decided
 }
 
 // expire records that rc expired: its deferral in this attempt, if any,
@@ -554,7 +555,7 @@ func (s *Scheduler) apply(m *Message, results []Result, now time.Time) outcome {
 			}
 			used[i] = true
 			rc.State, rc.Reply, rc.Upstream = r.State, r.Reply, r.Upstream
-			ro := rcptOutcome{outcome: OutcomeDeferred, relay: r.Relay, paced: !r.NotBefore.IsZero()}
+			ro := rcptOutcome{outcome: OutcomeDeferred, relay: r.Relay, paced: !r.NotBefore.IsZero(), earlier: r.Earlier}
 			switch r.State {
 			case Delivered:
 				out.delivered++

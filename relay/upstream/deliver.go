@@ -182,7 +182,14 @@ func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body queue.Bod
 		d.observe(m, up.Name, took, a.results)
 		var next []int
 		for j, i := range todo {
-			results[i], tried[i] = a.results[j], true
+			r := a.results[j]
+			if tried[i] {
+				// What the upstream before said, for the history.
+				prev := results[i]
+				r.Earlier = append(prev.Earlier, prev)
+				r.Earlier[len(r.Earlier)-1].Earlier = nil
+			}
+			results[i], tried[i] = r, true
 			if a.results[j].State == queue.Pending && a.failover[j] {
 				next = append(next, i)
 			}

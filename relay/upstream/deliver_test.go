@@ -163,6 +163,10 @@ func TestDeliverFailover(t *testing.T) {
 			env := newDeliverer(t, tt.first(t), plainUpstream("b", b))
 			res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
 			checkResult(t, res[0], "x@example.net", queue.Delivered, "250 ", "b")
+			// What a said is kept for the history.
+			if e := res[0].Earlier; len(e) != 1 || e[0].Upstream != "a" || e[0].State != queue.Pending || e[0].Reply == "" || len(e[0].Earlier) != 0 {
+				t.Errorf("earlier results %+v, want a's failure", e)
+			}
 			b.WaitMessages(t, 1, 5*time.Second)
 			logs := env.log.String()
 			if n := strings.Count(logs, "delivery attempt"); n != 2 {

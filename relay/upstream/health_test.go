@@ -2,6 +2,7 @@ package upstream
 
 import (
 	"context"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -208,7 +209,7 @@ func TestSkipResult(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tt.want.Rcpt, tt.want.State = "x@example.net", queue.Pending
-			if got := skipResult("x@example.net", tt.skips); got != tt.want {
+			if got := skipResult("x@example.net", tt.skips); !reflect.DeepEqual(got, tt.want) {
 				t.Errorf("got %+v, want %+v", got, tt.want)
 			}
 		})
