@@ -42,7 +42,8 @@ type Storage interface {
 // HistoryRetention is the history retention of the backends under test.
 const HistoryRetention = time.Hour
 
-// Run runs the suite, each test on a new Storage from newStorage.
+// Run runs the suite, each test on a new Storage from newStorage, in
+// parallel.
 func Run(t *testing.T, newStorage func(t *testing.T) Storage) {
 	for _, tc := range []struct {
 		name string
@@ -70,6 +71,7 @@ func Run(t *testing.T, newStorage func(t *testing.T) Storage) {
 		{"Unreadable", testUnreadable},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel() // each on a storage of its own
 			e := &env{t: t, storage: newStorage(t), clock: &clock{now: t0}}
 			e.open()
 			tc.test(e)
