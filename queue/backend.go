@@ -104,6 +104,21 @@ type Backend interface {
 	// left the queue before before, in one short commit, and returns how
 	// many it removed.
 	PruneHistory(before time.Time, max int) (int, error)
+	// DueWebhooks takes up to limit webhook posts due at now, oldest
+	// first, and moves each one's NextTry to now+hold in the same commit,
+	// so that no other dispatcher takes it meanwhile and it is tried again
+	// if this one dies. Posts are stored with the events that make them,
+	// for the subscriptions the backend was opened with.
+	DueWebhooks(now time.Time, hold time.Duration, limit int) ([]WebhookPost, error)
+	// WebhookDone removes a post: its endpoint took it, or it was given
+	// up. A post already gone is no error.
+	WebhookDone(id string) error
+	// WebhookRetry records a failed try of a post and when it is due
+	// again. A post already gone is no error.
+	WebhookRetry(id string, next time.Time) error
+	// WebhookBacklog counts the posts waiting, and tells when the event of
+	// the oldest happened (zero when none waits).
+	WebhookBacklog() (n int, oldest time.Time, err error)
 	// Content opens the stored content of a queued message, the bytes
 	// that its delivery sends, to be streamed outside any transaction
 	// (as OpenBody); close releases it. An error wrapping ErrNotFound if

@@ -23,7 +23,7 @@ type boltStorage struct{ path string }
 
 func (s boltStorage) Open(t *testing.T, now func() time.Time) queue.Backend {
 	t.Helper()
-	st, err := queue.Open(s.path, queue.Options{Now: now, Logger: slog.New(slog.DiscardHandler), HistoryRetention: queuetest.HistoryRetention})
+	st, err := queue.Open(s.path, queue.Options{Now: now, Logger: slog.New(slog.DiscardHandler), HistoryRetention: queuetest.HistoryRetention, Webhooks: queuetest.Subscriptions})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,7 +50,7 @@ type pgStorage struct{ dsn string }
 
 func (s pgStorage) Open(t *testing.T, now func() time.Time) queue.Backend {
 	t.Helper()
-	st, err := queue.OpenPostgres(context.Background(), s.dsn, queue.PostgresOptions{Now: now, Logger: slog.New(slog.DiscardHandler), HistoryRetention: queuetest.HistoryRetention})
+	st, err := queue.OpenPostgres(context.Background(), s.dsn, queue.PostgresOptions{Now: now, Logger: slog.New(slog.DiscardHandler), HistoryRetention: queuetest.HistoryRetention, Webhooks: queuetest.Subscriptions})
 	if err != nil {
 		t.Fatal(err)
 	}

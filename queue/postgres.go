@@ -59,6 +59,9 @@ type PostgresOptions struct {
 	// HistoryRetention is how long a message's history is kept after it
 	// left the queue; zero keeps none (PruneHistory removes it).
 	HistoryRetention time.Duration
+	// Webhooks are the subscriptions whose posts are stored with the
+	// events they ask for (DueWebhooks).
+	Webhooks []Subscription
 	// SpoolDir is where NewSpool writes the part of a large message past
 	// its head until PutSpooled streams it into the database. Default
 	// os.TempDir().
@@ -78,8 +81,10 @@ type PGStore struct {
 	owner     string
 	spoolDir  string
 	recovered int
-	// historyRetention is PostgresOptions.HistoryRetention.
+	// historyRetention is PostgresOptions.HistoryRetention, subs
+	// PostgresOptions.Webhooks.
 	historyRetention time.Duration
+	subs             []Subscription
 
 	wake   chan struct{}
 	intake intakeSlot
@@ -155,7 +160,7 @@ func OpenPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*PGSto
 	}
 	s := &PGStore{
 		pool: pool, now: opts.Now, log: opts.Logger, observer: opts.Observer,
-		lease: opts.Lease, owner: opts.Owner, spoolDir: opts.SpoolDir, historyRetention: opts.HistoryRetention,
+		lease: opts.Lease, owner: opts.Owner, spoolDir: opts.SpoolDir, historyRetention: opts.HistoryRetention, subs: opts.Webhooks,
 		wake: make(chan struct{}, 1), leased: map[uint64]*pgLease{},
 	}
 	err = pool.QueryRow(ctx, `SELECT count(*) FROM queue_messages

@@ -18,7 +18,7 @@ import (
 // nothing if the ID is taken (no row comes back). $6 set claims it for
 // this store, under a new token; $9 sends the NOTIFY that wakes idle
 // replicas, with the commit.
-const pgInsertSQL = `WITH m AS (
+var pgInsertSQL = `WITH m AS (
 	INSERT INTO queue_messages (id, record, received, next_attempt, held, lease_owner, lease_until, token)
 	VALUES ($1, $2, $3, $4, $5, $6::text, now() + $7::bigint * interval '1 microsecond', CASE WHEN $6::text IS NULL THEN NULL ELSE nextval('queue_token') END)
 	ON CONFLICT (id) DO NOTHING
@@ -33,7 +33,7 @@ const pgInsertSQL = `WITH m AS (
 	ON CONFLICT DO NOTHING
 ), he AS (
 	INSERT INTO queue_history_events (id, event) SELECT id, $15 FROM m
-)
+)` + pgPostsCTE(16) + `
 SELECT coalesce(token, 0) FROM m WHERE CASE WHEN $9 THEN pg_notify('` + pgChannel + `', '') IS NOT NULL ELSE true END`
 
 // pgChunkSQL stores one chunk of a message's content past its head.
@@ -46,7 +46,7 @@ const pgChunk = 256 << 10
 // insertMessage stores rec, encoded as v, with head as chunk 0. leased
 // claims it for this store and returns the attempt's token. It returns
 // ErrExists if the ID is taken.
-func (s *PGStore) insertMessage(ctx context.Context, q pgx.Tx, rec *record, v, head []byte, leased, notify bool) (uint64, error) {
+func (s *PGStore) insertMessage(ctx context.Context, q pgx.Tx, rec *record, v, head []byte, leased, notify bool, posts []WebhookPost) (uint64, error) {
 	var owner, until any
 	if leased {
 		owner, until = s.owner, s.lease.Microseconds()
@@ -58,8 +58,12 @@ func (s *PGStore) insertMessage(ctx context.Context, q pgx.Tx, rec *record, v, h
 	if err != nil {
 		return 0, err
 	}
-	args := []any{rec.ID, v, rec.Received, rec.NextAttempt, rec.Held, owner, until, head, notify,
-		h.head, h.sender, h.user, h.messageID, h.rcpts, h.accepted}
+	wh, err := newPGPosts(posts)
+	if err != nil {
+		return 0, err
+	}
+	args := append([]any{rec.ID, v, rec.Received, rec.NextAttempt, rec.Held, owner, until, head, notify,
+		h.head, h.sender, h.user, h.messageID, h.rcpts, h.accepted}, wh.args()...)
 	var row pgx.Row
 	if q != nil {
 		row = q.QueryRow(ctx, pgInsertSQL, args...)
@@ -163,13 +167,13 @@ func (s *PGStore) store(ctx context.Context, rec *record, head []byte, rest io.R
 		return 0, nil, err
 	}
 	if rest == nil {
-		token, err := s.insertMessage(ctx, nil, rec, v, head, leased, !leased)
+		token, err := s.insertMessage(ctx, nil, rec, v, head, leased, !leased, acceptedPosts(s.subs, &rec.Message))
 		return token, v, err
 	}
 	var token uint64
 	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var err error
-		if token, err = s.insertMessage(ctx, tx, rec, v, head, leased, !leased); err != nil {
+		if token, err = s.insertMessage(ctx, tx, rec, v, head, leased, !leased, acceptedPosts(s.subs, &rec.Message)); err != nil {
 			return err
 		}
 		_, err = insertChunks(ctx, tx, rec.ID, rest)
@@ -269,7 +273,7 @@ func (s *PGStore) Import(ctx context.Context, m Message, body []byte, rest io.Re
 		if tag.RowsAffected() == 0 {
 			return ErrExists
 		}
-		if _, err := s.insertMessage(bctx, tx, &rec, v, body, false, true); err != nil {
+		if _, err := s.insertMessage(bctx, tx, &rec, v, body, false, true, nil); err != nil {
 			return err
 		}
 		if rest != nil {
@@ -509,7 +513,11 @@ func (s *PGStore) Finish(ctx context.Context, a Attempt, events []Event, update 
 	bctx, cancel := bound(ctx)
 	defer cancel()
 	left := pgTime(s.now())
-	if f, done, err := s.finishUnchanged(bctx, a, events, left, update); done || err != nil {
+	var posts []WebhookPost
+	if !a.Message.DSN {
+		posts = webhookPosts(s.subs, &a.Message, events)
+	}
+	if f, done, err := s.finishUnchanged(bctx, a, events, posts, left, update); done || err != nil {
 		if err != nil {
 			return Finished{}, s.pgError(ctx, "finish "+id, err)
 		}
@@ -542,6 +550,9 @@ func (s *PGStore) Finish(ctx context.Context, a Attempt, events []Event, update 
 		if err != nil {
 			return err
 		}
+		if err := insertPosts(ctx, tx, posts); err != nil {
+			return err
+		}
 		remove, dsns := update(&rec.Message)
 		f, added = Finished{Message: rec.Message, Removed: remove}, dsns
 		for _, n := range dsns {
@@ -551,7 +562,7 @@ func (s *PGStore) Finish(ctx context.Context, a Attempt, events []Event, update 
 			if err != nil {
 				return err
 			}
-			if _, err := s.insertMessage(ctx, tx, &d, dv, n.Body, false, true); err != nil {
+			if _, err := s.insertMessage(ctx, tx, &d, dv, n.Body, false, true, nil); err != nil {
 				if errors.Is(err, ErrExists) {
 					return fmt.Errorf("dsn %s: %w", n.Message.ID, err)
 				}
@@ -619,7 +630,7 @@ func (s *PGStore) pgFinishRemoveSQL() string {
 	DELETE FROM queue_messages WHERE id = $1 AND lease_owner = $2 AND token = $3 AND record = $4 RETURNING id
 ), b AS (
 	DELETE FROM queue_bodies WHERE id IN (SELECT id FROM m)
-)` + s.pgLeaveCTEs("$5", "$6", "$7") + `
+)` + s.pgLeaveCTEs("$5", "$6", "$7") + pgPostsCTE(8) + `
 SELECT count(*) FROM m, (SELECT set_config('synchronous_commit', 'off', true)) AS async`
 }
 
@@ -627,13 +638,13 @@ SELECT count(*) FROM m, (SELECT set_config('synchronous_commit', 'off', true)) A
 // lease, if its row is still exactly as the attempt stored it, with the
 // events $9 in its history; $8 sends the NOTIFY, for a message due
 // already.
-const pgFinishKeepSQL = `WITH m AS (
+var pgFinishKeepSQL = `WITH m AS (
 	UPDATE queue_messages SET record = $5, next_attempt = $6, held = $7, lease_owner = NULL, lease_until = NULL, token = NULL
 	WHERE id = $1 AND lease_owner = $2 AND token = $3 AND record = $4 RETURNING id
 ), he AS (
 	INSERT INTO queue_history_events (id, event) SELECT m.id, unnest($9::bytea[]) FROM m
 	WHERE EXISTS (SELECT 1 FROM queue_history WHERE id = m.id)
-)
+)` + pgPostsCTE(10) + `
 SELECT count(*) FROM m, (SELECT set_config('synchronous_commit', 'off', true)) AS async
 WHERE CASE WHEN $8 THEN pg_notify('` + pgChannel + `', '') IS NOT NULL ELSE true END`
 
@@ -648,7 +659,7 @@ WHERE CASE WHEN $8 THEN pg_notify('` + pgChannel + `', '') IS NOT NULL ELSE true
 // the outcomes of its last fraction of a second, and those messages are
 // attempted again, as after a crash of the relay during an attempt.
 // Every message is still on disk before its 250.
-func (s *PGStore) finishUnchanged(ctx context.Context, a Attempt, events []Event, left time.Time, update func(m *Message) (bool, []DSN)) (f Finished, done bool, err error) {
+func (s *PGStore) finishUnchanged(ctx context.Context, a Attempt, events []Event, posts []WebhookPost, left time.Time, update func(m *Message) (bool, []DSN)) (f Finished, done bool, err error) {
 	if a.stored == nil {
 		return Finished{}, false, nil
 	}
@@ -662,9 +673,13 @@ func (s *PGStore) finishUnchanged(ctx context.Context, a Attempt, events []Event
 	if err != nil {
 		return Finished{}, false, err
 	}
+	wh, err := newPGPosts(posts)
+	if err != nil {
+		return Finished{}, false, err
+	}
 	var n int
 	if remove {
-		err = s.pool.QueryRow(ctx, s.pgFinishRemoveSQL(), m.ID, s.owner, int64(a.Token), a.stored, evs, left, string(finishedOutcome(m))).Scan(&n)
+		err = s.pool.QueryRow(ctx, s.pgFinishRemoveSQL(), append([]any{m.ID, s.owner, int64(a.Token), a.stored, evs, left, string(finishedOutcome(m))}, wh.args()...)...).Scan(&n)
 	} else {
 		pgTimes(&m)
 		var v []byte
@@ -672,7 +687,7 @@ func (s *PGStore) finishUnchanged(ctx context.Context, a Attempt, events []Event
 			return Finished{}, false, err
 		}
 		due := !m.Held && !m.NextAttempt.After(pgTime(s.now()))
-		err = s.pool.QueryRow(ctx, pgFinishKeepSQL, m.ID, s.owner, int64(a.Token), a.stored, v, m.NextAttempt, m.Held, due, evs).Scan(&n)
+		err = s.pool.QueryRow(ctx, pgFinishKeepSQL, append([]any{m.ID, s.owner, int64(a.Token), a.stored, v, m.NextAttempt, m.Held, due, evs}, wh.args()...)...).Scan(&n)
 		if err == nil && n == 1 {
 			s.rescan()
 			if due {

@@ -75,4 +75,14 @@ var pgSteps = []string{
 		event bytea NOT NULL,
 		PRIMARY KEY (id, seq)
 	);`,
+	// The webhook outbox: each post, due at next_try, about an event of
+	// at.
+	`CREATE TABLE queue_webhooks (
+		id       text PRIMARY KEY,
+		at       timestamptz NOT NULL,
+		next_try timestamptz NOT NULL,
+		post     bytea NOT NULL
+	);
+	CREATE INDEX queue_webhooks_due ON queue_webhooks (next_try);
+	CREATE INDEX queue_webhooks_at ON queue_webhooks (at);`,
 }

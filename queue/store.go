@@ -81,6 +81,9 @@ type Options struct {
 	// HistoryRetention is how long a message's history is kept after it
 	// left the queue; zero keeps none (PruneHistory removes it).
 	HistoryRetention time.Duration
+	// Webhooks are the subscriptions whose posts are stored with the
+	// events they ask for (DueWebhooks).
+	Webhooks []Subscription
 
 	// freelistSyncMax overrides defaultFreelistSyncMax, and noCompact
 	// keeps Open from compacting, for tests.
@@ -116,8 +119,9 @@ type Store struct {
 	// freelistSyncMax is the number of free pages past which commits may
 	// stop writing the freelist (chooseFreelistSync).
 	freelistSyncMax int
-	// historyRetention is Options.HistoryRetention.
+	// historyRetention is Options.HistoryRetention, subs Options.Webhooks.
 	historyRetention time.Duration
+	subs             []Subscription
 
 	closed atomic.Bool // Close has run
 }
@@ -197,7 +201,7 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 
 	s := &Store{db: db, path: path, spool: path + ".spool", now: opts.Now, observer: opts.Observer, wake: make(chan struct{}, 1),
-		freelistSyncMax: opts.freelistSyncMax, log: opts.Logger, historyRetention: opts.HistoryRetention}
+		freelistSyncMax: opts.freelistSyncMax, log: opts.Logger, historyRetention: opts.HistoryRetention, subs: opts.Webhooks}
 	s.commit = newCommitter(db, s.probeWrite, s.writesChanged)
 	if err := db.Update(s.prepare); err != nil {
 		s.commit.close()
@@ -223,7 +227,7 @@ func Open(path string, opts Options) (*Store, error) {
 // is ignored.)
 func (s *Store) prepare(tx *bolt.Tx) error {
 	s.chooseFreelistSync(tx)
-	for _, name := range append([][]byte{metaBucket, msgsBucket, bodiesBucket, dueBucket, claimedBucket, receivedBucket}, historyBuckets...) {
+	for _, name := range slices.Concat([][]byte{metaBucket, msgsBucket, bodiesBucket, dueBucket, claimedBucket, receivedBucket}, historyBuckets, webhookBuckets) {
 		if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 			return err
 		}
@@ -376,12 +380,16 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 	rec := newRecord(m, body, spooled, s.now(), func(t time.Time) time.Time { return t.Round(0) })
 	in := s.intake.reserve(&rec)
 	taken := in != nil
+	posts := acceptedPosts(s.subs, &rec.Message)
 	v, err := encodeRecord(&rec)
 	if err != nil {
 		err = fmt.Errorf("queue: put: %w", err)
 	} else if err = s.commit.writeClient(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
-		return insert(tx, &rec, v, body, taken)
+		if err := insert(tx, &rec, v, body, taken); err != nil {
+			return err
+		}
+		return putWebhooks(tx, posts)
 	}); err != nil {
 		err = storageError("put "+m.ID, err)
 	}
@@ -716,6 +724,10 @@ func (s *Store) Finish(ctx context.Context, a Attempt, events []Event, update fu
 		return Finished{}, fmt.Errorf("queue: finish %s: %w", id, err)
 	}
 	left := s.now().Round(0)
+	var posts []WebhookPost
+	if !a.Message.DSN {
+		posts = webhookPosts(s.subs, &a.Message, events)
+	}
 	key := []byte(id)
 	var (
 		f                    Finished
@@ -746,6 +758,9 @@ func (s *Store) Finish(ctx context.Context, a Attempt, events []Event, update fu
 		remove, add := update(&rec.Message)
 		f, added = Finished{Message: rec.Message, Removed: remove}, add
 		if err := claimed.Delete(key); err != nil {
+			return err
+		}
+		if err := putWebhooks(tx, posts); err != nil {
 			return err
 		}
 		for _, n := range add {

@@ -83,3 +83,12 @@ func newWebhookID() string {
 	rand.Read(b[:])
 	return "msg_" + strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b[:]))
 }
+
+// acceptedPosts are the posts for the acceptance of m, which has just
+// been stored; none for a DSN, which nobody submitted.
+func acceptedPosts(subs []Subscription, m *Message) []WebhookPost {
+	if len(subs) == 0 || m.DSN {
+		return nil
+	}
+	return webhookPosts(subs, m, []Event{{At: m.Received, Type: EventAccepted}})
+}

@@ -31,7 +31,7 @@ import (
 type Storage interface {
 	// Open opens a backend over the storage whose clock is now, which
 	// keeps a message's history for HistoryRetention after it left the
-	// queue. The suite closes each backend it opens before it opens the
+	// queue and stores webhook posts for Subscriptions. The suite closes each backend it opens before it opens the
 	// next one, which must find everything that was committed before.
 	Open(t *testing.T, now func() time.Time) queue.Backend
 	// Damage makes the stored record of message id unreadable, as a bad
@@ -41,6 +41,13 @@ type Storage interface {
 
 // HistoryRetention is the history retention of the backends under test.
 const HistoryRetention = time.Hour
+
+// Subscriptions are the webhook subscriptions of the backends under test.
+var Subscriptions = []queue.Subscription{
+	{Endpoint: "all", Events: queue.WebhookEvents()},
+	{Endpoint: "billing", Events: []queue.EventType{queue.EventBounced, queue.EventExpired}, Users: []string{"billing-app"}},
+	{Endpoint: "other", Events: queue.WebhookEvents(), Users: []string{"someone-else"}},
+}
 
 // Run runs the suite, each test on a new Storage from newStorage, in
 // parallel.
@@ -66,6 +73,7 @@ func Run(t *testing.T, newStorage func(t *testing.T) Storage) {
 		{"Content", testContent},
 		{"History", testHistory},
 		{"FindHistory", testFindHistory},
+		{"Webhooks", testWebhooks},
 		{"Import", testImport},
 		{"Intake", testIntake},
 		{"Unreadable", testUnreadable},
@@ -1337,5 +1345,113 @@ func testFindHistory(e *env) {
 	found, _ := e.b.FindHistory(queue.HistoryFilter{To: "dave@example.org"})
 	if len(found) != 1 || found[0].Outcome != queue.OutcomeDeleted || found[0].Left.IsZero() {
 		e.t.Errorf("a gone message found without its outcome: %+v", found)
+	}
+}
+
+// posts lists posts as "endpoint:type:rcpt", in order.
+func posts(ps []queue.WebhookPost) string {
+	var out []string
+	for _, p := range ps {
+		out = append(out, p.Endpoint+":"+string(p.Type)+":"+p.Data.Rcpt)
+	}
+	return strings.Join(out, " ")
+}
+
+// testWebhooks: the posts that the subscriptions ask for are stored with
+// their events, all or nothing, durably; DueWebhooks hands each out once
+// per hold, with the same ID on every try, until it is done.
+func testWebhooks(e *env) {
+	m := e.put(t0, "x", "a@example.net", "b@example.net")
+	t1 := t0.Add(time.Second)
+	a := e.claimOne(t0, t1, m.ID)
+	if _, err := e.b.Finish(context.Background(), a, []queue.Event{
+		{At: t1, Type: queue.EventDelivered, Attempt: 1, Rcpt: "b@example.net", Upstream: "up", Reply: "250 ok"},
+		{At: t1, Type: queue.EventDeferred, Attempt: 1, Rcpt: "a@example.net", Upstream: "up", Reply: "451 later"},
+	}, func(m *queue.Message) (bool, []queue.DSN) {
+		m.Recipients[1].State = queue.Delivered
+		m.NextAttempt = t1
+		return false, nil
+	}); err != nil {
+		e.t.Fatal(err)
+	}
+	// A Finish that fails stores no post.
+	if _, err := e.b.Finish(context.Background(), a, []queue.Event{{At: t1, Type: queue.EventBounced, Rcpt: "a@example.net"}},
+		func(m *queue.Message) (bool, []queue.DSN) { return true, nil }); err == nil {
+		e.t.Fatal("a second Finish of one attempt succeeded")
+	}
+	e.clock.set(t1)
+	a = e.claimOne(t1, t1.Add(time.Minute), m.ID)
+	dsn := dsnFor(m, "d5a0000000000002", t1)
+	if _, err := e.b.Finish(context.Background(), a, []queue.Event{
+		{At: t1, Type: queue.EventBounced, Attempt: 2, Rcpt: "a@example.net", Upstream: "up", Relay: "192.0.2.1:25", Reply: "550 no"},
+		{At: t1, Type: queue.EventDSN, Attempt: 2, DSNID: dsn.Message.ID},
+	}, func(m *queue.Message) (bool, []queue.DSN) {
+		m.Recipients[0].State = queue.Failed
+		return true, []queue.DSN{dsn}
+	}); err != nil {
+		e.t.Fatal(err)
+	}
+	e.reopen()
+	if n, oldest, err := e.b.WebhookBacklog(); err != nil || n != 5 || !oldest.Equal(t0) {
+		e.t.Errorf("backlog %d, oldest %v, %v; want 5 from %v", n, oldest, err, t0)
+	}
+
+	due, err := e.b.DueWebhooks(t1, time.Minute, 100)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	// Oldest first; those of one commit in any order.
+	want := "all:accepted: all:bounced:a@example.net all:deferred:a@example.net all:delivered:b@example.net billing:bounced:a@example.net"
+	got := strings.Fields(posts(due))
+	if len(got) > 0 {
+		slices.Sort(got[1:])
+	}
+	if strings.Join(got, " ") != want {
+		e.t.Errorf("due posts %q\nwant %q", got, want)
+	}
+	ids := map[string]bool{}
+	for _, p := range due {
+		ids[p.ID] = true
+		if !strings.HasPrefix(p.ID, "msg_") || p.Data.QueueID != m.ID || p.Data.MessageID != "<1@example.com>" || p.Data.User != "billing-app" ||
+			p.Data.From != "app@example.com" || p.Data.Status != string(p.Type) || p.Tries != 0 {
+			e.t.Errorf("post %+v", p)
+		}
+	}
+	for _, b := range due {
+		if b.Endpoint == "billing" && (b.Data.Upstream != "up" || b.Data.Reply != "550 no" || b.Data.Attempt != 2 || !b.At.Equal(t1)) {
+			e.t.Errorf("bounce post %+v", b)
+		}
+	}
+	if len(ids) != 5 {
+		e.t.Errorf("%d distinct IDs for 5 posts", len(ids))
+	}
+	if again, err := e.b.DueWebhooks(t1.Add(59*time.Second), time.Minute, 100); err != nil || len(again) != 0 {
+		e.t.Errorf("posts handed out twice within their hold: %q, %v", posts(again), err)
+	}
+	// A failed try: due again when it says, with the same ID.
+	retried := due[1]
+	if err := e.b.WebhookRetry(retried.ID, t1.Add(10*time.Second)); err != nil {
+		e.t.Fatal(err)
+	}
+	again, err := e.b.DueWebhooks(t1.Add(10*time.Second), time.Minute, 100)
+	if err != nil || len(again) != 1 || again[0].ID != retried.ID || again[0].Tries != 1 {
+		e.t.Errorf("after a retry: %+v, %v", again, err)
+	}
+	for _, p := range due {
+		if err := e.b.WebhookDone(p.ID); err != nil {
+			e.t.Fatal(err)
+		}
+	}
+	if err := e.b.WebhookDone(due[0].ID); err != nil {
+		e.t.Errorf("WebhookDone of a post gone: %v", err)
+	}
+	if err := e.b.WebhookRetry(due[0].ID, t1); err != nil {
+		e.t.Errorf("WebhookRetry of a post gone: %v", err)
+	}
+	if n, oldest, err := e.b.WebhookBacklog(); err != nil || n != 0 || !oldest.IsZero() {
+		e.t.Errorf("backlog after all done: %d %v %v", n, oldest, err)
+	}
+	if left, err := e.b.DueWebhooks(t1.Add(time.Hour), time.Minute, 100); err != nil || len(left) != 0 {
+		e.t.Errorf("posts left: %q, %v", posts(left), err)
 	}
 }
