@@ -86,6 +86,9 @@ type Options struct {
 	// keeps Open from compacting, for tests.
 	freelistSyncMax int
 	noCompact       bool
+	// noHistory keeps no history at all, for benchmarks: the baseline of
+	// the history's cost.
+	noHistory bool
 }
 
 // Store is the bbolt Backend: the queue in one file, with the part of
@@ -118,6 +121,8 @@ type Store struct {
 	freelistSyncMax int
 	// historyRetention is Options.HistoryRetention.
 	historyRetention time.Duration
+	// noHistory is Options.noHistory.
+	noHistory bool
 
 	closed atomic.Bool // Close has run
 }
@@ -197,7 +202,7 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 
 	s := &Store{db: db, path: path, spool: path + ".spool", now: opts.Now, observer: opts.Observer, wake: make(chan struct{}, 1),
-		freelistSyncMax: opts.freelistSyncMax, log: opts.Logger, historyRetention: opts.HistoryRetention}
+		freelistSyncMax: opts.freelistSyncMax, log: opts.Logger, historyRetention: opts.HistoryRetention, noHistory: opts.noHistory}
 	s.commit = newCommitter(db, s.probeWrite, s.writesChanged)
 	if err := db.Update(s.prepare); err != nil {
 		s.commit.close()
@@ -381,7 +386,7 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 		err = fmt.Errorf("queue: put: %w", err)
 	} else if err = s.commit.writeClient(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
-		return insert(tx, &rec, v, body, taken)
+		return s.insert(tx, &rec, v, body, taken)
 	}); err != nil {
 		err = storageError("put "+m.ID, err)
 	}
@@ -434,7 +439,7 @@ func checkPut(ctx context.Context, m *Message) error {
 // body, and its entries in the indexes and counts; a held one is not due,
 // and a claimed one is recorded as in progress. It returns ErrExists if
 // the ID is taken.
-func insert(tx *bolt.Tx, rec *record, v, body []byte, claimed bool) error {
+func (s *Store) insert(tx *bolt.Tx, rec *record, v, body []byte, claimed bool) error {
 	id := []byte(rec.ID)
 	msgs := tx.Bucket(msgsBucket)
 	if msgs.Get(id) != nil {
@@ -449,8 +454,10 @@ func insert(tx *bolt.Tx, rec *record, v, body []byte, claimed bool) error {
 	if err := tx.Bucket(receivedBucket).Put(receivedKey(rec.Received, rec.ID), nil); err != nil {
 		return err
 	}
-	if err := putHistory(tx, newHistory(&rec.Message), true); err != nil {
-		return err
+	if !s.noHistory {
+		if err := putHistory(tx, newHistory(&rec.Message), true); err != nil {
+			return err
+		}
 	}
 	if err := addCounts(tx, 1, b2i(rec.Held)); err != nil {
 		return err
@@ -754,7 +761,7 @@ func (s *Store) Finish(ctx context.Context, a Attempt, events []Event, update fu
 			if err != nil {
 				return err
 			}
-			if err := insert(tx, &rec, v, n.Body, false); err != nil {
+			if err := s.insert(tx, &rec, v, n.Body, false); err != nil {
 				return err
 			}
 		}
@@ -776,7 +783,7 @@ func (s *Store) Finish(ctx context.Context, a Attempt, events []Event, update fu
 			}
 			return bodies.Delete(key)
 		}
-		if err := addHistory(tx, id, events...); err != nil {
+		if err := s.addHistory(tx, id, events...); err != nil {
 			return err
 		}
 		// A message put on hold during the attempt stays out of the index.
