@@ -1,0 +1,304 @@
+package queue
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// The benchmarks below measure the message history: finding messages in
+// a store that holds 100k and 1M history events (250k messages of four
+// events each, a week of a busy relay), and what keeping the history
+// adds to the commits of each message. Run them with
+//
+//	go test -run '^$' -bench HistoryFind -benchtime 10000x ./queue
+//	go test -run '^$' -bench HistoryCost -benchtime 1000x ./queue
+//
+// A recipient has about five messages in either store, and a lookup by
+// it, by Message-ID or by user (newest 100) costs nearly the same in
+// the store ten times larger: each is one range of the index, not a
+// scan. HistoryCost runs each message through Put, Claim and Finish
+// with history kept (on) and with none (off), on a new store and on
+// the 1M-event one, and reports on's ns/op over off's as "ratio".
+//
+// The filled stores are cached under os.TempDir(), in a directory named
+// by historyBenchFormat (about 1 GB for both); each benchmark works on a
+// copy, removed when it ends.
+
+// historyBenchFormat names the layout of the cached fixtures: change it
+// whenever historyFill or the history's format changes.
+const historyBenchFormat = 1
+
+// historySize is a store to measure: events history events, four per
+// message.
+type historySize struct {
+	name   string
+	events int
+}
+
+var historySizes = []historySize{
+	{name: "100k", events: 100_000},
+	{name: "1M", events: 1_000_000},
+}
+
+func (size historySize) messages() int { return size.events / 4 }
+
+// recipients is how many addresses the messages are sent to: two per
+// message, so that each has about five messages, whatever the size.
+func (size historySize) recipients() int { return size.messages() * 2 / 5 }
+
+// historyUsers is how many users submit the messages.
+const historyUsers = 20
+
+// historyRetention is the retention of the fixtures: a week.
+const historyRetention = 7 * 24 * time.Hour
+
+// historyOptions opens the fixtures, with the history kept.
+var historyOptions = Options{
+	Now: func() time.Time { return benchNow }, noCompact: true,
+	HistoryRetention: historyRetention, Logger: slog.New(slog.DiscardHandler),
+}
+
+// historyFill stores the history of size.messages() messages received
+// over the week before benchNow, in arrival order, a thousand to a
+// transaction (bbolt splits a node only at commit, and inserts into a
+// large one are slow), through the functions the store's commits use: each message accepted,
+// then an attempt that delivers to one recipient and defers the other,
+// then one that delivers to it and removes the message. The records and
+// bodies, which Finish removed, are left out.
+func historyFill(s *Store, size historySize) error {
+	rng := rand.New(rand.NewPCG(8, uint64(size.events)))
+	n := size.messages()
+	step := historyRetention / time.Duration(n)
+	const batch = 1_000
+	for first := 0; first < n; first += batch {
+		err := s.db.Update(func(tx *bolt.Tx) error {
+			for i := first; i < min(first+batch, n); i++ {
+				m := historyMessage(rng, size, i)
+				m.Received = benchNow.Add(-historyRetention + time.Duration(i)*step)
+				if err := putHistory(tx, newHistory(m), true); err != nil {
+					return err
+				}
+				a, b := m.Recipients[0].Addr, m.Recipients[1].Addr
+				at := m.Received.Add(2 * time.Second)
+				if err := s.addHistory(tx, m.ID,
+					Event{At: at, Type: EventDelivered, Attempt: 1, Rcpt: a, Upstream: "gmail", Relay: "142.250.102.27:25", Reply: "250 2.0.0 OK 1772452681 a1b2c3d4e5f6 - gsmtp"},
+					Event{At: at, Type: EventDeferred, Attempt: 1, Rcpt: b, Upstream: "gmail", Relay: "142.250.102.27:25", Reply: "451 4.7.1 Service temporarily unavailable, try again later"},
+				); err != nil {
+					return err
+				}
+				at = m.Received.Add(10 * time.Minute)
+				if err := s.leaveHistory(tx, m.ID, at, OutcomeDelivered,
+					Event{At: at, Type: EventDelivered, Attempt: 2, Rcpt: b, Upstream: "gmail", Relay: "142.250.102.26:25", Reply: "250 2.0.0 OK 1772453279 f6e5d4c3b2a1 - gsmtp"},
+				); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// historyMessage returns message i of a fixture: two recipients drawn
+// from size.recipients() addresses, one of historyUsers users, and a
+// Message-ID that names i.
+func historyMessage(rng *rand.Rand, size historySize, i int) *Message {
+	return &Message{
+		ID: NewID(), From: "billing@example.com", User: historyUser(rng.IntN(historyUsers)),
+		MessageID: historyMessageID(i),
+		Recipients: []Recipient{
+			{Addr: historyRecipient(rng.IntN(size.recipients()))},
+			{Addr: historyRecipient(rng.IntN(size.recipients()))},
+		},
+	}
+}
+
+func historyUser(i int) string      { return fmt.Sprintf("app-%02d", i) }
+func historyRecipient(i int) string { return fmt.Sprintf("customer%d@example.net", i) }
+func historyMessageID(i int) string { return fmt.Sprintf("<invoice-%d@example.com>", i) }
+
+// historyFixture returns the path of the cached store of the given size,
+// building it on first use under a temporary name.
+func historyFixture(b *testing.B, size historySize) string {
+	dir := filepath.Join(os.TempDir(), fmt.Sprintf("smarthost-history-bench-v%d", historyBenchFormat))
+	path := filepath.Join(dir, fmt.Sprintf("history-%d.db", size.events))
+	if _, err := os.Stat(path); err == nil {
+		return path
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		b.Fatal(err)
+	}
+	start := time.Now()
+	tmp := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
+	defer func() {
+		for _, p := range []string{tmp, tmp + cleanSuffix, tmp + ".spool"} {
+			os.RemoveAll(p)
+		}
+	}()
+	s, err := Open(tmp, historyOptions)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := historyFill(s, size); err != nil {
+		s.Close()
+		b.Fatalf("build %s: %v", path, err)
+	}
+	if err := s.Close(); err != nil {
+		b.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		b.Fatal(err)
+	}
+	b.Logf("built %s in %v", path, time.Since(start).Round(time.Millisecond))
+	return path
+}
+
+// historyOpen opens a copy of the fixture of the given size in dir.
+func historyOpen(b *testing.B, size historySize, dir string, opts Options) *Store {
+	path := filepath.Join(dir, "queue.db")
+	if err := copyFile(historyFixture(b, size), path); err != nil {
+		b.Fatal(err)
+	}
+	s, err := Open(path, opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return s
+}
+
+// BenchmarkHistoryFind measures FindHistory: the messages to a recipient
+// (about five), the message of a Message-ID, and a user's newest 100.
+// found/op is how many histories each lookup returned.
+func BenchmarkHistoryFind(b *testing.B) {
+	lookups := []struct {
+		name   string
+		filter func(rng *rand.Rand, size historySize) HistoryFilter
+	}{
+		{"to", func(rng *rand.Rand, size historySize) HistoryFilter {
+			return HistoryFilter{To: historyRecipient(rng.IntN(size.recipients()))}
+		}},
+		{"msgid", func(rng *rand.Rand, size historySize) HistoryFilter {
+			return HistoryFilter{MessageID: historyMessageID(rng.IntN(size.messages()))}
+		}},
+		{"user", func(rng *rand.Rand, size historySize) HistoryFilter {
+			return HistoryFilter{User: historyUser(rng.IntN(historyUsers)), Limit: 100}
+		}},
+	}
+	for _, size := range historySizes {
+		var s *Store
+		for _, l := range lookups {
+			b.Run("events="+size.name+"/by="+l.name, func(b2 *testing.B) {
+				if s == nil {
+					s = historyOpen(b2, size, b.TempDir(), historyOptions)
+					b.Cleanup(func() { s.Close() })
+				}
+				b2.ReportAllocs()
+				rng := rand.New(rand.NewPCG(9, 0))
+				found := 0
+				for range b2.N {
+					out, err := s.FindHistory(l.filter(rng, size))
+					if err != nil {
+						b2.Fatal(err)
+					}
+					if len(out) == 0 && l.name != "to" {
+						b2.Fatalf("%s: nothing found", l.name)
+					}
+					found += len(out)
+				}
+				b2.ReportMetric(float64(found)/float64(b2.N), "found/op")
+			})
+		}
+	}
+}
+
+// BenchmarkHistoryCost measures one message's way through the queue as
+// a single client submits it: Put, a Claim of it, and a Finish that
+// delivers to its two recipients, with their two events, and removes
+// it. Messages are sent one after the other; each Finish runs while the
+// next message is put, so that it shares that commit, as the lazy
+// commit of an outcome does. With history=off the store keeps none; the
+// on run reports its ns/op over off's as "ratio".
+func BenchmarkHistoryCost(b *testing.B) {
+	for _, events := range []string{"0", "1M"} {
+		var off float64 // ns/op of the off run
+		for _, mode := range []string{"off", "on"} {
+			var s *Store
+			b.Run("events="+events+"/history="+mode, func(b2 *testing.B) {
+				if s == nil {
+					opts := historyOptions
+					opts.noHistory = mode == "off"
+					if events == "0" {
+						var err error
+						if s, err = Open(filepath.Join(b.TempDir(), "queue.db"), opts); err != nil {
+							b2.Fatal(err)
+						}
+					} else {
+						s = historyOpen(b2, historySizes[len(historySizes)-1], b.TempDir(), opts)
+					}
+					b.Cleanup(func() { s.Close() })
+				}
+				b2.ReportAllocs()
+				historyPath(b2, s)
+				nsop := float64(b2.Elapsed().Nanoseconds()) / float64(b2.N)
+				if mode == "off" {
+					off = nsop
+				} else if off > 0 {
+					b2.ReportMetric(nsop/off, "ratio")
+				}
+			})
+		}
+	}
+}
+
+// historyPath runs b.N messages through Put, Claim and Finish on s.
+func historyPath(b *testing.B, s *Store) {
+	sch := benchScheduler(s)
+	rng := rand.New(rand.NewPCG(10, 0))
+	size := historySizes[len(historySizes)-1]
+	finish := func(a Attempt) error {
+		now := benchNow
+		var events []Event
+		for _, r := range a.Message.Recipients {
+			events = append(events, Event{At: now, Type: EventDelivered, Attempt: a.Message.Attempts, Rcpt: r.Addr,
+				Upstream: "gmail", Relay: "142.250.102.27:25", Reply: "250 2.0.0 OK 1772452681 a1b2c3d4e5f6 - gsmtp"})
+		}
+		_, err := s.Finish(context.Background(), a, events, func(m *Message) (bool, []DSN) {
+			for i := range m.Recipients {
+				m.Recipients[i].State = Delivered
+			}
+			return true, nil
+		})
+		return err
+	}
+	benchRounds(b, s, nil, func(k int) {
+		done := make(chan error, k)
+		for i := range k {
+			m := historyMessage(rng, size, i)
+			m.ID = ""
+			if err := s.Put(context.Background(), m, benchBody); err != nil {
+				b.Fatal(err)
+			}
+			out := benchClaim(b, sch, 1)
+			if len(out) != 1 || out[0].Message.ID != m.ID {
+				b.Fatalf("claimed %v, want %s", ids(out), m.ID)
+			}
+			go func() { done <- finish(out[0]) }()
+		}
+		for range k {
+			if err := <-done; err != nil {
+				b.Fatal(err)
+			}
+		}
+	}, nil)
+}
