@@ -177,6 +177,31 @@ func historyOpen(b *testing.B, size historySize, dir string, opts Options) *Stor
 	return s
 }
 
+// historyWarm reads every page of the history once, as a running relay
+// has: else the first read of each page of the mapped file, not the
+// lookup, is what the larger store measures.
+func historyWarm(b *testing.B, s *Store) {
+	var sum byte
+	err := s.db.View(func(tx *bolt.Tx) error {
+		for _, name := range historyBuckets {
+			if err := tx.Bucket(name).ForEach(func(k, v []byte) error {
+				sum += k[len(k)-1]
+				if len(v) > 0 {
+					sum += v[len(v)-1]
+				}
+				return nil
+			}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	_ = sum
+}
+
 // BenchmarkHistoryFind measures FindHistory: the messages to a recipient
 // (about five), the message of a Message-ID, and a user's newest 100.
 // found/op is how many histories each lookup returned.
@@ -202,6 +227,7 @@ func BenchmarkHistoryFind(b *testing.B) {
 				if s == nil {
 					s = historyOpen(b2, size, b.TempDir(), historyOptions)
 					b.Cleanup(func() { s.Close() })
+					historyWarm(b2, s)
 				}
 				b2.ReportAllocs()
 				rng := rand.New(rand.NewPCG(9, 0))
@@ -228,10 +254,12 @@ func BenchmarkHistoryFind(b *testing.B) {
 // it. Messages are sent one after the other; each Finish runs while the
 // next message is put, so that it shares that commit, as the lazy
 // commit of an outcome does. With history=off the store keeps none; the
-// on run reports its ns/op over off's as "ratio".
+// on run reports its ns/op over off's as "ratio", and its best-ns/op
+// over off's, which other work on the machine disturbs less, as
+// "best-ratio".
 func BenchmarkHistoryCost(b *testing.B) {
 	for _, events := range []string{"0", "1M"} {
-		var off float64 // ns/op of the off run
+		var off, offBest float64 // ns/op and best-ns/op of the off run
 		for _, mode := range []string{"off", "on"} {
 			var s *Store
 			b.Run("events="+events+"/history="+mode, func(b2 *testing.B) {
@@ -249,20 +277,22 @@ func BenchmarkHistoryCost(b *testing.B) {
 					b.Cleanup(func() { s.Close() })
 				}
 				b2.ReportAllocs()
-				historyPath(b2, s)
+				best := float64(historyPath(b2, s).Nanoseconds())
 				nsop := float64(b2.Elapsed().Nanoseconds()) / float64(b2.N)
 				if mode == "off" {
-					off = nsop
+					off, offBest = nsop, best
 				} else if off > 0 {
 					b2.ReportMetric(nsop/off, "ratio")
+					b2.ReportMetric(best/offBest, "best-ratio")
 				}
 			})
 		}
 	}
 }
 
-// historyPath runs b.N messages through Put, Claim and Finish on s.
-func historyPath(b *testing.B, s *Store) {
+// historyPath runs b.N messages through Put, Claim and Finish on s, and
+// returns benchRounds' best time per message.
+func historyPath(b *testing.B, s *Store) time.Duration {
 	sch := benchScheduler(s)
 	rng := rand.New(rand.NewPCG(10, 0))
 	size := historySizes[len(historySizes)-1]
@@ -281,7 +311,7 @@ func historyPath(b *testing.B, s *Store) {
 		})
 		return err
 	}
-	benchRounds(b, s, nil, func(k int) {
+	return benchRounds(b, s, nil, func(k int) {
 		done := make(chan error, k)
 		for i := range k {
 			m := historyMessage(rng, size, i)
