@@ -10,27 +10,32 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	bolt "go.etcd.io/bbolt"
+
+	"smarthost/internal/testpg"
 )
 
 // The benchmarks below measure the message history: finding messages in
-// a store that holds 100k and 1M history events (250k messages of four
-// events each, a week of a busy relay), and what keeping the history
-// adds to the commits of each message. Run them with
+// a store that holds 100k and 1M history events (25k and 250k messages
+// of four events each, received over a week), and what keeping the
+// history adds to the commits of each message. Run them with
 //
-//	go test -run '^$' -bench HistoryFind -benchtime 10000x ./queue
+//	go test -run '^$' -bench 'HistoryFind$' -benchtime 5000x ./queue
+//	go test -run '^$' -bench HistoryFindPostgres -benchtime 2000x ./queue
 //	go test -run '^$' -bench HistoryCost -benchtime 1000x ./queue
 //
 // A recipient has about five messages in either store, and a lookup by
-// it, by Message-ID or by user (newest 100) costs nearly the same in
-// the store ten times larger: each is one range of the index, not a
-// scan. HistoryCost runs each message through Put, Claim and Finish
-// with history kept (on) and with none (off), on a new store and on
-// the 1M-event one, and reports on's ns/op over off's as "ratio".
+// it, by Message-ID or by user (newest 100) costs nearly the same in the
+// store ten times larger: each is one range of an index, not a scan.
+// HistoryCost runs messages through Put, Claim and Finish with history
+// kept (on) and with none (off), on a new store and on the 1M-event one,
+// and reports on's time over off's as "ratio".
 //
-// The filled stores are cached under os.TempDir(), in a directory named
-// by historyBenchFormat (about 1 GB for both); each benchmark works on a
-// copy, removed when it ends.
+// The bbolt stores are cached under os.TempDir(), in a directory named
+// by historyBenchFormat (630 MB for both); each benchmark works on a
+// copy, removed when it ends. The PostgreSQL ones are filled at each run,
+// which takes about three minutes for 1M events.
 
 // historyBenchFormat names the layout of the cached fixtures: change it
 // whenever historyFill or the history's format changes.
@@ -86,19 +91,16 @@ func historyFill(s *Store, size historySize) error {
 				if err := putHistory(tx, newHistory(m), true); err != nil {
 					return err
 				}
-				a, b := m.Recipients[0].Addr, m.Recipients[1].Addr
-				at := m.Received.Add(2 * time.Second)
-				if err := s.addHistory(tx, m.ID,
-					Event{At: at, Type: EventDelivered, Attempt: 1, Rcpt: a, Upstream: "gmail", Relay: "142.250.102.27:25", Reply: "250 2.0.0 OK 1772452681 a1b2c3d4e5f6 - gsmtp"},
-					Event{At: at, Type: EventDeferred, Attempt: 1, Rcpt: b, Upstream: "gmail", Relay: "142.250.102.27:25", Reply: "451 4.7.1 Service temporarily unavailable, try again later"},
-				); err != nil {
-					return err
-				}
-				at = m.Received.Add(10 * time.Minute)
-				if err := s.leaveHistory(tx, m.ID, at, OutcomeDelivered,
-					Event{At: at, Type: EventDelivered, Attempt: 2, Rcpt: b, Upstream: "gmail", Relay: "142.250.102.26:25", Reply: "250 2.0.0 OK 1772453279 f6e5d4c3b2a1 - gsmtp"},
-				); err != nil {
-					return err
+				for _, a := range historyAttempts(m) {
+					var err error
+					if a.leave {
+						err = s.leaveHistory(tx, m.ID, a.at, OutcomeDelivered, a.events...)
+					} else {
+						err = s.addHistory(tx, m.ID, a.events...)
+					}
+					if err != nil {
+						return err
+					}
 				}
 			}
 			return nil
@@ -108,6 +110,31 @@ func historyFill(s *Store, size historySize) error {
 		}
 	}
 	return nil
+}
+
+// historyAttempt is what an attempt adds to a fixture's history: its
+// events, and whether the message left the queue at that time.
+type historyAttempt struct {
+	at     time.Time
+	events []Event
+	leave  bool
+}
+
+// historyAttempts are the attempts of a fixture's message m: one that
+// delivers to its first recipient and defers the second, then one that
+// delivers to the second.
+func historyAttempts(m *Message) []historyAttempt {
+	a, b := m.Recipients[0].Addr, m.Recipients[1].Addr
+	first, second := m.Received.Add(2*time.Second), m.Received.Add(10*time.Minute)
+	return []historyAttempt{
+		{at: first, events: []Event{
+			{At: first, Type: EventDelivered, Attempt: 1, Rcpt: a, Upstream: "gmail", Relay: "142.250.102.27:25", Reply: "250 2.0.0 OK 1772452681 a1b2c3d4e5f6 - gsmtp"},
+			{At: first, Type: EventDeferred, Attempt: 1, Rcpt: b, Upstream: "gmail", Relay: "142.250.102.27:25", Reply: "451 4.7.1 Service temporarily unavailable, try again later"},
+		}},
+		{at: second, leave: true, events: []Event{
+			{At: second, Type: EventDelivered, Attempt: 2, Rcpt: b, Upstream: "gmail", Relay: "142.250.102.26:25", Reply: "250 2.0.0 OK 1772453279 f6e5d4c3b2a1 - gsmtp"},
+		}},
+	}
 }
 
 // historyMessage returns message i of a fixture: two recipients drawn
@@ -202,50 +229,133 @@ func historyWarm(b *testing.B, s *Store) {
 	_ = sum
 }
 
-// BenchmarkHistoryFind measures FindHistory: the messages to a recipient
-// (about five), the message of a Message-ID, and a user's newest 100.
-// found/op is how many histories each lookup returned.
+// historyLookups are the lookups BenchmarkHistoryFind measures.
+var historyLookups = []struct {
+	name   string
+	filter func(rng *rand.Rand, size historySize) HistoryFilter
+}{
+	{"to", func(rng *rand.Rand, size historySize) HistoryFilter {
+		return HistoryFilter{To: historyRecipient(rng.IntN(size.recipients()))}
+	}},
+	{"msgid", func(rng *rand.Rand, size historySize) HistoryFilter {
+		return HistoryFilter{MessageID: historyMessageID(rng.IntN(size.messages()))}
+	}},
+	{"user", func(rng *rand.Rand, size historySize) HistoryFilter {
+		return HistoryFilter{User: historyUser(rng.IntN(historyUsers)), Limit: 100}
+	}},
+}
+
+// BenchmarkHistoryFind measures FindHistory on bbolt: the messages to a
+// recipient (about five), the message of a Message-ID, and a user's
+// newest 100. found/op is how many histories each lookup returned.
 func BenchmarkHistoryFind(b *testing.B) {
-	lookups := []struct {
-		name   string
-		filter func(rng *rand.Rand, size historySize) HistoryFilter
-	}{
-		{"to", func(rng *rand.Rand, size historySize) HistoryFilter {
-			return HistoryFilter{To: historyRecipient(rng.IntN(size.recipients()))}
-		}},
-		{"msgid", func(rng *rand.Rand, size historySize) HistoryFilter {
-			return HistoryFilter{MessageID: historyMessageID(rng.IntN(size.messages()))}
-		}},
-		{"user", func(rng *rand.Rand, size historySize) HistoryFilter {
-			return HistoryFilter{User: historyUser(rng.IntN(historyUsers)), Limit: 100}
-		}},
-	}
 	for _, size := range historySizes {
 		var s *Store
-		for _, l := range lookups {
+		for _, l := range historyLookups {
 			b.Run("events="+size.name+"/by="+l.name, func(b2 *testing.B) {
 				if s == nil {
 					s = historyOpen(b2, size, b.TempDir(), historyOptions)
 					b.Cleanup(func() { s.Close() })
 					historyWarm(b2, s)
 				}
-				b2.ReportAllocs()
-				rng := rand.New(rand.NewPCG(9, 0))
-				found := 0
-				for range b2.N {
-					out, err := s.FindHistory(l.filter(rng, size))
-					if err != nil {
-						b2.Fatal(err)
-					}
-					if len(out) == 0 && l.name != "to" {
-						b2.Fatalf("%s: nothing found", l.name)
-					}
-					found += len(out)
-				}
-				b2.ReportMetric(float64(found)/float64(b2.N), "found/op")
+				historyFind(b2, s, size, l.name, l.filter)
 			})
 		}
 	}
+}
+
+// BenchmarkHistoryFindPostgres is BenchmarkHistoryFind on PostgreSQL,
+// in a database filled at each run (a minute or two for 1M events) and
+// analyzed, as autovacuum would have.
+func BenchmarkHistoryFindPostgres(b *testing.B) {
+	for _, size := range historySizes {
+		var s *PGStore
+		for _, l := range historyLookups {
+			b.Run("events="+size.name+"/by="+l.name, func(b2 *testing.B) {
+				if s == nil {
+					s = historyOpenPG(b2, testpg.Shared(b2).NewDatabase(b), size)
+					b.Cleanup(func() { s.Close() })
+				}
+				historyFind(b2, s, size, l.name, l.filter)
+			})
+		}
+	}
+}
+
+func historyFind(b *testing.B, s Backend, size historySize, name string, filter func(*rand.Rand, historySize) HistoryFilter) {
+	b.ReportAllocs()
+	rng := rand.New(rand.NewPCG(9, 0))
+	found := 0
+	for range b.N {
+		out, err := s.FindHistory(filter(rng, size))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if len(out) == 0 && name != "to" {
+			b.Fatalf("%s: nothing found", name)
+		}
+		found += len(out)
+	}
+	b.ReportMetric(float64(found)/float64(b.N), "found/op")
+}
+
+// historyOpenPG opens the new database dsn filled as historyFill fills a
+// Store, through the statements of PGStore's Put and Finish.
+func historyOpenPG(b *testing.B, dsn string, size historySize) *PGStore {
+	ctx := context.Background()
+	s, err := OpenPostgres(ctx, dsn, PostgresOptions{
+		Now: historyOptions.Now, Logger: historyOptions.Logger, HistoryRetention: historyRetention,
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	start := time.Now()
+	rng := rand.New(rand.NewPCG(8, uint64(size.events)))
+	n := size.messages()
+	step := historyRetention / time.Duration(n)
+	const batch = 1_000
+	for first := 0; first < n; first += batch {
+		err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+			for i := first; i < min(first+batch, n); i++ {
+				m := historyMessage(rng, size, i)
+				m.Received = benchNow.Add(-historyRetention + time.Duration(i)*step)
+				m.NextAttempt = m.Received
+				rec := &record{Message: *m}
+				v, err := encodeRecord(rec)
+				if err != nil {
+					return err
+				}
+				if _, err := s.insertMessage(ctx, tx, rec, v, nil, false, false); err != nil {
+					return err
+				}
+				for _, ev := range historyAttempts(m) {
+					if ev.leave {
+						if err := s.leaveHistory(ctx, tx, m.ID, ev.at, OutcomeDelivered, ev.events); err != nil {
+							return err
+						}
+						_, err = tx.Exec(ctx, `WITH b AS (DELETE FROM queue_bodies WHERE id = $1)
+							DELETE FROM queue_messages WHERE id = $1`, m.ID)
+					} else {
+						err = s.addHistory(ctx, tx, m.ID, ev.events)
+					}
+					if err != nil {
+						return err
+					}
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			s.Close()
+			b.Fatal(err)
+		}
+	}
+	if _, err := s.pool.Exec(ctx, `ANALYZE`); err != nil {
+		s.Close()
+		b.Fatal(err)
+	}
+	b.Logf("filled %d events in %v", size.events, time.Since(start).Round(time.Millisecond))
+	return s
 }
 
 // BenchmarkHistoryCost measures one message's way through the queue as
