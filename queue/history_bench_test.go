@@ -39,7 +39,7 @@ import (
 
 // historyBenchFormat names the layout of the cached fixtures: change it
 // whenever historyFill or the history's format changes.
-const historyBenchFormat = 1
+const historyBenchFormat = 2
 
 // historySize is a store to measure: events history events, four per
 // message.
@@ -79,15 +79,14 @@ var historyOptions = Options{
 // then one that delivers to it and removes the message. The records and
 // bodies, which Finish removed, are left out.
 func historyFill(s *Store, size historySize) error {
-	rng := rand.New(rand.NewPCG(8, uint64(size.events)))
+	rng := historyRand(size)
 	n := size.messages()
-	step := historyRetention / time.Duration(n)
 	const batch = 1_000
 	for first := 0; first < n; first += batch {
 		err := s.db.Update(func(tx *bolt.Tx) error {
 			for i := first; i < min(first+batch, n); i++ {
 				m := historyMessage(rng, size, i)
-				m.Received = benchNow.Add(-historyRetention + time.Duration(i)*step)
+				m.Received = historyReceived(size, i)
 				if err := putHistory(tx, newHistory(m), true); err != nil {
 					return err
 				}
@@ -137,12 +136,23 @@ func historyAttempts(m *Message) []historyAttempt {
 	}
 }
 
-// historyMessage returns message i of a fixture: two recipients drawn
-// from size.recipients() addresses, one of historyUsers users, and a
-// Message-ID that names i.
+// historyRand draws the messages of the fixture of the given size.
+func historyRand(size historySize) *rand.Rand {
+	return rand.New(rand.NewPCG(8, uint64(size.events)))
+}
+
+// historyReceived is when message i of a fixture was received: the
+// messages arrive evenly over the retention before benchNow.
+func historyReceived(size historySize, i int) time.Time {
+	return benchNow.Add(-historyRetention + time.Duration(i)*(historyRetention/time.Duration(size.messages())))
+}
+
+// historyMessage returns message i of a fixture: an ID as NewID makes
+// them, two recipients drawn from size.recipients() addresses, one of
+// historyUsers users, and a Message-ID that names i.
 func historyMessage(rng *rand.Rand, size historySize, i int) *Message {
 	return &Message{
-		ID: NewID(), From: "billing@example.com", User: historyUser(rng.IntN(historyUsers)),
+		ID: fmt.Sprintf("%016x", rng.Uint64()), From: "billing@example.com", User: historyUser(rng.IntN(historyUsers)),
 		MessageID: historyMessageID(i),
 		Recipients: []Recipient{
 			{Addr: historyRecipient(rng.IntN(size.recipients()))},
@@ -310,15 +320,14 @@ func historyOpenPG(b *testing.B, dsn string, size historySize) *PGStore {
 		b.Fatal(err)
 	}
 	start := time.Now()
-	rng := rand.New(rand.NewPCG(8, uint64(size.events)))
+	rng := historyRand(size)
 	n := size.messages()
-	step := historyRetention / time.Duration(n)
 	const batch = 1_000
 	for first := 0; first < n; first += batch {
 		err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 			for i := first; i < min(first+batch, n); i++ {
 				m := historyMessage(rng, size, i)
-				m.Received = benchNow.Add(-historyRetention + time.Duration(i)*step)
+				m.Received = historyReceived(size, i)
 				m.NextAttempt = m.Received
 				rec := &record{Message: *m}
 				v, err := encodeRecord(rec)
@@ -441,4 +450,97 @@ func historyPath(b *testing.B, s *Store) time.Duration {
 			}
 		}
 	}, nil)
+}
+
+// TestHistoryFill checks that historyFill writes the history exactly as
+// the messages' Put, Claims and Finishes do, so that the figures are
+// measured on a store the relay could meet.
+func TestHistoryFill(t *testing.T) {
+	size := historySize{name: "40", events: 40}
+	var now time.Time
+	opts := historyOptions
+	opts.Now = func() time.Time { return now }
+	open := func() *Store {
+		s, err := Open(filepath.Join(t.TempDir(), "queue.db"), opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}
+	filled, real := open(), open()
+	if err := historyFill(filled, size); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx := context.Background()
+	rng := historyRand(size)
+	for i := range size.messages() {
+		m := historyMessage(rng, size, i)
+		m.Received = historyReceived(size, i)
+		now = m.Received
+		if err := real.Put(ctx, m, benchBody); err != nil {
+			t.Fatal(err)
+		}
+		attempts := historyAttempts(m)
+		for j, a := range attempts {
+			now = a.at
+			c, err := real.Claim(ctx, Start{Now: a.at, Retry: func(int) time.Time { return a.at.Add(time.Hour) }}, 1, nil)
+			if err != nil || len(c.Attempts) != 1 {
+				t.Fatalf("claim %s: %+v, %v", m.ID, c, err)
+			}
+			_, err = real.Finish(ctx, c.Attempts[0], a.events, func(m *Message) (bool, []DSN) {
+				for _, ev := range a.events {
+					for k := range m.Recipients {
+						if ev.Type == EventDelivered && m.Recipients[k].Addr == ev.Rcpt {
+							m.Recipients[k].State = Delivered
+						}
+					}
+				}
+				if !a.leave {
+					m.NextAttempt = attempts[j+1].at
+				}
+				return a.leave, nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+
+	dump := func(s *Store) map[string]string {
+		out := map[string]string{}
+		err := s.db.View(func(tx *bolt.Tx) error {
+			for _, name := range historyBuckets {
+				if err := tx.Bucket(name).ForEach(func(k, v []byte) error {
+					out[string(name)+" "+string(k)] = string(v)
+					return nil
+				}); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	got, want := dump(filled), dump(real)
+	if len(want) < size.messages()*6 {
+		t.Fatalf("the queue wrote %d history entries for %d messages", len(want), size.messages())
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("%q: filled %q, the queue wrote %q", k, got[k], v)
+		}
+	}
+	for k := range got {
+		if _, ok := want[k]; !ok {
+			t.Errorf("%q: filled, the queue wrote nothing", k)
+		}
+	}
+	if n, err := real.Len(); err != nil || n != 0 {
+		t.Errorf("%d messages left in the queue, %v", n, err)
+	}
 }
