@@ -72,12 +72,11 @@ var historyOptions = Options{
 }
 
 // historyFill stores the history of size.messages() messages received
-// over the week before benchNow, in arrival order, a thousand to a
-// transaction (bbolt splits a node only at commit, and inserts into a
-// large one are slow), through the functions the store's commits use: each message accepted,
-// then an attempt that delivers to one recipient and defers the other,
-// then one that delivers to it and removes the message. The records and
-// bodies, which Finish removed, are left out.
+// over the week before benchNow, in arrival order, through the functions
+// the store's commits use: each message accepted, then the attempts of
+// historyAttempts. The records and bodies, which Finish removed, are
+// left out. A transaction takes a thousand messages: bbolt splits a node
+// only at commit, and inserts into a large one are slow.
 func historyFill(s *Store, size historySize) error {
 	rng := historyRand(size)
 	n := size.messages()
