@@ -161,7 +161,7 @@ func (s *Store) modify(op, id string, change func(rec *record, inFlight bool) (b
 				return err
 			}
 		}
-		if err := addHistory(tx, id, event); err != nil {
+		if err := s.addHistory(tx, id, event); err != nil {
 			return err
 		}
 		return putRecord(msgs, rec)

@@ -316,12 +316,9 @@ func benchEachSize(b *testing.B, f func(b *testing.B, s *Store)) {
 // (a run of contiguous pages, such as a freelist, is one write): the cost
 // of a commit grows with them; and the time per operation in the fastest
 // round (best-ns/op), which other work on a shared machine disturbs less
-// than the mean.
-func benchRounds(b *testing.B, s *Store, prepare func(k int), round func(k int), reset func()) {
-	var (
-		writes int64
-		best   time.Duration
-	)
+// than the mean, which it returns.
+func benchRounds(b *testing.B, s *Store, prepare func(k int), round func(k int), reset func()) (best time.Duration) {
+	var writes int64
 	defer func() {
 		b.ReportMetric(float64(writes)/float64(b.N), "writes/op")
 		b.ReportMetric(float64(best.Nanoseconds()), "best-ns/op")
@@ -348,6 +345,7 @@ func benchRounds(b *testing.B, s *Store, prepare func(k int), round func(k int),
 		b.StartTimer()
 		done += k
 	}
+	return best
 }
 
 // benchScheduler returns a scheduler over s whose deliveries all succeed,

@@ -69,7 +69,7 @@ func (s *Store) Import(ctx context.Context, m Message, body []byte, rest io.Read
 	}
 	err = s.commit.write(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
-		return insert(tx, &rec, v, body, false)
+		return s.insert(tx, &rec, v, body, false)
 	})
 	if errors.Is(err, ErrExists) {
 		return fmt.Errorf("queue: import %s: %w", m.ID, err)

@@ -89,6 +89,9 @@ type Options struct {
 	// keeps Open from compacting, for tests.
 	freelistSyncMax int
 	noCompact       bool
+	// noHistory keeps no history at all, for benchmarks: the baseline of
+	// the history's cost.
+	noHistory bool
 }
 
 // Store is the bbolt Backend: the queue in one file, with the part of
@@ -122,6 +125,8 @@ type Store struct {
 	// historyRetention is Options.HistoryRetention, subs Options.Webhooks.
 	historyRetention time.Duration
 	subs             []Subscription
+	// noHistory is Options.noHistory.
+	noHistory bool
 
 	closed atomic.Bool // Close has run
 }
@@ -201,7 +206,7 @@ func Open(path string, opts Options) (*Store, error) {
 	}
 
 	s := &Store{db: db, path: path, spool: path + ".spool", now: opts.Now, observer: opts.Observer, wake: make(chan struct{}, 1),
-		freelistSyncMax: opts.freelistSyncMax, log: opts.Logger, historyRetention: opts.HistoryRetention, subs: opts.Webhooks}
+		freelistSyncMax: opts.freelistSyncMax, log: opts.Logger, historyRetention: opts.HistoryRetention, subs: opts.Webhooks, noHistory: opts.noHistory}
 	s.commit = newCommitter(db, s.probeWrite, s.writesChanged)
 	if err := db.Update(s.prepare); err != nil {
 		s.commit.close()
@@ -386,7 +391,7 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 		err = fmt.Errorf("queue: put: %w", err)
 	} else if err = s.commit.writeClient(func(tx *bolt.Tx) error {
 		s.chooseFreelistSync(tx)
-		if err := insert(tx, &rec, v, body, taken); err != nil {
+		if err := s.insert(tx, &rec, v, body, taken); err != nil {
 			return err
 		}
 		return putWebhooks(tx, posts)
@@ -442,7 +447,7 @@ func checkPut(ctx context.Context, m *Message) error {
 // body, and its entries in the indexes and counts; a held one is not due,
 // and a claimed one is recorded as in progress. It returns ErrExists if
 // the ID is taken.
-func insert(tx *bolt.Tx, rec *record, v, body []byte, claimed bool) error {
+func (s *Store) insert(tx *bolt.Tx, rec *record, v, body []byte, claimed bool) error {
 	id := []byte(rec.ID)
 	msgs := tx.Bucket(msgsBucket)
 	if msgs.Get(id) != nil {
@@ -457,8 +462,10 @@ func insert(tx *bolt.Tx, rec *record, v, body []byte, claimed bool) error {
 	if err := tx.Bucket(receivedBucket).Put(receivedKey(rec.Received, rec.ID), nil); err != nil {
 		return err
 	}
-	if err := putHistory(tx, newHistory(&rec.Message), true); err != nil {
-		return err
+	if !s.noHistory {
+		if err := putHistory(tx, newHistory(&rec.Message), true); err != nil {
+			return err
+		}
 	}
 	if err := addCounts(tx, 1, b2i(rec.Held)); err != nil {
 		return err
@@ -769,7 +776,7 @@ func (s *Store) Finish(ctx context.Context, a Attempt, events []Event, update fu
 			if err != nil {
 				return err
 			}
-			if err := insert(tx, &rec, v, n.Body, false); err != nil {
+			if err := s.insert(tx, &rec, v, n.Body, false); err != nil {
 				return err
 			}
 		}
@@ -791,7 +798,7 @@ func (s *Store) Finish(ctx context.Context, a Attempt, events []Event, update fu
 			}
 			return bodies.Delete(key)
 		}
-		if err := addHistory(tx, id, events...); err != nil {
+		if err := s.addHistory(tx, id, events...); err != nil {
 			return err
 		}
 		// A message put on hold during the attempt stays out of the index.

@@ -87,7 +87,10 @@ func deleteHistory(tx *bolt.Tx, h *History) error {
 
 // addHistory appends events to the history of id, in tx. A message whose
 // history is gone (stored before there was one) gets none.
-func addHistory(tx *bolt.Tx, id string, events ...Event) error {
+func (s *Store) addHistory(tx *bolt.Tx, id string, events ...Event) error {
+	if s.noHistory {
+		return nil
+	}
 	h, err := getHistory(tx, id)
 	if h == nil || err != nil {
 		return err
@@ -99,6 +102,9 @@ func addHistory(tx *bolt.Tx, id string, events ...Event) error {
 // leaveHistory records, with events, that id left the queue at left with
 // outcome; with no retention its history goes with it.
 func (s *Store) leaveHistory(tx *bolt.Tx, id string, left time.Time, outcome Outcome, events ...Event) error {
+	if s.noHistory {
+		return nil
+	}
 	h, err := getHistory(tx, id)
 	if h == nil || err != nil {
 		return err
