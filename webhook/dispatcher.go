@@ -250,6 +250,11 @@ func (d *Dispatcher) Run() error {
 // those it can. A post whose endpoint is busy stays leased, due again
 // after Hold.
 func (d *Dispatcher) step() {
+	// Taking posts is a write; counting them is not, and an idle relay
+	// polls an empty outbox.
+	if n, _, err := d.Outbox.WebhookBacklog(); err == nil && n == 0 {
+		return
+	}
 	for range rounds {
 		if !d.freeSlot() {
 			return

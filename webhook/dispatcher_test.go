@@ -515,3 +515,23 @@ func TestDispatcherShutdownLeavesPostInFlight(t *testing.T) {
 		}
 	})
 }
+
+// An idle dispatcher only counts the posts of an empty outbox: taking
+// posts is a write.
+func TestDispatcherIdleTakesNothing(t *testing.T) {
+	rc := newReceiver(t, func(received, int) int { return http.StatusOK })
+	o := &memOutbox{posts: map[string]*queue.WebhookPost{}}
+	d, c, _ := start(t, o, []webhook.Endpoint{endpoint(t, "billing", rc, "/")}, func(d *webhook.Dispatcher) {
+		d.Poll = 5 * time.Millisecond
+	})
+	time.Sleep(100 * time.Millisecond) // some 20 polls
+	o.mu.Lock()
+	takes := o.takes
+	o.mu.Unlock()
+	if takes != 0 {
+		t.Errorf("%d DueWebhooks calls on an empty outbox", takes)
+	}
+	o.add(t, newPost("billing", queue.EventBounced, "a@x.test", time.Now()))
+	d.Wake()
+	waitFor(t, "the post", 5*time.Second, func() bool { return c.get("billing/sent") == 1 })
+}

@@ -41,6 +41,7 @@ func forEachOutbox(t *testing.T, test func(t *testing.T, o filledOutbox)) {
 type memOutbox struct {
 	mu    sync.Mutex
 	posts map[string]*queue.WebhookPost
+	takes int // DueWebhooks calls
 }
 
 func (o *memOutbox) add(t *testing.T, p queue.WebhookPost) string {
@@ -69,6 +70,7 @@ func (o *memOutbox) post(t *testing.T, id string) (queue.WebhookPost, bool) {
 func (o *memOutbox) DueWebhooks(now time.Time, hold time.Duration, limit int) ([]queue.WebhookPost, error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	o.takes++
 	var due []*queue.WebhookPost
 	for _, p := range o.posts {
 		if !p.NextTry.After(now) {
