@@ -14,6 +14,7 @@ import (
 	"smarthost/queue"
 	"smarthost/relay"
 	"smarthost/relay/upstream"
+	"smarthost/webhook"
 )
 
 // Metrics is smarthost's Prometheus instrumentation. It is the observer
@@ -43,6 +44,7 @@ type Metrics struct {
 	transactionTime    *prometheus.HistogramVec
 	reloads            *prometheus.CounterVec
 	lastReload         prometheus.Gauge
+	webhookPosts       *prometheus.CounterVec
 
 	state *stateCollector
 }
@@ -51,6 +53,7 @@ var (
 	_ relay.Observer    = (*Metrics)(nil)
 	_ upstream.Observer = (*Metrics)(nil)
 	_ queue.Observer    = (*Metrics)(nil)
+	_ webhook.Observer  = (*Metrics)(nil)
 )
 
 // Histogram buckets. Message sizes run from a one-line notification to
@@ -140,6 +143,10 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "smarthost_config_last_reload_success_timestamp_seconds",
 			Help: "Unix time of the last successful configuration load, at start or by reload.",
 		}),
+		webhookPosts: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "smarthost_webhook_posts_total",
+			Help: "Tries of webhook posts, by webhook and result: sent (answered 2xx), failed (tried again later), dropped (given up after 24h, or its webhook is no longer configured).",
+		}, []string{"webhook", "result"}),
 		state: newStateCollector(),
 	}
 	reg.MustRegister(m.state, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -209,6 +216,23 @@ func (m *Metrics) InitLabels(listeners, upstreams []string) {
 // SetQueue makes the queue gauges read q at every scrape; every
 // queue.Backend is one.
 func (m *Metrics) SetQueue(q QueueState) { m.state.setQueue(q) }
+
+// SetWebhooks makes the webhook gauges read w at every scrape (every
+// queue.Backend is one), and creates the series of the posts of the
+// webhooks named at zero.
+func (m *Metrics) SetWebhooks(w WebhookState, names []string) {
+	for _, n := range names {
+		for _, r := range webhook.Results() {
+			m.webhookPosts.WithLabelValues(n, string(r))
+		}
+	}
+	m.state.setWebhooks(w)
+}
+
+// WebhookPosted implements webhook.Observer.
+func (m *Metrics) WebhookPosted(endpoint string, result webhook.Result) {
+	m.webhookPosts.WithLabelValues(endpoint, string(result)).Inc()
+}
 
 // SetUpstreams makes the upstream gauges and counters read states at every
 // scrape: the current Deliverer's UpstreamStates, set again when a reload
@@ -306,6 +330,14 @@ type QueueState interface {
 	Recovered() int
 }
 
+// WebhookState is what the webhook gauges read at every scrape; every
+// queue.Backend implements it.
+type WebhookState interface {
+	// WebhookBacklog counts the posts waiting and tells when the event of
+	// the oldest happened (zero when none waits).
+	WebhookBacklog() (n int, oldest time.Time, err error)
+}
+
 // stateCollector reads the queue's and the upstreams' state when scraped,
 // so that gauges are never stale and counters kept by the Deliverer are
 // not counted twice.
@@ -315,6 +347,7 @@ type stateCollector struct {
 	mu        sync.Mutex
 	queue     QueueState
 	upstreams func() []upstream.State
+	webhooks  WebhookState
 
 	queueMessages  *prometheus.Desc
 	oldestAge      *prometheus.Desc
@@ -330,6 +363,9 @@ type stateCollector struct {
 	dbAcquireWaits   *prometheus.Desc
 	dbAcquireWait    *prometheus.Desc
 	leaseTakeovers   *prometheus.Desc
+
+	webhookPending   *prometheus.Desc
+	webhookOldestAge *prometheus.Desc
 }
 
 // queueDatabase is a queue kept in a database that replicas share: the
@@ -380,6 +416,12 @@ func newStateCollector() *stateCollector {
 		leaseTakeovers: prometheus.NewDesc("smarthost_queue_lease_takeovers_total",
 			"Messages this replica took over from another whose claim lapsed (it died, or lost the database); each may reach its recipients twice.",
 			nil, nil),
+		webhookPending: prometheus.NewDesc("smarthost_webhook_pending",
+			"Webhook posts waiting to be taken by their endpoint, in flight and failed ones included.",
+			nil, nil),
+		webhookOldestAge: prometheus.NewDesc("smarthost_webhook_oldest_pending_age_seconds",
+			"Time since the event of the oldest webhook post still waiting; 0 when none waits.",
+			nil, nil),
 	}
 }
 
@@ -387,6 +429,12 @@ func (c *stateCollector) setQueue(q QueueState) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.queue = q
+}
+
+func (c *stateCollector) setWebhooks(w WebhookState) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.webhooks = w
 }
 
 func (c *stateCollector) setUpstreams(f func() []upstream.State) {
@@ -398,7 +446,7 @@ func (c *stateCollector) setUpstreams(f func() []upstream.State) {
 // Describe implements prometheus.Collector.
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.queueMessages, c.oldestAge, c.recovered, c.upstreamUp, c.rateLimitWait, c.rateLimitedCnt, c.tokenExpiry,
-		c.dbConnections, c.dbMaxConnections, c.dbAcquires, c.dbAcquireWaits, c.dbAcquireWait, c.leaseTakeovers} {
+		c.dbConnections, c.dbMaxConnections, c.dbAcquires, c.dbAcquireWaits, c.dbAcquireWait, c.leaseTakeovers, c.webhookPending, c.webhookOldestAge} {
 		ch <- d
 	}
 }
@@ -406,8 +454,22 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 // Collect implements prometheus.Collector.
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	c.mu.Lock()
-	q, upstreams := c.queue, c.upstreams
+	q, upstreams, webhooks := c.queue, c.upstreams, c.webhooks
 	c.mu.Unlock()
+
+	if webhooks != nil {
+		n, oldest, err := webhooks.WebhookBacklog()
+		if err != nil {
+			ch <- prometheus.NewInvalidMetric(c.webhookPending, err)
+		} else {
+			ch <- prometheus.MustNewConstMetric(c.webhookPending, prometheus.GaugeValue, float64(n))
+			age := 0.0
+			if !oldest.IsZero() {
+				age = max(c.now().Sub(oldest).Seconds(), 0)
+			}
+			ch <- prometheus.MustNewConstMetric(c.webhookOldestAge, prometheus.GaugeValue, age)
+		}
+	}
 
 	if q != nil {
 		st, err := q.Stats()

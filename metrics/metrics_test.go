@@ -21,6 +21,7 @@ import (
 	"smarthost/queue"
 	"smarthost/relay"
 	"smarthost/relay/upstream"
+	"smarthost/webhook"
 )
 
 // fakeQueue is a QueueState with fixed answers.
@@ -32,6 +33,15 @@ type fakeQueue struct {
 
 func (q fakeQueue) Stats() (queue.Stats, error) { return q.stats, q.err }
 func (q fakeQueue) Recovered() int              { return q.recovered }
+
+// fakeWebhooks is a WebhookState with fixed answers.
+type fakeWebhooks struct {
+	n      int
+	oldest time.Time
+	err    error
+}
+
+func (w fakeWebhooks) WebhookBacklog() (int, time.Time, error) { return w.n, w.oldest, w.err }
 
 // scrape answers GET /metrics through the listener's routes and parses it.
 func scrape(t *testing.T, reg *prometheus.Registry, logger *slog.Logger) map[string]*dto.MetricFamily {
@@ -281,6 +291,7 @@ func fullRegistry() *prometheus.Registry {
 	m.InitLabels([]string{"submission"}, []string{"ses"})
 	m.SetQueue(fakeQueue{})
 	m.SetUpstreams(func() []upstream.State { return []upstream.State{{Name: "ses", Up: true}} })
+	m.SetWebhooks(fakeWebhooks{}, []string{"billing"})
 	return reg
 }
 
@@ -336,6 +347,9 @@ func TestAllNamesExposed(t *testing.T) {
 		"smarthost_queue_recovered_messages":                     dto.MetricType_GAUGE,
 		"smarthost_config_reloads_total":                         dto.MetricType_COUNTER,
 		"smarthost_config_last_reload_success_timestamp_seconds": dto.MetricType_GAUGE,
+		"smarthost_webhook_posts_total":                          dto.MetricType_COUNTER,
+		"smarthost_webhook_pending":                              dto.MetricType_GAUGE,
+		"smarthost_webhook_oldest_pending_age_seconds":           dto.MetricType_GAUGE,
 	}
 	for name, typ := range want {
 		fam, ok := f[name]
@@ -390,5 +404,57 @@ func TestUpstreamTokenExpiry(t *testing.T) {
 	}
 	if got := f["smarthost_upstream_token_expiry_seconds"].GetType(); got != dto.MetricType_GAUGE {
 		t.Errorf("type %v, want a gauge", got)
+	}
+}
+
+// TestWebhookMetrics: the posts by webhook and result, from the
+// Dispatcher's reports, and the backlog read at every scrape.
+func TestWebhookMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg)
+	now := time.Date(2030, 1, 1, 12, 0, 0, 0, time.UTC)
+	m.state.now = func() time.Time { return now }
+	m.SetWebhooks(fakeWebhooks{n: 7, oldest: now.Add(-90 * time.Minute)}, []string{"billing", "audit"})
+	m.WebhookPosted("billing", webhook.Sent)
+	m.WebhookPosted("billing", webhook.Failed)
+	m.WebhookPosted("billing", webhook.Failed)
+	m.WebhookPosted("audit", webhook.Dropped)
+	f := scrape(t, reg, nil)
+	for _, c := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"smarthost_webhook_posts_total", []string{"webhook", "billing", "result", "sent"}, 1},
+		{"smarthost_webhook_posts_total", []string{"webhook", "billing", "result", "failed"}, 2},
+		{"smarthost_webhook_posts_total", []string{"webhook", "billing", "result", "dropped"}, 0},
+		{"smarthost_webhook_posts_total", []string{"webhook", "audit", "result", "sent"}, 0},
+		{"smarthost_webhook_posts_total", []string{"webhook", "audit", "result", "dropped"}, 1},
+		{"smarthost_webhook_pending", nil, 7},
+		{"smarthost_webhook_oldest_pending_age_seconds", nil, 5400},
+	} {
+		if got := value(t, f, c.name, c.labels...); got != c.want {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+
+	m.SetWebhooks(fakeWebhooks{}, nil)
+	f = scrape(t, reg, nil)
+	if p, age := value(t, f, "smarthost_webhook_pending"), value(t, f, "smarthost_webhook_oldest_pending_age_seconds"); p != 0 || age != 0 {
+		t.Errorf("empty outbox: pending %v, oldest age %v; want 0 and 0", p, age)
+	}
+
+	// A backlog that cannot be read costs its own series only, and is logged.
+	m.SetWebhooks(fakeWebhooks{err: errors.New("queue: webhook backlog: database not open")}, nil)
+	var logs bytes.Buffer
+	f = scrape(t, reg, slog.New(slog.NewTextHandler(&logs, nil)))
+	if _, ok := f["smarthost_webhook_pending"]; ok {
+		t.Error("webhook gauges served although the backlog failed")
+	}
+	if value(t, f, "smarthost_webhook_posts_total", "webhook", "billing", "result", "sent") != 1 {
+		t.Error("the counters were lost")
+	}
+	if !strings.Contains(logs.String(), "database not open") {
+		t.Errorf("failure not logged: %q", logs.String())
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"smarthost/dkim"
 	"smarthost/relay"
 	"smarthost/relay/upstream"
+	"smarthost/webhook"
 )
 
 // Config is a validated configuration: every part the binary builds gets
@@ -41,6 +42,8 @@ type Config struct {
 	DKIM      []dkim.Key          // loaded and checked; one Key per [[dkim]]
 	Upstreams []upstream.Upstream // with rate_limit and dsn_from
 	Routes    []upstream.Route
+	// Webhooks are the [[webhook]] endpoints, their keys decoded.
+	Webhooks []webhook.Endpoint
 
 	// UpstreamProviders maps the name of each upstream configured from a
 	// provider profile to that profile's name, for check-upstream's
@@ -184,6 +187,7 @@ func (p *parser) config(root *table) *Config {
 	users, froms := p.users(root)
 	cfg.Users = users
 	p.checkRoutable(froms, cfg.Routes)
+	cfg.Webhooks = p.webhooks(root, cfg.Users)
 
 	cfg.HTTPAddress, cfg.AdminTokenEnv, cfg.HTTPMaxConnections = p.http(root.sub("http"))
 	root.done()

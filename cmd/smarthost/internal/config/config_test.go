@@ -2,6 +2,7 @@ package config_test
 
 import (
 	"crypto/x509"
+	"encoding/base64"
 	"errors"
 	"log/slog"
 	"net/netip"
@@ -508,6 +509,7 @@ func exampleConfig(t *testing.T, f *configtest.Files) string {
 	}
 	t.Setenv("GMAIL_APP_PASSWORD", "app-password")
 	t.Setenv("SMARTHOST_ADMIN_TOKEN", "admin-token")
+	t.Setenv("BILLING_WEBHOOK_SECRET", "whsec_"+base64.StdEncoding.EncodeToString([]byte("a key of twenty-four or more bytes")))
 	text := strings.NewReplacer(
 		"/etc/smarthost/tls.crt", f.PKI.CertFile,
 		"/etc/smarthost/tls.key", f.PKI.KeyFile,
@@ -548,6 +550,10 @@ func TestExampleConfig(t *testing.T) {
 		if cfg.Queue.DelayWarning != 0 || !cfg.Queue.Bounce || cfg.Upstreams[0].DSNFrom != "" {
 			t.Errorf("delay warning %v, bounce %v, dsn_from %q: want the defaults", cfg.Queue.DelayWarning, cfg.Queue.Bounce, cfg.Upstreams[0].DSNFrom)
 		}
+		if len(cfg.Webhooks) != 1 || cfg.Webhooks[0].Name != "billing" || string(cfg.Webhooks[0].Key) != "a key of twenty-four or more bytes" ||
+			len(cfg.Webhooks[0].Events) != 2 || cfg.Webhooks[0].Users != nil {
+			t.Errorf("webhooks %+v", cfg.Webhooks)
+		}
 		if cfg.Limits.MaxMessageBytes != 25<<20 || cfg.Limits.MessageMemory != config.DefaultMessageMemory {
 			t.Errorf("max message = %d, message memory = %d", cfg.Limits.MaxMessageBytes, cfg.Limits.MessageMemory)
 		}
@@ -564,7 +570,7 @@ func TestExampleConfig(t *testing.T) {
 		cfg := configtest.MustParse(t, enabled)
 		if cfg.AdminTokenEnv != "SMARTHOST_ADMIN_TOKEN" || cfg.Upstreams[0].RootCAs == nil ||
 			len(cfg.Listeners[0].TrustedNetworks) != 1 || cfg.Queue.DelayWarning == 0 || cfg.Upstreams[0].DSNFrom == "" ||
-			cfg.Upstreams[0].EnvelopeFrom == "" {
+			cfg.Upstreams[0].EnvelopeFrom == "" || !slices.Equal(cfg.Webhooks[0].Users, []string{"billing-app"}) {
 			t.Errorf("commented keys not applied: %+v", cfg)
 		}
 		if k := cfg.DKIM[0]; k.Headers == nil || k.Expiration == 0 || !k.Subdomains {
@@ -648,13 +654,14 @@ func TestExampleConfig(t *testing.T) {
 			"from_domain", "upstreams",
 			"admin_token_env",
 			"shutdown_timeout", "proxy_protocol", "proxy_trusted",
+			"url", "events", "secret_env", "secret_file", "users",
 		}
 		for _, k := range keys {
 			if !regexp.MustCompile(`(?m)^(#\s+)?`+k+` *= `).MatchString(text) && !strings.Contains(text, "or "+k+" = ") {
 				t.Errorf("config.toml.example does not document %s", k)
 			}
 		}
-		for _, section := range []string{"[queue]", "[tls]", "[[listen]]", "[limits]", "[[user]]", "[[dkim]]", "[[upstream]]", "[[route]]", "[http]"} {
+		for _, section := range []string{"[queue]", "[tls]", "[[listen]]", "[limits]", "[[user]]", "[[dkim]]", "[[upstream]]", "[[route]]", "[http]", "[[webhook]]"} {
 			if !slices.Contains(strings.Split(text, "\n"), section) && !strings.Contains(text, "\n"+section+" ") {
 				t.Errorf("config.toml.example has no %s", section)
 			}
