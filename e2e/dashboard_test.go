@@ -35,7 +35,9 @@ func TestDashboardAndAlertsUseLiveMetrics(t *testing.T) {
 	t.Parallel()
 	pki := testpki.New(t)
 	down, _ := reserveAddr(t)
-	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: down}))
+	// With a webhook, whose metrics then exist.
+	hook, _ := webhookConfig(t, "billing", "http://"+down+"/hook")
+	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: down, Extra: hook}))
 	_, fams := scrapeMetrics(t, r)
 	// A relay on a PostgreSQL queue shows the database's metrics too.
 	q := newSharedQueue(t, false)

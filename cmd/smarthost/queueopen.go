@@ -9,6 +9,7 @@ import (
 	"smarthost/cmd/smarthost/internal/config"
 	"smarthost/queue"
 	"smarthost/relay/upstream"
+	"smarthost/webhook"
 )
 
 // openTimeout bounds connecting to a shared queue's database and
@@ -27,6 +28,7 @@ func openQueue(cfg *config.Config, logger *slog.Logger, observer queue.Observer)
 			Observer:         observer,
 			Lease:            cfg.Queue.Lease,
 			HistoryRetention: cfg.HistoryRetention,
+			Webhooks:         webhook.Subscriptions(cfg.Webhooks),
 		})
 		if err != nil {
 			// pgx's errors name the host and user, never the password.
@@ -34,7 +36,8 @@ func openQueue(cfg *config.Config, logger *slog.Logger, observer queue.Observer)
 		}
 		return st, nil
 	default:
-		return queue.Open(cfg.Queue.Path, queue.Options{Observer: observer, Logger: logger, HistoryRetention: cfg.HistoryRetention})
+		return queue.Open(cfg.Queue.Path, queue.Options{Observer: observer, Logger: logger,
+			HistoryRetention: cfg.HistoryRetention, Webhooks: webhook.Subscriptions(cfg.Webhooks)})
 	}
 }
 

@@ -96,6 +96,8 @@ func keepRestartValues(cfg, old *config.Config, withCerts bool) []string {
 	keep("queue.bounce", q.Bounce != oq.Bounce, func() { q.Bounce = oq.Bounce })
 	keep("queue.delay_warning", q.DelayWarning != oq.DelayWarning, func() { q.DelayWarning = oq.DelayWarning })
 	keep("queue.workers", q.Workers != oq.Workers, func() { q.Workers = oq.Workers })
+	keep("history.retention", cfg.HistoryRetention != old.HistoryRetention, func() { cfg.HistoryRetention = old.HistoryRetention })
+	keep("webhook", !reflect.DeepEqual(cfg.Webhooks, old.Webhooks), func() { cfg.Webhooks = old.Webhooks })
 	keep("listen", !reflect.DeepEqual(cfg.Listeners, old.Listeners), func() { cfg.Listeners = old.Listeners })
 	keep("limits", cfg.Limits != old.Limits, func() { cfg.Limits = old.Limits })
 	keep("http.address", cfg.HTTPAddress != old.HTTPAddress, func() { cfg.HTTPAddress = old.HTTPAddress })

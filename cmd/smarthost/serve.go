@@ -28,6 +28,7 @@ import (
 	"smarthost/queue"
 	"smarthost/relay"
 	"smarthost/relay/upstream"
+	"smarthost/webhook"
 )
 
 // loadFromFlags parses a command's -config flag and loads that file. On
@@ -147,6 +148,7 @@ type instance struct {
 	log   *slog.Logger
 	store queue.Backend
 	sched *queue.Scheduler
+	hooks *webhook.Dispatcher
 	// delivery lives as long as the instance; a reload changes its
 	// configuration in place (SetConfig).
 	delivery *upstream.Deliverer
@@ -281,6 +283,11 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 		logger.Info("bounces off ([queue] bounce = false): senders are not told about failed or expired mail")
 	}
 	inst.sched = sched
+	hooks := webhook.NewDispatcher(store, cfg.Webhooks)
+	hooks.RetryMin, hooks.RetryMax = cfg.Queue.RetryMin, cfg.Queue.RetryMax
+	hooks.Logger, hooks.Observer = logger, m
+	inst.hooks = hooks
+	m.SetWebhooks(store, webhookNames(cfg.Webhooks))
 
 	token := ""
 	if cfg.AdminTokenEnv != "" {
@@ -331,6 +338,11 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 		}
 	}()
 	go func() {
+		if err := hooks.Run(); err != nil && !errors.Is(err, webhook.ErrDispatcherClosed) {
+			inst.failed <- fmt.Errorf("webhooks: %w", err)
+		}
+	}()
+	go func() {
 		if err := srv.Serve(); err != nil {
 			inst.failed <- fmt.Errorf("smtp: %w", err)
 		}
@@ -345,6 +357,15 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	}
 	inst.ready.Store(true)
 	return inst, nil
+}
+
+// webhookNames are the webhooks' label values.
+func webhookNames(eps []webhook.Endpoint) []string {
+	out := make([]string, len(eps))
+	for i, e := range eps {
+		out[i] = e.Name
+	}
+	return out
 }
 
 // listenerNames and upstreamNames are the label values the metrics start
@@ -430,6 +451,10 @@ func (in *instance) shutdown(ctx context.Context) error {
 	if err := in.sched.Shutdown(ctx); err != nil {
 		in.log.Warn("shutdown_timeout reached: interrupted the deliveries in flight; their messages stay queued")
 	}
+	// Posts in flight are left leased: another start posts them again.
+	hctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+	in.hooks.Shutdown(hctx)
+	cancel()
 	if in.certs != nil {
 		in.certs.Close()
 	}
