@@ -144,6 +144,11 @@ func TestClusterQueueShared(t *testing.T) {
 	}
 
 	api(t, rs[1], http.MethodPost, "/api/queue/"+ids[0]+"/hold", nil)
+	// An attempt in progress when the hold came finishes (a hold keeps the
+	// message out of the next attempt): the upstream accepts only after.
+	testwait.For(t, 30*time.Second, "the held message out of any attempt", func() bool {
+		return !queueByID(t, rs[1])[ids[0]].InFlight
+	})
 	accept.Store(true)
 	api(t, rs[2], http.MethodPost, "/api/queue/flush", nil)
 	waitDelivered(t, up, ids[1:], 30*time.Second)

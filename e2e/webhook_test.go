@@ -31,6 +31,13 @@ func webhookConfig(t *testing.T, name, url string, events ...string) (string, []
 	t.Helper()
 	key := make([]byte, 32)
 	rand.Read(key)
+	return webhookTable(t, name, url, key, events...), key
+}
+
+// webhookTable is a [[webhook]] table posting events to url, signed with
+// key, which it writes into a secret file.
+func webhookTable(t *testing.T, name, url string, key []byte, events ...string) string {
+	t.Helper()
 	file := filepath.Join(t.TempDir(), name+".secret")
 	if err := os.WriteFile(file, []byte("whsec_"+base64.StdEncoding.EncodeToString(key)+"\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -43,7 +50,7 @@ func webhookConfig(t *testing.T, name, url string, events ...string) (string, []
 		}
 		table += "events = [" + strings.Join(quoted, ", ") + "]\n"
 	}
-	return table, key
+	return table
 }
 
 // hookPost is one post a receiver took: its headers and body.
@@ -76,7 +83,7 @@ type receiver struct {
 	badSigs int
 }
 
-func startReceiver(t *testing.T, addr string, fail int) *receiver {
+func startReceiver(t *testing.T, addr string, key []byte, fail int) *receiver {
 	t.Helper()
 	if addr == "" {
 		addr = "127.0.0.1:0"
@@ -85,7 +92,7 @@ func startReceiver(t *testing.T, addr string, fail int) *receiver {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &receiver{t: t, fail: fail, tries: map[string]int{}, url: "http://" + ln.Addr().String() + "/hook"}
+	r := &receiver{t: t, key: key, fail: fail, tries: map[string]int{}, url: "http://" + ln.Addr().String() + "/hook"}
 	r.srv = &http.Server{Handler: r}
 	go r.srv.Serve(ln)
 	t.Cleanup(func() { r.srv.Close() })
@@ -149,9 +156,10 @@ func TestWebhooks(t *testing.T) {
 			return nil
 		},
 	})
-	rcv := startReceiver(t, "", 2)
-	hook, key := webhookConfig(t, "billing", rcv.url, "delivered", "deferred", "bounced")
-	rcv.key = key
+	key := make([]byte, 32)
+	rand.Read(key)
+	rcv := startReceiver(t, "", key, 2)
+	hook := webhookTable(t, "billing", rcv.url, key, "delivered", "deferred", "bounced")
 	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: up.Addr(), Extra: hook}))
 	s := connect(t, r.addr, pki)
 	defer s.close()
@@ -267,8 +275,7 @@ func TestWebhookSurvivesKill(t *testing.T) {
 	r.kill() // the endpoint was down: both posts wait in the queue
 
 	freeHook()
-	rcv := startReceiver(t, hookAddr, 0)
-	rcv.key = key
+	rcv := startReceiver(t, hookAddr, key, 0)
 	startRelay(t, cfg)
 	testwait.For(t, 30*time.Second, "the posts after the restart", func() bool { return len(rcv.posts()) >= 2 })
 	time.Sleep(1500 * time.Millisecond) // a post beyond the two would come now
