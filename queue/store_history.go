@@ -58,15 +58,21 @@ func putHistory(tx *bolt.Tx, h *History, isNew bool) error {
 }
 
 func getHistory(tx *bolt.Tx, id string) (*History, error) {
-	v := tx.Bucket(historyBucket).Get([]byte(id))
+	return getJSON[History](tx.Bucket(historyBucket), id, "history of ")
+}
+
+// getJSON decodes the JSON value of key id in b; nil if there is none.
+// what names the value in an error.
+func getJSON[T any](b *bolt.Bucket, id, what string) (*T, error) {
+	v := b.Get([]byte(id))
 	if v == nil {
 		return nil, nil
 	}
-	var h History
-	if err := json.Unmarshal(v, &h); err != nil {
-		return nil, fmt.Errorf("history of %s: %w", id, err)
+	var x T
+	if err := json.Unmarshal(v, &x); err != nil {
+		return nil, fmt.Errorf("%s%s: %w", what, id, err)
 	}
-	return &h, nil
+	return &x, nil
 }
 
 // deleteHistory removes h and its index entries.

@@ -53,15 +53,7 @@ func putWebhooks(tx *bolt.Tx, posts []WebhookPost) error {
 }
 
 func getWebhook(tx *bolt.Tx, id string) (*WebhookPost, error) {
-	v := tx.Bucket(webhooksBucket).Get([]byte(id))
-	if v == nil {
-		return nil, nil
-	}
-	var p WebhookPost
-	if err := json.Unmarshal(v, &p); err != nil {
-		return nil, fmt.Errorf("webhook post %s: %w", id, err)
-	}
-	return &p, nil
+	return getJSON[WebhookPost](tx.Bucket(webhooksBucket), id, "webhook post ")
 }
 
 // DueWebhooks implements Backend.
