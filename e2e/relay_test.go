@@ -249,8 +249,17 @@ from_domain = "other.example"
 upstream = ["up"]
 `})
 	out, err = runBinary(t, "check-config", "-config", badKey)
-	if err == nil || !strings.Contains(out, "queue.retry_min") || !strings.Contains(out, "route[1].upstream") {
+	if err == nil || !strings.Contains(out, "queue.retry_min") || !strings.Contains(out, "route[1].upstream: unknown key; did you mean upstreams?") {
 		t.Fatalf("bad keys not both named (err %v):\n%s", err, out)
+	}
+
+	// Implicit TLS to 587 can work, against a server set up so: exit 0,
+	// and a warning naming the usual port.
+	port587 := writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: "127.0.0.1:587", UpstreamTLS: "implicit"})
+	out, err = runBinary(t, "check-config", "-config", port587)
+	if err != nil || !strings.Contains(out, ": OK (") ||
+		!strings.Contains(out, `warning: upstream[0].tls: tls = "implicit" on port 587`) || !strings.Contains(out, "usually port 465") {
+		t.Fatalf("implicit TLS to 587 (err %v):\n%s", err, out)
 	}
 }
 

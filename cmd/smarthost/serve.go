@@ -55,6 +55,9 @@ func runCheckConfig(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "%s: OK (%d listeners, %d users, %d DKIM keys, %d upstreams, %d routes)\n",
 		cfg.Path, len(cfg.Listeners), len(cfg.Users), len(cfg.DKIM), len(cfg.Upstreams), len(cfg.Routes))
+	for _, w := range cfg.Warnings {
+		fmt.Fprintf(stdout, "  warning: %s\n", w.Error())
+	}
 	return 0
 }
 
@@ -76,6 +79,9 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	logger := newLogger(cfg.LogFormat, cfg.LogLevel, stderr)
+	for _, w := range cfg.Warnings {
+		logger.Warn("configuration: "+w.Msg, "key", w.Key)
+	}
 	// Signals are caught from before the start, so that one sent as soon
 	// as the start is logged is handled rather than fatal.
 	sigs := make(chan os.Signal, 1)

@@ -28,6 +28,9 @@ type Config struct {
 	LogFormat string     // "text" (default) or "json"
 	LogLevel  slog.Level // default slog.LevelInfo
 	Queue     Queue
+	// Warnings are what may be a mistake and still works: check-config
+	// prints them, serve logs them.
+	Warnings []Error
 	// HistoryRetention is how long a message's history is kept after it
 	// left the queue ([history] retention); 0 keeps none.
 	HistoryRetention time.Duration
@@ -187,6 +190,7 @@ func (p *parser) config(root *table) *Config {
 	users, froms := p.users(root)
 	cfg.Users = users
 	p.checkRoutable(froms, cfg.Routes)
+	cfg.Warnings = tlsPortWarnings(cfg.Listeners, cfg.Upstreams)
 	cfg.Webhooks = p.webhooks(root, cfg.Users)
 
 	cfg.HTTPAddress, cfg.AdminTokenEnv, cfg.HTTPMaxConnections = p.http(root.sub("http"))

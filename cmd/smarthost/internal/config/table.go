@@ -5,6 +5,7 @@ import (
 	"math"
 	"os"
 	"slices"
+	"strings"
 	"time"
 
 	"smarthost/internal/bytesize"
@@ -16,8 +17,11 @@ import (
 type table struct {
 	errs *Errors
 	path string // "listen[0]"; "" for the root table
-	m    map[string]any
-	used map[string]bool
+	// label names a table of an array by its name, once read (uniqueName),
+	// at the end of each of its messages: `[upstream "gmail"]`.
+	label string
+	m     map[string]any
+	used  map[string]bool
 }
 
 func newTable(errs *Errors, path string, m map[string]any) *table {
@@ -33,7 +37,11 @@ func (t *table) key(k string) string {
 }
 
 func (t *table) errorf(k, format string, args ...any) {
-	*t.errs = append(*t.errs, Error{Key: t.key(k), Msg: fmt.Sprintf(format, args...)})
+	msg := fmt.Sprintf(format, args...)
+	if t.label != "" {
+		msg += " [" + t.label + "]"
+	}
+	*t.errs = append(*t.errs, Error{Key: t.key(k), Msg: msg})
 }
 
 func (t *table) get(k string) (any, bool) {
@@ -84,6 +92,8 @@ func (t *table) uniqueName(seen map[string]string) string {
 		} else {
 			seen[name] = t.path
 		}
+		kind, _, _ := strings.Cut(t.path, "[")
+		t.label = fmt.Sprintf("%s %q", kind, name)
 	}
 	return name
 }
@@ -270,8 +280,51 @@ func (t *table) done() {
 	}
 	slices.Sort(unknown)
 	for _, k := range unknown {
+		if near := t.nearestKey(k); near != "" {
+			t.errorf(k, "unknown key; did you mean %s?", near)
+			continue
+		}
 		t.errorf(k, "unknown key")
 	}
+}
+
+// nearestKey is the known key of t closest to k, a typo away: at most
+// two edits, and fewer than a third of its length.
+func (t *table) nearestKey(k string) string {
+	best, bestD := "", 3
+	for known := range t.used {
+		if _, present := t.m[known]; present {
+			continue
+		}
+		d := editDistance(k, known)
+		if d*3 >= len(known) {
+			continue
+		}
+		if d < bestD || d == bestD && known < best {
+			best, bestD = known, d
+		}
+	}
+	return best
+}
+
+// editDistance is the Levenshtein distance between a and b.
+func editDistance(a, b string) int {
+	prev, cur := make([]int, len(b)+1), make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
 }
 
 // tomlType names the TOML type of a decoded value for error messages.

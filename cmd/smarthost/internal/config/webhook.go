@@ -25,12 +25,7 @@ func (p *parser) webhooks(root *table, users []relay.User) []webhook.Endpoint {
 	for _, t := range root.tables("webhook") {
 		var e webhook.Endpoint
 		e.Name = t.uniqueName(seen)
-		errorf := func(k, format string, args ...any) {
-			if e.Name != "" {
-				format = fmt.Sprintf("webhook %q: ", e.Name) + format
-			}
-			t.errorf(k, format, args...)
-		}
+		errorf := t.errorf // names the webhook once its name is read
 
 		if s, ok := t.str("url"); ok {
 			if err := checkWebhookURL(s); err != nil {

@@ -73,7 +73,7 @@ func TestParseConfigWebhookErrors(t *testing.T) {
 	for _, tc := range []struct {
 		text, key, msg string
 	}{
-		{hook("a", `secret_env = "HOOK_SECRET"`), "webhook[0].url", `webhook "a": required`},
+		{hook("a", `secret_env = "HOOK_SECRET"`), "webhook[0].url", `required: where the events are posted (https://…) [webhook "a"]`},
 		{"[[webhook]]\n" + valid, "webhook[0].name", "required"},
 		{hook("a", valid) + hook("a", valid), "webhook[1].name", `"a" is already used by webhook[0]`},
 		{hook("a", "url = \"ftp://h.example/\"\nsecret_env = \"HOOK_SECRET\""), "webhook[0].url", "http:// or https://"},
@@ -89,12 +89,12 @@ func TestParseConfigWebhookErrors(t *testing.T) {
 		{hook("a", valid+"\nsecret_file = \""+shortFile+"\""), "webhook[0].secret_file", "only one"},
 		{hook("a", valid+"\nsecret = \""+good+"\""), "webhook[0].secret", "never live in the config file"},
 		{hook("a", "url = \"https://h.example/\"\nsecret_env = \"UNSET_HOOK_SECRET\""), "webhook[0].secret_env", "UNSET_HOOK_SECRET is not set"},
-		{hook("a", "url = \"https://h.example/\"\nsecret_env = \"SHORT_SECRET\""), "webhook[0].secret_env", `webhook "a": the secret the key is 16 bytes; want 24 to 64`},
+		{hook("a", "url = \"https://h.example/\"\nsecret_env = \"SHORT_SECRET\""), "webhook[0].secret_env", `the secret the key is 16 bytes; want 24 to 64 random bytes [webhook "a"]`},
 		{hook("a", "url = \"https://h.example/\"\nsecret_env = \"NOT_WHSEC\""), "webhook[0].secret_env", `"whsec_"`},
 		{hook("a", "url = \"https://h.example/\"\nsecret_file = \""+shortFile+"\""), "webhook[0].secret_file", "16 bytes"},
 		{hook("a", "url = \"https://h.example/\"\nsecret_file = \""+missing+"\""), "webhook[0].secret_file", "no such file"},
 		{hook("a", "url = \"https://h.example/\"\nsecret_file = \"{{EMPTY}}\""), "webhook[0].secret_file", "is empty"},
-		{hook("a", valid) + hook("b", valid+"\nusers = [\"app\", \"nobody\"]"), "webhook[1].users[1]", `webhook "b": no [[user]] is named "nobody"`},
+		{hook("a", valid) + hook("b", valid+"\nusers = [\"app\", \"nobody\"]"), "webhook[1].users[1]", `no [[user]] is named "nobody" [webhook "b"]`},
 		{hook("a", valid+"\nusers = [\"app\", \"app\"]"), "webhook[0].users[1]", "twice"},
 		{hook("a", valid+"\nevnets = [\"bounced\"]"), "webhook[0].evnets", "unknown key"},
 	} {
