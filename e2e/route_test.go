@@ -2,7 +2,10 @@ package e2e
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
+	"os"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -83,5 +86,69 @@ upstreams = ["corp"]
 		if bytes.Contains(dsn, []byte("Final-Recipient: rfc822; "+other)) {
 			t.Errorf("the DSN reports %s, which was delivered", other)
 		}
+	}
+}
+
+// TestRouteByRecipientRefusesAtRcpt: with a to_domain route, a sender
+// whose domain has no route of its own may write to that domain only;
+// its other recipients are refused at RCPT, and the message goes on
+// without them.
+func TestRouteByRecipientRefusesAtRcpt(t *testing.T) {
+	t.Parallel()
+	pki := testpki.New(t)
+	up := startUpstream(t, pki, smtptest.Options{})
+	path := writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: up.Addr(), AllowedFrom: []string{"*"}, Extra: `
+[[route]]
+to_domain = "corp.example.com"
+upstreams = ["up"]
+`})
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	routed := bytes.Replace(data, []byte(`from_domain = "*"`), []byte(`from_domain = "example.com"`), 1)
+	if bytes.Equal(routed, data) {
+		t.Fatal(`no from_domain = "*" route in the configuration`)
+	}
+	if err := os.WriteFile(path, routed, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := startRelay(t, path)
+	s := connect(t, r.addr, pki)
+	defer s.close()
+
+	if err := s.c.Mail("app@other.example", nil); err != nil {
+		t.Fatalf("MAIL from a sender a to_domain route may carry: %v", err)
+	}
+	if err := s.c.Rcpt("a@corp.example.com", nil); err != nil {
+		t.Fatalf("RCPT to the to_domain route: %v", err)
+	}
+	var se *smtp.SMTPError
+	if err := s.c.Rcpt("b@gmail.test", nil); !errors.As(err, &se) || se.Code != 553 || se.EnhancedCode != (smtp.EnhancedCode{5, 7, 1}) {
+		t.Fatalf("RCPT that no route takes: %v, want 553 5.7.1", err)
+	}
+	r.waitLog("rejected", map[string]string{"reason": "no_route", "from": "app@other.example", "to": "b@gmail.test"}, 5*time.Second)
+	w, err := s.c.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write([]byte(testMsg)); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// A sender routed by its own domain reaches every recipient.
+	if _, err := s.send("app@example.com", []string{"b@gmail.test"}, testMsg); err != nil {
+		t.Fatal(err)
+	}
+	msgs := up.WaitMessages(t, 2, 20*time.Second)
+	var got []string
+	for _, m := range msgs {
+		got = append(got, m.From+" -> "+strings.Join(m.To, " "))
+	}
+	sort.Strings(got) // two deliveries, in whichever order the workers took them
+	if strings.Join(got, ", ") != "app@example.com -> b@gmail.test, app@other.example -> a@corp.example.com" {
+		t.Errorf("upstream got %q", got)
 	}
 }
