@@ -56,6 +56,9 @@ type Server struct {
 	// Observer, if set, is told about connections, messages and
 	// refusals, for metrics.
 	Observer Observer
+	// RcptRoutable, if set, refuses at RCPT a recipient that no route
+	// delivers mail to from the transaction's sender.
+	RcptRoutable func(from, rcpt string) bool
 	// ProxyHeaderTimeout bounds how long a connection from a listener's
 	// ProxyTrusted sources may take to send its PROXY header; NewServer
 	// sets 5s.

@@ -200,6 +200,9 @@ func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.srv.RcptRoutable != nil && !s.srv.RcptRoutable(s.from, to) {
+		return s.reject(ReasonNoRoute, errNoRoute, "from", s.from, "to", to)
+	}
 	for _, r := range s.rcpts {
 		if r == to {
 			return nil

@@ -330,6 +330,7 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	srv.Limits = cfg.Limits
 	srv.Signer = signer
 	srv.Routable = deliverer.Routable
+	srv.RcptRoutable = deliverer.RcptRoutable
 	srv.Logger = logger
 	srv.Observer = m
 	if err := srv.Listen(); err != nil {

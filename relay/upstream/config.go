@@ -52,9 +52,11 @@ type Rate struct {
 	Per time.Duration
 }
 
-// Route sends mail from a sender domain through upstreams, in order.
+// Route sends mail from a sender domain, or to a recipient domain,
+// through upstreams, in order. A route has one of FromDomain and ToDomain.
 type Route struct {
 	FromDomain string // "*" matches every other sender
+	ToDomain   string // the recipients of this domain, whatever the sender
 	Upstreams  []string
 }
 
@@ -62,9 +64,10 @@ type Route struct {
 // upstreams, its routes and its timeouts. See Deliverer.SetConfig.
 type Config struct {
 	Upstreams []Upstream
-	// Routes choose upstreams by the envelope sender's domain; FromDomain
-	// "*" takes every other sender, the null sender <> included. A DSN is
-	// routed by its recipient's domain instead (see Deliverer.Deliver).
+	// Routes choose upstreams by the recipient's domain (ToDomain), else
+	// by the envelope sender's domain; FromDomain "*" takes every other
+	// sender, the null sender <> included. A DSN is routed by its
+	// recipient's domain only (see Deliverer.Deliver).
 	Routes []Route
 	// CommandTimeout bounds connecting and each command's reply; default
 	// 2m. With STARTTLS, it bounds the greeting, EHLO and STARTTLS before

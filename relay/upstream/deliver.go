@@ -94,15 +94,18 @@ func NewDeliverer() *Deliverer {
 // pending recipient, in the order of m.Pending(). It matches
 // queue.DeliverFunc.
 //
-// The route's upstreams are tried in order; the recipients that one leaves
-// pending with a temporary failure go on to the next. Delivered and failed
-// (5xx) recipients are final. Recipients whose message was sent but whose
-// reply after the final dot never came stay pending for a later attempt
-// instead: the upstream may have taken the message, and sending it through
-// another at once would likely deliver it twice. A recipient that no
-// upstream could try stays pending: when some were at their rate limit,
-// with NotBefore set to when the first of them is available again; when
-// all were down, without it, to be retried with backoff.
+// Each recipient takes the route of its domain (Route.ToDomain), else the
+// route of the sender's domain; the recipients of each route are
+// delivered through it apart from the others. A route's upstreams are
+// tried in order; the recipients that one leaves pending with a temporary
+// failure go on to the next. Delivered and failed (5xx) recipients are
+// final. Recipients whose message was sent but whose reply after the
+// final dot never came stay pending for a later attempt instead: the
+// upstream may have taken the message, and sending it through another at
+// once would likely deliver it twice. A recipient that no upstream could
+// try stays pending: when some were at their rate limit, with NotBefore
+// set to when the first of them is available again; when all were down,
+// without it, to be retried with backoff.
 //
 // A DSN (m.DSN) is routed by the domain of its recipient, the original
 // sender, and sent from the upstream's DSNFrom, or from the null sender
@@ -117,14 +120,56 @@ func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body queue.Bod
 		return nil
 	}
 	s := d.current()
-	route, ok := s.routeFor(m)
-	if !ok {
+	type group struct {
+		route *Route
+		idx   []int // indexes in rcpts
+	}
+	var groups []*group
+	var unrouted []int
+	for i, rcpt := range rcpts {
+		route := s.routeFor(m, rcpt)
+		if route == nil {
+			unrouted = append(unrouted, i)
+			continue
+		}
+		var g *group
+		for _, h := range groups {
+			if h.route == route {
+				g = h
+				break
+			}
+		}
+		if g == nil {
+			g = &group{route: route}
+			groups = append(groups, g)
+		}
+		g.idx = append(g.idx, i)
+	}
+	results := make([]queue.Result, len(rcpts))
+	if len(unrouted) > 0 {
 		// The submission side refuses such senders; a route may come back
 		// with a reload, so this is not the message's fault.
 		reply := "no route for sender domain"
-		d.logAttempt(ctx, m, "", 0, len(rcpts), nil, reply, errors.New(reply))
-		return allResults(rcpts, queue.Pending, reply, "")
+		d.logAttempt(ctx, m, "", 0, len(unrouted), nil, reply, errors.New(reply))
+		for _, i := range unrouted {
+			results[i] = queue.Result{Rcpt: rcpts[i], State: queue.Pending, Reply: reply}
+		}
 	}
+	for _, g := range groups {
+		sub := make([]string, len(g.idx))
+		for j, i := range g.idx {
+			sub[j] = rcpts[i]
+		}
+		for j, r := range d.deliverRoute(ctx, s, m, body, *g.route, sub) {
+			results[g.idx[j]] = r
+		}
+	}
+	return results
+}
+
+// deliverRoute delivers m to rcpts through route's upstreams, in order,
+// and returns one Result per recipient; see Deliver.
+func (d *Deliverer) deliverRoute(ctx context.Context, s *setup, m queue.Message, body queue.Body, route Route, rcpts []string) []queue.Result {
 	results := allResults(rcpts, queue.Pending, "no upstream in route", "")
 	tried := make([]bool, len(rcpts)) // an upstream answered for it, or failed trying
 	todo := make([]int, len(rcpts))   // indexes of the recipients still to try
@@ -206,47 +251,97 @@ func (d *Deliverer) Deliver(ctx context.Context, m queue.Message, body queue.Bod
 	return results
 }
 
-// routeFor returns the route for m: by the envelope sender's domain, or
-// for a DSN by its recipient's, since the DSN goes back to the original
-// sender through the route that sender's own mail takes.
-func (s *setup) routeFor(m queue.Message) (Route, bool) {
-	if m.DSN && len(m.Recipients) > 0 {
-		return s.route(m.Recipients[0].Addr)
+// routeFor returns the route for rcpt, a recipient of m: the route to
+// its domain, else the route of the envelope sender's domain, or for a
+// DSN of rcpt's own, since the DSN goes back to the original sender
+// through the route that sender's own mail takes. It returns nil when no
+// route takes rcpt.
+func (s *setup) routeFor(m queue.Message, rcpt string) *Route {
+	if r := s.toRoute(rcpt); r != nil {
+		return r
 	}
-	return s.route(m.From)
+	if m.DSN {
+		return s.fromRoute(rcpt)
+	}
+	return s.fromRoute(m.From)
 }
 
-// route is Deliverer.Route under s's routes.
-func (s *setup) route(from string) (Route, bool) {
+// toRoute returns the route to the domain of the recipient rcpt, or nil.
+func (s *setup) toRoute(rcpt string) *Route {
+	domain := mailproto.DomainOf(rcpt)
+	if domain == "" {
+		return nil
+	}
+	for i := range s.Routes {
+		if r := &s.Routes[i]; r.ToDomain != "" && strings.EqualFold(r.ToDomain, domain) {
+			return r
+		}
+	}
+	return nil
+}
+
+// fromRoute returns the route for the envelope sender from: the one for
+// its domain, else the "*" route, or nil.
+func (s *setup) fromRoute(from string) *Route {
 	domain := mailproto.DomainOf(from)
 	var wildcard *Route
 	for i := range s.Routes {
 		r := &s.Routes[i]
 		switch {
+		case r.ToDomain != "":
 		case r.FromDomain == "*":
 			if wildcard == nil {
 				wildcard = r
 			}
 		case domain != "" && strings.EqualFold(r.FromDomain, domain):
-			return *r, true
+			return r
 		}
 	}
-	if wildcard != nil {
-		return *wildcard, true
+	return wildcard
+}
+
+// Route returns the route for an envelope sender: the one for its domain,
+// else the "*" route. The null sender "" takes the "*" route. Routes by
+// recipient domain are not among them; see RouteTo.
+func (d *Deliverer) Route(from string) (Route, bool) {
+	if r := d.current().fromRoute(from); r != nil {
+		return *r, true
 	}
 	return Route{}, false
 }
 
-// Route returns the route for an envelope sender: the one for its domain,
-// else the "*" route. The null sender "" takes the "*" route.
-func (d *Deliverer) Route(from string) (Route, bool) {
-	return d.current().route(from)
+// RouteTo returns the route that a message from the envelope sender from
+// takes to the recipient rcpt: the route to rcpt's domain, else the
+// sender's.
+func (d *Deliverer) RouteTo(from, rcpt string) (Route, bool) {
+	if r := d.current().routeFor(queue.Message{From: from}, rcpt); r != nil {
+		return *r, true
+	}
+	return Route{}, false
 }
 
-// Routable reports whether a route takes mail from the envelope sender
-// from, for the submission side to refuse a sender that none takes.
+// Routable reports whether a route may take mail from the envelope
+// sender from, for the submission side to refuse at MAIL a sender that
+// none takes: a route of its domain or "*", or any route by recipient
+// domain, which takes mail whatever the sender.
 func (d *Deliverer) Routable(from string) bool {
-	_, ok := d.Route(from)
+	s := d.current()
+	if s.fromRoute(from) != nil {
+		return true
+	}
+	for _, r := range s.Routes {
+		if r.ToDomain != "" {
+			return true
+		}
+	}
+	return false
+}
+
+// RcptRoutable reports whether a route takes mail from the envelope
+// sender from to the recipient rcpt, for the submission side to refuse
+// at RCPT a recipient that no route would deliver.
+func (d *Deliverer) RcptRoutable(from, rcpt string) bool {
+	_, ok := d.RouteTo(from, rcpt)
 	return ok
 }
 

@@ -199,10 +199,14 @@ func (p *parser) config(root *table) *Config {
 }
 
 // checkRoutable reports every allowed_from entry whose mail no route
-// would carry: such a user could submit mail that can never leave.
+// would carry: such a user could submit mail that can never leave. A
+// route by recipient domain carries mail from every sender.
 func (p *parser) checkRoutable(froms []allowedFrom, routes []upstream.Route) {
 	routed := map[string]bool{}
 	for _, r := range routes {
+		if r.ToDomain != "" {
+			return
+		}
 		routed[r.FromDomain] = true
 	}
 	if routed["*"] {

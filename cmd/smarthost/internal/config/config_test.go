@@ -529,7 +529,7 @@ func TestExampleConfig(t *testing.T) {
 	t.Run("as shipped", func(t *testing.T) {
 		cfg := configtest.MustParse(t, text)
 		if cfg.Hostname != "relay.example.com" || len(cfg.Listeners) != 2 || len(cfg.Users) != 1 ||
-			len(cfg.DKIM) != 2 || len(cfg.Upstreams) != 2 || len(cfg.Routes) != 2 {
+			len(cfg.DKIM) != 2 || len(cfg.Upstreams) != 2 || len(cfg.Routes) != 3 {
 			t.Errorf("unexpected shape: %+v", cfg)
 		}
 		if cfg.Upstreams[0].Password != "app-password" || cfg.Upstreams[1].Password != "s3cret" {
@@ -651,7 +651,7 @@ func TestExampleConfig(t *testing.T) {
 			"domain", "selector", "headers", "canonicalization", "expiration", "subdomains",
 			"username", "password_env", "password_file", "ca_file", "rate_limit", "dsn_from",
 			"provider", "region", "envelope_from", "header_from_rewrite",
-			"from_domain", "upstreams",
+			"from_domain", "to_domain", "upstreams",
 			"admin_token_env",
 			"shutdown_timeout", "proxy_protocol", "proxy_trusted",
 			"url", "events", "secret_env", "secret_file", "users",

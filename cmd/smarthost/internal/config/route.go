@@ -19,9 +19,17 @@ func (p *parser) routes(root *table, ups []upstream.Upstream) []upstream.Route {
 		known[u.Name] = true
 	}
 	var out []upstream.Route
-	seen := map[string]string{}
+	seen := map[string]string{}   // from_domain -> the route that has it
+	seenTo := map[string]string{} // to_domain -> the route that has it
 	for _, t := range tables {
 		var r upstream.Route
+		hasFrom, hasTo := t.has("from_domain"), t.has("to_domain")
+		switch {
+		case hasFrom && hasTo:
+			t.errorf("to_domain", "a route has from_domain or to_domain, not both")
+		case !hasFrom && !hasTo:
+			t.errorf("from_domain", `required: a sender domain or "*" (or to_domain, a recipient domain)`)
+		}
 		if d, ok := t.str("from_domain"); ok {
 			r.FromDomain = strings.ToLower(d)
 			if r.FromDomain != "*" && !ValidDomain(r.FromDomain) {
@@ -31,8 +39,16 @@ func (p *parser) routes(root *table, ups []upstream.Upstream) []upstream.Route {
 			} else {
 				seen[r.FromDomain] = t.path
 			}
-		} else if !t.has("from_domain") {
-			t.errorf("from_domain", `required: a sender domain or "*"`)
+		}
+		if d, ok := t.str("to_domain"); ok {
+			r.ToDomain = strings.ToLower(d)
+			if !ValidDomain(r.ToDomain) {
+				t.errorf("to_domain", "%q is not a domain name", d)
+			} else if prev, dup := seenTo[r.ToDomain]; dup {
+				t.errorf("to_domain", "%q is already routed by %s", r.ToDomain, prev)
+			} else {
+				seenTo[r.ToDomain] = t.path
+			}
 		}
 		names, _ := t.strings("upstreams")
 		if t.missingList("upstreams") {
