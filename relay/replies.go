@@ -2,6 +2,7 @@ package relay
 
 import (
 	"errors"
+	"strings"
 
 	"github.com/emersion/go-smtp"
 )
@@ -46,4 +47,21 @@ func replyFor(err error) *smtp.SMTPError {
 		return se
 	}
 	return errInternal
+}
+
+// headerFromDenied is the refusal of a header From: address the user may
+// not use, which it names, so that the client sees which of its fields
+// was refused. The address parsed, and is printable ASCII or UTF-8; it is
+// cut to a line's worth.
+func headerFromDenied(addr string) *smtp.SMTPError {
+	if len(addr) > 254 {
+		addr = addr[:254]
+	}
+	addr = strings.Map(func(r rune) rune {
+		if r < ' ' || r == 0x7f {
+			return -1
+		}
+		return r
+	}, addr)
+	return &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "Sender address not allowed: " + addr + " in From:"}
 }

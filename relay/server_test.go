@@ -435,7 +435,7 @@ func TestRefusals(t *testing.T) {
 			"From: =?koi8-r?B?8NLP18XSy8E=?= <ceo@example.com>\r\n",
 		} {
 			code, msg := c.send("app@example.com", []string{"bob@example.net"}, from+"Subject: x\r\n\r\nbody\r\n")
-			if code != 553 || msg != "5.7.1 Sender address not allowed" {
+			if code != 553 || msg != "5.7.1 Sender address not allowed: ceo@example.com in From:" {
 				t.Errorf("%q: got %d %s", from, code, msg)
 			}
 		}

@@ -386,7 +386,7 @@ func (s *session) checkHeader(section []byte, from string) (header, string, erro
 		if s.user != nil {
 			for _, a := range h.from {
 				if !SenderAllowed(s.user.AllowedFrom, a.Address) {
-					return h, "", s.reject(ReasonSenderNotAllowed, errSenderDenied, "header_from", a.Address)
+					return h, "", s.reject(ReasonSenderNotAllowed, headerFromDenied(a.Address), "header_from", a.Address)
 				}
 			}
 		}

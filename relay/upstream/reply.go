@@ -31,16 +31,19 @@ func replyText(err error) string {
 	if !errors.As(err, &st) {
 		return oneLine(err.Error())
 	}
-	detail := st.err
+	detail, stage := st.err, st.stage
 	var op *net.OpError
 	if errors.As(detail, &op) && op.Err != nil {
 		detail = op.Err // drop "dial tcp 127.0.0.1:25" and the like
+		if op.Op == "dial" && op.Addr != nil {
+			stage += " to " + op.Addr.String() // where it tried
+		}
 	}
 	text := strings.TrimPrefix(detail.Error(), "smtp: ")
-	if !strings.HasPrefix(text, st.stage+": ") {
-		text = st.stage + ": " + text
+	if rest, ok := strings.CutPrefix(text, st.stage+": "); ok {
+		text = rest
 	}
-	return oneLine(text)
+	return oneLine(stage + ": " + text)
 }
 
 // formatReply renders an upstream reply as "550 5.1.1 No such user".

@@ -118,8 +118,6 @@ func TestDeliverConnectionRefused(t *testing.T) {
 	s.Close() // nothing listens on its port any more
 	env := newDeliverer(t, plainUpstream("a", s))
 	res := deliver(t, env.d, testMessage("app@example.com", "x@example.net"), deliverBody)
-	checkResult(t, res[0], "x@example.net", queue.Pending, "connect: connection refused", "a")
-	if strings.Contains(res[0].Reply, "127.0.0.1") {
-		t.Errorf("reply %q carries the address", res[0].Reply)
-	}
+	// Where it tried is in the reply, for the operator and the history.
+	checkResult(t, res[0], "x@example.net", queue.Pending, "connect to "+s.Addr()+": connection refused", "a")
 }
