@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -130,5 +131,52 @@ func TestDemo(t *testing.T) {
 		}
 	case <-time.After(20 * time.Second):
 		t.Error("demo did not stop on SIGTERM")
+	}
+}
+
+// TestDemoRemovesItsFolder: a demo started without -dir works in a new
+// temporary folder, holding its private keys, and removes it when it
+// stops; the folder it printed is then gone.
+func TestDemoRemovesItsFolder(t *testing.T) {
+	t.Parallel()
+	tmp := t.TempDir()
+	cmd := exec.Command(binary, "demo", "-listen", "127.0.0.1:0", "-http", "127.0.0.1:0")
+	cmd.Env = append(os.Environ(), "TMPDIR="+tmp)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	sc := bufio.NewScanner(stdout)
+	var delivered string
+	for delivered == "" && sc.Scan() {
+		if rest, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "Delivered messages appear in "); ok {
+			delivered = strings.TrimSuffix(rest, "/")
+		}
+	}
+	go io.Copy(io.Discard, stdout)
+	if !strings.HasPrefix(delivered, tmp) {
+		cmd.Process.Kill()
+		t.Fatalf("the demo's folder %q is not under TMPDIR %s", delivered, tmp)
+	}
+	if entries, _ := os.ReadDir(tmp); len(entries) != 1 {
+		t.Errorf("TMPDIR holds %d entries while the demo runs, want its folder", len(entries))
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Errorf("demo exit: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("demo did not stop on SIGTERM")
+	}
+	if entries, _ := os.ReadDir(tmp); len(entries) != 0 {
+		t.Errorf("the demo left %v in TMPDIR", entries)
 	}
 }

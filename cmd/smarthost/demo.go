@@ -51,6 +51,9 @@ func runDemo(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "demo:", err)
 			return 1
 		}
+		// It holds private keys (TLS, DKIM) and the demo's mail: it goes
+		// with the demo. A folder given with -dir is kept.
+		defer os.RemoveAll(d)
 		*dir = d
 	}
 	level := slog.LevelInfo
@@ -140,7 +143,8 @@ func demo(ctx context.Context, listen, httpAddr, dir string, logger *slog.Logger
   senders     *@example.com
   upstream    %[4]s  built in: writes each delivered message to a file
   queue       %[5]s
-  admin API   %[12]s  (smarthost queue -server %[12]s list)
+  admin API   %[12]s  (go run ./cmd/smarthost queue -server %[12]s list,
+              or smarthost queue … after go install ./cmd/smarthost)
   dkim key    %[8]s
 
 DKIM: messages from *@example.com are signed (d=%[9]s, s=%[10]s); the record to publish:
