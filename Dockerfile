@@ -14,6 +14,9 @@ COPY --from=build /out/smarthost /usr/local/bin/smarthost
 COPY --from=build --chown=65532:65532 /out/queue /var/lib/smarthost
 VOLUME /var/lib/smarthost
 USER 65532:65532
-EXPOSE 587 465
+# A non-root user cannot bind ports under 1024: the listeners use the
+# Helm chart's container ports (2587 for submission, 2465 for implicit
+# TLS), which the Service maps to 587 and 465, and 9090 for [http].
+EXPOSE 2587 2465 9090
 ENTRYPOINT ["/usr/local/bin/smarthost"]
 CMD ["serve", "-config", "/etc/smarthost/config.toml"]

@@ -923,3 +923,43 @@ func TestChartMemoryLimit(t *testing.T) {
 		})
 	}
 }
+
+// TestChartProviderEgress: an upstream given only by provider, as the
+// README recommends, gets its provider's port in the NetworkPolicy, and
+// the chart knows the port of every provider profile of the relay.
+func TestChartProviderEgress(t *testing.T) {
+	t.Parallel()
+	src, err := os.ReadFile("../relay/upstream/providers.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	profiles := regexp.MustCompile(`Name: "([a-z0-9-]+)", Address: "[^"]*:([0-9]+)"`).FindAllStringSubmatch(string(src), -1)
+	if len(profiles) < 5 {
+		t.Fatalf("found %d provider profiles in providers.go", len(profiles))
+	}
+	for _, p := range profiles {
+		out, err := helmTemplate(t, "--set", "networkPolicy.enabled=true",
+			"--set-json", `settings.upstream=[{"name":"p","provider":"`+p[1]+`","region":"eu-west-1","username":"u","password_env":"P"}]`,
+			"--set-json", `settings.route=[{"from_domain":"*","upstreams":["p"]}]`, "--set", "secret.env.P=secret")
+		if err != nil {
+			t.Fatalf("%s: %v", p[1], err)
+		}
+		var np networkPolicy
+		for _, o := range splitDocuments(t, out) {
+			if o.kind() == "NetworkPolicy" {
+				decodeInto(t, o, &np)
+			}
+		}
+		found := false
+		for _, rule := range np.Spec.Egress {
+			for _, port := range rule.Ports {
+				if strconv.Itoa(port.Port) == p[2] {
+					found = true
+				}
+			}
+		}
+		if !found {
+			t.Errorf("provider %s: no egress to its port %s: %+v", p[1], p[2], np.Spec.Egress)
+		}
+	}
+}

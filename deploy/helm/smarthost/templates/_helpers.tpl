@@ -218,16 +218,21 @@ admin_token_env = {{ include "smarthost.adminTokenEnv" . | toJson }}
 
 {{/*
 smarthost.upstreamPorts returns the upstream ports for the NetworkPolicy,
-as JSON: networkPolicy.upstreamPorts, else those of settings.upstream.
+as JSON: networkPolicy.upstreamPorts, else those of settings.upstream, by
+address or by provider.
 */}}
 {{- define "smarthost.upstreamPorts" -}}
 {{- $ports := list }}
 {{- if .Values.networkPolicy.upstreamPorts }}
 {{- range .Values.networkPolicy.upstreamPorts }}{{ $ports = append $ports (int .) }}{{ end }}
 {{- else if not .Values.config }}
+{{- /* The ports of the relay's provider profiles (relay/upstream/providers.go). */}}
+{{- $providerPorts := dict "gmail" 465 "google-workspace-relay" 587 "yandex" 465 "mailru" 465 "yahoo" 465 "outlook365" 587 "ses" 587 "mailgun" 587 }}
 {{- range .Values.settings.upstream }}
 {{- $port := regexFind "[0-9]+$" (.address | default "" | toString) }}
-{{- if $port }}{{ $ports = append $ports (atoi $port) }}{{ end }}
+{{- if $port }}{{ $ports = append $ports (atoi $port) }}
+{{- else if and .provider (hasKey $providerPorts .provider) }}{{ $ports = append $ports (get $providerPorts .provider) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- toJson ($ports | uniq) }}
