@@ -120,7 +120,7 @@ func TestChartPostgres(t *testing.T) {
 		writePodFiles(t, root, chartCase{tlsSecret: fullname + "-tls"})
 		env[cfg.Queue.DSNEnv] = "postgres://smarthost@smarthost-queue-rw.mail.svc:5432/app?sslmode=require"
 		got, err := checkConfig(t, configText, root, env)
-		if err != nil || !strings.Contains(got, ": OK (1 listeners, 0 users, 0 DKIM keys, 1 upstreams, 1 routes)") {
+		if err != nil || !strings.Contains(got, ": OK (1 listeners, 1 users, 0 DKIM keys, 1 upstreams, 1 routes)") {
 			t.Errorf("smarthost check-config: %v\n%s\nconfig:\n%s", err, got, configText)
 		}
 	})

@@ -61,7 +61,7 @@ var chartCases = []chartCase{
 		makeSecret:  true,
 		persistence: true,
 		tlsSecret:   fullname + "-tls",
-		checkOutput: "(1 listeners, 0 users, 0 DKIM keys, 1 upstreams, 1 routes)",
+		checkOutput: "(1 listeners, 1 users, 0 DKIM keys, 1 upstreams, 1 routes)",
 	},
 	{
 		name: "every option",
@@ -838,6 +838,10 @@ func TestChartRefusesBadValues(t *testing.T) {
 		{"queue dsn in settings", "queue: {backend: postgres, postgres: {existingSecret: db}}\nsettings: {queue: {dsn_env: DB}}", "settings.queue.dsn_env is set by the chart"},
 		{"raw config without the DSN", "queue: {backend: postgres, postgres: {existingSecret: db}}\nconfig: '[http]\n  admin_token_env = \"SMARTHOST_ADMIN_TOKEN\"'", "dsn_env = \"SMARTHOST_QUEUE_DSN\""},
 	}
+	// The defaults have a listener that requires AUTH, and no user.
+	if out, err := helmTemplateBare(t); err == nil || !strings.Contains(err.Error(), "settings.listen submission requires AUTH and settings.user is empty") {
+		t.Errorf("the defaults, with no user: %v\n%s", err, out)
+	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
@@ -858,7 +862,7 @@ func TestChartRefusesBadValues(t *testing.T) {
 
 // TestChartLint runs helm lint --strict, which also renders NOTES.txt.
 func TestChartLint(t *testing.T) {
-	for _, values := range [][]string{nil, {"-f", "testdata/values-full.yaml"}, {"-f", "testdata/values-raw.yaml"}, {"-f", "testdata/values-postgres.yaml"}} {
+	for _, values := range [][]string{{"-f", "testdata/values-user.yaml"}, {"-f", "testdata/values-full.yaml"}, {"-f", "testdata/values-raw.yaml"}, {"-f", "testdata/values-postgres.yaml"}} {
 		out, err := goRun(t, helmPkg, append([]string{"lint", "--strict", "helm/smarthost"}, values...)...)
 		if err != nil {
 			t.Errorf("helm lint %v: %v\n%s", values, err, out)

@@ -90,8 +90,14 @@ func goRun(t *testing.T, pkg string, args ...string) ([]byte, error) {
 }
 
 // helmTemplate renders the chart with the release name "relay" in the
-// namespace "mail".
+// namespace "mail", with a user (testdata/values-user.yaml) under args.
 func helmTemplate(t *testing.T, args ...string) ([]byte, error) {
+	t.Helper()
+	return helmTemplateBare(t, append([]string{"-f", "testdata/values-user.yaml"}, args...)...)
+}
+
+// helmTemplateBare renders the chart with args alone.
+func helmTemplateBare(t *testing.T, args ...string) ([]byte, error) {
 	t.Helper()
 	return goRun(t, helmPkg, append([]string{"template", "relay", "helm/smarthost", "--namespace", "mail"}, args...)...)
 }

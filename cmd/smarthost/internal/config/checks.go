@@ -9,6 +9,20 @@ import (
 	"smarthost/relay/upstream"
 )
 
+// checkAuthUsers reports every listener that requires AUTH when no
+// [[user]] is configured: nobody could submit through it.
+func (p *parser) checkAuthUsers(ls []relay.Listener, users []relay.User) {
+	if len(users) > 0 {
+		return
+	}
+	for i, l := range ls {
+		if l.AuthRequired {
+			p.errorf(fmt.Sprintf("listen[%d].auth", i),
+				`"required", and no [[user]] is configured: nobody can submit; add a [[user]] (smarthost passwd makes its hash), or set auth = "none" with trusted_networks [listen %q]`, l.Name)
+		}
+	}
+}
+
 // tlsPortWarnings are the listeners and upstreams whose TLS mode is not
 // the one their port is known for: implicit TLS on 587, STARTTLS on 465.
 // Both can work, against a server set up so; usually one is a typo, and

@@ -76,3 +76,19 @@ func TestTLSPortWarnings(t *testing.T) {
 		t.Errorf("warnings for the usual ports: %v", ok.Warnings)
 	}
 }
+
+// TestAuthListenerWithoutUsers: a listener that requires AUTH with no
+// [[user]] is refused, naming the listener; with auth = "none" and
+// trusted networks it is not.
+func TestAuthListenerWithoutUsers(t *testing.T) {
+	f := configtest.NewFiles(t)
+	_, err := config.Parse([]byte(f.Config(map[string]string{"user": ""})), "test.toml")
+	if err == nil || !strings.Contains(err.Error(), `listen[0].auth: "required", and no [[user]] is configured: nobody can submit`) {
+		t.Errorf("error %v", err)
+	}
+	configtest.MustParse(t, f.Config(map[string]string{
+		"user":   "",
+		"listen": "[[listen]]\naddress = \"127.0.0.1:0\"\ntls = \"none\"\nauth = \"none\"\ntrusted_networks = [\"127.0.0.0/8\"]",
+		"route":  "[[route]]\nfrom_domain = \"*\"\nupstreams = [\"up\"]",
+	}))
+}

@@ -190,6 +190,7 @@ func (p *parser) config(root *table) *Config {
 	users, froms := p.users(root)
 	cfg.Users = users
 	p.checkRoutable(froms, cfg.Routes)
+	p.checkAuthUsers(cfg.Listeners, cfg.Users)
 	cfg.Warnings = tlsPortWarnings(cfg.Listeners, cfg.Upstreams)
 	cfg.Webhooks = p.webhooks(root, cfg.Users)
 

@@ -100,6 +100,13 @@ listener has a name usable as a port name, and ports.
 {{- if not $out }}
 {{- fail "settings.listen needs at least one listener" }}
 {{- end }}
+{{- if and (not .Values.config) (not .Values.settings.user) }}
+{{- range $out }}
+{{- if ne (.auth | default "required" | toString) "none" }}
+{{- fail (printf "settings.listen %s requires AUTH and settings.user is empty: nobody could submit. Add a user (smarthost passwd makes its password_hash), or set auth: none with trusted_networks" .name) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- toJson $out }}
 {{- end }}
 
