@@ -296,3 +296,30 @@ func TestAllowedRecipientsAndNullSenderE2E(t *testing.T) {
 		t.Errorf("refused recipient logged as %v", line)
 	}
 }
+
+// TestUserRateLimitClusterE2E: on a shared PostgreSQL queue, a user's
+// window counts the messages of every replica.
+func TestUserRateLimitClusterE2E(t *testing.T) {
+	t.Parallel()
+	pki := testpki.New(t)
+	up := startUpstream(t, pki, smtptest.Options{})
+	q := newSharedQueue(t, false)
+	rs, _ := startReplicas(t, 2, q, relayConfig{PKI: pki, UpstreamAddr: up.Addr(), UserExtra: `rate_limit = "3/1h"`})
+	a := connect(t, rs[0].addr, pki)
+	defer a.close()
+	for i := range 2 {
+		if _, err := a.send("app@example.com", []string{"bob@example.net"}, policyMsg("app@example.com", i)); err != nil {
+			t.Fatalf("message %d through the first replica: %v", i+1, err)
+		}
+	}
+	b := connect(t, rs[1].addr, pki)
+	defer b.close()
+	if _, err := b.send("app@example.com", []string{"bob@example.net"}, policyMsg("app@example.com", 2)); err != nil {
+		t.Fatalf("3rd message through the second replica: %v", err)
+	}
+	_, err := b.send("app@example.com", []string{"bob@example.net"}, policyMsg("app@example.com", 3))
+	wantSMTPError(t, "4th message through the second replica", err, 450, "4.7.1")
+	_, err = a.send("app@example.com", []string{"bob@example.net"}, policyMsg("app@example.com", 4))
+	wantSMTPError(t, "4th message through the first replica", err, 450, "4.7.1")
+	up.WaitMessages(t, 3, 10*time.Second)
+}

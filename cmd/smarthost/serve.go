@@ -338,6 +338,11 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	srv.RcptRoutable = deliverer.RcptRoutable
 	srv.Logger = logger
 	srv.Observer = m
+	if shared != nil {
+		// The users' and clients' windows count the messages of every
+		// replica, as the upstreams' do.
+		srv.NewRateWindow = shared.RateWindow
+	}
 	if err := srv.Listen(); err != nil {
 		inst.http.Close()
 		inst.closeStorage()
