@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"sync"
+	"time"
 
 	"smarthost/relay/upstream"
 )
@@ -14,33 +15,82 @@ type windows struct {
 	make func(key string) upstream.RateWindow
 
 	mu sync.Mutex
-	m  map[string]upstream.RateWindow
+	m  map[string]*window
+	// sweepAt is the size of m at which windows that count nothing are
+	// dropped: a client address seen once must not stay for ever.
+	sweepAt int
 }
 
-func (w *windows) get(key string) upstream.RateWindow {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if win := w.m[key]; win != nil {
-		return win
+// window is a RateWindow with what tells when it counts nothing.
+type window struct {
+	w    upstream.RateWindow
+	per  time.Duration // the longest Per it was used with
+	last time.Time     // the last Take or Release
+	held int           // slots taken and not given back
+}
+
+// minSweep is the number of windows kept before any is dropped.
+const minSweep = 1024
+
+// take takes a slot under r in the window of key.
+func (ws *windows) take(key string, r upstream.Rate, now time.Time) (*window, bool, error) {
+	ws.mu.Lock()
+	w := ws.m[key]
+	if w == nil {
+		ws.sweep(now)
+		if ws.m == nil {
+			ws.m = make(map[string]*window)
+		}
+		w = &window{}
+		if ws.make != nil {
+			w.w = ws.make(key)
+		} else {
+			w.w = upstream.NewLocalWindow()
+		}
+		ws.m[key] = w
 	}
-	if w.m == nil {
-		w.m = make(map[string]upstream.RateWindow)
+	w.held++ // until the Take is known to have failed: no sweep drops it meanwhile
+	w.per = max(w.per, r.Per)
+	ws.mu.Unlock()
+
+	got, err := w.w.Take(context.Background(), now, r)
+	if err != nil || !got.Taken {
+		ws.done(w, now)
+		return nil, false, err
 	}
-	var win upstream.RateWindow
-	if w.make != nil {
-		win = w.make(key)
-	} else {
-		win = upstream.NewLocalWindow()
+	return w, true, nil
+}
+
+// done records that a slot of w was given back, or never taken, at now.
+func (ws *windows) done(w *window, now time.Time) {
+	ws.mu.Lock()
+	w.held--
+	if now.After(w.last) {
+		w.last = now
 	}
-	w.m[key] = win
-	return win
+	ws.mu.Unlock()
+}
+
+// sweep drops, once m has grown enough, the windows with no slot taken
+// and nothing counted in the last Per: one made afresh is the same.
+// ws.mu is held.
+func (ws *windows) sweep(now time.Time) {
+	if len(ws.m) < max(ws.sweepAt, minSweep) {
+		return
+	}
+	for k, w := range ws.m {
+		if w.held == 0 && !w.last.Add(w.per).After(now) {
+			delete(ws.m, k)
+		}
+	}
+	ws.sweepAt = 2 * len(ws.m)
 }
 
 // slot is a place taken in a window for a transaction in progress: given
 // back when the transaction ends, it counts for the window's length only
 // if the message was accepted.
 type slot struct {
-	w upstream.RateWindow
+	w *window
 	r upstream.Rate
 }
 
@@ -48,9 +98,8 @@ type slot struct {
 // the window is full; the error is the window's (a shared one that cannot
 // be read).
 func (s *session) take(key string, r upstream.Rate) (bool, error) {
-	w := s.srv.windows.get(key)
-	got, err := w.Take(context.Background(), s.srv.Now(), r)
-	if err != nil || !got.Taken {
+	w, ok, err := s.srv.windows.take(key, r, s.srv.Now())
+	if !ok {
 		return false, err
 	}
 	s.mu.Lock()
@@ -68,8 +117,9 @@ func (s *session) releaseSlots(accepted bool) {
 	s.mu.Unlock()
 	now := s.srv.Now()
 	for _, sl := range held {
-		if err := sl.w.Release(context.Background(), now, sl.r, accepted); err != nil {
+		if err := sl.w.w.Release(context.Background(), now, sl.r, accepted); err != nil {
 			s.log.Warn("rate limit slot not given back", "error", err)
 		}
+		s.srv.windows.done(sl.w, now)
 	}
 }

@@ -1,7 +1,10 @@
 package relay
 
 import (
+	"context"
+	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -294,4 +297,50 @@ func TestRateLimitKeptOnReload(t *testing.T) {
 	}
 	code, msg = c.cmd("MAIL FROM:<app@example.com>")
 	wantReply(t, "fourth under a limit of 3", code, msg, 450, "4.7.1")
+}
+
+// TestWindowsSweep: windows that count nothing are dropped once there are
+// many, so that client addresses seen once do not pile up; a window with
+// a slot taken, or a message still in its window, stays and counts.
+func TestWindowsSweep(t *testing.T) {
+	var ws windows
+	r := upstream.Rate{N: 1, Per: time.Minute}
+	t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	// With held and recent, minSweep windows: the next new one sweeps.
+	for i := range minSweep - 2 {
+		w, ok, err := ws.take(fmt.Sprintf("client:%d", i), r, t0)
+		if !ok || err != nil {
+			t.Fatalf("take %d: %v %v", i, ok, err)
+		}
+		w.w.Release(context.Background(), t0, r, true)
+		ws.done(w, t0)
+	}
+	held, _, _ := ws.take("client:held", r, t0)
+	later := t0.Add(50 * time.Second)
+	recent, _, _ := ws.take("client:recent", r, later)
+	recent.w.Release(context.Background(), later, r, true)
+	ws.done(recent, later)
+
+	if _, ok, _ := ws.take("client:0", r, later); ok {
+		t.Fatal("a full window was dropped before its message left it")
+	}
+	now := t0.Add(time.Minute)
+	if _, ok, _ := ws.take("client:new", r, now); !ok {
+		t.Fatal("new window full")
+	}
+	ws.mu.Lock()
+	var kept []string
+	for k := range ws.m {
+		kept = append(kept, k)
+	}
+	heldKept := ws.m["client:held"] == held
+	ws.mu.Unlock()
+	slices.Sort(kept)
+	// client:0 was last asked at 50s, refused: it stays until 1m50s.
+	if want := []string{"client:0", "client:held", "client:new", "client:recent"}; !slices.Equal(kept, want) || !heldKept {
+		t.Errorf("windows after the sweep %v (held the same %v), want %v", kept, heldKept, want)
+	}
+	if _, ok, _ := ws.take("client:recent", r, now); ok {
+		t.Error("the window with a message in the last minute was forgotten")
+	}
 }
