@@ -71,7 +71,7 @@ func TestAlertRulesShape(t *testing.T) {
 		}
 	}
 	for _, a := range []string{"SmarthostQueueGrowing", "SmarthostOldestMessageTooOld", "SmarthostUpstreamDown",
-		"SmarthostHighBounceRate", "SmarthostAuthFailureSpike", "SmarthostConfigReloadFailed", "SmarthostWebhookBacklogOld", "SmarthostWebhookFailing"} {
+		"SmarthostHighBounceRate", "SmarthostAuthFailureSpike", "SmarthostConfigReloadFailed", "SmarthostWebhookBacklogOld", "SmarthostWebhookFailing", "SmarthostUserRateLimited"} {
 		if !alerts[a] {
 			t.Errorf("no alert %s", a)
 		}

@@ -96,6 +96,7 @@ type relayConfig struct {
 	MaxAge       string   // default "1h"
 	MaxConns     int      // upstream max_connections, default 4
 	AllowedFrom  []string // default *@example.com
+	UserExtra    string   // lines added to the e2e [[user]]
 	QueueExtra   string   // lines added to [queue]
 	UpExtra      string   // lines added to the [[upstream]]
 	Extra        string
@@ -131,6 +132,7 @@ max_message_size = "{{.MaxSize}}"
 name = "e2e"
 password_hash = "{{.UserHash}}"
 allowed_from = [{{range $i, $a := .AllowedFrom}}{{if $i}}, {{end}}"{{$a}}"{{end}}]
+{{.UserExtra}}
 
 [[upstream]]
 name = "up"

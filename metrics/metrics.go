@@ -35,6 +35,8 @@ type Metrics struct {
 	connectionsOpen    *prometheus.GaugeVec
 	connections        *prometheus.CounterVec
 	connectionsRefused *prometheus.CounterVec
+	userAccepted       *prometheus.CounterVec
+	userRateLimited    *prometheus.CounterVec
 	messageSize        prometheus.Histogram
 	dkim               *prometheus.CounterVec
 	finished           *prometheus.CounterVec
@@ -104,6 +106,14 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "smarthost_connections_refused_total",
 			Help: "Client connections turned away before SMTP, by listener and reason.",
 		}, []string{"listener", "reason"}),
+		userAccepted: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "smarthost_user_messages_accepted_total",
+			Help: "Messages accepted from a logged-in user, by user.",
+		}, []string{"user"}),
+		userRateLimited: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "smarthost_user_rate_limited_total",
+			Help: "MAIL or RCPT commands of a user refused for its rate_limit or recipient_limit, by user.",
+		}, []string{"user"}),
 		messageSize: f.NewHistogram(prometheus.HistogramOpts{
 			Name:    "smarthost_message_size_bytes",
 			Help:    "Stored size of accepted messages, added header fields and DKIM signature included.",
@@ -213,6 +223,16 @@ func (m *Metrics) InitLabels(listeners, upstreams []string) {
 	}
 }
 
+// InitUsers creates the series of the configured users at zero. Users
+// come from the configuration, so the label is a bounded set; a user a
+// reload removes keeps its series until the process ends.
+func (m *Metrics) InitUsers(users []string) {
+	for _, u := range users {
+		m.userAccepted.WithLabelValues(u)
+		m.userRateLimited.WithLabelValues(u)
+	}
+}
+
 // SetQueue makes the queue gauges read q at every scrape; every
 // queue.Backend is one.
 func (m *Metrics) SetQueue(q QueueState) { m.state.setQueue(q) }
@@ -287,6 +307,12 @@ func (m *Metrics) AuthFailed(listener string) { m.authFailures.WithLabelValues(l
 
 // AuthBlocked implements relay.Observer.
 func (m *Metrics) AuthBlocked(listener string) { m.authBlocked.WithLabelValues(listener).Inc() }
+
+// UserAccepted implements relay.Observer.
+func (m *Metrics) UserAccepted(user string) { m.userAccepted.WithLabelValues(user).Inc() }
+
+// UserRateLimited implements relay.Observer.
+func (m *Metrics) UserRateLimited(user string) { m.userRateLimited.WithLabelValues(user).Inc() }
 
 // Transaction implements upstream.Observer.
 func (m *Metrics) Transaction(upstream string, result queue.Outcome, took time.Duration) {

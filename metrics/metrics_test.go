@@ -103,6 +103,7 @@ func TestObserverCounts(t *testing.T) {
 	m := New(reg)
 	m.SetVersion("v1.2.3")
 	m.InitLabels([]string{"submission"}, []string{"ses"})
+	m.InitUsers([]string{"billing", "cron"})
 
 	var ro relay.Observer = m
 	ro.ConnectionOpened("submission")
@@ -115,6 +116,9 @@ func TestObserverCounts(t *testing.T) {
 	ro.Rejected("submission", "sender_not_allowed")
 	ro.AuthFailed("submission")
 	ro.AuthBlocked("submission")
+	ro.UserAccepted("billing")
+	ro.UserAccepted("billing")
+	ro.UserRateLimited("billing")
 
 	var do upstream.Observer = m
 	do.Transaction("ses", queue.OutcomeDeferred, 2*time.Second)
@@ -148,6 +152,10 @@ func TestObserverCounts(t *testing.T) {
 		{"smarthost_messages_rejected_total", []string{"listener", "submission", "reason", "auth_required"}, 0},
 		{"smarthost_auth_failures_total", []string{"listener", "submission"}, 1},
 		{"smarthost_auth_blocked_total", []string{"listener", "submission"}, 1},
+		{"smarthost_user_messages_accepted_total", []string{"user", "billing"}, 2},
+		{"smarthost_user_messages_accepted_total", []string{"user", "cron"}, 0},
+		{"smarthost_user_rate_limited_total", []string{"user", "billing"}, 1},
+		{"smarthost_user_rate_limited_total", []string{"user", "cron"}, 0},
 		{"smarthost_delivery_attempts_total", []string{"upstream", "ses", "result", "deferred"}, 1},
 		{"smarthost_delivery_attempts_total", []string{"upstream", "ses", "result", "delivered"}, 1},
 		{"smarthost_delivery_attempts_total", []string{"upstream", "ses", "result", "skipped"}, 1},
@@ -289,6 +297,7 @@ func fullRegistry() *prometheus.Registry {
 	m := New(reg)
 	m.SetVersion("v1")
 	m.InitLabels([]string{"submission"}, []string{"ses"})
+	m.InitUsers([]string{"billing"})
 	m.SetQueue(fakeQueue{})
 	m.SetUpstreams(func() []upstream.State { return []upstream.State{{Name: "ses", Up: true}} })
 	m.SetWebhooks(fakeWebhooks{}, []string{"billing"})
@@ -332,6 +341,8 @@ func TestAllNamesExposed(t *testing.T) {
 		"smarthost_connections_open":                             dto.MetricType_GAUGE,
 		"smarthost_connections_total":                            dto.MetricType_COUNTER,
 		"smarthost_connections_refused_total":                    dto.MetricType_COUNTER,
+		"smarthost_user_messages_accepted_total":                 dto.MetricType_COUNTER,
+		"smarthost_user_rate_limited_total":                      dto.MetricType_COUNTER,
 		"smarthost_message_size_bytes":                           dto.MetricType_HISTOGRAM,
 		"smarthost_dkim_messages_total":                          dto.MetricType_COUNTER,
 		"smarthost_queue_messages":                               dto.MetricType_GAUGE,

@@ -23,6 +23,11 @@ type Observer interface {
 	// with 421 because the client failed too often.
 	AuthFailed(listener string)
 	AuthBlocked(listener string)
+	// UserAccepted: a message of the user was accepted. UserRateLimited:
+	// a MAIL or RCPT of the user was refused for its rate_limit or
+	// recipient_limit. user is a configured user's name.
+	UserAccepted(user string)
+	UserRateLimited(user string)
 }
 
 // observer returns the Server's Observer, or one that does nothing.
@@ -42,6 +47,8 @@ func (nopObserver) Accepted(string, int, bool)       {}
 func (nopObserver) Rejected(string, Reason)          {}
 func (nopObserver) AuthFailed(string)                {}
 func (nopObserver) AuthBlocked(string)               {}
+func (nopObserver) UserAccepted(string)              {}
+func (nopObserver) UserRateLimited(string)           {}
 
 // observeReject tells the Observer about a refusal logged with reason.
 func (s *session) observeReject(reason Reason) {

@@ -33,6 +33,8 @@ func (r *recorder) ConnectionRefused(l string, why Reason) { r.add("refused %s %
 func (r *recorder) Rejected(l string, why Reason)          { r.add("rejected %s %s", l, why) }
 func (r *recorder) AuthFailed(l string)                    { r.add("auth_failed %s", l) }
 func (r *recorder) AuthBlocked(l string)                   { r.add("auth_blocked %s", l) }
+func (r *recorder) UserAccepted(u string)                  { r.add("user_accepted %s", u) }
+func (r *recorder) UserRateLimited(u string)               { r.add("user_rate_limited %s", u) }
 func (r *recorder) Accepted(l string, size int, signed bool) {
 	r.add("accepted %s signed=%v", l, signed)
 	r.mu.Lock()
@@ -104,6 +106,7 @@ func TestServerObserver(t *testing.T) {
 		"opened " + l:                           2,
 		"closed " + l:                           2,
 		"accepted " + l + " signed=false":       1,
+		"user_accepted app":                     1,
 		"rejected " + l + " sender_not_allowed": 1,
 		"rejected " + l + " bad_recipient":      1,
 		"rejected " + l + " storage":            1,

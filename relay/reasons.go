@@ -32,6 +32,12 @@ const (
 	ReasonStorage            Reason = "storage"
 	ReasonInternal           Reason = "internal"
 	ReasonShuttingDown       Reason = "shutting_down"
+	// ReasonRateLimited: over a user's or a client address's rate_limit
+	// or recipient_limit; the reply is temporary.
+	ReasonRateLimited Reason = "rate_limited"
+	// ReasonRecipientNotAllowed: a recipient outside the user's
+	// allowed_recipients.
+	ReasonRecipientNotAllowed Reason = "recipient_not_allowed"
 )
 
 // Reasons of a failed AUTH, which the Observer hears as AuthFailed or
@@ -55,5 +61,6 @@ func RejectReasons() []Reason {
 		ReasonBadSender, ReasonSenderNotAllowed, ReasonNoRoute, ReasonBadRecipient,
 		ReasonBadHeader, ReasonLoop, ReasonTooLarge, ReasonLineTooLong, ReasonTimeout,
 		ReasonProxyHeader, ReasonStorage, ReasonInternal, ReasonShuttingDown,
+		ReasonRateLimited, ReasonRecipientNotAllowed,
 	}
 }

@@ -38,6 +38,14 @@ var (
 	errCredentialsChanged = &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "Credentials changed, log in again"}
 )
 
+// Replies of the per-user policy. Over a rate limit they are temporary, so
+// that the client's queue retries and nothing bounces.
+var (
+	errRcptDenied  = &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "Recipient not allowed for this user"}
+	errRateLimited = &smtp.SMTPError{Code: 450, EnhancedCode: smtp.EnhancedCode{4, 7, 1}, Message: "Message rate limit exceeded, try again later"}
+	errRcptLimited = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 7, 1}, Message: "Recipient rate limit exceeded, try again later"}
+)
+
 // replyFor maps an error from the message path to the reply a client sees:
 // SMTP errors pass through, anything else becomes a generic temporary
 // failure, because go-smtp would otherwise turn it into a permanent 554.

@@ -21,6 +21,7 @@ import (
 	"smarthost/dkim"
 	"smarthost/internal/mailproto"
 	"smarthost/queue"
+	"smarthost/relay/upstream"
 )
 
 // Queue stores an accepted message durably; Put and PutSpooled return
@@ -63,10 +64,17 @@ type Server struct {
 	// ProxyTrusted sources may take to send its PROXY header; NewServer
 	// sets 5s.
 	ProxyHeaderTimeout time.Duration
+	// NewRateWindow, if set, makes the sliding window of the users' and
+	// clients' limits called key ("user:NAME", "user-recipients:NAME",
+	// "client:LISTENER:ADDRESS"), so that they can be shared by the
+	// replicas of a cluster; nil keeps them in this process's memory.
+	// Windows outlive SetUsers.
+	NewRateWindow func(key string) upstream.RateWindow
 
 	// spoolAfter, when positive, replaces spoolThreshold; tests lower it.
 	spoolAfter int
 
+	windows  windows
 	users    atomic.Pointer[users]
 	signer   atomic.Pointer[dkim.Signer]
 	creds    *credentialCache
@@ -125,6 +133,7 @@ func (s *Server) Listen() error {
 	}
 	s.SetUsers(s.Users)
 	s.SetSigner(s.Signer)
+	s.windows.make = s.NewRateWindow
 	window := s.Limits.AuthFailureWindow
 	if window == 0 {
 		window = time.Minute

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -19,6 +20,7 @@ import (
 	"smarthost/dkim"
 	"smarthost/internal/mailproto"
 	"smarthost/queue"
+	"smarthost/relay/upstream"
 )
 
 // session is one client connection's SMTP state, driven by go-smtp.
@@ -36,7 +38,8 @@ type session struct {
 	inTx  bool
 	from  string
 	rcpts []string
-	size  int64 // SIZE= of MAIL FROM, a hint for the buffer
+	size  int64  // SIZE= of MAIL FROM, a hint for the buffer
+	slots []slot // taken in rate-limit windows by this transaction
 }
 
 var _ smtp.AuthSession = (*session)(nil)
@@ -169,7 +172,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if from != "" && !validPath(from) {
 		return s.reject(ReasonBadSender, errBadSender)
 	}
-	if s.user != nil && !SenderAllowed(s.user.AllowedFrom, from) {
+	if s.user != nil && !(from == "" && s.user.AllowNullSender) && !SenderAllowed(s.user.AllowedFrom, from) {
 		return s.reject(ReasonSenderNotAllowed, errSenderDenied, "from", from)
 	}
 	if s.srv.Routable != nil && !s.srv.Routable(from) {
@@ -183,6 +186,20 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	// MAIL (go-smtp has no limit of its own here; see newSMTPServer).
 	if max := s.srv.Limits.MaxMessageBytes; max > 0 && size > max {
 		return s.reject(ReasonTooLarge, smtp.ErrDataTooLarge, "size", size)
+	}
+	// Checked last, so that a MAIL refused for another reason takes no
+	// slot; a slot counts only if the message is then accepted.
+	s.releaseSlots(false)
+	if key, r := s.messageLimit(); r.N > 0 {
+		ok, err := s.take(key, r)
+		if err != nil {
+			s.log.Error("rate limit window not read", "error", err)
+			return s.reject(ReasonInternal, errInternal)
+		}
+		if !ok {
+			s.rateLimited()
+			return s.reject(ReasonRateLimited, errRateLimited, "from", from, "limit", "rate_limit")
+		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -199,21 +216,59 @@ func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 		return s.reject(ReasonBadRecipient, errBadRcpt)
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.srv.RcptRoutable != nil && !s.srv.RcptRoutable(s.from, to) {
-		return s.reject(ReasonNoRoute, errNoRoute, "from", s.from, "to", to)
+	from, dup := s.from, slices.Contains(s.rcpts, to)
+	s.mu.Unlock()
+	if s.srv.RcptRoutable != nil && !s.srv.RcptRoutable(from, to) {
+		return s.reject(ReasonNoRoute, errNoRoute, "from", from, "to", to)
 	}
-	for _, r := range s.rcpts {
-		if r == to {
-			return nil
+	if dup {
+		return nil
+	}
+	if u := s.user; u != nil {
+		if len(u.AllowedRecipients) > 0 && !SenderAllowed(u.AllowedRecipients, to) {
+			return s.reject(ReasonRecipientNotAllowed, errRcptDenied, "to", to)
+		}
+		if r := u.RecipientLimit; r.N > 0 {
+			ok, err := s.take("user-recipients:"+u.Name, r)
+			if err != nil {
+				s.log.Error("rate limit window not read", "error", err)
+				return s.reject(ReasonInternal, errInternal)
+			}
+			if !ok {
+				s.rateLimited()
+				return s.reject(ReasonRateLimited, errRcptLimited, "to", to, "limit", "recipient_limit")
+			}
 		}
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.rcpts = append(s.rcpts, to)
 	return nil
 }
 
+// messageLimit returns the window and the limit that count the session's
+// messages: its user's rate_limit, or on a listener without AUTH its
+// client address's.
+func (s *session) messageLimit() (key string, r upstream.Rate) {
+	if s.user != nil {
+		return "user:" + s.user.Name, s.user.RateLimit
+	}
+	if r := s.lis.cfg.RateLimit; r.N > 0 {
+		return "client:" + s.lis.cfg.Name + ":" + clientKey(s.ip).String(), r
+	}
+	return "", upstream.Rate{}
+}
+
+// rateLimited tells the Observer of a user over one of its limits.
+func (s *session) rateLimited() {
+	if s.user != nil {
+		s.srv.observer().UserRateLimited(s.user.Name)
+	}
+}
+
 // Reset ends the transaction.
 func (s *session) Reset() {
+	s.releaseSlots(false)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.inTx = false
@@ -314,8 +369,12 @@ func (s *session) accept(r io.Reader, from string, rcpts []string, size int64) (
 	if st, ok := s.conn.TLSConnectionState(); ok {
 		attrs = append(attrs, "tls", tls.VersionName(st.Version))
 	}
+	s.releaseSlots(true)
 	s.log.Info("accepted", attrs...)
 	s.srv.observer().Accepted(s.lis.cfg.Name, int(m.Size), signed)
+	if s.user != nil {
+		s.srv.observer().UserAccepted(s.user.Name)
+	}
 	return id, nil
 }
 

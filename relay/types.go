@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"smarthost/internal/mailproto"
+	"smarthost/relay/upstream"
 )
 
 // Listener describes one submission listener.
@@ -24,6 +25,9 @@ type Listener struct {
 	// themselves, and refused if they send a header.
 	ProxyProtocol bool
 	ProxyTrusted  []netip.Prefix
+	// RateLimit bounds the messages of each client address (an IPv6 /64)
+	// that submits without logging in; zero means none.
+	RateLimit upstream.Rate
 }
 
 // User is a submitter allowed to AUTH.
@@ -31,6 +35,16 @@ type User struct {
 	Name         string
 	PasswordHash []byte   // bcrypt
 	AllowedFrom  []string // "user@domain", "*@domain" or "*"
+	// AllowedRecipients are the recipients this user may send to, in the
+	// same patterns; empty means any.
+	AllowedRecipients []string
+	// RateLimit bounds the user's accepted messages, and RecipientLimit
+	// their recipients, in any sliding window; zero means none.
+	RateLimit      upstream.Rate
+	RecipientLimit upstream.Rate
+	// AllowNullSender admits MAIL FROM:<> (an application MTA's own
+	// bounces) without allowing every sender.
+	AllowNullSender bool
 }
 
 // Limits bound what one client may make the relay do.

@@ -55,6 +55,9 @@ func (in *instance) applyConfig(path string) error {
 	}
 
 	in.srv.SetUsers(cfg.Users)
+	if in.initUsers != nil {
+		in.initUsers(userNames(cfg.Users))
+	}
 	in.srv.SetSigner(signer)
 	// Deliveries in flight finish under the configuration they started
 	// with; what the Deliverer learnt about the upstreams that stay the

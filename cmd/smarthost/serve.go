@@ -171,6 +171,9 @@ type instance struct {
 	// success, for the smarthost_config_reloads_total and
 	// smarthost_config_last_reload_success_timestamp_seconds metrics.
 	onReload func(err error)
+	// initUsers, if set, creates the metrics series of the users a
+	// reload adds.
+	initUsers func(names []string)
 }
 
 // shutdownTimeout is the configured shutdown_timeout.
@@ -250,6 +253,7 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	m := metrics.New(reg)
 	m.SetVersion(buildVersion())
 	m.InitLabels(listenerNames(cfg.Listeners), upstreamNames(cfg.Upstreams))
+	m.InitUsers(userNames(cfg.Users))
 	// The queue is opened (and checked) before anything is logged, so that
 	// a damaged file makes one line.
 	store, err := openQueue(cfg, logger, m)
@@ -274,6 +278,7 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	deliverer.Observer = m
 	inst := &instance{log: logger, store: store, shared: shared, delivery: deliverer, certs: certs, cfg: cfg, failed: make(chan error, 3)}
 	inst.onReload = m.ConfigReloaded
+	inst.initUsers = m.InitUsers
 	m.SetUpstreams(deliverer.UpstreamStates)
 	sched := queue.NewScheduler(store, deliverer.Deliver)
 	sched.Workers = cfg.Queue.Workers
@@ -333,6 +338,11 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	srv.RcptRoutable = deliverer.RcptRoutable
 	srv.Logger = logger
 	srv.Observer = m
+	if shared != nil {
+		// The users' and clients' windows count the messages of every
+		// replica, as the upstreams' do.
+		srv.NewRateWindow = shared.RateWindow
+	}
 	if err := srv.Listen(); err != nil {
 		inst.http.Close()
 		inst.closeStorage()
@@ -381,6 +391,14 @@ func listenerNames(ls []relay.Listener) []string {
 	out := make([]string, len(ls))
 	for i, l := range ls {
 		out[i] = l.Name
+	}
+	return out
+}
+
+func userNames(us []relay.User) []string {
+	out := make([]string, len(us))
+	for i, u := range us {
+		out[i] = u.Name
 	}
 	return out
 }

@@ -144,6 +144,12 @@ func (r *rateLog) endTimes() []time.Time {
 // at returns the k-th oldest end time.
 func (r *rateLog) at(k int) time.Time { return r.ended[(r.head+k)%len(r.ended)] }
 
+// NewLocalWindow returns a RateWindow kept in this process's memory, the
+// kind a Deliverer uses when NewRateWindow is nil. Other limits that
+// count in sliding windows (the submission side's per-user limits) take
+// it too, so that a shared window can stand in for it.
+func NewLocalWindow() RateWindow { return &localWindow{} }
+
 // localWindow is a RateWindow kept in this process's memory.
 type localWindow struct {
 	mu  sync.Mutex

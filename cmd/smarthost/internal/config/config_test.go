@@ -141,6 +141,7 @@ tls = "none"
 auth = "none"
 trusted_networks = ["127.0.0.1", "::ffff:10.0.0.0/104", "192.168.1.7/24", "203.0.113.0/24"]
 allow_public_networks = true
+rate_limit = "100/1m"
 
 [limits]
 max_message_size = "512KB"
@@ -157,6 +158,15 @@ message_memory = "16MB"
 name = "billing"
 password_hash = "{{HASH}}"
 allowed_from = ["Billing@Example.COM", "*@Notify.example.com", "*"]
+allowed_recipients = ["*@Corp.Example.com", "ops@example.net"]
+rate_limit = "500/1h"
+recipient_limit = "2000/24h"
+allow_null_sender = true
+
+[[user]]
+name = "cron"
+password_hash = "{{HASH}}"
+allowed_from = ["cron@example.com"]
 
 [[dkim]]
 domain = "Example.com"
@@ -229,7 +239,7 @@ max_connections = 64
 			netip.MustParsePrefix("10.0.0.0/8"),
 			netip.MustParsePrefix("192.168.1.0/24"),
 			netip.MustParsePrefix("203.0.113.0/24"),
-		}},
+		}, RateLimit: upstream.Rate{N: 100, Per: time.Minute}},
 	}
 	if !reflect.DeepEqual(cfg.Listeners, wantListeners) {
 		t.Errorf("listeners = %+v\nwant %+v", cfg.Listeners, wantListeners)
@@ -241,7 +251,12 @@ max_connections = 64
 		t.Errorf("limits = %+v, want %+v", cfg.Limits, wantLimits)
 	}
 	wantUsers := []relay.User{{Name: "billing", PasswordHash: []byte(f.Hash),
-		AllowedFrom: []string{"Billing@example.com", "*@notify.example.com", "*"}}}
+		AllowedFrom:       []string{"Billing@example.com", "*@notify.example.com", "*"},
+		AllowedRecipients: []string{"*@corp.example.com", "ops@example.net"},
+		RateLimit:         upstream.Rate{N: 500, Per: time.Hour},
+		RecipientLimit:    upstream.Rate{N: 2000, Per: 24 * time.Hour},
+		AllowNullSender:   true,
+	}, {Name: "cron", PasswordHash: []byte(f.Hash), AllowedFrom: []string{"cron@example.com"}}}
 	if !reflect.DeepEqual(cfg.Users, wantUsers) {
 		t.Errorf("users = %+v, want %+v", cfg.Users, wantUsers)
 	}
@@ -396,6 +411,13 @@ func TestParseConfigRules(t *testing.T) {
 		{"allowed_from bad domain", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"a@-x-.com\"]"}, "user[0].allowed_from[0]", "not a domain"},
 		{"allowed_from empty domain", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*@\"]"}, "user[0].allowed_from[0]", "not a domain"},
 		{"allowed_from unroutable", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"a@example.com\", \"*@Other.com\"]"}, "user[0].allowed_from[1]", `add a [[route]] with from_domain = "other.com" or "*"`},
+		{"listener rate_limit with auth", map[string]string{"listen": configtest.Base("listen") + "\nrate_limit = \"10/1m\""}, "listen[0].rate_limit", `only for auth = "none"`},
+		{"listener rate_limit junk", map[string]string{"listen": "[[listen]]\naddress = \"127.0.0.1:0\"\ntls = \"none\"\nauth = \"none\"\ntrusted_networks = [\"127.0.0.1\"]\nrate_limit = \"ten\""}, "listen[0].rate_limit", "want N/duration"},
+		{"allowed_recipients empty", map[string]string{"user": configtest.Base("user") + "\nallowed_recipients = []"}, "user[0].allowed_recipients", "no recipient would be allowed"},
+		{"allowed_recipients bad", map[string]string{"user": configtest.Base("user") + "\nallowed_recipients = [\"*@example.net\", \"example.org\"]"}, "user[0].allowed_recipients[1]", "want"},
+		{"user rate_limit junk", map[string]string{"user": configtest.Base("user") + "\nrate_limit = \"500 per hour\""}, "user[0].rate_limit", "want N/duration"},
+		{"user recipient_limit zero", map[string]string{"user": configtest.Base("user") + "\nrecipient_limit = \"0/1h\""}, "user[0].recipient_limit", "not a positive whole number"},
+		{"allow_null_sender not bool", map[string]string{"user": configtest.Base("user") + "\nallow_null_sender = \"yes\""}, "user[0].allow_null_sender", "true or false"},
 		{"allowed_from star unroutable", map[string]string{"user": "[[user]]\nname = \"a\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*\"]"}, "user[0].allowed_from[0]", `from_domain = "*"`},
 
 		// upstreams

@@ -112,6 +112,12 @@ func (p *parser) listeners(root *table) []relay.Listener {
 		if tlsOK && authOK && l.TLS == mailproto.TLSNone && l.AuthRequired && !trusted {
 			t.errorf("tls", `"none" with auth = "required" sends passwords in plain text; use "starttls" or "implicit", or restrict the listener with trusted_networks`)
 		}
+		if t.has("rate_limit") {
+			l.RateLimit = t.rate("rate_limit")
+			if authOK && l.AuthRequired {
+				t.errorf("rate_limit", `only for auth = "none" listeners, per client address; limit a logged-in client with its [[user]] rate_limit`)
+			}
+		}
 		t.done()
 		out = append(out, l)
 	}

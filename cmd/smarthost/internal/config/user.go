@@ -8,6 +8,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"smarthost/relay"
+	"smarthost/relay/upstream"
 )
 
 // allowedFrom is one valid allowed_from entry and where it came from.
@@ -51,10 +52,38 @@ func (p *parser) users(root *table) ([]relay.User, []allowedFrom) {
 			u.AllowedFrom = append(u.AllowedFrom, norm)
 			froms = append(froms, allowedFrom{t: t, index: i, pattern: norm})
 		}
+		if rcpts, ok := t.strings("allowed_recipients"); ok && len(rcpts) == 0 {
+			t.errorf("allowed_recipients", `empty: no recipient would be allowed; leave it out, or ["*"], to allow any`)
+		} else {
+			for i, pat := range rcpts {
+				norm, err := normalizeSenderPattern(pat)
+				if err != nil {
+					t.errorf(fmt.Sprintf("allowed_recipients[%d]", i), "%v", err)
+					continue
+				}
+				u.AllowedRecipients = append(u.AllowedRecipients, norm)
+			}
+		}
+		u.RateLimit = t.rate("rate_limit")
+		u.RecipientLimit = t.rate("recipient_limit")
+		u.AllowNullSender = t.boolean("allow_null_sender", false)
 		t.done()
 		out = append(out, u)
 	}
 	return out, froms
+}
+
+// rate reads an optional "N/duration" key; absent means no limit.
+func (t *table) rate(k string) upstream.Rate {
+	s, ok := t.str(k)
+	if !ok {
+		return upstream.Rate{}
+	}
+	r, err := ParseRate(s)
+	if err != nil {
+		t.errorf(k, "%v", err)
+	}
+	return r
 }
 
 // normalizeSenderPattern checks an allowed_from entry and lower-cases its
