@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	dto "github.com/prometheus/client_model/go"
 
@@ -38,7 +39,19 @@ func TestDashboardAndAlertsUseLiveMetrics(t *testing.T) {
 	// With a webhook, whose metrics then exist.
 	hook, _ := webhookConfig(t, "billing", "http://"+down+"/hook")
 	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: down, Extra: hook}))
+	// smarthost_upstream_up exists once a delivery has tried the upstream.
+	s := connect(t, r.addr, pki)
+	if _, err := s.send("app@example.com", []string{"bob@example.net"}, testMsg); err != nil {
+		t.Fatal(err)
+	}
+	s.close()
 	_, fams := scrapeMetrics(t, r)
+	for deadline := time.Now().Add(15 * time.Second); fams["smarthost_upstream_up"] == nil; _, fams = scrapeMetrics(t, r) {
+		if time.Now().After(deadline) {
+			t.Fatal("no smarthost_upstream_up after a delivery attempt")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	// A relay on a PostgreSQL queue shows the database's metrics too.
 	q := newSharedQueue(t, false)
 	pg := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: down, QueueExtra: q.config("")}))

@@ -379,6 +379,7 @@ type stateCollector struct {
 	oldestAge      *prometheus.Desc
 	recovered      *prometheus.Desc
 	upstreamUp     *prometheus.Desc
+	upstreamState  *prometheus.Desc
 	rateLimitWait  *prometheus.Desc
 	rateLimitedCnt *prometheus.Desc
 	tokenExpiry    *prometheus.Desc
@@ -413,8 +414,11 @@ func newStateCollector() *stateCollector {
 			"Deliveries found interrupted when the queue was opened: these messages may reach their recipients twice.",
 			nil, nil),
 		upstreamUp: prometheus.NewDesc("smarthost_upstream_up",
-			"1 while the upstream is used, 0 while it is left out after failing.",
+			"1 while the upstream is used, 0 while it is left out after failing; absent until the first delivery reaches it or fails to (see smarthost_upstream_state).",
 			[]string{"upstream"}, nil),
+		upstreamState: prometheus.NewDesc("smarthost_upstream_state",
+			"1 for the upstream's current state, 0 for the others: unknown (not contacted yet), up or down.",
+			[]string{"upstream", "state"}, nil),
 		rateLimitWait: prometheus.NewDesc("smarthost_upstream_rate_limit_wait_seconds_total",
 			"Time deliveries spent waiting for a slot under the upstream's rate limit.",
 			[]string{"upstream"}, nil),
@@ -471,7 +475,7 @@ func (c *stateCollector) setUpstreams(f func() []upstream.State) {
 
 // Describe implements prometheus.Collector.
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.queueMessages, c.oldestAge, c.recovered, c.upstreamUp, c.rateLimitWait, c.rateLimitedCnt, c.tokenExpiry,
+	for _, d := range []*prometheus.Desc{c.queueMessages, c.oldestAge, c.recovered, c.upstreamUp, c.upstreamState, c.rateLimitWait, c.rateLimitedCnt, c.tokenExpiry,
 		c.dbConnections, c.dbMaxConnections, c.dbAcquires, c.dbAcquireWaits, c.dbAcquireWait, c.leaseTakeovers, c.webhookPending, c.webhookOldestAge} {
 		ch <- d
 	}
@@ -525,11 +529,23 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if upstreams != nil {
 		for _, u := range upstreams() {
-			up := 0.0
-			if u.Up {
-				up = 1
+			for _, state := range []string{upstream.StateUnknown, upstream.StateUp, upstream.StateDown} {
+				v := 0.0
+				if u.State == state {
+					v = 1
+				}
+				ch <- prometheus.MustNewConstMetric(c.upstreamState, prometheus.GaugeValue, v, u.Name, state)
 			}
-			ch <- prometheus.MustNewConstMetric(c.upstreamUp, prometheus.GaugeValue, up, u.Name)
+			// An upstream not contacted yet is neither: a 1 would hide
+			// one that refuses every connection, a 0 would alert on an
+			// idle backup.
+			if u.State != upstream.StateUnknown {
+				up := 0.0
+				if u.Up {
+					up = 1
+				}
+				ch <- prometheus.MustNewConstMetric(c.upstreamUp, prometheus.GaugeValue, up, u.Name)
+			}
 			ch <- prometheus.MustNewConstMetric(c.rateLimitWait, prometheus.CounterValue, u.RateLimitWaited.Seconds(), u.Name)
 			ch <- prometheus.MustNewConstMetric(c.rateLimitedCnt, prometheus.CounterValue, float64(u.RateLimited), u.Name)
 			if !u.TokenExpiry.IsZero() {

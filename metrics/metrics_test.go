@@ -200,8 +200,9 @@ func TestStateCollector(t *testing.T) {
 	m.SetQueue(fakeQueue{stats: queue.Stats{Queued: 5, Held: 2, InFlight: 1, Oldest: now.Add(-90 * time.Second)}, recovered: 3})
 	m.SetUpstreams(func() []upstream.State {
 		return []upstream.State{
-			{Name: "ses", Up: true, RateLimitWaited: 1500 * time.Millisecond, RateLimited: 4},
-			{Name: "backup", Up: false},
+			{Name: "ses", State: upstream.StateUp, Up: true, RateLimitWaited: 1500 * time.Millisecond, RateLimited: 4},
+			{Name: "backup", State: upstream.StateDown, Up: false},
+			{Name: "spare", State: upstream.StateUnknown, Up: false},
 		}
 	})
 	f := scrape(t, reg, nil)
@@ -217,6 +218,12 @@ func TestStateCollector(t *testing.T) {
 		{"smarthost_queue_recovered_messages", nil, 3},
 		{"smarthost_upstream_up", []string{"upstream", "ses"}, 1},
 		{"smarthost_upstream_up", []string{"upstream", "backup"}, 0},
+		{"smarthost_upstream_state", []string{"upstream", "ses", "state", "up"}, 1},
+		{"smarthost_upstream_state", []string{"upstream", "ses", "state", "unknown"}, 0},
+		{"smarthost_upstream_state", []string{"upstream", "backup", "state", "down"}, 1},
+		{"smarthost_upstream_state", []string{"upstream", "backup", "state", "up"}, 0},
+		{"smarthost_upstream_state", []string{"upstream", "spare", "state", "unknown"}, 1},
+		{"smarthost_upstream_state", []string{"upstream", "spare", "state", "down"}, 0},
 		{"smarthost_upstream_rate_limit_wait_seconds_total", []string{"upstream", "ses"}, 1.5},
 		{"smarthost_upstream_rate_limited_total", []string{"upstream", "ses"}, 4},
 	}
@@ -225,10 +232,14 @@ func TestStateCollector(t *testing.T) {
 			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
 		}
 	}
+	// Not contacted yet: neither up nor down.
+	if n := len(f["smarthost_upstream_up"].GetMetric()); n != 2 {
+		t.Errorf("%d upstream_up series, want 2: none for the unknown upstream", n)
+	}
 
 	// A reload replaces the Deliverer: the next scrape reads the new one,
 	// and an upstream it no longer has is gone.
-	m.SetUpstreams(func() []upstream.State { return []upstream.State{{Name: "ses", Up: true}} })
+	m.SetUpstreams(func() []upstream.State { return []upstream.State{{Name: "ses", State: upstream.StateUp, Up: true}} })
 	m.SetQueue(fakeQueue{})
 	f = scrape(t, reg, nil)
 	if n := len(f["smarthost_upstream_up"].GetMetric()); n != 1 {
@@ -299,7 +310,7 @@ func fullRegistry() *prometheus.Registry {
 	m.InitLabels([]string{"submission"}, []string{"ses"})
 	m.InitUsers([]string{"billing"})
 	m.SetQueue(fakeQueue{})
-	m.SetUpstreams(func() []upstream.State { return []upstream.State{{Name: "ses", Up: true}} })
+	m.SetUpstreams(func() []upstream.State { return []upstream.State{{Name: "ses", State: upstream.StateUp, Up: true}} })
 	m.SetWebhooks(fakeWebhooks{}, []string{"billing"})
 	return reg
 }
@@ -353,6 +364,7 @@ func TestAllNamesExposed(t *testing.T) {
 		"smarthost_delivery_duration_seconds":                    dto.MetricType_HISTOGRAM,
 		"smarthost_upstream_transaction_seconds":                 dto.MetricType_HISTOGRAM,
 		"smarthost_upstream_up":                                  dto.MetricType_GAUGE,
+		"smarthost_upstream_state":                               dto.MetricType_GAUGE,
 		"smarthost_upstream_rate_limit_wait_seconds_total":       dto.MetricType_COUNTER,
 		"smarthost_upstream_rate_limited_total":                  dto.MetricType_COUNTER,
 		"smarthost_queue_recovered_messages":                     dto.MetricType_GAUGE,

@@ -11,7 +11,7 @@ import (
 // reload reads the configuration file at path again, on SIGHUP, and
 // applies what can change while the relay runs, without dropping a
 // connection or a queued message: users, DKIM keys, upstreams and routes,
-// the certificate files and shutdown_timeout. Keys that need a restart
+// their secrets, the certificate files and shutdown_timeout. Keys that need a restart
 // keep their running values, with a warning naming them. A configuration
 // with any problem is rejected whole, the problems logged, and the
 // running one kept. The outcome goes to onReload.
@@ -26,6 +26,9 @@ func (in *instance) reload(path string) error {
 			// still makes a renewed pair count at once.
 			in.certs.Reload()
 		}
+		// Nor are the secret files: a rotated password counts all the
+		// same.
+		in.applySecrets()
 	}
 	if in.onReload != nil {
 		in.onReload(err)

@@ -165,8 +165,13 @@ type instance struct {
 	ready    atomic.Bool // /readyz: everything is up and not shutting down
 	failed   chan error  // a component stopped on its own
 
-	reloadMu sync.Mutex     // one reload at a time; guards cfg
+	reloadMu sync.Mutex     // one reload at a time; guards cfg and secretFailure
 	cfg      *config.Config // in effect: the last one reloaded, with the values that need a restart kept
+	// secretFailure is the failure to read the secret files last logged,
+	// to log each once.
+	secretFailure string
+	stopSecrets   chan struct{} // closed to stop watchSecrets
+	secretsDone   chan struct{} // closed when watchSecrets returns
 	// onReload, if set, is told the outcome of every reload, nil for
 	// success, for the smarthost_config_reloads_total and
 	// smarthost_config_last_reload_success_timestamp_seconds metrics.
@@ -372,6 +377,11 @@ func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
 	if certs != nil {
 		certs.Start()
 	}
+	inst.stopSecrets, inst.secretsDone = make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(inst.secretsDone)
+		inst.watchSecrets(secretInterval, inst.stopSecrets)
+	}()
 	inst.ready.Store(true)
 	return inst, nil
 }
@@ -482,6 +492,10 @@ func (in *instance) shutdown(ctx context.Context) error {
 	cancel()
 	if in.certs != nil {
 		in.certs.Close()
+	}
+	if in.stopSecrets != nil {
+		close(in.stopSecrets)
+		<-in.secretsDone
 	}
 	// Idle upstream connections are closed once no delivery can use them.
 	in.delivery.Close()

@@ -94,6 +94,7 @@ type Server struct {
 	mailReply    func(string) *smtp.SMTPError
 	rcptReply    func(string) *smtp.SMTPError
 	dataReply    func(string, []string, []byte) *smtp.SMTPError
+	password     string // accepted by AUTH; see SetPassword
 	msgs         []Message
 	changed      chan struct{} // closed and replaced when msgs grows
 	conns        []*conn
@@ -135,6 +136,7 @@ func Start(t testing.TB, opts Options) *Server {
 		mailReply:  opts.MailReply,
 		rcptReply:  opts.RcptReply,
 		dataReply:  opts.DataReply,
+		password:   opts.Password,
 		changed:    make(chan struct{}),
 		connEvent:  make(chan struct{}),
 	}
@@ -186,6 +188,14 @@ func (s *Server) SetDataReply(f func(from string, to []string, data []byte) *smt
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.dataReply = f
+}
+
+// SetPassword changes the password AUTH accepts from now on, as when a
+// provider's credentials are rotated; sessions already logged in stay so.
+func (s *Server) SetPassword(password string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.password = password
 }
 
 // Messages returns copies of the messages accepted so far.
@@ -552,15 +562,17 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 	return nil, smtp.ErrAuthUnknownMechanism
 }
 
-func (s *Server) recordAuth(username string) {
+// recordAuth records a login attempt and returns the password accepted.
+func (s *Server) recordAuth(username string) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.authAttempts = append(s.authAttempts, username)
+	return s.password
 }
 
 func (ss *session) login(username, password string) error {
-	ss.s.recordAuth(username)
-	if username != ss.s.opts.Username || password != ss.s.opts.Password {
+	want := ss.s.recordAuth(username)
+	if username != ss.s.opts.Username || password != want {
 		return smtp.ErrAuthFailed
 	}
 	ss.authUser = username

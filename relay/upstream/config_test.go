@@ -92,11 +92,14 @@ func TestTakeOverHealth(t *testing.T) {
 	// Pointed at another server: a fresh start.
 	c := smtptest.Start(t, smtptest.Options{})
 	d.SetConfig(testConfig(plainUpstream("a", c), plainUpstream("b", b)))
-	if st := stateOf(t, d, "a"); !st.Up || st.Attempts != 0 || st.Failures != 0 {
-		t.Errorf("a after it moved: %+v", st)
+	if st := stateOf(t, d, "a"); st.State != StateUnknown || st.Up || st.Attempts != 0 || st.Failures != 0 {
+		t.Errorf("a after it moved: %+v; want unknown until contact", st)
 	}
 	res = deliver(t, d, testMessage("app@example.com", "z@example.net"), deliverBody)
 	checkResult(t, res[0], "z@example.net", queue.Delivered, "250 ", "a")
+	if st := stateOf(t, d, "a"); st.State != StateUp || !st.Up {
+		t.Errorf("a after a delivery: %+v", st)
+	}
 }
 
 // TestSetConfigRateWindowByName: an upstream that a reload points at

@@ -177,7 +177,7 @@ func (d *Deliverer) deliverRoute(ctx context.Context, s *setup, m queue.Message,
 		todo[i] = i
 	}
 	var skips []skip
-	for _, name := range route.Upstreams {
+	for k, name := range route.Upstreams {
 		if len(todo) == 0 {
 			break
 		}
@@ -212,7 +212,7 @@ func (d *Deliverer) deliverRoute(ctx context.Context, s *setup, m queue.Message,
 			data = body.WithHead(rewriteHeaderFrom(body.Head(), up.EnvelopeFrom))
 		}
 		start := time.Now()
-		a := d.try(ctx, up, ep, from, sub, data)
+		a := d.try(ctx, up, ep, from, sub, data, k == len(route.Upstreams)-1)
 		if a.skip != nil {
 			d.Logger.LogAttrs(ctx, slog.LevelDebug, "upstream left out",
 				slog.String("queue_id", m.ID), slog.String("upstream", up.Name), slog.String("reason", a.skip.reply))
@@ -387,8 +387,9 @@ type attempt struct {
 const probeRetry = 2 * time.Second
 
 // try delivers to rcpts through up, or leaves up out when it is down or its
-// rate limit is further away than MaxRateWait.
-func (d *Deliverer) try(ctx context.Context, up *Upstream, ep *endpoint, from string, rcpts []string, body queue.Body) attempt {
+// rate limit is further away than MaxRateWait. last says that up is the
+// last upstream of the route: the message has no other way to go.
+func (d *Deliverer) try(ctx context.Context, up *Upstream, ep *endpoint, from string, rcpts []string, body queue.Body, last bool) attempt {
 	now := d.Now()
 	probe, health, err := ep.health.Admit(ctx, now)
 	if err != nil {
@@ -407,7 +408,7 @@ func (d *Deliverer) try(ctx context.Context, up *Upstream, ep *endpoint, from st
 	}
 	release, until, err := d.takeRateSlot(ctx, up, ep)
 	if err != nil || release == nil {
-		d.report(ctx, up, ep, probe, HealthNone, "")
+		d.report(ctx, up, ep, probe, last, HealthNone, "")
 		if err != nil {
 			return failAll(rcpts, up.Name, replyText(err), err) // no text of the upstream
 		}
@@ -435,7 +436,7 @@ func (d *Deliverer) try(ctx context.Context, up *Upstream, ep *endpoint, from st
 			ev = HealthMisconfigured
 		}
 		reply := redactorFor(up, ep.tokens).Replace(replyText(err))
-		d.report(ctx, up, ep, probe, ev, reply)
+		d.report(ctx, up, ep, probe, last, ev, reply)
 		return failAll(rcpts, up.Name, reply, err)
 	}
 	tx := d.transact(uc, from, rcpts, body)
@@ -459,7 +460,7 @@ func (d *Deliverer) try(ctx context.Context, up *Upstream, ep *endpoint, from st
 		tx.results[i].Reply = red.Replace(tx.results[i].Reply)
 	}
 	tx.healthReason = red.Replace(tx.healthReason)
-	d.report(ctx, up, ep, probe, tx.health, tx.healthReason)
+	d.report(ctx, up, ep, probe, last, tx.health, tx.healthReason)
 	return attempt{results: tx.results, failover: tx.failover, err: tx.err}
 }
 

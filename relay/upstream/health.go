@@ -199,14 +199,20 @@ func (d *Deliverer) healthPolicy() HealthPolicy {
 }
 
 // report records what an attempt through up showed about its health;
-// probe says whether the attempt was the probe that Admit allowed. It
-// logs when the upstream goes down or comes back up.
-func (d *Deliverer) report(ctx context.Context, up *Upstream, ep *endpoint, probe bool, ev HealthEvent, reason string) {
+// probe says whether the attempt was the probe that Admit allowed, and
+// last whether the message had no upstream after up (see
+// endpoint.stranded). It logs when the upstream goes down or comes back
+// up.
+func (d *Deliverer) report(ctx context.Context, up *Upstream, ep *endpoint, probe, last bool, ev HealthEvent, reason string) {
 	switch {
 	case ev == HealthNone && !probe:
 		return // nothing to record
 	case ev == HealthFailed || ev == HealthMisconfigured:
 		ep.counters.failures.Add(1)
+	}
+	if ev != HealthNone {
+		ep.contacted.Store(true)
+		ep.stranded.Store(ev != HealthOK && last)
 	}
 	now := d.Now()
 	// Recorded even for a delivery that was cancelled: it is about the

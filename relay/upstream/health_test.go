@@ -2,6 +2,7 @@ package upstream
 
 import (
 	"context"
+	"net"
 	"reflect"
 	"strings"
 	"sync"
@@ -326,5 +327,65 @@ func TestLocalHealth(t *testing.T) {
 	_, after, _ = h.Report(ctx, t0.Add(14*time.Second), HealthReport{Event: HealthMisconfigured, Reason: "535", Policy: p})
 	if !after.Down || !after.DownUntil.Equal(t0.Add(24*time.Second)) {
 		t.Fatalf("after a refused login: %+v", after)
+	}
+}
+
+// TestUpstreamStateUnknownUntilContact: an upstream is unknown until a
+// delivery reaches it or fails to. One that refuses the connection, with
+// no other upstream after it, is reported down at the first failure yet
+// still tried by the next delivery; one that fails over to another stays
+// up until DownAfter failures; a success makes it up again.
+func TestUpstreamStateUnknownUntilContact(t *testing.T) {
+	b := smtptest.Start(t, smtptest.Options{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused := ln.Addr().String()
+	ln.Close() // nothing listens: connections are refused
+
+	a := Upstream{Name: "a", Address: refused, TLS: mailproto.TLSNone}
+	env := newDeliverer(t, a, plainUpstream("b", b))
+	env.d.DownAfter = 3
+	for _, name := range []string{"a", "b"} {
+		if st := stateOf(t, env.d, name); st.State != StateUnknown || st.Up {
+			t.Errorf("%s before any delivery: %+v, want unknown", name, st)
+		}
+	}
+
+	// a, then b: a failed but the message went on to b.
+	res := deliver(t, env.d, testMessage("app@example.com", "r1@example.net"), deliverBody)
+	checkResult(t, res[0], "r1@example.net", queue.Delivered, "250 ", "b")
+	if st := stateOf(t, env.d, "a"); st.State != StateUp || st.ConsecutiveFailures != 1 {
+		t.Errorf("a after a failure with a way out: %+v, want up", st)
+	}
+	if st := stateOf(t, env.d, "b"); st.State != StateUp || !st.Up {
+		t.Errorf("b after a delivery: %+v, want up", st)
+	}
+
+	// a alone: the message has no other way.
+	env.d.SetConfig(testConfig(a))
+	res = deliver(t, env.d, testMessage("app@example.com", "r2@example.net"), deliverBody)
+	if res[0].State != queue.Pending {
+		t.Fatalf("result %+v, want pending", res[0])
+	}
+	st := stateOf(t, env.d, "a")
+	if st.State != StateDown || st.Up || !st.DownUntil.IsZero() || st.Attempts != 2 {
+		t.Errorf("a after a failure with no way out: %+v, want down and still tried", st)
+	}
+	// Tried again: the third failure in a row leaves it out until a probe.
+	deliver(t, env.d, testMessage("app@example.com", "r3@example.net"), deliverBody)
+	if st := stateOf(t, env.d, "a"); st.Attempts != 3 || st.State != StateDown || st.DownUntil.IsZero() {
+		t.Errorf("a after a third failure: %+v, want tried again and left out", st)
+	}
+
+	// Back: a listens again.
+	up := smtptest.Start(t, smtptest.Options{Addr: refused})
+	env.d.ProbeNow()
+	res = deliver(t, env.d, testMessage("app@example.com", "r4@example.net"), deliverBody)
+	checkResult(t, res[0], "r4@example.net", queue.Delivered, "250 ", "a")
+	up.WaitMessages(t, 1, 5*time.Second)
+	if st := stateOf(t, env.d, "a"); st.State != StateUp || !st.Up {
+		t.Errorf("a after a delivery: %+v, want up", st)
 	}
 }

@@ -690,8 +690,10 @@ func TestDeliverOAuthTokenEndpointDown(t *testing.T) {
 	if len(e.up.auths()) != 0 {
 		t.Errorf("AUTH tried without a token")
 	}
-	if st := stateOf(t, e.d, "oauth"); !st.Up || st.ConsecutiveFailures != 1 {
-		t.Errorf("state %+v: one failure, not down at once", st)
+	// Reported down, since the message had no other way, but not left
+	// out: one failure is not DownAfter in a row.
+	if st := stateOf(t, e.d, "oauth"); st.State != StateDown || st.ConsecutiveFailures != 1 || !st.DownUntil.IsZero() {
+		t.Errorf("state %+v: one failure, reported down and not left out", st)
 	}
 	e.checkNoSecrets(t, r.Reply)
 }

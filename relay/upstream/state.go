@@ -18,6 +18,16 @@ type endpoint struct {
 	pool     *pool
 	tokens   *tokenCache // for an OAuth2 upstream; nil otherwise
 	counters counters
+	// contacted: an attempt learnt something of the upstream's health
+	// (HealthOK, HealthFailed or HealthMisconfigured); until then its
+	// state is StateUnknown.
+	contacted atomic.Bool
+	// stranded: the last attempt failed at the connection level and
+	// the message had no upstream after this one. The upstream is
+	// reported down (StateDown) at once, as the message could not leave,
+	// though deliveries still try it until DownAfter failures in a row
+	// leave it out.
+	stranded atomic.Bool
 }
 
 // newEndpoint starts the endpoint of up: up, with an empty rate-limit
@@ -51,12 +61,30 @@ type counters struct {
 	rateLimited atomic.Uint64
 }
 
+// The states of an upstream, State.State.
+const (
+	// StateUnknown: no delivery has reached the upstream or failed to,
+	// since the Deliverer started or its endpoint or login changed.
+	StateUnknown = "unknown"
+	// StateUp: the upstream answered, and is used.
+	StateUp = "up"
+	// StateDown: the upstream is left out after failing, until a probe;
+	// or the last attempt through it, with no other upstream after it in
+	// the message's route, failed at the connection level.
+	StateDown = "down"
+)
+
 // State is a snapshot of one upstream's health, connections and
 // counters, for the HTTP API and metrics.
 type State struct {
 	Name string `json:"name"`
-	// Up is false while the upstream is left out of deliveries after
-	// failing, including while a probe is in flight.
+	// State is StateUnknown until the first contact, then StateUp or
+	// StateDown.
+	State string `json:"state"`
+	// Up is true in StateUp only: false while the upstream is left out
+	// of deliveries after failing, including while a probe is in flight,
+	// after a failure that left a message no other way, and before any
+	// contact.
 	Up bool `json:"up"`
 	// Since is when the upstream last went down or came back up; zero if
 	// it has been up since the Deliverer started.
@@ -109,9 +137,19 @@ func (d *Deliverer) UpstreamStates() []State {
 		}
 		open, idle := ep.pool.size()
 		c := &ep.counters
+		state := StateUp
+		switch {
+		case h.Down, ep.stranded.Load():
+			state = StateDown
+		case !ep.contacted.Load() && h.Failures == 0 && h.Since.IsZero():
+			// Shared health says nothing either: no relay of the
+			// cluster has seen it fail.
+			state = StateUnknown
+		}
 		st := State{
 			Name:                up.Name,
-			Up:                  !h.Down,
+			State:               state,
+			Up:                  state == StateUp,
 			Since:               h.Since,
 			LastError:           h.LastError,
 			ConsecutiveFailures: h.Failures,

@@ -52,6 +52,9 @@ type Config struct {
 	// provider profile to that profile's name, for check-upstream's
 	// provider-specific hints; nil when no upstream names a provider.
 	UpstreamProviders map[string]string
+	// UpstreamSecrets names, by upstream, the files its secrets were read
+	// from, which ReadSecrets reads again; nil when none has any.
+	UpstreamSecrets map[string]SecretFiles
 
 	HTTPAddress   string // [http] address, default "127.0.0.1:9090"
 	AdminTokenEnv string // env var holding the /api bearer token; "" for none
@@ -185,7 +188,7 @@ func (p *parser) config(root *table) *Config {
 	cfg.TLSCertFile, cfg.TLSKeyFile = p.servingTLS(root.sub("tls"), cfg.Listeners)
 	cfg.Limits = p.limits(root.sub("limits"))
 	cfg.DKIM = p.dkim(root, cfg.Queue.MaxAge)
-	cfg.Upstreams, cfg.UpstreamProviders = p.upstreams(root, cfg.DKIM)
+	cfg.Upstreams, cfg.UpstreamProviders, cfg.UpstreamSecrets = p.upstreams(root, cfg.DKIM)
 	cfg.Routes = p.routes(root, cfg.Upstreams)
 	users, froms := p.users(root)
 	cfg.Users = users

@@ -25,7 +25,7 @@ const DefaultUpstreamConnections = 4
 // those keys given explicitly wins. dkimKeys decide whether the header
 // From: may be rewritten. providers maps the names of the upstreams
 // configured from a profile to the profile's name.
-func (p *parser) upstreams(root *table, dkimKeys []dkim.Key) (out []upstream.Upstream, providers map[string]string) {
+func (p *parser) upstreams(root *table, dkimKeys []dkim.Key) (out []upstream.Upstream, providers map[string]string, secrets map[string]SecretFiles) {
 	tables := root.tables("upstream")
 	if len(tables) == 0 && !root.has("upstream") {
 		p.errorf("upstream", "at least one [[upstream]] is required")
@@ -101,7 +101,7 @@ func (p *parser) upstreams(root *table, dkimKeys []dkim.Key) (out []upstream.Ups
 			}
 		case hasFile:
 			if data := t.readFile("password_file", file); data != nil {
-				u.Password = strings.TrimSuffix(strings.TrimSuffix(string(data), "\n"), "\r")
+				u.Password = passwordValue(data)
 				if u.Password == "" {
 					t.errorf("password_file", "%s is empty", file)
 				}
@@ -109,7 +109,17 @@ func (p *parser) upstreams(root *table, dkimKeys []dkim.Key) (out []upstream.Ups
 		case !t.has("password_env") && !t.has("password_file") && !usesOAuth(t):
 			t.errorf("password_env", "username is set: give password_env or password_file")
 		}
-		upstreamOAuth(t, &u)
+		var files SecretFiles
+		if hasFile && username != "" && !usesOAuth(t) {
+			files.Password = file
+		}
+		upstreamOAuth(t, &u, &files)
+		if files != (SecretFiles{}) {
+			if secrets == nil {
+				secrets = map[string]SecretFiles{}
+			}
+			secrets[u.Name] = files
+		}
 
 		if f, ok := t.str("ca_file"); ok {
 			u.RootCAs = t.caPool("ca_file", f)
@@ -148,7 +158,7 @@ func (p *parser) upstreams(root *table, dkimKeys []dkim.Key) (out []upstream.Ups
 		t.done()
 		out = append(out, u)
 	}
-	return out, providers
+	return out, providers, secrets
 }
 
 // oauthKeys are the [[upstream]] keys of an OAuth2 login.
@@ -176,7 +186,7 @@ func usesOAuth(t *table) bool {
 // upstreamOAuth reads an [[upstream]]'s auth key and, for an OAuth2 login,
 // where its tokens come from: a refresh token, a Google service account,
 // or Microsoft's client credentials. Secrets come from files only.
-func upstreamOAuth(t *table, u *upstream.Upstream) {
+func upstreamOAuth(t *table, u *upstream.Upstream, files *SecretFiles) {
 	var present []string
 	for _, k := range oauthKeys {
 		if t.has(k) {
@@ -256,6 +266,7 @@ func upstreamOAuth(t *table, u *upstream.Upstream) {
 	secretFile, hasSecret := t.str("oauth_client_secret_file")
 	if hasSecret {
 		o.ClientSecret = t.secretFile("oauth_client_secret_file", secretFile)
+		files.OAuthClientSecret = secretFile
 	}
 	if scopes, ok := t.strings("oauth_scopes"); ok {
 		for i, s := range scopes {
@@ -284,6 +295,7 @@ func upstreamOAuth(t *table, u *upstream.Upstream) {
 			}
 			o.ServiceAccount = sa
 		}
+		files.OAuthServiceAccount = saFile
 		for _, k := range []string{"oauth_client_id", "oauth_client_secret_file"} {
 			if t.has(k) {
 				t.errorf(k, "not used with oauth_service_account_file: the key identifies the client")
@@ -306,6 +318,7 @@ func upstreamOAuth(t *table, u *upstream.Upstream) {
 		}
 	case hasRefresh:
 		o.RefreshToken = t.secretFile("oauth_refresh_token_file", refreshFile)
+		files.OAuthRefreshToken = refreshFile
 		// The client secret may be left out for a public client.
 		for _, k := range []string{"oauth_token_url", "oauth_client_id"} {
 			if !t.has(k) {
