@@ -166,7 +166,7 @@ func TestMessageMemoryReturned(t *testing.T) {
 	env := startPlain(t, 0, func(s *Server) {
 		s.Limits.MessageMemory = 8 << 20
 		s.Limits.MaxMessageBytes = 2 << 20
-		s.Limits.DataTimeout = 2 * time.Second
+		s.Limits.DataTimeout = 5 * time.Second // 3 MB must arrive within it under the race detector on a busy machine
 	})
 	half := largeBody("half", 500<<10)
 	loop := strings.Repeat("Received: from a by b; Sun, 22 Nov 2026 10:00:00 +0000\r\n", 60) + half
