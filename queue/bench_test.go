@@ -181,41 +181,53 @@ func benchFill(s *Store, n int) error {
 }
 
 // benchFixture returns the path of the cached store of the given size,
-// building it on first use. It is built under a temporary name and
-// renamed, so an interrupted build leaves nothing that looks finished.
+// building it on first use.
 func benchFixture(b *testing.B, size benchSize) string {
 	dir := filepath.Join(os.TempDir(), fmt.Sprintf("smarthost-queue-bench-v%d", benchFormat))
 	name := fmt.Sprintf("queue-%d.db", size.n)
+	seed := ""
 	if size.from > 0 {
 		name = fmt.Sprintf("queue-%d-from-%d.db", size.n, size.from)
+		seed = benchFixture(b, benchSize{n: size.from})
 	}
-	path := filepath.Join(dir, name)
+	return cachedFixture(b, filepath.Join(dir, name), Options{}, seed, func(s *Store) error {
+		if size.from > 0 {
+			return benchDrain(b, s, size.n)
+		}
+		return benchFill(s, size.n)
+	})
+}
+
+// cachedFixture returns path, a store that fill wrote (into a copy of
+// seed, if set), building it on first use. It is built under a temporary
+// name and renamed, so an interrupted build leaves nothing that looks
+// finished.
+func cachedFixture(b *testing.B, path string, opts Options, seed string, fill func(*Store) error) string {
 	if _, err := os.Stat(path); err == nil {
 		return path
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		b.Fatal(err)
 	}
 	start := time.Now()
 	tmp := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
-	defer os.Remove(tmp)
-	if size.from > 0 {
-		if err := copyFile(benchFixture(b, benchSize{n: size.from}), tmp); err != nil {
+	defer func() {
+		for _, p := range []string{tmp, tmp + cleanSuffix, tmp + ".spool"} {
+			os.RemoveAll(p)
+		}
+	}()
+	if seed != "" {
+		if err := copyFile(seed, tmp); err != nil {
 			b.Fatal(err)
 		}
 	}
-	s, err := Open(tmp, Options{})
+	s, err := Open(tmp, opts)
 	if err != nil {
 		b.Fatal(err)
 	}
-	if size.from > 0 {
-		err = benchDrain(b, s, size.n)
-	} else {
-		err = benchFill(s, size.n)
-	}
-	if err != nil {
+	if err := fill(s); err != nil {
 		s.Close()
-		b.Fatalf("build %s: %v", name, err)
+		b.Fatalf("build %s: %v", path, err)
 	}
 	if err := s.Close(); err != nil {
 		b.Fatal(err)

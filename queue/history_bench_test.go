@@ -165,39 +165,11 @@ func historyRecipient(i int) string { return fmt.Sprintf("customer%d@example.net
 func historyMessageID(i int) string { return fmt.Sprintf("<invoice-%d@example.com>", i) }
 
 // historyFixture returns the path of the cached store of the given size,
-// building it on first use under a temporary name.
+// building it on first use.
 func historyFixture(b *testing.B, size historySize) string {
 	dir := filepath.Join(os.TempDir(), fmt.Sprintf("smarthost-history-bench-v%d", historyBenchFormat))
-	path := filepath.Join(dir, fmt.Sprintf("history-%d.db", size.events))
-	if _, err := os.Stat(path); err == nil {
-		return path
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		b.Fatal(err)
-	}
-	start := time.Now()
-	tmp := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
-	defer func() {
-		for _, p := range []string{tmp, tmp + cleanSuffix, tmp + ".spool"} {
-			os.RemoveAll(p)
-		}
-	}()
-	s, err := Open(tmp, historyOptions)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := historyFill(s, size); err != nil {
-		s.Close()
-		b.Fatalf("build %s: %v", path, err)
-	}
-	if err := s.Close(); err != nil {
-		b.Fatal(err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		b.Fatal(err)
-	}
-	b.Logf("built %s in %v", path, time.Since(start).Round(time.Millisecond))
-	return path
+	return cachedFixture(b, filepath.Join(dir, fmt.Sprintf("history-%d.db", size.events)), historyOptions, "",
+		func(s *Store) error { return historyFill(s, size) })
 }
 
 // historyOpen opens a copy of the fixture of the given size in dir.
