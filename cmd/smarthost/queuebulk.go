@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -83,18 +82,11 @@ func (b *bulkFlags) query() string {
 // lists them.
 func (c *queueClient) bulk(cmd string, b bulkFlags, asJSON bool, stdout io.Writer) error {
 	c.http.Timeout = bulkTimeout
-	body, err := c.call(http.MethodPost, "/api/queue/"+cmd+"?"+b.query())
-	if err != nil {
+	res, err := answer[metrics.ActionResult](c, http.MethodPost, "/api/queue/"+cmd+"?"+b.query(), asJSON, stdout)
+	if err != nil || res == nil {
 		return err
 	}
-	if asJSON {
-		return printJSON(stdout, body)
-	}
-	var res metrics.ActionResult
-	if err := json.Unmarshal(body, &res); err != nil {
-		return fmt.Errorf("server sent an unexpected answer: %w", err)
-	}
-	printBulk(stdout, res)
+	printBulk(stdout, *res)
 	return nil
 }
 

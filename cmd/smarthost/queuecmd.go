@@ -399,34 +399,45 @@ func (c *queueClient) run(cmd string, ids []string, asJSON bool, stdout io.Write
 	default: // retry, hold, release
 		method, path = http.MethodPost, "/api/queue/"+url.PathEscape(ids[0])+"/"+cmd
 	}
-	body, err := c.call(method, path)
-	if err != nil {
-		return err
-	}
-	if asJSON {
-		return printJSON(stdout, body)
-	}
 	switch cmd {
 	case "list":
-		var msgs []metrics.MessageInfo
-		if err := json.Unmarshal(body, &msgs); err != nil {
-			return fmt.Errorf("server sent an unexpected answer: %w", err)
+		msgs, err := answer[[]metrics.MessageInfo](c, method, path, asJSON, stdout)
+		if err != nil || msgs == nil {
+			return err
 		}
-		printQueueList(stdout, msgs, c.now())
+		printQueueList(stdout, *msgs, c.now())
 	case "show":
-		var m metrics.MessageInfo
-		if err := json.Unmarshal(body, &m); err != nil {
-			return fmt.Errorf("server sent an unexpected answer: %w", err)
+		m, err := answer[metrics.MessageInfo](c, method, path, asJSON, stdout)
+		if err != nil || m == nil {
+			return err
 		}
-		printQueueMessage(stdout, m, c.now())
+		printQueueMessage(stdout, *m, c.now())
 	default:
-		var res metrics.ActionResult
-		if err := json.Unmarshal(body, &res); err != nil {
-			return fmt.Errorf("server sent an unexpected answer: %w", err)
+		res, err := answer[metrics.ActionResult](c, method, path, asJSON, stdout)
+		if err != nil || res == nil {
+			return err
 		}
-		fmt.Fprintln(stdout, actionLine(res))
+		fmt.Fprintln(stdout, actionLine(*res))
 	}
 	return nil
+}
+
+// answer sends one request and returns its answer decoded as a T; with
+// asJSON it prints the answer as the API sent it instead, and returns
+// nil.
+func answer[T any](c *queueClient, method, path string, asJSON bool, stdout io.Writer) (*T, error) {
+	body, err := c.call(method, path)
+	if err != nil {
+		return nil, err
+	}
+	if asJSON {
+		return nil, printJSON(stdout, body)
+	}
+	var v T
+	if err := json.Unmarshal(body, &v); err != nil {
+		return nil, fmt.Errorf("server sent an unexpected answer: %w", err)
+	}
+	return &v, nil
 }
 
 // printJSON writes the API's answer body indented, for -json.

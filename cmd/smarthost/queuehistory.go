@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -58,17 +57,11 @@ func findQuery(bf bulkFlags, ff findFlags, now time.Time) (url.Values, error) {
 
 // find prints the messages, queued or gone, that q selects, newest first.
 func (c *queueClient) find(q url.Values, asJSON bool, stdout io.Writer) error {
-	body, err := c.call(http.MethodGet, "/api/messages?"+q.Encode())
-	if err != nil {
+	page, err := answer[[]metrics.MessageHistory](c, http.MethodGet, "/api/messages?"+q.Encode(), asJSON, stdout)
+	if err != nil || page == nil {
 		return err
 	}
-	if asJSON {
-		return printJSON(stdout, body)
-	}
-	var found []metrics.MessageHistory
-	if err := json.Unmarshal(body, &found); err != nil {
-		return fmt.Errorf("server sent an unexpected answer: %w", err)
-	}
+	found := *page
 	if len(found) == 0 {
 		fmt.Fprintln(stdout, "no message found")
 		return nil
@@ -85,16 +78,9 @@ func (c *queueClient) find(q url.Values, asJSON bool, stdout io.Writer) error {
 // history prints one message's history: what it is, then its events in
 // order.
 func (c *queueClient) history(id string, asJSON bool, stdout io.Writer) error {
-	body, err := c.call(http.MethodGet, "/api/messages/"+url.PathEscape(id))
-	if err != nil {
+	h, err := answer[metrics.MessageHistory](c, http.MethodGet, "/api/messages/"+url.PathEscape(id), asJSON, stdout)
+	if err != nil || h == nil {
 		return err
-	}
-	if asJSON {
-		return printJSON(stdout, body)
-	}
-	var h metrics.MessageHistory
-	if err := json.Unmarshal(body, &h); err != nil {
-		return fmt.Errorf("server sent an unexpected answer: %w", err)
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
