@@ -4,7 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,6 +15,23 @@ import (
 	"smarthost/internal/testwait"
 )
 
+// startMixedUpstream is an upstream that refuses gone@example.net for
+// good (550 5.1.1), defers later@example.net once (451 4.2.0) and takes
+// every other recipient: the three outcomes of one message.
+func startMixedUpstream(t *testing.T, pki *testpki.PKI) *smtptest.Server {
+	t.Helper()
+	var deferredOnce atomic.Bool
+	return startUpstream(t, pki, smtptest.Options{RcptReply: func(to string) *smtp.SMTPError {
+		switch {
+		case to == "gone@example.net":
+			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "No such user gone"}
+		case to == "later@example.net" && deferredOnce.CompareAndSwap(false, true):
+			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 2, 0}, Message: "Mailbox busy, try later"}
+		}
+		return nil
+	}})
+}
+
 // TestRecipientLogLines: three recipients, of which the upstream refuses
 // one with 550 and defers one once with 451: the log has exactly one line
 // per recipient outcome, each with that recipient's own address and
@@ -24,23 +41,7 @@ import (
 func TestRecipientLogLines(t *testing.T) {
 	t.Parallel()
 	pki := testpki.New(t)
-	var mu sync.Mutex
-	deferredOnce := false
-	up := smtptest.Start(t, smtptest.Options{
-		TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword,
-		RcptReply: func(to string) *smtp.SMTPError {
-			mu.Lock()
-			defer mu.Unlock()
-			switch {
-			case to == "gone@example.net":
-				return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "No such user gone"}
-			case to == "later@example.net" && !deferredOnce:
-				deferredOnce = true
-				return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 2, 0}, Message: "Mailbox busy, try later"}
-			}
-			return nil
-		},
-	})
+	up := startMixedUpstream(t, pki)
 	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: up.Addr()}))
 	s := connect(t, r.addr, pki)
 	defer s.close()
@@ -118,23 +119,7 @@ func TestRecipientLogLines(t *testing.T) {
 func TestMessageHistory(t *testing.T) {
 	t.Parallel()
 	pki := testpki.New(t)
-	var mu sync.Mutex
-	deferredOnce := false
-	up := smtptest.Start(t, smtptest.Options{
-		TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword,
-		RcptReply: func(to string) *smtp.SMTPError {
-			mu.Lock()
-			defer mu.Unlock()
-			switch {
-			case to == "gone@example.net":
-				return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "No such user gone"}
-			case to == "later@example.net" && !deferredOnce:
-				deferredOnce = true
-				return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 2, 0}, Message: "Mailbox busy"}
-			}
-			return nil
-		},
-	})
+	up := startMixedUpstream(t, pki)
 	r := startRelay(t, writeConfig(t, relayConfig{PKI: pki, UpstreamAddr: up.Addr(), Extra: "[history]\nretention = \"6s\"\n"}))
 	s := connect(t, r.addr, pki)
 	defer s.close()

@@ -18,8 +18,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/emersion/go-smtp"
-
 	"smarthost/internal/smtptest"
 	"smarthost/internal/testpki"
 	"smarthost/internal/testwait"
@@ -139,23 +137,7 @@ func (r *receiver) posts() []hookPost {
 func TestWebhooks(t *testing.T) {
 	t.Parallel()
 	pki := testpki.New(t)
-	var mu sync.Mutex
-	deferredOnce := false
-	up := smtptest.Start(t, smtptest.Options{
-		TLS: smtptest.TLSImplicit, TLSConfig: pki.ServerTLS(), Username: upUser, Password: upPassword,
-		RcptReply: func(to string) *smtp.SMTPError {
-			mu.Lock()
-			defer mu.Unlock()
-			switch {
-			case to == "gone@example.net":
-				return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "No such user gone"}
-			case to == "later@example.net" && !deferredOnce:
-				deferredOnce = true
-				return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 2, 0}, Message: "Mailbox busy"}
-			}
-			return nil
-		},
-	})
+	up := startMixedUpstream(t, pki)
 	key := make([]byte, 32)
 	rand.Read(key)
 	rcv := startReceiver(t, "", key, 2)
