@@ -621,3 +621,14 @@ func TestAttemptEventsTried(t *testing.T) {
 		t.Errorf("events %+v\nwant %+v", evs, want)
 	}
 }
+
+// TestRecipientOutcomesAreEvents: each outcome a recipient's log line
+// names is an event type of the history, by the same name.
+func TestRecipientOutcomesAreEvents(t *testing.T) {
+	events := map[EventType]bool{EventDelivered: true, EventDeferred: true, EventBounced: true, EventExpired: true}
+	for _, o := range RecipientOutcomes() {
+		if !events[EventType(o)] {
+			t.Errorf("outcome %q is no event type", o)
+		}
+	}
+}

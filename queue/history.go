@@ -177,6 +177,8 @@ func attemptEvents(m Message, out outcome, dsns []DSN, now time.Time) []Event {
 			})
 		}
 		evs = append(evs, Event{
+			// A recipient's outcomes (RecipientOutcomes) are named as
+			// the events that record them.
 			At: now, Type: EventType(ro.outcome), Attempt: m.Attempts,
 			Rcpt: ro.Addr, Upstream: ro.Upstream, Relay: ro.relay, Reply: ro.Reply,
 		})
