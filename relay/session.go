@@ -191,14 +191,8 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	// slot; a slot counts only if the message is then accepted.
 	s.releaseSlots(false)
 	if key, r := s.messageLimit(); r.N > 0 {
-		ok, err := s.take(key, r)
-		if err != nil {
-			s.log.Error("rate limit window not read", "error", err)
-			return s.reject(ReasonInternal, errInternal)
-		}
-		if !ok {
-			s.rateLimited()
-			return s.reject(ReasonRateLimited, errRateLimited, "from", from, "limit", "rate_limit")
+		if err := s.limit(key, r, errRateLimited, "from", from, "limit", "rate_limit"); err != nil {
+			return err
 		}
 	}
 	s.mu.Lock()
@@ -229,20 +223,29 @@ func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 			return s.reject(ReasonRecipientNotAllowed, errRcptDenied, "to", to)
 		}
 		if r := u.RecipientLimit; r.N > 0 {
-			ok, err := s.take("user-recipients:"+u.Name, r)
-			if err != nil {
-				s.log.Error("rate limit window not read", "error", err)
-				return s.reject(ReasonInternal, errInternal)
-			}
-			if !ok {
-				s.rateLimited()
-				return s.reject(ReasonRateLimited, errRcptLimited, "to", to, "limit", "recipient_limit")
+			if err := s.limit("user-recipients:"+u.Name, r, errRcptLimited, "to", to, "limit", "recipient_limit"); err != nil {
+				return err
 			}
 		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.rcpts = append(s.rcpts, to)
+	return nil
+}
+
+// limit takes a slot of the window key under the limit r, and refuses
+// with over, logged with attrs, when the window is full.
+func (s *session) limit(key string, r upstream.Rate, over *smtp.SMTPError, attrs ...any) error {
+	ok, err := s.take(key, r)
+	if err != nil {
+		s.log.Error("rate limit window not read", "error", err)
+		return s.reject(ReasonInternal, errInternal)
+	}
+	if !ok {
+		s.rateLimited()
+		return s.reject(ReasonRateLimited, over, attrs...)
+	}
 	return nil
 }
 
