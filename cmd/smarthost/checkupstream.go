@@ -70,7 +70,13 @@ func runCheckUpstream(args []string, stdout, stderr io.Writer) int {
 			}
 		}
 	}
-	cfg, err := config.Load(*path)
+	// Only the upstreams' secrets are read, and only NAME's when given:
+	// one upstream can be checked without the others' credentials.
+	only := ""
+	if len(names) == 1 {
+		only = names[0]
+	}
+	cfg, err := config.LoadFiltered(*path, config.UpstreamSecrets(only))
 	if err != nil {
 		printConfigErrors(stderr, *path, err)
 		return 2

@@ -260,3 +260,53 @@ upstreams = ["gmail"]`,
 		t.Errorf("no Gmail hint:\n%s", stdout)
 	}
 }
+
+// TestCheckWithoutOtherSecrets: check-upstream NAME needs only NAME's
+// secret, and check-config -no-secrets none, where check-config needs all.
+func TestCheckWithoutOtherSecrets(t *testing.T) {
+	f := configtest.NewFiles(t)
+	up := smtptest.Start(t, smtptest.Options{TLS: smtptest.TLSImplicit, TLSConfig: f.PKI.ServerTLS(),
+		Username: checkLogin, Password: checkPassword})
+	pw := configtest.WriteFile(t, t.TempDir(), "upstream-password", checkPassword+"\n")
+	text := f.Config(map[string]string{
+		"dkim": "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"{{MISSING}}\"",
+		"upstream": fmt.Sprintf(`[[upstream]]
+name = "good"
+address = %q
+tls = "implicit"
+username = %q
+password_file = %q
+ca_file = %q
+
+[[upstream]]
+name = "other"
+address = "127.0.0.1:2525"
+tls = "none"
+username = "u"
+password_env = "SMARTHOST_TEST_UNSET_PW"`, up.Addr(), checkLogin, pw, f.PKI.CAFile),
+		"route": "[[route]]\nfrom_domain = \"example.com\"\nupstreams = [\"good\", \"other\"]",
+	})
+	path := configtest.WriteFile(t, t.TempDir(), "config.toml", text)
+
+	stdout, stderr, code := runCheck(t, "-config", path, "-timeout", "10s", "good")
+	if code != 0 || !strings.Contains(stdout, "good") {
+		t.Errorf("check-upstream good: exit %d\n%s%s", code, stdout, stderr)
+	}
+	stdout, stderr, code = runCheck(t, "-config", path, "other")
+	if code != 2 || !strings.Contains(stderr, "upstream[1].password_env: environment variable SMARTHOST_TEST_UNSET_PW is not set or empty") ||
+		strings.Contains(stderr, "dkim") {
+		t.Errorf("check-upstream other: exit %d, want 2 naming only its own secret\n%s%s", code, stdout, stderr)
+	}
+
+	var out, errb bytes.Buffer
+	code = run([]string{"check-config", "-config", path}, strings.NewReader(""), &out, &errb)
+	if code != 1 || !strings.Contains(errb.String(), "2 problem(s)") || !strings.Contains(errb.String(), "dkim[0].key_file") {
+		t.Errorf("check-config: exit %d, want 1 with the DKIM key and the password\n%s%s", code, out.String(), errb.String())
+	}
+	out.Reset()
+	errb.Reset()
+	code = run([]string{"check-config", "-no-secrets", "-config", path}, strings.NewReader(""), &out, &errb)
+	if code != 0 || !strings.Contains(out.String(), ": OK (") || !strings.Contains(out.String(), "secrets not read") {
+		t.Errorf("check-config -no-secrets: exit %d\n%s%s", code, out.String(), errb.String())
+	}
+}

@@ -19,10 +19,13 @@ Usage:
   smarthost serve [-config PATH]        run the relay
   smarthost demo [-listen ADDR] [-http ADDR] [-dir DIR]
                                         run a self-contained demo on loopback
-  smarthost check-config [-config PATH] validate a configuration, list every problem
+  smarthost check-config [-config PATH] [-no-secrets]
+                                        validate a configuration, list every problem;
+                                        -no-secrets reads no password, key, token or DSN (for CI)
   smarthost check-upstream [-config PATH] [-from ADDR] [-to ADDR] [-timeout 15s] [-json] [NAME]
                                         connect to the upstreams, log in, try MAIL FROM/RCPT TO
-                                        without sending; say what is wrong and how to fix it
+                                        without sending; say what is wrong and how to fix it;
+                                        reads only the upstreams' secrets (NAME's alone if given)
   smarthost passwd [-cost N]            read a password, print its bcrypt hash
   smarthost dkim keygen -domain D -selector S [-algo rsa|ed25519] [-bits 2048] -out FILE [-force]
                                         write a DKIM key, print the DNS TXT record to publish

@@ -49,12 +49,28 @@ func loadFromFlags(command string, args []string, stderr io.Writer) (*config.Con
 }
 
 func runCheckConfig(args []string, stdout, stderr io.Writer) int {
-	cfg, code := loadFromFlags("check-config", args, stderr)
-	if cfg == nil {
-		return code
+	fs := flag.NewFlagSet("check-config", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("config", defaultConfigPath(), "configuration file (env SMARTHOST_CONFIG)")
+	noSecrets := fs.Bool("no-secrets", false, "validate everything but read no secret (no password, key, token or DSN variable or file)")
+	if err := fs.Parse(args); err != nil {
+		return 2
 	}
-	fmt.Fprintf(stdout, "%s: OK (%d listeners, %d users, %d DKIM keys, %d upstreams, %d routes)\n",
-		cfg.Path, len(cfg.Listeners), len(cfg.Users), len(cfg.DKIM), len(cfg.Upstreams), len(cfg.Routes))
+	var read config.SecretFilter
+	if *noSecrets {
+		read = config.NoSecrets
+	}
+	cfg, err := config.LoadFiltered(*path, read)
+	if err != nil {
+		printConfigErrors(stderr, *path, err)
+		return 1
+	}
+	unread := ""
+	if *noSecrets {
+		unread = ", secrets not read"
+	}
+	fmt.Fprintf(stdout, "%s: OK (%d listeners, %d users, %d DKIM keys, %d upstreams, %d routes%s)\n",
+		cfg.Path, len(cfg.Listeners), len(cfg.Users), len(cfg.DKIM), len(cfg.Upstreams), len(cfg.Routes), unread)
 	for _, w := range cfg.Warnings {
 		fmt.Fprintf(stdout, "  warning: %s\n", w.Error())
 	}
@@ -236,6 +252,9 @@ func newSigner(cfg *config.Config) (*dkim.Signer, error) {
 // start opens the queue, binds the HTTP and SMTP listeners and starts
 // delivery.
 func start(cfg *config.Config, logger *slog.Logger) (*instance, error) {
+	if cfg.SecretsSkipped {
+		return nil, errors.New("the configuration was loaded without its secrets")
+	}
 	var tlsConfig *tls.Config
 	var certs *relay.CertReloader
 	if cfg.TLSCertFile != "" {

@@ -62,6 +62,10 @@ type Config struct {
 	// default metrics.DefaultMaxConnections (256).
 	HTTPMaxConnections int
 
+	// SecretsSkipped is set when some secrets were left unread
+	// (LoadFiltered): the Config is fit for checks only.
+	SecretsSkipped bool
+
 	// ShutdownTimeout bounds a graceful stop: transactions in progress
 	// and deliveries in flight get this long to finish. Default 25s, under
 	// Kubernetes' 30 s grace period.
@@ -101,19 +105,26 @@ func (es Errors) Error() string {
 const DefaultShutdownTimeout = 25 * time.Second
 
 // Load reads the file at path and validates it with Parse.
-func Load(path string) (*Config, error) {
+func Load(path string) (*Config, error) { return LoadFiltered(path, nil) }
+
+// LoadFiltered is Load reading only the secrets that read chooses (nil
+// reads all). A Config with secrets left unread has SecretsSkipped set and
+// can be checked but not served.
+func LoadFiltered(path string, read SecretFilter) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
-	return Parse(data, path)
+	return parse(data, path, read)
 }
 
 // Parse decodes and validates a configuration. When anything is
 // wrong the error is an Errors listing every problem found, each
 // naming its key; a TOML syntax error stops the parse and is reported
 // alone, with its line and column.
-func Parse(data []byte, path string) (*Config, error) {
+func Parse(data []byte, path string) (*Config, error) { return parse(data, path, nil) }
+
+func parse(data []byte, path string, read SecretFilter) (*Config, error) {
 	var root map[string]any
 	if _, err := toml.Decode(string(data), &root); err != nil {
 		var pe toml.ParseError
@@ -124,8 +135,9 @@ func Parse(data []byte, path string) (*Config, error) {
 		return nil, Errors{{Msg: fmt.Sprintf("TOML: %v", err)}}
 	}
 	p := &parser{}
-	cfg := p.config(newTable(&p.errs, "", root))
+	cfg := p.config(newTable(&p.errs, read, "", root))
 	cfg.Path = path
+	cfg.SecretsSkipped = read != nil
 	if len(p.errs) > 0 {
 		return nil, p.errs
 	}

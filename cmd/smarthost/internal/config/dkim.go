@@ -49,7 +49,9 @@ func (p *parser) dkim(root *table, maxAge time.Duration) []dkim.Key {
 		} else if !t.has("selector") {
 			t.errorf("selector", "required")
 		}
-		if f, ok := t.str("key_file"); ok {
+		if f, ok := t.str("key_file"); ok && !t.readsSecret("dkim") {
+			t.secretNamed("key_file", f)
+		} else if ok {
 			k.Signer = t.dkimKey("key_file", f)
 		} else if !t.has("key_file") {
 			t.errorf("key_file", "required: an RSA or Ed25519 private key in PEM; make one with `smarthost dkim keygen`")

@@ -57,7 +57,7 @@ func (p *parser) http(t *table) (address, adminTokenEnv string, maxConnections i
 		// unusable; either way the operator meant something else.
 		if env == "" {
 			t.errorf("admin_token_env", "must name an environment variable")
-		} else if os.Getenv(env) == "" {
+		} else if t.readsSecret("http") && os.Getenv(env) == "" {
 			t.errorf("admin_token_env", "environment variable %s is not set or empty", env)
 		}
 		adminTokenEnv = env

@@ -157,6 +157,12 @@ func (t *table) queueDSN() Secret {
 	case hasEnv && hasFile:
 		t.errorf("dsn_file", "set only one of dsn_env and dsn_file")
 		return ""
+	case !t.readsSecret("queue") && (hasEnv || hasFile):
+		if hasEnv {
+			t.secretNamed("dsn_env", env)
+		} else {
+			t.secretNamed("dsn_file", file)
+		}
 	case hasEnv:
 		key = "dsn_env"
 		if env == "" {

@@ -9,6 +9,43 @@ import (
 	"smarthost/relay/upstream"
 )
 
+// SecretFilter chooses which parts of a configuration have their secrets
+// read by LoadFiltered: part is "upstream NAME", "dkim", "tls", "queue",
+// "webhook NAME" or "http". A secret not read is still checked to be
+// named (an environment variable or a file), but neither its variable nor
+// its file is looked at, so a configuration can be validated where its
+// secrets do not exist, as in CI.
+type SecretFilter func(part string) bool
+
+// NoSecrets reads no secret.
+func NoSecrets(string) bool { return false }
+
+// UpstreamSecrets reads only the secrets of the upstream named name, or of
+// every upstream when name is "": what check-upstream needs.
+func UpstreamSecrets(name string) SecretFilter {
+	return func(part string) bool {
+		n, ok := strings.CutPrefix(part, "upstream ")
+		return ok && (name == "" || n == name)
+	}
+}
+
+// readsSecret reports whether the parse reads the secrets of part.
+func (t *table) readsSecret(part string) bool {
+	return t.secrets == nil || t.secrets(part)
+}
+
+// secretNamed checks that key k names an environment variable (a key
+// ending in _env) or a file, for a secret the parse does not read.
+func (t *table) secretNamed(k, name string) {
+	switch {
+	case name != "":
+	case strings.HasSuffix(k, "_env"):
+		t.errorf(k, "must name an environment variable")
+	default:
+		t.errorf(k, "must not be empty")
+	}
+}
+
 // SecretFiles names the files an [[upstream]]'s secrets were read from;
 // "" for a secret not taken from a file.
 type SecretFiles struct {

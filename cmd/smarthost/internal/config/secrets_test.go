@@ -1,12 +1,14 @@
 package config_test
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
+	"smarthost/cmd/smarthost/internal/config"
 	"smarthost/cmd/smarthost/internal/config/configtest"
 )
 
@@ -88,3 +90,112 @@ func TestReadSecretsOAuthFiles(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// TestLoadWithoutSecrets: a configuration whose every kind of secret is
+// named but absent (variables unset, files missing) fails a full load with
+// one problem per secret; NoSecrets validates it without looking at any of
+// them; UpstreamSecrets reads only the chosen upstream's. Everything else
+// is still checked.
+func TestLoadWithoutSecrets(t *testing.T) {
+	f := configtest.NewFiles(t)
+	m := f.Missing
+	ups := `[[upstream]]
+name = "env"
+address = "127.0.0.1:2525"
+tls = "none"
+username = "u"
+password_env = "SMARTHOST_TEST_UNSET_PW"
+
+[[upstream]]
+name = "file"
+address = "127.0.0.1:2526"
+tls = "none"
+username = "u"
+password_file = "` + m + `.pw"
+
+[[upstream]]
+name = "oauth"
+address = "127.0.0.1:2527"
+tls = "none"
+username = "relay@example.com"
+oauth_token_url = "https://oauth2.googleapis.com/token"
+oauth_client_id = "id"
+oauth_client_secret_file = "` + m + `.client"
+oauth_refresh_token_file = "` + m + `.refresh"
+
+[[upstream]]
+name = "sa"
+address = "127.0.0.1:2528"
+tls = "none"
+username = "relay@example.com"
+oauth_service_account_file = "` + m + `.sa.json"`
+	text := f.Config(map[string]string{
+		"queue":    "[queue]\nbackend = \"postgres\"\ndsn_env = \"SMARTHOST_TEST_UNSET_DSN\"",
+		"tls":      "[tls]\ncert_file = \"{{CERT}}\"\nkey_file = \"" + m + ".tls.key\"",
+		"dkim":     "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"" + m + ".dkim.key\"",
+		"upstream": ups,
+		"route":    "[[route]]\nfrom_domain = \"example.com\"\nupstreams = [\"env\", \"file\", \"oauth\", \"sa\"]",
+		"http": "[http]\nadmin_token_env = \"SMARTHOST_TEST_UNSET_TOKEN\"\n\n" +
+			"[[webhook]]\nname = \"hook\"\nurl = \"https://hooks.example.com/\"\nsecret_file = \"" + m + ".hook\"",
+	})
+	path := configtest.WriteFile(t, t.TempDir(), "config.toml", text)
+
+	secretKeys := []string{
+		"queue.dsn_env", "tls.key_file", "dkim[0].key_file",
+		"upstream[0].password_env", "upstream[1].password_file",
+		"upstream[2].oauth_client_secret_file", "upstream[2].oauth_refresh_token_file",
+		"upstream[3].oauth_service_account_file",
+		"http.admin_token_env", "webhook[0].secret_file",
+	}
+	_, err := config.Load(path)
+	if err == nil {
+		t.Fatal("a configuration with no secret at hand loaded")
+	}
+	for _, k := range secretKeys {
+		if !strings.Contains(err.Error(), k+":") {
+			t.Errorf("full load: no problem named %s in\n%v", k, err)
+		}
+	}
+
+	cfg, err := config.LoadFiltered(path, config.NoSecrets)
+	if err != nil {
+		t.Fatalf("NoSecrets: %v", err)
+	}
+	if !cfg.SecretsSkipped || cfg.DKIM[0].Signer != nil || cfg.Upstreams[1].Password != "" {
+		t.Errorf("NoSecrets: skipped %v, DKIM signer %v, password %q", cfg.SecretsSkipped, cfg.DKIM[0].Signer, cfg.Upstreams[1].Password)
+	}
+
+	// Only the chosen upstream's secrets are read.
+	_, err = config.LoadFiltered(path, config.UpstreamSecrets("file"))
+	var errs config.Errors
+	if !errors.As(err, &errs) || len(errs) != 1 || errs[0].Key != "upstream[1].password_file" {
+		t.Errorf("UpstreamSecrets(file): %v; want only upstream[1].password_file", err)
+	}
+	pw := configtest.WriteFile(t, t.TempDir(), "pw", "s3cret\n")
+	withPW := strings.Replace(text, m+".pw", pw, 1)
+	path = configtest.WriteFile(t, t.TempDir(), "config.toml", withPW)
+	cfg, err = config.LoadFiltered(path, config.UpstreamSecrets("file"))
+	if err != nil || cfg.Upstreams[1].Password != "s3cret" {
+		t.Fatalf("UpstreamSecrets(file) with its file present: %v", err)
+	}
+	if _, err := config.LoadFiltered(path, config.UpstreamSecrets("")); err == nil ||
+		!strings.Contains(err.Error(), "upstream[0].password_env") || strings.Contains(err.Error(), "dkim[0]") {
+		t.Errorf("UpstreamSecrets(\"\") reads every upstream's secrets and no other: %v", err)
+	}
+
+	// What is not a secret is still checked, and a secret must still be named.
+	broken := strings.Replace(withPW, `password_env = "SMARTHOST_TEST_UNSET_PW"`, `password_env = ""`, 1)
+	broken = strings.Replace(broken, "cert_file = \""+f.PKI.CertFile+"\"", "cert_file = \""+f.PasswordFile+"\"", 1)
+	broken = strings.Replace(broken, `tls = "none"`, `tls = "plain"`, 1)
+	path = configtest.WriteFile(t, t.TempDir(), "config.toml", broken)
+	_, err = config.LoadFiltered(path, config.NoSecrets)
+	for _, want := range []string{
+		"upstream[0].password_env: must name an environment variable",
+		"tls.cert_file: " + f.PasswordFile + ": no PEM CERTIFICATE block",
+		`upstream[0].tls: must be "implicit", "starttls" or "none", not "plain"`,
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("NoSecrets on a broken configuration: want %q in\n%v", want, err)
+		}
+	}
+}

@@ -16,7 +16,9 @@ import (
 // pass reports every problem; done reports the keys nobody asked for.
 type table struct {
 	errs *Errors
-	path string // "listen[0]"; "" for the root table
+	// secrets chooses the secrets the parse reads; nil reads all.
+	secrets SecretFilter
+	path    string // "listen[0]"; "" for the root table
 	// label names a table of an array by its name, once read (uniqueName),
 	// at the end of each of its messages: `[upstream "gmail"]`.
 	label string
@@ -24,8 +26,8 @@ type table struct {
 	used  map[string]bool
 }
 
-func newTable(errs *Errors, path string, m map[string]any) *table {
-	return &table{errs: errs, path: path, m: m, used: map[string]bool{}}
+func newTable(errs *Errors, secrets SecretFilter, path string, m map[string]any) *table {
+	return &table{errs: errs, secrets: secrets, path: path, m: m, used: map[string]bool{}}
 }
 
 // key is the full name of a key of this table, as shown in errors.
@@ -217,7 +219,7 @@ func (t *table) sub(k string) *table {
 	if present && !ok {
 		t.typeError(k, "a table", v)
 	}
-	return newTable(t.errs, t.key(k), m)
+	return newTable(t.errs, t.secrets, t.key(k), m)
 }
 
 // tables returns the array of tables at k ([[k]] or k = [{...}]).
@@ -246,7 +248,7 @@ func (t *table) tables(k string) []*table {
 			t.errorf(key, "must be a table, not %s", tomlType(e))
 			continue
 		}
-		out = append(out, newTable(t.errs, t.key(key), m))
+		out = append(out, newTable(t.errs, t.secrets, t.key(key), m))
 	}
 	return out
 }

@@ -2,6 +2,9 @@ package config
 
 import (
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
 	"fmt"
 
 	"smarthost/internal/mailproto"
@@ -25,7 +28,14 @@ func (p *parser) servingTLS(t *table, listeners []relay.Listener) (certFile, key
 	} else if user != "" && !t.has("cert_file") {
 		t.errorf("cert_file", "required: %s", user)
 	}
-	if keyOK {
+	if keyOK && !t.readsSecret("tls") {
+		t.secretNamed("key_file", keyFile)
+		if certPEM != nil {
+			if err := checkCertificates(certPEM); err != nil {
+				t.errorf("cert_file", "%s: %v", certFile, err)
+			}
+		}
+	} else if keyOK {
 		keyPEM = t.readFile("key_file", keyFile)
 	} else if user != "" && !t.has("key_file") {
 		t.errorf("key_file", "required: %s", user)
@@ -37,4 +47,27 @@ func (p *parser) servingTLS(t *table, listeners []relay.Listener) (certFile, key
 	}
 	t.done()
 	return certFile, keyFile
+}
+
+// checkCertificates checks that a PEM file holds a certificate chain, as
+// tls.X509KeyPair would, for when its key is not read.
+func checkCertificates(data []byte) error {
+	found := false
+	for {
+		var b *pem.Block
+		if b, data = pem.Decode(data); b == nil {
+			break
+		}
+		if b.Type != "CERTIFICATE" {
+			continue
+		}
+		if _, err := x509.ParseCertificate(b.Bytes); err != nil {
+			return err
+		}
+		found = true
+	}
+	if !found {
+		return errors.New("no PEM CERTIFICATE block")
+	}
+	return nil
 }

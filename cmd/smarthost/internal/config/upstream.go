@@ -81,6 +81,7 @@ func (p *parser) upstreams(root *table, dkimKeys []dkim.Key) (out []upstream.Ups
 		}
 		username, _ := t.str("username")
 		u.Username = username
+		reads := t.readsSecret("upstream " + u.Name)
 		env, hasEnv := t.str("password_env")
 		file, hasFile := t.str("password_file")
 		switch {
@@ -93,6 +94,10 @@ func (p *parser) upstreams(root *table, dkimKeys []dkim.Key) (out []upstream.Ups
 		case username == "":
 		case hasEnv && hasFile:
 			t.errorf("password_file", "set only one of password_env and password_file")
+		case hasEnv && !reads:
+			t.secretNamed("password_env", env)
+		case hasFile && !reads:
+			t.secretNamed("password_file", file)
 		case hasEnv:
 			if env == "" {
 				t.errorf("password_env", "must name an environment variable")
@@ -187,6 +192,7 @@ func usesOAuth(t *table) bool {
 // where its tokens come from: a refresh token, a Google service account,
 // or Microsoft's client credentials. Secrets come from files only.
 func upstreamOAuth(t *table, u *upstream.Upstream, files *SecretFiles) {
+	reads := t.readsSecret("upstream " + u.Name)
 	var present []string
 	for _, k := range oauthKeys {
 		if t.has(k) {
@@ -265,7 +271,7 @@ func upstreamOAuth(t *table, u *upstream.Upstream, files *SecretFiles) {
 	o.ClientID = clientID
 	secretFile, hasSecret := t.str("oauth_client_secret_file")
 	if hasSecret {
-		o.ClientSecret = t.secretFile("oauth_client_secret_file", secretFile)
+		o.ClientSecret = t.secretFile("oauth_client_secret_file", secretFile, reads)
 		files.OAuthClientSecret = secretFile
 	}
 	if scopes, ok := t.strings("oauth_scopes"); ok {
@@ -284,7 +290,9 @@ func upstreamOAuth(t *table, u *upstream.Upstream, files *SecretFiles) {
 
 	switch {
 	case hasSA:
-		if data := t.readFile("oauth_service_account_file", saFile); data != nil {
+		if !reads {
+			t.secretNamed("oauth_service_account_file", saFile)
+		} else if data := t.readFile("oauth_service_account_file", saFile); data != nil {
 			sa, err := upstream.ParseServiceAccount(data)
 			if err != nil {
 				t.errorf("oauth_service_account_file", "%s: %v", saFile, err)
@@ -317,7 +325,7 @@ func upstreamOAuth(t *table, u *upstream.Upstream, files *SecretFiles) {
 			}
 		}
 	case hasRefresh:
-		o.RefreshToken = t.secretFile("oauth_refresh_token_file", refreshFile)
+		o.RefreshToken = t.secretFile("oauth_refresh_token_file", refreshFile, reads)
 		files.OAuthRefreshToken = refreshFile
 		// The client secret may be left out for a public client.
 		for _, k := range []string{"oauth_token_url", "oauth_client_id"} {
@@ -333,8 +341,13 @@ func upstreamOAuth(t *table, u *upstream.Upstream, files *SecretFiles) {
 }
 
 // secretFile reads a secret from the file named by key k: its content
-// without surrounding white space, which must not be empty.
-func (t *table) secretFile(k, path string) string {
+// without surrounding white space, which must not be empty. Unless reads,
+// the file is only checked to be named.
+func (t *table) secretFile(k, path string, reads bool) string {
+	if !reads {
+		t.secretNamed(k, path)
+		return ""
+	}
 	data := t.readFile(k, path)
 	if data == nil {
 		return ""

@@ -64,6 +64,12 @@ func (p *parser) webhooks(root *table, users []relay.User) []webhook.Endpoint {
 		switch {
 		case hasEnv && hasFile:
 			errorf("secret_file", "set only one of secret_env and secret_file")
+		case !t.readsSecret("webhook "+e.Name) && (hasEnv || hasFile):
+			if hasEnv {
+				t.secretNamed("secret_env", env)
+			} else {
+				t.secretNamed("secret_file", file)
+			}
 		case hasEnv:
 			key = "secret_env"
 			if env == "" {
