@@ -8,6 +8,19 @@ import (
 	"smarthost/relay/upstream"
 )
 
+// The kinds of the users' and clients' windows: a window's key is its kind,
+// a colon and what it counts for.
+const (
+	userWindow           = "user"            // user:NAME, messages
+	userRecipientsWindow = "user-recipients" // user-recipients:NAME
+	clientWindow         = "client"          // client:LISTENER:ADDRESS
+)
+
+// RateWindowKinds are the key prefixes of the users' and clients' windows
+// (before a colon), which a cluster keeps beside the upstreams' windows,
+// named by the upstreams' names.
+var RateWindowKinds = []string{userWindow, userRecipientsWindow, clientWindow}
+
 // windows holds the sliding windows of the per-user and per-client
 // limits by key. They live in the Server, not in the set of users that a
 // reload replaces, so that a reload does not hand a user a fresh quota.

@@ -223,7 +223,7 @@ func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 			return s.reject(ReasonRecipientNotAllowed, errRcptDenied, "to", to)
 		}
 		if r := u.RecipientLimit; r.N > 0 {
-			if err := s.limit("user-recipients:"+u.Name, r, errRcptLimited, "to", to, "limit", "recipient_limit"); err != nil {
+			if err := s.limit(userRecipientsWindow+":"+u.Name, r, errRcptLimited, "to", to, "limit", "recipient_limit"); err != nil {
 				return err
 			}
 		}
@@ -254,10 +254,10 @@ func (s *session) limit(key string, r upstream.Rate, over *smtp.SMTPError, attrs
 // client address's.
 func (s *session) messageLimit() (key string, r upstream.Rate) {
 	if s.user != nil {
-		return "user:" + s.user.Name, s.user.RateLimit
+		return userWindow + ":" + s.user.Name, s.user.RateLimit
 	}
 	if r := s.lis.cfg.RateLimit; r.N > 0 {
-		return "client:" + s.lis.cfg.Name + ":" + clientKey(s.ip).String(), r
+		return clientWindow + ":" + s.lis.cfg.Name + ":" + clientKey(s.ip).String(), r
 	}
 	return "", upstream.Rate{}
 }

@@ -397,6 +397,11 @@ func TestParseConfigRules(t *testing.T) {
 		{"message memory zero", map[string]string{"limits": "[limits]\nmessage_memory = \"0\""}, "limits.message_memory", "positive"},
 		{"message memory junk", map[string]string{"limits": "[limits]\nmessage_memory = \"lots\""}, "limits.message_memory", "want a whole number"},
 
+		{"upstream name of a user's window", map[string]string{
+			"upstream": "[[upstream]]\nname = \"user:app\"\naddress = \"127.0.0.1:2525\"\ntls = \"none\"",
+			"route":    "[[route]]\nfrom_domain = \"example.com\"\nupstreams = [\"user:app\"]"},
+			"upstream[0].name", `"user:app" is reserved: user: names a user's or client's rate window`},
+
 		// users
 		{"user name empty", map[string]string{"user": "[[user]]\nname = \"\"\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*@example.com\"]"}, "user[0].name", "empty"},
 		{"user name missing", map[string]string{"user": "[[user]]\npassword_hash = \"{{HASH}}\"\nallowed_from = [\"*@example.com\"]"}, "user[0].name", "required"},

@@ -7,12 +7,14 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"smarthost/dkim"
 	"smarthost/internal/mailproto"
+	"smarthost/relay"
 	"smarthost/relay/upstream"
 )
 
@@ -41,6 +43,11 @@ func (p *parser) upstreams(root *table, dkimKeys []dkim.Key) (out []upstream.Ups
 			u = prof.Upstream("", region)
 		}
 		u.Name = t.uniqueName(seen)
+		if i := strings.IndexByte(u.Name, ':'); i >= 0 && slices.Contains(relay.RateWindowKinds, u.Name[:i]) {
+			// A cluster keeps the upstreams' rate windows beside the
+			// users' and clients', by name.
+			t.errorf("name", "%q is reserved: %s: names a user's or client's rate window", u.Name, u.Name[:i])
+		}
 		addrOK := false
 		if a, ok := t.str("address"); ok {
 			if err := checkHostPort(a, true); err != nil {
