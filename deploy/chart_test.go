@@ -350,6 +350,13 @@ func TestChart(t *testing.T) {
 					t.Errorf("smarthost check-config: %v\n%s\nconfig:\n%s", err, got, configText)
 				}
 			})
+			// As in a CI job: no Secret mounted, no variable from one.
+			t.Run("check-config -no-secrets", func(t *testing.T) {
+				got, err := checkConfig(t, configText, t.TempDir(), nil, "-no-secrets")
+				if err != nil || !strings.Contains(got, ": OK "+strings.TrimSuffix(c.checkOutput, ")")+", secrets not read)") {
+					t.Errorf("smarthost check-config -no-secrets: %v\n%s\nconfig:\n%s", err, got, configText)
+				}
+			})
 			t.Run("services", func(t *testing.T) {
 				checkServices(t, c, rel, sts, ports)
 			})

@@ -202,8 +202,8 @@ func kubeconform(t *testing.T, data []byte, want int) {
 
 // checkConfig runs `smarthost check-config` on a configuration written
 // for a pod, with the pod's directories moved under root, and returns its
-// output. env holds the variables the pod would get.
-func checkConfig(t *testing.T, config, root string, env map[string]string) (string, error) {
+// output. env holds the variables the pod would get; args are more flags.
+func checkConfig(t *testing.T, config, root string, env map[string]string, args ...string) (string, error) {
 	t.Helper()
 	for _, dir := range []string{"/etc/smarthost/", "/var/lib/smarthost"} {
 		config = strings.ReplaceAll(config, `"`+dir, `"`+root+dir)
@@ -212,7 +212,7 @@ func checkConfig(t *testing.T, config, root string, env map[string]string) (stri
 	if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(smarthostBin, "check-config", "-config", path)
+	cmd := exec.Command(smarthostBin, append([]string{"check-config", "-config", path}, args...)...)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
 	for k, v := range env {
 		cmd.Env = append(cmd.Env, k+"="+v)

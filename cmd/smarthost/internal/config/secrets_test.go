@@ -131,7 +131,7 @@ username = "relay@example.com"
 oauth_service_account_file = "` + m + `.sa.json"`
 	text := f.Config(map[string]string{
 		"queue":    "[queue]\nbackend = \"postgres\"\ndsn_env = \"SMARTHOST_TEST_UNSET_DSN\"",
-		"tls":      "[tls]\ncert_file = \"{{CERT}}\"\nkey_file = \"" + m + ".tls.key\"",
+		"tls":      "[tls]\ncert_file = \"" + m + ".tls.crt\"\nkey_file = \"" + m + ".tls.key\"",
 		"dkim":     "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"" + m + ".dkim.key\"",
 		"upstream": ups,
 		"route":    "[[route]]\nfrom_domain = \"example.com\"\nupstreams = [\"env\", \"file\", \"oauth\", \"sa\"]",
@@ -141,7 +141,7 @@ oauth_service_account_file = "` + m + `.sa.json"`
 	path := configtest.WriteFile(t, t.TempDir(), "config.toml", text)
 
 	secretKeys := []string{
-		"queue.dsn_env", "tls.key_file", "dkim[0].key_file",
+		"queue.dsn_env", "tls.cert_file", "tls.key_file", "dkim[0].key_file",
 		"upstream[0].password_env", "upstream[1].password_file",
 		"upstream[2].oauth_client_secret_file", "upstream[2].oauth_refresh_token_file",
 		"upstream[3].oauth_service_account_file",
@@ -185,13 +185,11 @@ oauth_service_account_file = "` + m + `.sa.json"`
 
 	// What is not a secret is still checked, and a secret must still be named.
 	broken := strings.Replace(withPW, `password_env = "SMARTHOST_TEST_UNSET_PW"`, `password_env = ""`, 1)
-	broken = strings.Replace(broken, "cert_file = \""+f.PKI.CertFile+"\"", "cert_file = \""+f.PasswordFile+"\"", 1)
 	broken = strings.Replace(broken, `tls = "none"`, `tls = "plain"`, 1)
 	path = configtest.WriteFile(t, t.TempDir(), "config.toml", broken)
 	_, err = config.LoadFiltered(path, config.NoSecrets)
 	for _, want := range []string{
 		"upstream[0].password_env: must name an environment variable",
-		"tls.cert_file: " + f.PasswordFile + ": no PEM CERTIFICATE block",
 		`upstream[0].tls: must be "implicit", "starttls" or "none", not "plain"`,
 	} {
 		if err == nil || !strings.Contains(err.Error(), want) {

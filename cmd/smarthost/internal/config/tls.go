@@ -2,9 +2,6 @@ package config
 
 import (
 	"crypto/tls"
-	"crypto/x509"
-	"encoding/pem"
-	"errors"
 	"fmt"
 
 	"smarthost/internal/mailproto"
@@ -22,19 +19,19 @@ func (p *parser) servingTLS(t *table, listeners []relay.Listener) (certFile, key
 	}
 	certFile, certOK := t.str("cert_file")
 	keyFile, keyOK := t.str("key_file")
+	// The pair is read as one secret, as a kubernetes.io/tls Secret
+	// holds it: where the key is absent, so is its certificate.
+	reads := t.readsSecret("tls")
 	var certPEM, keyPEM []byte
-	if certOK {
+	if certOK && !reads {
+		t.secretNamed("cert_file", certFile)
+	} else if certOK {
 		certPEM = t.readFile("cert_file", certFile)
 	} else if user != "" && !t.has("cert_file") {
 		t.errorf("cert_file", "required: %s", user)
 	}
-	if keyOK && !t.readsSecret("tls") {
+	if keyOK && !reads {
 		t.secretNamed("key_file", keyFile)
-		if certPEM != nil {
-			if err := checkCertificates(certPEM); err != nil {
-				t.errorf("cert_file", "%s: %v", certFile, err)
-			}
-		}
 	} else if keyOK {
 		keyPEM = t.readFile("key_file", keyFile)
 	} else if user != "" && !t.has("key_file") {
@@ -47,27 +44,4 @@ func (p *parser) servingTLS(t *table, listeners []relay.Listener) (certFile, key
 	}
 	t.done()
 	return certFile, keyFile
-}
-
-// checkCertificates checks that a PEM file holds a certificate chain, as
-// tls.X509KeyPair would, for when its key is not read.
-func checkCertificates(data []byte) error {
-	found := false
-	for {
-		var b *pem.Block
-		if b, data = pem.Decode(data); b == nil {
-			break
-		}
-		if b.Type != "CERTIFICATE" {
-			continue
-		}
-		if _, err := x509.ParseCertificate(b.Bytes); err != nil {
-			return err
-		}
-		found = true
-	}
-	if !found {
-		return errors.New("no PEM CERTIFICATE block")
-	}
-	return nil
 }
