@@ -4,13 +4,19 @@
 # (checked with -I, so that our own dkim/ folder does not pass for dkimpy),
 # PostgreSQL's server programs (Debian keeps them off PATH, in
 # /usr/lib/postgresql/VERSION/bin; the tests make throwaway clusters),
-# and Perl modules as "module=package" (swaks speaks TLS through Net::SSLeay,
-# which its package only recommends).
+# Perl modules as "module=package" (swaks speaks TLS through Net::SSLeay,
+# which its package only recommends), and Postfix, the null client of the
+# e2e tests, with the SASL plugins its client logs in with (libplain; its
+# programs are in /usr/sbin, which a user's PATH may lack). Postfix is
+# installed with the debconf answer "No configuration": no
+# /etc/postfix/main.cf, no system mailer; a system Postfix that the
+# install started all the same is stopped by its PID.
 # promtool comes with Debian's prometheus package; its server is not used
 # (where policy-rc.d allows services, the package may start it).
 TEST_PEERS := curl:curl python3:python3 promtool:prometheus swaks:swaks msmtp:msmtp mkfs.ext4:e2fsprogs
 TEST_PYTHON_MODULES := dkim:python3-dkim nacl:python3-nacl aiosmtpd:python3-aiosmtpd
 TEST_PERL_MODULES := Net::SSLeay=libnet-ssleay-perl
+POSTFIX_PID_FILE := /var/spool/postfix/pid/master.pid
 
 .PHONY: test test-deps build demo
 
@@ -34,10 +40,22 @@ test-deps:
 		perl -M"$${pair%%=*}" -e 1 >/dev/null 2>&1 || missing="$$missing $${pair##*=}"; \
 	done; \
 	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v postconf >/dev/null 2>&1 || [ -x /usr/sbin/postconf ] || missing="$$missing postfix"; \
+	ls /usr/lib/*/sasl2/libplain.so >/dev/null 2>&1 || missing="$$missing libsasl2-modules"; \
 	if [ -n "$$missing" ]; then \
 		sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		postfix_pid() { p=$$(tr -d ' \n' 2>/dev/null <$(POSTFIX_PID_FILE)); [ -n "$$p" ] && [ -d /proc/$$p ] && echo "$$p"; true; }; \
+		pf_before=$$(postfix_pid); \
+		case " $$missing " in *" postfix "*) \
+			echo "postfix postfix/main_mailer_type select No configuration" | $$sudo debconf-set-selections;; \
+		esac; \
 		echo "installing test peers:$$missing"; \
-		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing || exit 1; \
+		pf_after=$$(postfix_pid); \
+		if [ -n "$$pf_after" ] && [ -z "$$pf_before" ]; then \
+			echo "stopping the system Postfix the install started (pid $$pf_after)"; \
+			$$sudo kill "$$pf_after"; \
+		fi; \
 	fi
 
 # test-fuzz runs each fuzz target for a bounded number of executions past

@@ -28,6 +28,7 @@ import (
 	msgdkim "github.com/emersion/go-msgauth/dkim"
 
 	"smarthost/dkim"
+	"smarthost/internal/postfixtest"
 )
 
 // The addresses every test message carries. The DKIM domain is the
@@ -265,14 +266,8 @@ func formatSize(n int) string {
 func (b *Bench) findTools(needPostfix, needDKIM bool) error {
 	var err error
 	look := func(name string) string {
-		p, e := exec.LookPath(name)
+		p, e := postfixtest.LookSbin(name)
 		if e != nil {
-			// Debian keeps them in sbin, which a user's PATH may lack.
-			for _, dir := range []string{"/usr/sbin", "/usr/local/sbin"} {
-				if _, e2 := os.Stat(filepath.Join(dir, name)); e2 == nil {
-					return filepath.Join(dir, name)
-				}
-			}
 			err = errors.Join(err, fmt.Errorf("%s not found (bench/run installs Debian's postfix and opendkim)", name))
 		}
 		return p
@@ -281,10 +276,9 @@ func (b *Bench) findTools(needPostfix, needDKIM bool) error {
 	if needPostfix {
 		b.tools.Postconf = look("postconf")
 		if b.tools.Postconf != "" {
-			dir := firstLine(output(b.tools.Postconf, "-d", "-h", "daemon_directory"))
-			b.tools.Master = filepath.Join(dir, "master")
-			if _, e := os.Stat(b.tools.Master); e != nil {
-				err = errors.Join(err, fmt.Errorf("postfix master: %w", e))
+			var e error
+			if b.tools.Master, e = postfixtest.Master(b.tools.Postconf); e != nil {
+				err = errors.Join(err, e)
 			}
 		}
 		if os.Geteuid() != 0 {

@@ -9,13 +9,13 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"smarthost/internal/postfixtest"
 )
 
 // Target is one way for the client's mail to reach the sink.
@@ -180,64 +180,13 @@ func waitListen(ctx context.Context, network, addr string, p *Process, timeout t
 	return fmt.Errorf("%s: %s not listening within %v", p.Name, addr, timeout)
 }
 
-// postfixQueueDirs is the queue_directory layout that `postfix check`
-// (post-install create-missing) would make, with owners and modes as in
-// Postfix's postfix-files: written here directly, because that check
-// takes seconds and we start a fresh instance for every point.
-var postfixQueueDirs = []struct {
-	name     string
-	mode     os.FileMode
-	postdrop bool // group postdrop instead of root
-}{
-	{"active", 0o700, false}, {"bounce", 0o700, false}, {"corrupt", 0o700, false},
-	{"defer", 0o700, false}, {"deferred", 0o700, false}, {"flush", 0o700, false},
-	{"hold", 0o700, false}, {"incoming", 0o700, false}, {"private", 0o700, false},
-	{"saved", 0o700, false}, {"trace", 0o700, false},
-	{"maildrop", 0o730 | os.ModeSticky, true}, {"public", 0o710 | os.ModeSetgid, true},
-}
-
 // startPostfix runs a private Postfix instance: its own main.cf and
 // master.cf in dir/etc, its own durable queue in dir/queue, an smtpd on a
 // loopback port, every message relayed to upstream, nothing delivered
 // locally. With dkim, an OpenDKIM milter signs at smtpd.
 func (b *Bench) startPostfix(ctx context.Context, dir, upstream string, dkim bool) (*relayInstance, error) {
-	pfUser, err := user.Lookup("postfix")
+	dirs, err := postfixtest.Layout(dir)
 	if err != nil {
-		return nil, fmt.Errorf("postfix user: %w", err)
-	}
-	postdrop, err := user.LookupGroup("postdrop")
-	if err != nil {
-		return nil, fmt.Errorf("postdrop group: %w", err)
-	}
-	uid, _ := strconv.Atoi(pfUser.Uid)
-	gid, _ := strconv.Atoi(postdrop.Gid)
-
-	etc, queue, data := filepath.Join(dir, "etc"), filepath.Join(dir, "queue"), filepath.Join(dir, "data")
-	for _, d := range []string{etc, queue, data, filepath.Join(queue, "pid")} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			return nil, err
-		}
-	}
-	for _, d := range postfixQueueDirs {
-		p := filepath.Join(queue, d.name)
-		g := 0
-		if d.postdrop {
-			g = gid
-		}
-		if err := os.Mkdir(p, 0o700); err != nil {
-			return nil, err
-		}
-		if err := os.Chown(p, uid, g); err != nil {
-			return nil, err
-		}
-		if err := os.Chmod(p, d.mode); err != nil {
-			return nil, err
-		}
-	}
-	if err := os.Chown(data, uid, 0); err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(data, 0o700); err != nil {
 		return nil, err
 	}
 
@@ -265,20 +214,9 @@ func (b *Bench) startPostfix(ctx context.Context, dir, upstream string, dkim boo
 
 	maillog := filepath.Join(dir, "maillog")
 	inst.Logs = append(inst.Logs, maillog)
-	if err := os.WriteFile(filepath.Join(etc, "main.cf"), []byte(postfixMainCF(queue, data, dir, maillog, upstream, milter)), 0o644); err != nil {
+	mainCF := postfixMainCF(dirs.Queue, dirs.Data, dir, maillog, upstream, milter)
+	if err := postfixtest.WriteConfig(dirs.Etc, mainCF, postfixtest.MasterCF(addr)); err != nil {
 		return nil, err
-	}
-	if err := os.WriteFile(filepath.Join(etc, "master.cf"), []byte(postfixMasterCF(addr)), 0o644); err != nil {
-		return nil, err
-	}
-	// Postfix rereads a configuration file modified within the last two
-	// seconds until it is older, lest it read one half-written: date
-	// ours back rather than wait.
-	past := time.Now().Add(-time.Minute)
-	for _, f := range []string{"main.cf", "master.cf"} {
-		if err := os.Chtimes(filepath.Join(etc, f), past, past); err != nil {
-			return nil, err
-		}
 	}
 	out, err := os.Create(filepath.Join(dir, "master.out"))
 	if err != nil {
@@ -288,7 +226,7 @@ func (b *Bench) startPostfix(ctx context.Context, dir, upstream string, dkim boo
 	inst.Logs = append(inst.Logs, out.Name())
 	// -s: run in the foreground as our child (so its PID is ours to stop)
 	// and keep stdout; the daemons it forks are its children.
-	cmd := exec.Command(b.tools.Master, "-c", etc, "-s")
+	cmd := exec.Command(b.tools.Master, "-c", dirs.Etc, "-s")
 	cmd.Stdout, cmd.Stderr = out, out
 	// Not a process group of its own: master calls setsid(), which a
 	// group leader may not, and then leads a session of its own anyway.
@@ -337,34 +275,6 @@ biff = no
 		fmt.Fprintf(&b, "smtpd_milters = %s\nmilter_default_action = tempfail\n", milter)
 	}
 	return b.String()
-}
-
-// postfixMasterCF is Debian's master.cf without chroot, without the
-// delivery agents a relay does not use, and with smtpd on addr only.
-func postfixMasterCF(addr string) string {
-	return addr + ` inet n - n - - smtpd
-pickup     unix  n - n 60    1 pickup
-cleanup    unix  n - n -     0 cleanup
-qmgr       unix  n - n 300   1 qmgr
-tlsmgr     unix  - - n 1000? 1 tlsmgr
-rewrite    unix  - - n -     - trivial-rewrite
-bounce     unix  - - n -     0 bounce
-defer      unix  - - n -     0 bounce
-trace      unix  - - n -     0 bounce
-verify     unix  - - n -     1 verify
-flush      unix  n - n 1000? 0 flush
-proxymap   unix  - - n -     - proxymap
-proxywrite unix  - - n -     1 proxymap
-smtp       unix  - - n -     - smtp
-relay      unix  - - n -     - smtp
-showq      unix  n - n -     - showq
-error      unix  - - n -     - error
-retry      unix  - - n -     - error
-discard    unix  - - n -     - discard
-anvil      unix  - - n -     1 anvil
-scache     unix  - - n -     1 scache
-postlog    unix-dgram n - n - 1 postlogd
-`
 }
 
 // postfixProblem tells whether a maillog line reports trouble: a warning,
