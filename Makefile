@@ -31,7 +31,8 @@ test: test-deps
 test-deps:
 	@missing=""; \
 	for pair in $(TEST_PEERS); do \
-		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+		cmd="$${pair%%:*}"; \
+		command -v "$$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$$cmd" ] || [ -x "/sbin/$$cmd" ] || missing="$$missing $${pair##*:}"; \
 	done; \
 	for pair in $(TEST_PYTHON_MODULES); do \
 		/usr/bin/python3 -I -c "import $${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
