@@ -42,11 +42,14 @@ const (
 
 // Options are the command-line settings.
 type Options struct {
-	Sizes    []int    // message body sizes in bytes
-	Sessions []int    // client sessions in parallel
-	Messages int      // timed messages per run
-	Warmup   int      // untimed messages before each run; 0: 2×sessions, at least 20
-	Targets  []string // names from targets, in table order
+	Sizes    []int // message body sizes in bytes
+	Sessions []int // client sessions in parallel
+	Messages int   // timed messages per run
+	Warmup   int   // untimed messages before each run; 0: 2×sessions, at least 20
+	// LargeMB bounds the body bytes of a timed run of a size over
+	// largeSize, so that 1 MB and 10 MB points stay short.
+	LargeMB int
+	Targets []string // names from targets, in table order
 	// Smarthost is the smarthost binary (built without -race).
 	Smarthost string
 	// SmarthostConns is the upstream's max_connections.
@@ -135,11 +138,12 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	fs := flag.NewFlagSet("sidebyside", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var o Options
-	sizes := fs.String("sizes", "1KB,10KB,100KB", "message body sizes (smtp-source -l), comma-separated")
+	sizes := fs.String("sizes", "1KB,10KB,100KB,1MB,10MB", "message body sizes (smtp-source -l), comma-separated")
 	sessions := fs.String("sessions", "1,10,50", "parallel client sessions (smtp-source -s), comma-separated")
 	tg := fs.String("targets", "direct,postfix,postfix-dkim,smarthost,smarthost-dkim", "targets to run, comma-separated; smarthost-pg and smarthost-pg2 put the queue in PostgreSQL")
 	fs.IntVar(&o.Messages, "n", 2000, "timed messages per run (smtp-source -m)")
-	fs.IntVar(&o.Warmup, "warmup", 0, "untimed messages before each run (default 2×sessions, at least 20)")
+	fs.IntVar(&o.Warmup, "warmup", 0, "untimed messages before each run (default 2×sessions, at least 20; one per session over 100KB)")
+	fs.IntVar(&o.LargeMB, "large-mb", 200, "over 100KB, timed messages per run are at most this many MB of body (at least 2 per session)")
 	fs.StringVar(&o.Smarthost, "smarthost", "", "smarthost binary (required; bench/run builds it)")
 	fs.IntVar(&o.SmarthostConns, "smarthost-conns", 20, "smarthost's upstream max_connections (Postfix's default_destination_concurrency_limit is 20)")
 	fs.StringVar(&o.WorkDir, "workdir", "", "folder for the queues (default: a new temporary folder, removed afterwards)")
@@ -202,8 +206,8 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	if o.Milter != "inet" && o.Milter != "unix" {
 		return fail(`-milter: %q, want "inet" or "unix"`, o.Milter)
 	}
-	if o.Messages < 1 || o.Warmup < 0 || o.SmarthostConns < 1 {
-		return fail("-n, -warmup and -smarthost-conns must be positive")
+	if o.Messages < 1 || o.Warmup < 0 || o.SmarthostConns < 1 || o.LargeMB < 1 {
+		return fail("-n, -warmup, -large-mb and -smarthost-conns must be positive")
 	}
 	if o.Smarthost == "" && (o.Memory || slices.ContainsFunc(o.Targets, func(n string) bool { return strings.HasPrefix(n, "smarthost") })) {
 		return fail("-smarthost: the smarthost binary is required")
@@ -378,7 +382,8 @@ func (b *Bench) Run(ctx context.Context) (string, error) {
 				}
 				b.log.Info("run", "target", t.Name, "size", formatSize(size), "sessions", sess,
 					"msgs_per_s", fmt.Sprintf("%.0f", r.Rate()), "cpu_ms_per_msg", fmt.Sprintf("%.2f", r.CPUPerMsg()),
-					"peak_mb", fmt.Sprintf("%.1f", float64(r.PeakMem)/(1<<20)), "err", r.Err)
+					"cpu_ms_per_mb", fmt.Sprintf("%.1f", r.CPUPerMB()),
+					"peak_mb", fmt.Sprintf("%.1f", float64(r.PeakMem)/(1<<20)), "peak_rss_mb", fmt.Sprintf("%.1f", float64(r.PeakRSS)/(1<<20)), "err", r.Err)
 				results = append(results, r)
 				if !b.opts.Keep {
 					_ = os.RemoveAll(dir)
@@ -444,6 +449,7 @@ type Result struct {
 	Elapsed  time.Duration // from the client's start to the last arrival
 	CPU      time.Duration // relay CPU over the timed window
 	PeakMem  int64         // relay PSS peak over the timed window
+	PeakRSS  int64         // relay RSS peak over the timed window
 	Problems int           // relay log lines reporting trouble
 	Sample   []string      // the first of them
 	Err      string        // why the run is incomplete; "" when it is not
@@ -465,20 +471,47 @@ func (r Result) CPUPerMsg() float64 {
 	return float64(r.CPU) / float64(time.Millisecond) / float64(r.Messages)
 }
 
+// CPUPerMB is the relay's CPU milliseconds per MiB of message body.
+func (r Result) CPUPerMB() float64 {
+	mb := float64(r.Messages) * float64(r.Size) / (1 << 20)
+	if mb == 0 {
+		return 0
+	}
+	return float64(r.CPU) / float64(time.Millisecond) / mb
+}
+
 // runLimit bounds one timed run, whatever the client and relay do.
 const runLimit = 10 * time.Minute
 
-func (b *Bench) warmup(sessions int) int {
+// largeSize is the largest body size every run sends -n messages of.
+const largeSize = 100 << 10
+
+// messages is the timed message count at pt: -n, or over largeSize as
+// many as -large-mb holds, at least two per session.
+func (b *Bench) messages(pt Point) int {
+	if pt.Size <= largeSize {
+		return b.opts.Messages
+	}
+	return min(b.opts.Messages, max(2*pt.Sessions, b.opts.LargeMB<<20/pt.Size))
+}
+
+// warmup is the untimed message count at pt: one per session over
+// largeSize is enough to open the connections and grow the heaps.
+func (b *Bench) warmup(pt Point) int {
 	if b.opts.Warmup > 0 {
 		return b.opts.Warmup
 	}
-	return max(20, 2*sessions)
+	if pt.Size > largeSize {
+		return pt.Sessions
+	}
+	return max(20, 2*pt.Sessions)
 }
 
 // measure runs one target at one point on a fresh sink and a fresh
 // relay (empty queue), and stops both.
 func (b *Bench) measure(ctx context.Context, t Target, pt Point, dir string) Result {
-	res := Result{Target: t.Name, Point: pt, Messages: b.opts.Messages}
+	n := b.messages(pt)
+	res := Result{Target: t.Name, Point: pt, Messages: n}
 	var inst *relayInstance
 	fail := func(err error) Result {
 		res.Err = err.Error()
@@ -527,7 +560,7 @@ func (b *Bench) measure(ctx context.Context, t Target, pt Point, dir string) Res
 
 	// Warm-up: the relay forks its daemons, grows its heap, opens its
 	// upstream connections; none of it is timed.
-	warm := b.warmup(pt.Sessions)
+	warm := b.warmup(pt)
 	if err := b.clients(ctx, dir, addrs, pt, warm).Err(); err != nil {
 		return fail(fmt.Errorf("warm-up client: %w (%s)", err, lastLine(filepath.Join(dir, "client.log"))))
 	}
@@ -548,8 +581,8 @@ func (b *Bench) measure(ctx context.Context, t Target, pt Point, dir string) Res
 		cpu0 = sampler.CPU()
 	}
 	t0 := time.Now()
-	client := b.clients(ctx, dir, addrs, pt, b.opts.Messages)
-	want := warm + b.opts.Messages
+	client := b.clients(ctx, dir, addrs, pt, n)
+	want := warm + n
 	wctx, cancel = context.WithTimeout(ctx, runLimit)
 	defer cancel()
 	var clientErr error
@@ -584,9 +617,10 @@ func (b *Bench) measure(ctx context.Context, t Target, pt Point, dir string) Res
 		b.settle(sampler)
 		res.CPU = sampler.CPU() - cpu0
 		res.PeakMem = sampler.Peak()
+		res.PeakRSS = sampler.PeakRSS()
 	}
 	count := sink.Counter.Count()
-	res.Arrived = min(count-warm, b.opts.Messages)
+	res.Arrived = min(count-warm, n)
 	res.Extra = max(0, count-want)
 	if inst != nil {
 		res.Problems, res.Sample = inst.problems()

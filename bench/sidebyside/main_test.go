@@ -24,7 +24,7 @@ func TestParseFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(o.Sizes, []int{1024, 10240, 102400}) || !slices.Equal(o.Sessions, []int{1, 10, 50}) || o.Messages != 2000 {
+	if !slices.Equal(o.Sizes, []int{1024, 10240, 102400, 1 << 20, 10 << 20}) || !slices.Equal(o.Sessions, []int{1, 10, 50}) || o.Messages != 2000 || o.LargeMB != 200 {
 		t.Errorf("defaults: sizes %v sessions %v n %d", o.Sizes, o.Sessions, o.Messages)
 	}
 	// Every target by default but those on a PostgreSQL queue, which
@@ -59,6 +59,7 @@ func TestParseFlags(t *testing.T) {
 		{"-sizes", "1XB", "-smarthost", "s"},
 		{"-sessions", "0", "-smarthost", "s"},
 		{"-n", "0", "-smarthost", "s"},
+		{"-large-mb", "0", "-smarthost", "s"},
 		{"-smarthost", "s", "extra"},
 		{"-memory", "-targets", "direct"},       // -memory measures smarthost: the binary is needed
 		{"-baseline", "old", "-smarthost", "s"}, // a baseline is for -memory only
@@ -212,6 +213,66 @@ func TestSmarthostConfig(t *testing.T) {
 		}
 		if got := len(c.DKIM); (got == 1) != withDKIM || (withDKIM && c.DKIM[0].Domain != dkimDomain) {
 			t.Errorf("dkim %v: %+v", withDKIM, c.DKIM)
+		}
+	}
+}
+
+// Over 100 KB a run sends what -large-mb holds, at least two messages a
+// session, never more than -n; its warm-up is one message a session.
+func TestMessagesPerSize(t *testing.T) {
+	b := &Bench{opts: Options{Messages: 2000, LargeMB: 200}}
+	for _, tt := range []struct {
+		size, sessions, n, warm int
+	}{
+		{1 << 10, 1, 2000, 20},
+		{100 << 10, 50, 2000, 100},
+		{1 << 20, 1, 200, 1},
+		{1 << 20, 50, 200, 50},
+		{10 << 20, 1, 20, 1},
+		{10 << 20, 10, 20, 10},
+		{10 << 20, 50, 100, 50},
+		{101 << 10, 10, 2000, 10}, // 200 MB holds more than -n
+	} {
+		pt := Point{Size: tt.size, Sessions: tt.sessions}
+		if n, w := b.messages(pt), b.warmup(pt); n != tt.n || w != tt.warm {
+			t.Errorf("%s × %d: %d messages after %d warm-up, want %d after %d", formatSize(tt.size), tt.sessions, n, w, tt.n, tt.warm)
+		}
+	}
+	b.opts.Warmup = 5
+	if w := b.warmup(Point{Size: 10 << 20, Sessions: 50}); w != 5 {
+		t.Errorf("-warmup 5: %d", w)
+	}
+}
+
+// The cost table puts CPU per MB of body and peak RSS beside each other
+// for every relay, and a dash where a run failed or did not happen.
+func TestCostTable(t *testing.T) {
+	pt := Point{Size: 1 << 20, Sessions: 10}
+	results := []Result{
+		{Target: "direct", Point: pt, Messages: 200, Arrived: 200, Elapsed: time.Second},
+		{Target: "postfix", Point: pt, Messages: 200, Arrived: 200, Elapsed: 4 * time.Second, CPU: 3 * time.Second, PeakRSS: 90 << 20},
+		{Target: "smarthost", Point: pt, Messages: 200, Arrived: 200, Elapsed: 2 * time.Second, CPU: 500 * time.Millisecond, PeakRSS: 30 << 20},
+		{Target: "smarthost-dkim", Point: pt, Messages: 200, Arrived: 10, Err: "sink: 10 of 200 messages arrived"},
+	}
+	chosen := []Target{targets[0], targets[1], targets[3], targets[4]}
+	table := costTable(chosen, results, []int{1 << 20}, []int{10})
+	lines := strings.Split(strings.TrimSpace(table), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("%d lines:\n%s", len(lines), table)
+	}
+	cells := func(line string) []string { return strings.Split(strings.Trim(line, "| "), " | ") }
+	head, row := cells(lines[0]), cells(lines[2])
+	want := map[string]string{
+		"size": "1 MB", "sessions": "10",
+		"postfix CPU ms/MB": "15.0", "smarthost CPU ms/MB": "2.5", "smarthost+dkim CPU ms/MB": "–",
+		"postfix peak RSS MB": "90", "smarthost peak RSS MB": "30", "smarthost+dkim peak RSS MB": "–",
+	}
+	if len(head) != len(want) {
+		t.Errorf("columns %v, want the %d of %v (no direct)", head, len(want), want)
+	}
+	for i, col := range head {
+		if row[i] != want[col] {
+			t.Errorf("%s = %q, want %q", col, row[i], want[col])
 		}
 	}
 }

@@ -329,10 +329,11 @@ type Sampler struct {
 	roots    []procID
 	interval time.Duration
 
-	mu   sync.Mutex
-	peak int64 // highest tree PSS since the last ResetPeak
-	stop chan struct{}
-	done chan struct{}
+	mu      sync.Mutex
+	peak    int64 // highest tree PSS since the last ResetPeak
+	peakRSS int64 // highest tree RSS since the last ResetPeak
+	stop    chan struct{}
+	done    chan struct{}
 }
 
 // NewSampler starts sampling the trees under roots every interval.
@@ -368,16 +369,18 @@ func (s *Sampler) sample() uint64 {
 	}
 	tree := treeOf(all, s.roots)
 	var cpu uint64
-	var mem int64
+	var mem, rss int64
 	for _, p := range tree {
 		cpu += p.CPUTicks
 		if p.State != 'Z' {
 			mem += pssBytes(p)
+			rss += p.RSSPages * int64(os.Getpagesize())
 		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.peak = max(s.peak, mem)
+	s.peakRSS = max(s.peakRSS, rss)
 	return cpu
 }
 
@@ -393,7 +396,7 @@ func (s *Sampler) CPU() time.Duration {
 func (s *Sampler) ResetPeak() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.peak = 0
+	s.peak, s.peakRSS = 0, 0
 }
 
 // Peak returns the highest total PSS of the trees since ResetPeak,
@@ -403,6 +406,15 @@ func (s *Sampler) Peak() int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.peak
+}
+
+// PeakRSS returns the highest total RSS of the trees since ResetPeak
+// (shared pages counted once per process), sampling once more now.
+func (s *Sampler) PeakRSS() int64 {
+	s.sample()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.peakRSS
 }
 
 // Close stops sampling.

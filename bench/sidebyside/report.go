@@ -28,15 +28,17 @@ func (b *Bench) report(m Machine, chosen []Target, results []Result, took time.D
 	p("- Postfix %s (smtp-source, smtp-sink), OpenDKIM %s, %s, smarthost %s\n\n", m.Postfix, m.OpenDKIM, m.Go, m.Smarthost)
 
 	p("## Method\n\n")
-	warm := "2 × sessions (at least 20)"
+	warm := "2 × sessions (at least 20; one per session over 100 KB)"
 	if b.opts.Warmup > 0 {
 		warm = fmt.Sprint(b.opts.Warmup)
 	}
-	p("- Client, the same for every target: `smtp-source -s SESSIONS -m %d -l SIZE -f %s -t %s` — %d messages per run over SESSIONS parallel sessions, a new SMTP connection for each message (smtp-source's default), one recipient, SIZE bytes of body after a few header lines; preceded by %s untimed warm-up messages.\n",
-		b.opts.Messages, mailFrom, rcptTo, b.opts.Messages, warm)
+	p("- Client, the same for every target: `smtp-source -s SESSIONS -m N -l SIZE -f %s -t %s` — N messages per run over SESSIONS parallel sessions, a new SMTP connection for each message (smtp-source's default), one recipient, SIZE bytes of body after a few header lines (smtp-source fills a body of any size, 10 MB included); preceded by %s untimed warm-up messages.\n",
+		mailFrom, rcptTo, warm)
+	p("- N = %d up to 100 KB; over 100 KB, as many as %d MB of body holds, at least 2 per session and at most %d (%s), so that a large size costs seconds, not minutes.\n",
+		b.opts.Messages, b.opts.LargeMB, b.opts.Messages, largeCounts(b, b.opts.Sizes, b.opts.Sessions))
 	p("- Upstream, the same for every target: Postfix's `smtp-sink -c` on 127.0.0.1, a fresh one per run. **msgs/s** = messages ÷ (time from the client's start to the arrival of the last of them at the sink, read from smtp-sink's counter).\n")
 	p("- direct: the client talks to the sink itself, no relay: the ceiling of client and sink.\n")
-	p("- postfix: a private Postfix instance (own main.cf, master.cf and queue in the work folder, started as `master -c DIR -s`): smtpd on a loopback port, `relayhost = [127.0.0.1]:SINKPORT`, `mynetworks = 127.0.0.0/8`, no local delivery, the durable queue as by default, logging through postlogd to a file, no chroot; Postfix's defaults otherwise.\n")
+	p("- postfix: a private Postfix instance (own main.cf, master.cf and queue in the work folder, started as `master -c DIR -s`): smtpd on a loopback port, `relayhost = [127.0.0.1]:SINKPORT`, `mynetworks = 127.0.0.0/8`, no local delivery, the durable queue as by default, logging through postlogd to a file, no chroot, `message_size_limit = 26214400` (smarthost's default 25 MB, for the 10 MB point); Postfix's defaults otherwise.\n")
 	milter := "a unix socket (`smtpd_milters = unix:…`, as Debian's opendkim package sets up)"
 	if b.opts.Milter == "inet" {
 		milter = "a loopback port (`smtpd_milters = inet:127.0.0.1:PORT`)"
@@ -47,6 +49,8 @@ func (b *Bench) report(m Machine, chosen []Target, results []Result, took time.D
 	p("- smarthost pg: the same relay with its queue in PostgreSQL (`[queue] backend = \"postgres\"`): a server of its own on this machine, made by initdb for the run, on a Unix socket, durable (fsync on, Debian's defaults otherwise but 128MB shared_buffers).\n")
 	p("- smarthost pg ×2: two such relays on one PostgreSQL; the client sessions and messages are shared out evenly between them (one smtp-source per relay), as a Service that balances connections in the kernel would.\n")
 	p("- **CPU ms/msg**: user+system CPU of every process of the relay — for Postfix, master and every daemon it forks (an exited daemon's CPU counts through master's reaped-children times), plus opendkim; for smarthost pg, PostgreSQL's server and backends too — from the client's start until the relay is idle after the last arrival, ÷ messages; from /proc/PID/stat, sampled every %v.\n", b.opts.Interval)
+	p("- **CPU ms/MB**: the same CPU ÷ MB (MiB) of message body relayed (N × SIZE), the cost per byte that large messages pay.\n")
+	p("- **peak RSS MB**: the highest sum of resident memory (/proc/PID/stat, shared pages counted in each process) over the relay's processes during the timed run, sampled every %v.\n", b.opts.Interval)
 	p("- **peak MB**: the highest sum of PSS (/proc/PID/smaps_rollup; shared pages split among the processes sharing them) over the relay's processes during the timed run, sampled every %v.\n", b.opts.Interval)
 	p("- State: every run starts a fresh sink and a fresh relay with an empty queue; nothing carries over between points.\n")
 	var probes []string
@@ -62,6 +66,8 @@ func (b *Bench) report(m Machine, chosen []Target, results []Result, took time.D
 
 	p("## Results\n\n")
 	p("%s\n", resultsTable(chosen, results, b.opts.Sizes, b.opts.Sessions))
+	p("## CPU per MB and peak memory\n\n")
+	p("%s\n", costTable(chosen, results, b.opts.Sizes, b.opts.Sessions))
 	p("## Runs\n\n")
 	p("%s\n", detailsTable(chosen, results))
 	var notes []string
@@ -82,15 +88,69 @@ func (b *Bench) report(m Machine, chosen []Target, results []Result, took time.D
 	return w.String()
 }
 
+// largeCounts lists N at each point over 100 KB, "1 MB × 10: 200".
+func largeCounts(b *Bench, sizes, sessions []int) string {
+	var out []string
+	for _, size := range sizes {
+		for _, sess := range sessions {
+			if pt := (Point{Size: size, Sessions: sess}); size > largeSize {
+				out = append(out, fmt.Sprintf("%s × %d: %d", formatSize(size), sess, b.messages(pt)))
+			}
+		}
+	}
+	if len(out) == 0 {
+		return "no size of this run is over 100 KB"
+	}
+	return strings.Join(out, ", ")
+}
+
+// findResult returns the run of the target named name at pt.
+func findResult(results []Result, name string, pt Point) (Result, bool) {
+	i := slices.IndexFunc(results, func(r Result) bool { return r.Target == name && r.Point == pt })
+	if i < 0 {
+		return Result{}, false
+	}
+	return results[i], true
+}
+
+// costTable has, per point, each relay's CPU per MB of body beside its
+// CPU per message, and its peak RSS beside its peak PSS.
+func costTable(chosen []Target, results []Result, sizes, sessions []int) string {
+	var relays []Target
+	for _, t := range chosen {
+		if t.Relay() {
+			relays = append(relays, t)
+		}
+	}
+	head := []string{"size", "sessions"}
+	for _, t := range relays {
+		head = append(head, t.Label+" CPU ms/MB")
+	}
+	for _, t := range relays {
+		head = append(head, t.Label+" peak RSS MB")
+	}
+	rows := [][]string{head}
+	for _, size := range sizes {
+		for _, sess := range sessions {
+			pt := Point{Size: size, Sessions: sess}
+			row := []string{formatSize(size), fmt.Sprint(sess)}
+			for _, t := range relays {
+				r, ok := findResult(results, t.Name, pt)
+				row = append(row, cell(ok && r.Err == "", "%.1f", r.CPUPerMB()))
+			}
+			for _, t := range relays {
+				r, ok := findResult(results, t.Name, pt)
+				row = append(row, cell(ok && r.Err == "", "%.0f", float64(r.PeakRSS)/(1<<20)))
+			}
+			rows = append(rows, row)
+		}
+	}
+	return markdown(rows)
+}
+
 // resultsTable is the main table: one row per point.
 func resultsTable(chosen []Target, results []Result, sizes, sessions []int) string {
-	find := func(name string, pt Point) (Result, bool) {
-		i := slices.IndexFunc(results, func(r Result) bool { return r.Target == name && r.Point == pt })
-		if i < 0 {
-			return Result{}, false
-		}
-		return results[i], true
-	}
+	find := func(name string, pt Point) (Result, bool) { return findResult(results, name, pt) }
 	var head []string
 	head = append(head, "size", "sessions")
 	for _, t := range chosen {
@@ -160,13 +220,13 @@ func detailsTable(chosen []Target, results []Result) string {
 		}
 		return name
 	}
-	rows := [][]string{{"target", "size", "sessions", "messages", "arrived", "client done s", "last arrival s", "msgs/s", "relay CPU s", "CPU ms/msg", "peak MB", "log problems"}}
+	rows := [][]string{{"target", "size", "sessions", "messages", "arrived", "client done s", "last arrival s", "msgs/s", "relay CPU s", "CPU ms/msg", "CPU ms/MB", "peak MB", "peak RSS MB", "log problems"}}
 	for _, r := range results {
 		rows = append(rows, []string{
 			label(r.Target), formatSize(r.Size), fmt.Sprint(r.Sessions), fmt.Sprint(r.Messages), fmt.Sprint(r.Arrived),
 			fmt.Sprintf("%.2f", r.Client.Seconds()), cell(r.Elapsed > 0, "%.2f", r.Elapsed.Seconds()),
-			rateCell(r, true), fmt.Sprintf("%.2f", r.CPU.Seconds()), fmt.Sprintf("%.2f", r.CPUPerMsg()),
-			fmt.Sprintf("%.0f", float64(r.PeakMem)/(1<<20)), fmt.Sprint(r.Problems),
+			rateCell(r, true), fmt.Sprintf("%.2f", r.CPU.Seconds()), fmt.Sprintf("%.2f", r.CPUPerMsg()), fmt.Sprintf("%.1f", r.CPUPerMB()),
+			fmt.Sprintf("%.0f", float64(r.PeakMem)/(1<<20)), fmt.Sprintf("%.0f", float64(r.PeakRSS)/(1<<20)), fmt.Sprint(r.Problems),
 		})
 	}
 	return markdown(rows)

@@ -270,6 +270,9 @@ relayhost = [%s]:%s
 maillog_file = %s
 maillog_file_prefixes = %s
 biff = no
+# smarthost's default max_message_size, so that a 10 MB body is relayed
+# by both (Postfix's default is 10240000 bytes).
+message_size_limit = 26214400
 `, queue, data, upHost, upPort, maillog, dir)
 	if milter != "" {
 		fmt.Fprintf(&b, "smtpd_milters = %s\nmilter_default_action = tempfail\n", milter)
