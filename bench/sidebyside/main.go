@@ -52,6 +52,12 @@ type Options struct {
 	Targets []string // names from targets, in table order
 	// Smarthost is the smarthost binary (built without -race).
 	Smarthost string
+	// Smtpload is the smtpload binary, the client of the
+	// production-shaped runs.
+	Smtpload string
+	// ProdSizes × ProdSessions are the points of the production-shaped
+	// runs (STARTTLS and AUTH in, TLS out, DKIM); none when empty.
+	ProdSizes, ProdSessions []int
 	// SmarthostConns is the upstream's max_connections.
 	SmarthostConns int
 	WorkDir        string // where queues live; default a new temporary folder
@@ -145,6 +151,9 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	fs.IntVar(&o.Warmup, "warmup", 0, "untimed messages before each run (default 2×sessions, at least 20; one per session over 100KB)")
 	fs.IntVar(&o.LargeMB, "large-mb", 200, "over 100KB, timed messages per run are at most this many MB of body (at least 2 per session)")
 	fs.StringVar(&o.Smarthost, "smarthost", "", "smarthost binary (required; bench/run builds it)")
+	fs.StringVar(&o.Smtpload, "smtpload", "", "smtpload binary, the client of the production-shaped runs (bench/run builds it)")
+	prodSizes := fs.String("tls-sizes", "10KB,100KB", `message sizes of the production-shaped runs (smtpload STARTTLS+AUTH into smarthost, TLS upstream, DKIM), comma-separated; "" for none`)
+	prodSessions := fs.String("tls-sessions", "10", "client sessions of the production-shaped runs, comma-separated")
 	fs.IntVar(&o.SmarthostConns, "smarthost-conns", 20, "smarthost's upstream max_connections (Postfix's default_destination_concurrency_limit is 20)")
 	fs.StringVar(&o.WorkDir, "workdir", "", "folder for the queues (default: a new temporary folder, removed afterwards)")
 	fs.BoolVar(&o.Keep, "keep", false, "keep the work folder (configurations, logs, queues)")
@@ -162,7 +171,7 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	// Paths and verbosity do not change what is measured.
 	fs.Visit(func(f *flag.Flag) {
 		switch f.Name {
-		case "smarthost", "baseline", "workdir", "keep", "o", "v":
+		case "smarthost", "smtpload", "baseline", "workdir", "keep", "o", "v":
 		case "quick":
 			o.Args = append(o.Args, "-quick")
 		default:
@@ -188,6 +197,9 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 		if !flagSet(fs, "n") {
 			o.Messages = 500
 		}
+		if !flagSet(fs, "tls-sizes") {
+			*prodSizes = "10KB"
+		}
 	}
 	var err error
 	if o.Sizes, err = parseList(*sizes, parseSize); err != nil {
@@ -195,6 +207,17 @@ func parseFlags(args []string, stderr io.Writer) (Options, error) {
 	}
 	if o.Sessions, err = parseList(*sessions, strconv.Atoi); err != nil {
 		return fail("-sessions: %v", err)
+	}
+	if strings.TrimSpace(*prodSizes) != "" && !o.Memory {
+		if o.ProdSizes, err = parseList(*prodSizes, parseSize); err != nil {
+			return fail("-tls-sizes: %v", err)
+		}
+		if o.ProdSessions, err = parseList(*prodSessions, strconv.Atoi); err != nil {
+			return fail("-tls-sessions: %v", err)
+		}
+		if o.Smarthost == "" || o.Smtpload == "" {
+			return fail(`-tls-sizes: the production-shaped runs need -smarthost and -smtpload (or -tls-sizes "" for none)`)
+		}
 	}
 	for _, name := range strings.Split(*tg, ",") {
 		name = strings.TrimSpace(name)
@@ -391,8 +414,12 @@ func (b *Bench) Run(ctx context.Context) (string, error) {
 			}
 		}
 	}
+	prod, err := b.production(ctx, work)
+	if err != nil {
+		return "", err
+	}
 	machine.LoadAvgEnd = loadAvg()
-	return b.report(machine, chosen, results, time.Since(start)), nil
+	return b.report(machine, chosen, results, prod, time.Since(start)), nil
 }
 
 // searchableByAll checks that every folder from the root down to dir

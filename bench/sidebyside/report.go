@@ -9,7 +9,7 @@ import (
 )
 
 // report renders the machine, the method, the table and the details.
-func (b *Bench) report(m Machine, chosen []Target, results []Result, took time.Duration) string {
+func (b *Bench) report(m Machine, chosen []Target, results, prod []Result, took time.Duration) string {
 	var w strings.Builder
 	p := func(format string, a ...any) { fmt.Fprintf(&w, format, a...) }
 
@@ -68,10 +68,19 @@ func (b *Bench) report(m Machine, chosen []Target, results []Result, took time.D
 	p("%s\n", resultsTable(chosen, results, b.opts.Sizes, b.opts.Sessions))
 	p("## CPU per MB and peak memory\n\n")
 	p("%s\n", costTable(chosen, results, b.opts.Sizes, b.opts.Sessions))
+	if len(prod) > 0 {
+		p("## Production-shaped: STARTTLS and AUTH in, TLS out, DKIM\n\n")
+		p("How every real deployment runs, beside the plain relay of the matrix, both driven by `smtpload` (cmd/smtpload) into an upstream in the benchmark's own process that reads each message and discards it:\n\n")
+		p("- plain: smarthost as in the matrix's smarthost column (`tls = \"none\"`, `auth = \"none\"`, trusted 127.0.0.0/8, plain-text upstream, no DKIM); client `smtpload -c SESSIONS -n N -size SIZE -per-conn 1 -from %s -to %s`.\n", mailFrom, rcptTo)
+		p("- production: a listener with `tls = \"starttls\"` and `auth = \"required\"`, one `[[user]]` whose bcrypt hash (cost 10) `smarthost passwd` made; the upstream with `tls = \"implicit\"` and `ca_file`, the certificate verified; the `[[dkim]]` RSA-2048 key of smarthost+dkim. The client adds `-tls starttls -ca ca.pem -user %s -pass-file FILE`: every message on a new connection, so each pays a TLS handshake and an AUTH (the relay checks bcrypt once per password and remembers it, as in production). Certificates: a CA and one ECDSA P-256 certificate for 127.0.0.1, made for the run in its work folder, served by both the listener and the upstream; TLS 1.3 as Go negotiates it.\n", prodUser)
+		p("- SIZE is the whole message, headers included (smtpload's -size); N, warm-up, msgs/s (to the last arrival at the upstream) and CPU as in the matrix; the upstream's CPU is the benchmark's, not counted.\n")
+		p("- **tax** = production ÷ plain: of throughput (below 1 is slower) and of CPU per message (above 1 costs more).\n\n")
+		p("%s\n", productionTable(prod, results))
+	}
 	p("## Runs\n\n")
-	p("%s\n", detailsTable(chosen, results))
+	p("%s\n", detailsTable(chosen, append(slices.Clip(results), prod...)))
 	var notes []string
-	for _, r := range results {
+	for _, r := range append(slices.Clip(results), prod...) {
 		if r.Err != "" {
 			notes = append(notes, fmt.Sprintf("- %s %s × %d: **%s**", r.Target, formatSize(r.Size), r.Sessions, r.Err))
 		}
@@ -148,6 +157,41 @@ func costTable(chosen []Target, results []Result, sizes, sessions []int) string 
 	return markdown(rows)
 }
 
+// prodLabels name the production-shaped runs in the details.
+var prodLabels = map[string]string{
+	prodPlain: "smarthost plain (smtpload)",
+	prodFull:  "smarthost STARTTLS+AUTH, TLS upstream, DKIM (smtpload)",
+}
+
+// productionTable has one row per production-shaped point: the plain
+// and the production-shaped relay, the tax as ratios, and the matrix's
+// smarthost at the same point where it ran.
+func productionTable(prod, matrix []Result) string {
+	rows := [][]string{{"size", "sessions", "plain msgs/s", "production msgs/s", "throughput tax", "plain CPU ms/msg", "production CPU ms/msg", "CPU tax",
+		"plain peak RSS MB", "production peak RSS MB", "matrix smarthost msgs/s (smtp-source)"}}
+	var points []Point
+	for _, r := range prod {
+		if !slices.Contains(points, r.Point) {
+			points = append(points, r.Point)
+		}
+	}
+	for _, pt := range points {
+		plain, okP := findResult(prod, prodPlain, pt)
+		full, okF := findResult(prod, prodFull, pt)
+		okP, okF = okP && plain.Err == "", okF && full.Err == ""
+		m, okM := findResult(matrix, "smarthost", pt)
+		rows = append(rows, []string{formatSize(pt.Size), fmt.Sprint(pt.Sessions),
+			rateCell(plain, true), rateCell(full, true),
+			cell(okP && okF && plain.Rate() > 0, "%.2f×", full.Rate()/plain.Rate()),
+			cell(okP, "%.2f", plain.CPUPerMsg()), cell(okF, "%.2f", full.CPUPerMsg()),
+			cell(okP && okF && plain.CPU > 0, "%.2f×", full.CPUPerMsg()/plain.CPUPerMsg()),
+			cell(okP, "%.0f", float64(plain.PeakRSS)/(1<<20)), cell(okF, "%.0f", float64(full.PeakRSS)/(1<<20)),
+			cell(okM && m.Err == "", "%.0f", m.Rate()),
+		})
+	}
+	return markdown(rows)
+}
+
 // resultsTable is the main table: one row per point.
 func resultsTable(chosen []Target, results []Result, sizes, sessions []int) string {
 	find := func(name string, pt Point) (Result, bool) { return findResult(results, name, pt) }
@@ -217,6 +261,9 @@ func detailsTable(chosen []Target, results []Result) string {
 			if t.Name == name {
 				return t.Label
 			}
+		}
+		if l, ok := prodLabels[name]; ok {
+			return l
 		}
 		return name
 	}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -171,9 +172,15 @@ type Discard struct {
 
 // startDiscard listens on a loopback port.
 func startDiscard() (*Discard, error) {
+	return startDiscardTLS(nil)
+}
+
+// startDiscardTLS listens on a loopback port, with implicit TLS (as on
+// port 465) when conf is not nil.
+func startDiscardTLS(conf *tls.Config) (*Discard, error) {
 	d := &Discard{Counter: NewCounter()}
 	var err error
-	d.srv, d.Addr, err = serveSMTP("discard.bench.invalid", func() smtp.Session { return &discardSession{d: d} })
+	d.srv, d.Addr, err = serveSMTPTLS("discard.bench.invalid", conf, func() smtp.Session { return &discardSession{d: d} })
 	if err != nil {
 		return nil, err
 	}
@@ -184,9 +191,18 @@ func startDiscard() (*Discard, error) {
 // on a loopback port, with a session from newSession for each
 // connection, and returns it and its address.
 func serveSMTP(domain string, newSession func() smtp.Session) (*smtp.Server, string, error) {
+	return serveSMTPTLS(domain, nil, newSession)
+}
+
+// serveSMTPTLS is serveSMTP, with implicit TLS when conf is not nil.
+func serveSMTPTLS(domain string, conf *tls.Config, newSession func() smtp.Session) (*smtp.Server, string, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, "", err
+	}
+	addr := l.Addr().String()
+	if conf != nil {
+		l = tls.NewListener(l, conf)
 	}
 	srv := smtp.NewServer(smtp.BackendFunc(func(*smtp.Conn) (smtp.Session, error) { return newSession(), nil }))
 	srv.Domain = domain
@@ -194,7 +210,7 @@ func serveSMTP(domain string, newSession func() smtp.Session) (*smtp.Server, str
 	srv.ReadTimeout = time.Minute
 	srv.WriteTimeout = time.Minute
 	go func() { _ = srv.Serve(l) }()
-	return srv, l.Addr().String(), nil
+	return srv, addr, nil
 }
 
 // Close stops the server.

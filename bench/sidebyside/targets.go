@@ -377,8 +377,15 @@ func (b *Bench) startSmarthostQueue(ctx context.Context, dir, upstream string, d
 	if err != nil {
 		return nil, err
 	}
+	return b.runSmarthost(ctx, dir, addr, httpAddr, smarthostConfig(dir, addr, httpAddr, upstream, b.opts.SmarthostConns, b.dkimKey, dkim, b.extraLimits, queue))
+}
+
+// runSmarthost runs `smarthost serve` in dir with the configuration
+// text, whose SMTP listener is addr and [http] listener httpAddr, and
+// waits until it is ready and greets.
+func (b *Bench) runSmarthost(ctx context.Context, dir, addr, httpAddr, text string) (*relayInstance, error) {
 	conf := filepath.Join(dir, "smarthost.toml")
-	if err := os.WriteFile(conf, []byte(smarthostConfig(dir, addr, httpAddr, upstream, b.opts.SmarthostConns, b.dkimKey, dkim, b.extraLimits, queue)), 0o644); err != nil {
+	if err := os.WriteFile(conf, []byte(text), 0o644); err != nil {
 		return nil, err
 	}
 	logPath := filepath.Join(dir, "smarthost.log")
