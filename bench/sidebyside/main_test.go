@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -20,9 +21,12 @@ import (
 )
 
 func TestParseFlags(t *testing.T) {
-	o, err := parseFlags([]string{"-smarthost", "/x/smarthost"}, io.Discard)
+	o, err := parseFlags([]string{"-smarthost", "/x/smarthost", "-smtpload", "/x/smtpload"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if !slices.Equal(o.ProdSizes, []int{10 << 10, 100 << 10}) || !slices.Equal(o.ProdSessions, []int{10}) {
+		t.Errorf("production-shaped defaults: sizes %v sessions %v", o.ProdSizes, o.ProdSessions)
 	}
 	if !slices.Equal(o.Sizes, []int{1024, 10240, 102400, 1 << 20, 10 << 20}) || !slices.Equal(o.Sessions, []int{1, 10, 50}) || o.Messages != 2000 || o.LargeMB != 200 {
 		t.Errorf("defaults: sizes %v sessions %v n %d", o.Sizes, o.Sessions, o.Messages)
@@ -39,17 +43,17 @@ func TestParseFlags(t *testing.T) {
 		t.Errorf("default targets %v, want %v", o.Targets, want)
 	}
 
-	o, err = parseFlags([]string{"-quick", "-smarthost", "s", "-targets", "postfix,smarthost"}, io.Discard)
+	o, err = parseFlags([]string{"-quick", "-smarthost", "s", "-smtpload", "l", "-targets", "postfix,smarthost"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(o.Sizes, []int{1024}) || !slices.Equal(o.Sessions, []int{10}) || o.Messages != 500 {
-		t.Errorf("-quick: sizes %v sessions %v n %d", o.Sizes, o.Sessions, o.Messages)
+	if !slices.Equal(o.Sizes, []int{1024}) || !slices.Equal(o.Sessions, []int{10}) || o.Messages != 500 || !slices.Equal(o.ProdSizes, []int{10 << 10}) {
+		t.Errorf("-quick: sizes %v sessions %v n %d production sizes %v", o.Sizes, o.Sessions, o.Messages, o.ProdSizes)
 	}
 	if !slices.Equal(o.Targets, []string{"postfix", "smarthost"}) {
 		t.Errorf("-targets: %v", o.Targets)
 	}
-	if o, err = parseFlags([]string{"-quick", "-n", "50", "-smarthost", "s"}, io.Discard); err != nil || o.Messages != 50 {
+	if o, err = parseFlags([]string{"-quick", "-n", "50", "-smarthost", "s", "-tls-sizes", ""}, io.Discard); err != nil || o.Messages != 50 || o.ProdSizes != nil {
 		t.Errorf("-quick -n 50: n %d, %v", o.Messages, err)
 	}
 
@@ -60,6 +64,9 @@ func TestParseFlags(t *testing.T) {
 		{"-sessions", "0", "-smarthost", "s"},
 		{"-n", "0", "-smarthost", "s"},
 		{"-large-mb", "0", "-smarthost", "s"},
+		{"-smarthost", "s"}, // the production-shaped runs need smtpload
+		{"-smarthost", "s", "-smtpload", "l", "-tls-sizes", "1XB"},
+		{"-smarthost", "s", "-smtpload", "l", "-tls-sessions", "0"},
 		{"-smarthost", "s", "extra"},
 		{"-memory", "-targets", "direct"},       // -memory measures smarthost: the binary is needed
 		{"-baseline", "old", "-smarthost", "s"}, // a baseline is for -memory only
@@ -68,7 +75,7 @@ func TestParseFlags(t *testing.T) {
 			t.Errorf("parseFlags(%q) accepted", bad)
 		}
 	}
-	if _, err := parseFlags([]string{"-targets", "direct,postfix"}, io.Discard); err != nil {
+	if _, err := parseFlags([]string{"-targets", "direct,postfix", "-tls-sizes", ""}, io.Discard); err != nil {
 		t.Errorf("targets without smarthost need no binary: %v", err)
 	}
 }
@@ -344,6 +351,10 @@ func TestEndToEnd(t *testing.T) {
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
+	load := filepath.Join(t.TempDir(), "smtpload")
+	if out, err := exec.Command("go", "build", "-o", load, "smarthost/cmd/smtpload").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
 	work := t.TempDir()
 	// Postfix's daemons, as the postfix user, must reach their queue
 	// under the test's folders, which are private.
@@ -354,8 +365,8 @@ func TestEndToEnd(t *testing.T) {
 	}
 	report := filepath.Join(work, "report.md")
 	var stdout, stderr bytes.Buffer
-	code := run([]string{"-smarthost", bin, "-targets", strings.Join(names, ","), "-sizes", "1KB", "-sessions", "3",
-		"-n", "40", "-warmup", "6", "-workdir", filepath.Join(work, "w"), "-o", report}, &stdout, &stderr)
+	code := run([]string{"-smarthost", bin, "-smtpload", load, "-targets", strings.Join(names, ","), "-sizes", "1KB", "-sessions", "3",
+		"-n", "40", "-warmup", "6", "-tls-sizes", "2KB", "-tls-sessions", "3", "-workdir", filepath.Join(work, "w"), "-o", report}, &stdout, &stderr)
 	if code != 0 {
 		t.Fatalf("exit %d\n%s", code, stderr.String())
 	}
@@ -378,6 +389,15 @@ func TestEndToEnd(t *testing.T) {
 		if !strings.Contains(out, "| "+label+" | 1 KB | 3 | 40 | 40 | ") {
 			t.Errorf("no complete run of %s:\n%s", name, out)
 		}
+	}
+	// Both production-shaped runs complete, and the tax between them.
+	for _, label := range prodLabels {
+		if !strings.Contains(out, "| "+label+" | 2 KB | 3 | 40 | 40 | ") {
+			t.Errorf("no complete run of %s:\n%s", label, out)
+		}
+	}
+	if !regexp.MustCompile(`\| 2 KB \| 3 \| \d+ \| \d+ \| \d\.\d\d× \|`).MatchString(out) {
+		t.Errorf("no production-shaped row with a throughput tax:\n%s", out)
 	}
 	// Nothing the benchmark started is still running.
 	all, err := allProcs()
