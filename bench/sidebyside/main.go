@@ -9,6 +9,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -808,7 +809,26 @@ func checkProbe(msg []byte, size int, signed bool, record string) (string, error
 	if got := len(body); got < size || got > size+2 {
 		return "", fmt.Errorf("probe: body of %d bytes, want %d", got, size)
 	}
-	verifs, err := msgdkim.VerifyWithOptions(strings.NewReader(string(msg)), &msgdkim.VerifyOptions{
+	verifs, err := verifyDKIM(msg, record)
+	if err != nil {
+		return "", err
+	}
+	if !signed {
+		if len(verifs) > 0 {
+			return "", fmt.Errorf("probe: %d DKIM signatures on a message that should be unsigned", len(verifs))
+		}
+		return "delivered intact, unsigned", nil
+	}
+	if err := oneValid(verifs); err != nil {
+		return "", err
+	}
+	return "delivered intact, RSA-2048 DKIM signature verifies", nil
+}
+
+// verifyDKIM verifies msg's DKIM signatures with record as the
+// benchmark key's TXT record.
+func verifyDKIM(msg []byte, record string) ([]*msgdkim.Verification, error) {
+	verifs, err := msgdkim.VerifyWithOptions(bytes.NewReader(msg), &msgdkim.VerifyOptions{
 		LookupTXT: func(domain string) ([]string, error) {
 			if domain != dkimSelector+"._domainkey."+dkimDomain {
 				return nil, fmt.Errorf("no TXT record for %s", domain)
@@ -817,19 +837,27 @@ func checkProbe(msg []byte, size int, signed bool, record string) (string, error
 		},
 	})
 	if err != nil {
-		return "", fmt.Errorf("probe: DKIM: %w", err)
+		return nil, fmt.Errorf("probe: DKIM: %w", err)
 	}
-	if !signed {
-		if len(verifs) > 0 {
-			return "", fmt.Errorf("probe: %d DKIM signatures on a message that should be unsigned", len(verifs))
-		}
-		return "delivered intact, unsigned", nil
+	return verifs, nil
+}
+
+// verifySigned checks that msg carries one valid signature for
+// example.com.
+func verifySigned(msg []byte, record string) error {
+	verifs, err := verifyDKIM(msg, record)
+	if err != nil {
+		return err
 	}
+	return oneValid(verifs)
+}
+
+func oneValid(verifs []*msgdkim.Verification) error {
 	if len(verifs) != 1 {
-		return "", fmt.Errorf("probe: %d DKIM signatures, want 1", len(verifs))
+		return fmt.Errorf("probe: %d DKIM signatures, want 1", len(verifs))
 	}
 	if v := verifs[0]; v.Err != nil || v.Domain != dkimDomain {
-		return "", fmt.Errorf("probe: DKIM signature d=%s: %v", v.Domain, v.Err)
+		return fmt.Errorf("probe: DKIM signature d=%s: %v", v.Domain, v.Err)
 	}
-	return "delivered intact, RSA-2048 DKIM signature verifies", nil
+	return nil
 }

@@ -378,7 +378,8 @@ func TestEndToEnd(t *testing.T) {
 	if strings.Contains(out, "FAIL") || strings.Contains(out, "## Problems") {
 		t.Errorf("a run failed:\n%s", out)
 	}
-	for _, want := range []string{"smarthost: delivered intact, unsigned", "smarthost+dkim: delivered intact, RSA-2048 DKIM signature verifies"} {
+	for _, want := range []string{"smarthost: delivered intact, unsigned", "smarthost+dkim: delivered intact, RSA-2048 DKIM signature verifies",
+		"production-shaped relay carried one probe message to a capture server: sent with STARTTLS and AUTH, delivered over verified TLS, RSA-2048 DKIM signature verifies"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("report lacks %q", want)
 		}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -76,6 +77,15 @@ func (b *Bench) production(ctx context.Context, work string) ([]Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	probe, err := b.probeProd(ctx, filepath.Join(work, "probe-production"), files)
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("production-shaped probe: %w", err)
+	}
+	b.log.Info("probe", "target", "smarthost production", "result", probe)
+	b.probes[prodFull] = probe
 	var results []Result
 	for _, size := range b.opts.ProdSizes {
 		for _, sess := range b.opts.ProdSessions {
@@ -292,4 +302,51 @@ selector = %q
 key_file = %q
 `, filepath.Join(dir, "queue.db"), files.CertFile, files.KeyFile, addr, prodUser, files.Hash, "*@"+dkimDomain,
 		upstream, files.CAFile, conns, httpAddr, dkimDomain, dkimSelector, key)
+}
+
+// probeProd sends one message through the production-shaped relay, with
+// STARTTLS and AUTH, to a capture server that speaks only TLS, and
+// checks that it arrived with a DKIM signature that verifies.
+func (b *Bench) probeProd(ctx context.Context, dir string, files *prodFiles) (string, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	conf, err := files.ServerConfig()
+	if err != nil {
+		return "", err
+	}
+	capture, err := startCaptureTLS(conf)
+	if err != nil {
+		return "", err
+	}
+	defer capture.Close()
+	addr, err := freeAddr()
+	if err != nil {
+		return "", err
+	}
+	httpAddr, err := freeAddr()
+	if err != nil {
+		return "", err
+	}
+	inst, err := b.runSmarthost(ctx, dir, addr, httpAddr, productionConfig(dir, addr, httpAddr, capture.Addr, b.opts.SmarthostConns, files, b.dkimKey))
+	if err != nil {
+		return "", err
+	}
+	defer inst.stop(b.sup)
+	if err := b.load(ctx, dir, loadArgs(addr, Point{Size: 4096, Sessions: 1}, true, files), 1); err != nil {
+		return "", err
+	}
+	var msg []byte
+	select {
+	case msg = <-capture.Messages:
+	case <-time.After(30 * time.Second):
+		return "", errors.New("the probe message did not arrive within 30 s")
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
+	_ = os.WriteFile(filepath.Join(dir, "probe.eml"), msg, 0o644) // for -keep
+	if err := verifySigned(msg, b.dkimRecord); err != nil {
+		return "", err
+	}
+	return "sent with STARTTLS and AUTH, delivered over verified TLS, RSA-2048 DKIM signature verifies", nil
 }

@@ -74,6 +74,7 @@ func (b *Bench) report(m Machine, chosen []Target, results, prod []Result, took 
 		p("- plain: smarthost as in the matrix's smarthost column (`tls = \"none\"`, `auth = \"none\"`, trusted 127.0.0.0/8, plain-text upstream, no DKIM); client `smtpload -c SESSIONS -n N -size SIZE -per-conn 1 -from %s -to %s`.\n", mailFrom, rcptTo)
 		p("- production: a listener with `tls = \"starttls\"` and `auth = \"required\"`, one `[[user]]` whose bcrypt hash (cost 10) `smarthost passwd` made; the upstream with `tls = \"implicit\"` and `ca_file`, the certificate verified; the `[[dkim]]` RSA-2048 key of smarthost+dkim. The client adds `-tls starttls -ca ca.pem -user %s -pass-file FILE`: every message on a new connection, so each pays a TLS handshake and an AUTH (the relay checks bcrypt once per password and remembers it, as in production). Certificates: a CA and one ECDSA P-256 certificate for 127.0.0.1, made for the run in its work folder, served by both the listener and the upstream; TLS 1.3 as Go negotiates it.\n", prodUser)
 		p("- SIZE is the whole message, headers included (smtpload's -size); N, warm-up, msgs/s (to the last arrival at the upstream) and CPU as in the matrix; the upstream's CPU is the benchmark's, not counted.\n")
+		p("- Before timing, the production-shaped relay carried one probe message to a capture server: %s.\n", b.probes[prodFull])
 		p("- **tax** = production ÷ plain: of throughput (below 1 is slower) and of CPU per message (above 1 costs more).\n\n")
 		p("%s\n", productionTable(prod, results))
 	}

@@ -249,9 +249,15 @@ type Capture struct {
 
 // startCapture listens on a loopback port.
 func startCapture() (*Capture, error) {
+	return startCaptureTLS(nil)
+}
+
+// startCaptureTLS listens on a loopback port, with implicit TLS when
+// conf is not nil.
+func startCaptureTLS(conf *tls.Config) (*Capture, error) {
 	c := &Capture{Messages: make(chan []byte, 16)}
 	var err error
-	c.srv, c.Addr, err = serveSMTP("capture.bench.invalid", func() smtp.Session { return &captureSession{out: c.Messages} })
+	c.srv, c.Addr, err = serveSMTPTLS("capture.bench.invalid", conf, func() smtp.Session { return &captureSession{out: c.Messages} })
 	if err != nil {
 		return nil, err
 	}
