@@ -166,7 +166,7 @@ func TestCheckProbe(t *testing.T) {
 
 func TestPostfixMainCF(t *testing.T) {
 	cf := postfixMainCF("/w/queue", "/w/data", "/w", "/w/maillog", "127.0.0.1:2525", "")
-	for _, want := range []string{"relayhost = [127.0.0.1]:2525\n", "mynetworks = 127.0.0.0/8\n", "mydestination =\n", "queue_directory = /w/queue\n", "maillog_file_prefixes = /w\n"} {
+	for _, want := range []string{"relayhost = [127.0.0.1]:2525\n", "mynetworks = 127.0.0.0/8\n", "mydestination =\n", "queue_directory = /w/queue\n", "maillog_file_prefixes = /w\n", "message_size_limit = 26214400\n"} {
 		if !strings.Contains(cf, want) {
 			t.Errorf("main.cf lacks %q:\n%s", want, cf)
 		}
