@@ -83,13 +83,13 @@ func (b *Bench) report(m Machine, chosen []Target, results, prod []Result, took 
 	var notes []string
 	for _, r := range append(slices.Clip(results), prod...) {
 		if r.Err != "" {
-			notes = append(notes, fmt.Sprintf("- %s %s × %d: **%s**", r.Target, formatSize(r.Size), r.Sessions, r.Err))
+			notes = append(notes, fmt.Sprintf("- %s %s × %d: **%s**", targetLabel(chosen, r.Target), formatSize(r.Size), r.Sessions, r.Err))
 		}
 		if r.Extra > 0 {
-			notes = append(notes, fmt.Sprintf("- %s %s × %d: %d messages more than sent arrived at the sink (duplicates)", r.Target, formatSize(r.Size), r.Sessions, r.Extra))
+			notes = append(notes, fmt.Sprintf("- %s %s × %d: %d messages more than sent arrived at the sink (duplicates)", targetLabel(chosen, r.Target), formatSize(r.Size), r.Sessions, r.Extra))
 		}
 		if r.Problems > 0 {
-			notes = append(notes, fmt.Sprintf("- %s %s × %d: %d log lines reporting trouble, first: `%s`", r.Target, formatSize(r.Size), r.Sessions, r.Problems, strings.Join(r.Sample, "` · `")))
+			notes = append(notes, fmt.Sprintf("- %s %s × %d: %d log lines reporting trouble, first: `%s`", targetLabel(chosen, r.Target), formatSize(r.Size), r.Sessions, r.Problems, strings.Join(r.Sample, "` · `")))
 		}
 	}
 	if len(notes) > 0 {
@@ -255,19 +255,22 @@ func resultsTable(chosen []Target, results []Result, sizes, sessions []int) stri
 	return markdown(rows)
 }
 
+// targetLabel is the name of a run's target in the tables.
+func targetLabel(chosen []Target, name string) string {
+	for _, t := range chosen {
+		if t.Name == name {
+			return t.Label
+		}
+	}
+	if l, ok := prodLabels[name]; ok {
+		return l
+	}
+	return name
+}
+
 // detailsTable has one row per run, with where its time went.
 func detailsTable(chosen []Target, results []Result) string {
-	label := func(name string) string {
-		for _, t := range chosen {
-			if t.Name == name {
-				return t.Label
-			}
-		}
-		if l, ok := prodLabels[name]; ok {
-			return l
-		}
-		return name
-	}
+	label := func(name string) string { return targetLabel(chosen, name) }
 	rows := [][]string{{"target", "size", "sessions", "messages", "arrived", "client done s", "last arrival s", "msgs/s", "relay CPU s", "CPU ms/msg", "CPU ms/MB", "peak MB", "peak RSS MB", "log problems"}}
 	for _, r := range results {
 		rows = append(rows, []string{
