@@ -101,12 +101,11 @@ func (n *normalizer) normalize(dst, p []byte) []byte {
 				continue
 			}
 		}
-		i := bytes.IndexAny(p, "\r\n\x00")
-		if i < 0 {
-			dst = append(dst, p...)
+		i := cleanLines(p)
+		dst = append(dst, p[:i]...)
+		if i == len(p) {
 			break
 		}
-		dst = append(dst, p[:i]...)
 		switch p[i] {
 		case '\n':
 			dst = append(dst, '\r', '\n')
@@ -119,6 +118,33 @@ func (n *normalizer) normalize(dst, p []byte) []byte {
 		n.wrote, n.last = true, dst[len(dst)-1]
 	}
 	return dst
+}
+
+// cleanLines returns the length of the longest start of p that
+// normalising leaves as it is: lines ended by CRLF with no CR, LF or NUL
+// before it, then bytes that are none of the three. It looks for them a
+// byte value at a time (bytes.IndexByte, vectorised) rather than for the
+// three at once, which goes byte by byte.
+func cleanLines(p []byte) int {
+	k := 0
+	for {
+		rest := p[k:]
+		i := bytes.IndexByte(rest, '\r')
+		if i < 0 {
+			i = len(rest)
+		}
+		line := rest[:i]
+		if j := bytes.IndexByte(line, '\n'); j >= 0 {
+			line = line[:j]
+		}
+		if j := bytes.IndexByte(line, 0); j >= 0 {
+			line = line[:j]
+		}
+		if len(line) < i || i == len(rest) || i+1 == len(rest) || rest[i+1] != '\n' {
+			return k + len(line)
+		}
+		k += i + 2
+	}
 }
 
 // headerSection finds where the header section of msg, the start of a

@@ -62,7 +62,7 @@ func (b *logBuffer) String() string {
 // listener for 127.0.0.0/8 without AUTH, one upstream at upstream, and
 // the HTTP listener on port 0 with a bearer token in
 // $SMARTHOST_TEST_ADMIN.
-func serveConfig(t *testing.T, upstream, extra string) string {
+func serveConfig(t testing.TB, upstream, extra string) string {
 	t.Helper()
 	dir := t.TempDir()
 	path := filepath.Join(dir, "config.toml")

@@ -38,7 +38,7 @@ func (d *Deliverer) connect(ctx context.Context, up *Upstream, tokens *tokenCach
 	}
 	uc := &upstreamConn{upstream: up.Name, raw: raw}
 	uc.attach(ctx)
-	c, err := d.startSession(cctx, raw, up)
+	c, err := d.startSession(cctx, newBatchConn(raw), up)
 	if err != nil {
 		uc.detach()
 		_ = raw.Close()
