@@ -42,6 +42,12 @@ type committer struct {
 	// changed, if set, is told when failing changes, with the error of the
 	// commit that set it.
 	changed func(failing bool, err error)
+	// prelude, if set, runs first in every write transaction: it inserts
+	// the journal's pending messages (journal.go), so that a write about
+	// a message never commits before its insert. Its mark is handed to
+	// committedMark once that transaction is on disk.
+	prelude       func(*bolt.Tx) (mark uint64, err error)
+	committedMark func(mark uint64)
 
 	mu     sync.RWMutex // read-held while sending on reqs; Close takes it
 	closed bool
@@ -88,14 +94,48 @@ func (c *committer) committed(err error) {
 // the storage.
 func (c *committer) update(fn func(*bolt.Tx) error) error {
 	var fnErr error
+	var mark uint64
 	err := c.db.Update(func(tx *bolt.Tx) error {
+		var err error
+		if mark, err = c.runPrelude(tx); err != nil {
+			return err
+		}
 		fnErr = safely(fn, tx)
 		return fnErr
 	})
 	if fnErr == nil && !errors.Is(err, berrors.ErrDatabaseNotOpen) {
 		c.committed(err)
 	}
+	if err == nil {
+		c.markCommitted(mark)
+	}
 	return err
+}
+
+// runPrelude runs the prelude in tx, if there is one.
+func (c *committer) runPrelude(tx *bolt.Tx) (uint64, error) {
+	if c.prelude == nil {
+		return 0, nil
+	}
+	return c.prelude(tx)
+}
+
+// markCommitted hands a committed transaction's prelude mark on.
+func (c *committer) markCommitted(mark uint64) {
+	if c.committedMark != nil {
+		c.committedMark(mark)
+	}
+}
+
+// nudge asks for a commit and does not wait for it: the journal's pending
+// messages then go into bbolt with the writes of the next moment. It counts
+// as a client's write, so that outcomes wait lazyDelay to share its commit.
+func (c *committer) nudge() {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if !c.closed {
+		c.reqs <- commitReq{fn: func(*bolt.Tx) error { return nil }, err: make(chan error, 1), lazy: true, client: true}
+	}
 }
 
 // write runs fn in a write transaction shared with other writers, and
@@ -235,7 +275,12 @@ func (c *committer) next(probe *time.Timer) (commitReq, bool) {
 func (c *committer) commit(group []commitReq) {
 	for len(group) > 0 {
 		failed := -1
+		var mark uint64
 		err := c.db.Update(func(tx *bolt.Tx) error {
+			var err error
+			if mark, err = c.runPrelude(tx); err != nil {
+				return err
+			}
 			for i, r := range group {
 				if err := safely(r.fn, tx); err != nil {
 					failed = i
@@ -250,6 +295,9 @@ func (c *committer) commit(group []commitReq) {
 			continue
 		}
 		c.committed(err)
+		if err == nil {
+			c.markCommitted(mark)
+		}
 		for _, r := range group {
 			r.err <- err
 		}

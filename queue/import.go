@@ -18,6 +18,7 @@ var ErrExists = errors.New("queue: message already exists")
 // queue (Salvage). rest is kept in a spool file, as PutSpooled keeps a
 // large message. Import returns once the message is on disk.
 func (s *Store) Import(ctx context.Context, m Message, body []byte, rest io.Reader) (err error) {
+	s.settle()
 	if err := checkPut(ctx, &m); err != nil {
 		return err
 	}

@@ -28,6 +28,9 @@ type SalvageReport struct {
 	Present int
 	Spooled int // of them, with a spool file
 	Held    int // of them, on hold
+	// Journal counts the messages saved from the journal beside the file:
+	// accepted, and not yet in the file when its relay stopped.
+	Journal int
 	// Lost are the messages known by their ID that could not be saved,
 	// sorted by ID.
 	Lost []LostMessage
@@ -89,7 +92,7 @@ func (s *Salvage) CopyTo(ctx context.Context, dst Backend) (*SalvageReport, erro
 	}
 	sv := &salvage{dst: dst, spool: s.path + ".spool", rep: &SalvageReport{}, recs: map[string]*record{},
 		bad: map[string]string{}, seen: map[string][]string{}, withBody: map[string]bool{}, sent: map[string]bool{},
-		unsure: map[string]bool{}, saved: map[string]bool{}}
+		unsure: map[string]bool{}, saved: map[string]bool{}, journaled: map[string]bool{}}
 	if err := sv.listSpool(); err != nil {
 		return nil, fmt.Errorf("queue: salvage: %w", err)
 	}
@@ -132,9 +135,48 @@ func (s *Salvage) CopyTo(ctx context.Context, dst Backend) (*SalvageReport, erro
 	if damaged[""] || damaged[string(msgsBucket)] || damaged[string(bodiesBucket)] {
 		sv.scan(ctx, w, damaged[""] || damaged[string(msgsBucket)])
 	}
+	if err := sv.journal(ctx, s.path+".journal"); err != nil {
+		problems = append(problems, fmt.Sprintf("journal: %v", err))
+	}
 	sv.rep.Damage = append(problems, w.problems...)
 	sv.reportUnsaved(damaged)
 	return sv.rep, nil
+}
+
+// journal saves the messages that the journal beside the file holds and
+// the file does not: accepted before the relay stopped, not yet committed
+// to it (journal.go). Where the file does not say which entries it holds,
+// one whose ID it has no record of may also have left the queue already:
+// it is saved on hold, as Unsure.
+func (sv *salvage) journal(ctx context.Context, path string) error {
+	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	sv.store(ctx, func(jobs chan<- salvageJob) {
+		_, _, err = readJournal(f, func(seq uint64, v, body []byte) error {
+			if sv.appliedKnown && seq <= sv.applied {
+				return nil
+			}
+			rec, err := decodeRecord(v)
+			if err != nil || !validSpoolID(rec.ID) || sv.recs[rec.ID] != nil || sv.sent[rec.ID] {
+				return nil
+			}
+			if !sv.appliedKnown {
+				rec.Held = true
+				sv.unsure[rec.ID] = true
+			}
+			sv.recs[rec.ID] = rec
+			sv.journaled[rec.ID] = true
+			sv.send(jobs, rec, body)
+			return nil
+		})
+	})
+	return err
 }
 
 // scan looks for what the walk could not read in the pages that it did
@@ -248,6 +290,11 @@ type salvage struct {
 	unsure   map[string]bool     // records found outside the tree (scan)
 	spooled  map[string]bool     // files in the old spool directory
 	total    int64               // the file's count of messages; -1 unknown
+	// applied is the file's journalKey: the journal's entries up to it are
+	// in the file; appliedKnown is false when it could not be read.
+	applied      uint64
+	appliedKnown bool
+	journaled    map[string]bool // IDs taken from the journal
 
 	mu    sync.Mutex // guards rep and saved while messages are stored
 	saved map[string]bool
@@ -305,6 +352,13 @@ func (sv *salvage) visit(bucket string, k, v []byte) {
 		if bytes.Equal(k, countsKey) && len(v) == 16 {
 			sv.total = int64(binary.BigEndian.Uint64(v[:8])) // as writeCounts keeps it
 		}
+		if bytes.Equal(k, journalKey) && len(v) == 8 {
+			sv.applied, sv.appliedKnown = binary.BigEndian.Uint64(v), true
+		}
+		if bytes.Equal(k, schemaKey) {
+			// A file that names no journal entry has inserted none.
+			sv.appliedKnown = true
+		}
 	}
 }
 
@@ -352,6 +406,9 @@ func (sv *salvage) storeOne(ctx context.Context, j salvageJob) {
 	}
 	sv.saved[m.ID] = true
 	sv.rep.Saved++
+	if sv.journaled[m.ID] {
+		sv.rep.Journal++
+	}
 	if sv.unsure[m.ID] {
 		sv.rep.Unsure = append(sv.rep.Unsure, m.ID)
 	}

@@ -236,6 +236,7 @@ func (s *Store) OpenBody(a Attempt) (b Body, close func(), err error) {
 // Content implements Backend: the head read in a read transaction, and a
 // spooled message's file opened after it, as for an attempt.
 func (s *Store) Content(id string) (b Body, close func(), err error) {
+	s.settle()
 	a := Attempt{Message: Message{ID: id}}
 	err = s.db.View(func(tx *bolt.Tx) error {
 		v := tx.Bucket(bodiesBucket).Get([]byte(id))
@@ -262,8 +263,8 @@ func (s *Store) removeSpool(id string) {
 }
 
 // cleanSpool removes what a crash can leave in the spool directory:
-// temporary files, and files whose message has no record (not committed,
-// or removed from the queue just before). It reads the directory once and
+// temporary files, and files whose message has no record, in bbolt or in
+// the journal (not committed, or removed from the queue just before). It reads the directory once and
 // looks each name up: O(files).
 func (s *Store) cleanSpool() error {
 	entries, err := os.ReadDir(s.spool)
@@ -278,7 +279,7 @@ func (s *Store) cleanSpool() error {
 			if e.IsDir() {
 				continue // not ours
 			}
-			if strings.HasPrefix(name, tmpPrefix) || msgs.Get([]byte(name)) == nil {
+			if strings.HasPrefix(name, tmpPrefix) || msgs.Get([]byte(name)) == nil && !s.journal.holds(name) {
 				orphans = append(orphans, name)
 			}
 		}

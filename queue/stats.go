@@ -39,6 +39,7 @@ type Stats struct {
 // change (countsKey), the oldest message is the first entry of an index by
 // Received, and only the claims, at most one per worker, are read.
 func (s *Store) Stats() (Stats, error) {
+	s.settle()
 	var st Stats
 	err := s.db.View(func(tx *bolt.Tx) error {
 		c := readCounts(tx)

@@ -40,11 +40,17 @@ var (
 	msgsBucket    = []byte("msgs")    // ID → record (recordVersion ‖ JSON)
 	bodiesBucket  = []byte("bodies")  // ID → message bytes
 	dueBucket     = []byte("due")     // be64(NextAttempt) ‖ ID → empty
-	claimedBucket = []byte("claimed") // ID → empty, while an attempt is in progress
+	claimedBucket = []byte("claimed") // ID → inProgress, while an attempt is in progress
 	// receivedBucket indexes every message by when it was received, for
 	// the age of the oldest one: be64(Received) ‖ ID → empty.
 	receivedBucket = []byte("received")
 )
+
+// inProgress is claimedBucket's value: empty, and not nil, since bbolt's
+// Get finds a key put with a nil value only once its transaction is
+// committed, and a message is inserted and finished in one transaction
+// when its outcome comes before its insert is committed (journal.go).
+var inProgress = []byte{}
 
 var (
 	schemaKey = []byte("schema")
@@ -113,6 +119,9 @@ type Store struct {
 
 	// commit is the group commit every write goes through (commit.go).
 	commit *committer
+	// journal makes new messages durable ahead of their commit
+	// (journal.go).
+	journal *journal
 	// intake, if set, takes new messages for their first attempt, claimed
 	// in the commit that stores them (SetIntake). Without that, each
 	// message would cost a second commit for the claim, which a single
@@ -213,14 +222,25 @@ func Open(path string, opts Options) (*Store, error) {
 		db.Close()
 		return nil, storageError("open "+path, err)
 	}
-	if err := os.MkdirAll(s.spool, 0o700); err != nil {
+	// Before the spool is cleaned: a spooled message may have its record
+	// in the journal only.
+	replayed, err := s.openJournal()
+	if err != nil {
 		s.commit.close()
 		db.Close()
+		return nil, storageError("open "+path, err)
+	}
+	s.commit.prelude, s.commit.committedMark = s.applyJournal, s.journalCommitted
+	if replayed > 0 {
+		opts.Logger.Info("queue: messages accepted before the last stop are in the journal only; committing them", "path", path, "messages", replayed)
+		s.commit.nudge()
+	}
+	if err := os.MkdirAll(s.spool, 0o700); err != nil {
+		s.closeAll()
 		return nil, fmt.Errorf("queue: create spool directory: %w", err)
 	}
 	if err := s.cleanSpool(); err != nil {
-		s.commit.close()
-		db.Close()
+		s.closeAll()
 		return nil, storageError("open "+path, err)
 	}
 	return s, nil
@@ -310,7 +330,15 @@ func (s *Store) Close() error {
 	if s.closed.Swap(true) {
 		return nil
 	}
-	s.commit.close() // the writes already queued are committed first
+	// The Puts already queued are answered, their messages committed with
+	// the writes already queued; what a failing disk keeps from bbolt
+	// stays in the journal for the next Open.
+	s.journal.stop()
+	s.settle()
+	s.commit.close()
+	if err := s.journal.close(); err != nil {
+		s.log.Warn("queue: close journal", "err", err)
+	}
 	// If commits stopped writing the freelist, write it once now, so that
 	// the next Open reads it rather than walking every page in use. Should
 	// this fail, that Open walks them: slower, not wrong.
@@ -387,6 +415,26 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 	taken := in != nil
 	posts := acceptedPosts(s.subs, &rec.Message)
 	v, err := encodeRecord(&rec)
+	if err == nil && s.commit.healthy() {
+		// The entry has recipients of its own: the attempt changes its own.
+		e := &journalEntry{rec: rec, v: v, body: body, posts: posts, taken: taken}
+		e.rec.Recipients = slices.Clone(rec.Recipients)
+		switch jerr := s.journal.add(e); {
+		case jerr == nil:
+			s.commit.nudge()
+			if taken {
+				in.Enqueue(attemptOn(&rec, body))
+			}
+			return nil
+		case errors.Is(jerr, ErrExists), errors.Is(jerr, ErrClosed):
+			if taken {
+				in.Cancel(m.ID)
+			}
+			return fmt.Errorf("queue: put %s: %w", m.ID, jerr)
+		}
+		// Full, or the file failed: a commit of its own, as without a
+		// journal.
+	}
 	if err != nil {
 		err = fmt.Errorf("queue: put: %w", err)
 	} else if err = s.commit.writeClient(func(tx *bolt.Tx) error {
@@ -412,6 +460,13 @@ func (s *Store) put(ctx context.Context, m *Message, body []byte, spooled bool) 
 	}
 	s.notify()
 	return nil
+}
+
+// closeAll closes what Open opened, after a failure.
+func (s *Store) closeAll() {
+	s.journal.close()
+	s.commit.close()
+	s.db.Close()
 }
 
 // SetIntake implements Backend.
@@ -471,7 +526,7 @@ func (s *Store) insert(tx *bolt.Tx, rec *record, v, body []byte, claimed bool) e
 		return err
 	}
 	if claimed {
-		if err := tx.Bucket(claimedBucket).Put(id, nil); err != nil {
+		if err := tx.Bucket(claimedBucket).Put(id, inProgress); err != nil {
 			return err
 		}
 	}
@@ -494,6 +549,7 @@ func (s *Store) Wake() <-chan struct{} { return s.wake }
 
 // Get implements Backend. InFlight tells whether a claim is recorded.
 func (s *Store) Get(id string) (*Entry, error) {
+	s.settle()
 	var m *Entry
 	err := s.db.View(func(tx *bolt.Tx) error {
 		key := []byte(id)
@@ -517,6 +573,7 @@ func (s *Store) Get(id string) (*Entry, error) {
 // Body returns a copy of the stored message bytes, with the content of
 // its spool file if it has one, or ErrNotFound.
 func (s *Store) Body(id string) ([]byte, error) {
+	s.settle()
 	var (
 		body  []byte
 		spool bool
@@ -545,6 +602,7 @@ func (s *Store) Body(id string) ([]byte, error) {
 
 // List implements Backend. InFlight tells which have a claim recorded.
 func (s *Store) List() ([]Entry, []Unreadable, error) {
+	s.settle()
 	var (
 		out []Entry
 		bad []Unreadable
@@ -581,6 +639,7 @@ func (s *Store) List() ([]Entry, []Unreadable, error) {
 // counting the messages, which at a million would read every page of the
 // records at each start.
 func (s *Store) Len() (int, error) {
+	s.settle()
 	var n int
 	err := s.db.View(func(tx *bolt.Tx) error {
 		n = int(readCounts(tx).messages)
@@ -607,8 +666,12 @@ func (s *Store) Claim(ctx context.Context, at Start, limit int, skip func(id str
 	now := at.Now.Round(0)
 	var c Claimed
 	// Look first in a read transaction: a pass that finds nothing to claim
-	// costs no write and no fsync.
+	// costs no write and no fsync. Messages in the journal are not there
+	// yet; the write inserts them first.
 	err := s.db.View(func(tx *bolt.Tx) error {
+		if s.journal.hasPending() {
+			return nil
+		}
 		due := tx.Bucket(dueBucket)
 		if len(dueHits(due, now, limit, skip)) == 0 {
 			c.Wake = nextWake(due, skip, nil)
@@ -632,6 +695,11 @@ func (s *Store) Claim(ctx context.Context, at Start, limit int, skip func(id str
 		hits := dueHits(due, now, limit, skip)
 		taken := make(map[string]bool, len(hits))
 		for _, h := range hits {
+			if h.id != "" && claimed.Get([]byte(h.id)) != nil {
+				// In progress: its first attempt, taken by the intake
+				// after the scheduler listed what it runs.
+				continue
+			}
 			if err := due.Delete(h.key); err != nil {
 				return err
 			}
@@ -664,7 +732,7 @@ func (s *Store) Claim(ctx context.Context, at Start, limit int, skip func(id str
 			if err := due.Put(dueKey(rec.NextAttempt, rec.ID), nil); err != nil {
 				return err
 			}
-			if err := claimed.Put(id, nil); err != nil {
+			if err := claimed.Put(id, inProgress); err != nil {
 				return err
 			}
 			c.Attempts = append(c.Attempts, attemptOn(rec, bytes.Clone(body)))

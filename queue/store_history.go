@@ -128,6 +128,7 @@ func (s *Store) leaveHistory(tx *bolt.Tx, id string, left time.Time, outcome Out
 
 // History implements Backend.
 func (s *Store) History(id string) (*History, error) {
+	s.settle()
 	var h *History
 	err := s.db.View(func(tx *bolt.Tx) error {
 		var err error
@@ -146,6 +147,7 @@ func (s *Store) History(id string) (*History, error) {
 // FindHistory implements Backend: one range of the index, newest first,
 // each history read and checked against the rest of the filter.
 func (s *Store) FindHistory(f HistoryFilter) ([]History, error) {
+	s.settle()
 	kind, value := f.lookup()
 	prefix := append(append([]byte(kind), value...), 0)
 	var out []History

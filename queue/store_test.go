@@ -53,6 +53,9 @@ func put(t testing.TB, s *Store, m *Message, body string) {
 	if err := s.Put(context.Background(), m, []byte(body)); err != nil {
 		t.Fatal(err)
 	}
+	// Tests that read the file itself see the message there, as every
+	// read through the Store does.
+	s.settle()
 }
 
 func TestPutGetBody(t *testing.T) {

@@ -272,6 +272,14 @@ func runSalvage(args []string, stdout, stderr io.Writer) int {
 
 // printSalvage writes the report: the damage found, one line per message
 // lost, and what was saved.
+// printUnsure lists the messages a salvage or an import saved on hold
+// because it could not tell whether they had already left the queue.
+func printUnsure(w io.Writer, ids []string) {
+	for _, id := range ids {
+		fmt.Fprintf(w, "held %s: found only in a page outside the damaged tree or in the journal, maybe an old copy or a message already sent; check it, then release or delete it\n", printable(id))
+	}
+}
+
 func printSalvage(w io.Writer, rep *queue.SalvageReport, from, to string) {
 	for _, d := range rep.Damage {
 		fmt.Fprintf(w, "damage: %s\n", printable(d))
@@ -279,9 +287,7 @@ func printSalvage(w io.Writer, rep *queue.SalvageReport, from, to string) {
 	for _, m := range rep.Lost {
 		fmt.Fprintf(w, "lost %s: %s\n", printable(m.ID), printable(m.Reason))
 	}
-	for _, id := range rep.Unsure {
-		fmt.Fprintf(w, "held %s: found only in a page outside the damaged tree, maybe an old copy or a message already sent; check it, then release or delete it\n", printable(id))
-	}
+	printUnsure(w, rep.Unsure)
 	fmt.Fprintf(w, "saved %d %s to %s", rep.Saved, plural(rep.Saved, "message", "messages"), to)
 	var notes []string
 	if rep.Spooled > 0 {
@@ -289,6 +295,9 @@ func printSalvage(w io.Writer, rep *queue.SalvageReport, from, to string) {
 	}
 	if rep.Held > 0 {
 		notes = append(notes, fmt.Sprintf("%d held", rep.Held))
+	}
+	if rep.Journal > 0 {
+		notes = append(notes, fmt.Sprintf("%d from the journal", rep.Journal))
 	}
 	if len(rep.Unsure) > 0 {
 		notes = append(notes, fmt.Sprintf("%d of them to check", len(rep.Unsure)))

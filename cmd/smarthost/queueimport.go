@@ -89,12 +89,13 @@ func printImport(w io.Writer, rep *queue.SalvageReport, from string) {
 	for _, m := range rep.Lost {
 		fmt.Fprintf(w, "not copied %s: %s\n", printable(m.ID), printable(m.Reason))
 	}
-	for _, id := range rep.Unsure {
-		fmt.Fprintf(w, "held %s: found only in a page outside the damaged tree, maybe an old copy or a message already sent; check it, then release or delete it\n", printable(id))
-	}
+	printUnsure(w, rep.Unsure)
 	fmt.Fprintf(w, "copied %d %s from %s", rep.Saved, plural(rep.Saved, "message", "messages"), from)
 	if rep.Spooled > 0 || rep.Held > 0 {
 		fmt.Fprintf(w, " (%d with a spool file, %d held)", rep.Spooled, rep.Held)
+	}
+	if rep.Journal > 0 {
+		fmt.Fprintf(w, " (%d from the journal)", rep.Journal)
 	}
 	fmt.Fprintln(w)
 	if rep.Present > 0 {
