@@ -387,6 +387,7 @@ func benchClaim(b testing.TB, sch *Scheduler, limit int) []Attempt {
 
 // benchRemove removes the messages ids in one transaction.
 func benchRemove(b testing.TB, s *Store, ids []string) {
+	s.settle() // what Put left in the journal is in the file first
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		for _, id := range ids {
 			key := []byte(id)
