@@ -394,9 +394,11 @@ func NewID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// Put implements Backend: it returns only after the data is fsynced, and
-// concurrent Puts share one commit. A first attempt started at once reads
-// body itself rather than a copy.
+// Put implements Backend: it returns only after the message is fsynced in
+// the journal (journal.go), or, while the journal cannot take it, in a
+// commit of its own; concurrent Puts share the write and the fsync. The
+// journal and a first attempt started at once read body itself rather than
+// a copy.
 func (s *Store) Put(ctx context.Context, m *Message, body []byte) error {
 	return s.put(ctx, m, body, false)
 }
