@@ -64,9 +64,12 @@ type commitReq struct {
 // lazyDelay is how long a group of lazy writes waits for another write to
 // share its commit. It waits only while clients are submitting (a client
 // write within lazyActive), so that lazy writes alone, as when a backlog
-// drains, never wait.
+// drains, never wait. New messages are already on disk in the journal and
+// nobody waits for their commit: the longer the wait, the more messages
+// and outcomes share one commit's page writes and fsyncs (20 ms: about
+// 18% less CPU per message than 5 ms for one session, BenchmarkRelay).
 const (
-	lazyDelay  = 5 * time.Millisecond
+	lazyDelay  = 20 * time.Millisecond
 	lazyActive = 100 * time.Millisecond
 )
 
