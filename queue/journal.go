@@ -8,6 +8,7 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
+	"path/filepath"
 	"sync"
 
 	bolt "go.etcd.io/bbolt"
@@ -232,6 +233,19 @@ func (j *journal) holds(id string) bool {
 	return j.ids[id]
 }
 
+// hasDue reports whether an entry that the intake did not take waits for
+// its commit: a message that only a claim will start.
+func (j *journal) hasDue() bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for _, e := range j.pending {
+		if !e.taken {
+			return true
+		}
+	}
+	return false
+}
+
 // hasPending reports whether an entry waits for its commit.
 func (j *journal) hasPending() bool {
 	j.mu.Lock()
@@ -319,6 +333,12 @@ func (s *Store) openJournal() (int, error) {
 	f, err := os.OpenFile(s.path+".journal", os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return 0, fmt.Errorf("open journal: %w", err)
+	}
+	// The file's own name must be on disk before an entry synced in it
+	// counts: it may have just been made.
+	if err := syncDir(filepath.Dir(s.path)); err != nil {
+		f.Close()
+		return 0, fmt.Errorf("sync the journal's directory: %w", err)
 	}
 	var applied uint64
 	if err := s.db.View(func(tx *bolt.Tx) error {

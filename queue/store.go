@@ -669,9 +669,10 @@ func (s *Store) Claim(ctx context.Context, at Start, limit int, skip func(id str
 	var c Claimed
 	// Look first in a read transaction: a pass that finds nothing to claim
 	// costs no write and no fsync. Messages in the journal are not there
-	// yet; the write inserts them first.
+	// yet; if one waits for a claim, the write inserts it first. (Those
+	// the intake took are in progress already: no reason to commit now.)
 	err := s.db.View(func(tx *bolt.Tx) error {
-		if s.journal.hasPending() {
+		if s.journal.hasDue() {
 			return nil
 		}
 		due := tx.Bucket(dueBucket)
