@@ -28,10 +28,10 @@ import (
 // written without its fsyncs.
 //
 // Entries are written from the start of the file again once none is
-// pending, over the old ones. Open replays the entries that follow each
+// pending, over the old ones. Open reads the entries that follow each
 // other from the start of the file, each with the next sequence number and
-// a matching checksum, and inserts those past journalKey: a torn entry, or
-// an old one past the new tail, ends the chain.
+// a matching checksum, and makes those past journalKey pending again: a
+// torn entry, or an old one past the new tail, ends the chain.
 
 // journalKey in metaBucket holds the sequence number of the last journal
 // entry inserted: be64.
