@@ -65,9 +65,9 @@ type commitReq struct {
 // share its commit. It waits only while clients are submitting (a client
 // write within lazyActive), so that lazy writes alone, as when a backlog
 // drains, never wait. New messages are already on disk in the journal and
-// nobody waits for their commit: the longer the wait, the more messages
-// and outcomes share one commit's page writes and fsyncs (20 ms: about
-// 18% less CPU per message than 5 ms for one session, BenchmarkRelay).
+// nobody waits for their commit (nudge): they wait for the next outcome's
+// commit, or lazyDelay, so that several share one commit's page writes
+// and fsyncs.
 const (
 	lazyDelay  = 20 * time.Millisecond
 	lazyActive = 100 * time.Millisecond
@@ -149,10 +149,9 @@ func (c *committer) write(fn func(*bolt.Tx) error) error {
 	return c.send(commitReq{fn: fn, err: make(chan error, 1)})
 }
 
-// writeLazy is write for a change that nobody waits on to answer a
-// client, such as the outcome of a delivery: it may wait lazyDelay for a
-// write that somebody waits on, so that both share one commit. With a
-// single session submitting, that halves the commits per message.
+// writeLazy is write for a change that nobody waits on and that may come
+// late, such as the pruning of old histories: it may wait lazyDelay for a
+// write that somebody waits on, so that both share one commit.
 func (c *committer) writeLazy(fn func(*bolt.Tx) error) error {
 	return c.send(commitReq{fn: fn, err: make(chan error, 1), lazy: true})
 }

@@ -342,8 +342,8 @@ func historyOpenPG(b *testing.B, dsn string, size historySize) *PGStore {
 // a single client submits it: Put, a Claim of it, and a Finish that
 // delivers to its two recipients, with their two events, and removes
 // it. Messages are sent one after the other; each Finish runs while the
-// next message is put, so that it shares that commit, as the lazy
-// commit of an outcome does. With history=off the store keeps none; the
+// next message is put, as when a single session submits while the last
+// message's outcome is committed. With history=off the store keeps none; the
 // on run reports its ns/op over off's as "ratio", and its best-ns/op
 // over off's, which other work on the machine disturbs less, as
 // "best-ratio".
