@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"smarthost/internal/testpki"
 )
 
 // The production-shaped runs compare, at each point, smarthost as
@@ -28,9 +30,9 @@ const (
 // prodFiles are what the production-shaped relay and its client need,
 // made once per benchmark in its work folder.
 type prodFiles struct {
-	PKI
-	PassFile string // the client's password
-	Hash     string // its bcrypt hash, from `smarthost passwd`
+	*testpki.PKI        // the CA, and the certificate both TLS servers serve
+	PassFile     string // the client's password
+	Hash         string // its bcrypt hash, from `smarthost passwd`
 }
 
 // makeProdFiles makes the CA and certificate, the DKIM key if the
@@ -41,7 +43,7 @@ func (b *Bench) makeProdFiles(work string) (*prodFiles, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	pki, err := makePKI(dir)
+	pki, err := testpki.NewIn(dir)
 	if err != nil {
 		return nil, err
 	}
@@ -50,7 +52,7 @@ func (b *Bench) makeProdFiles(work string) (*prodFiles, error) {
 			return nil, err
 		}
 	}
-	f := &prodFiles{PKI: *pki, PassFile: filepath.Join(dir, "password")}
+	f := &prodFiles{PKI: pki, PassFile: filepath.Join(dir, "password")}
 	pass := fmt.Sprintf("bench-%d", time.Now().UnixNano())
 	if err := os.WriteFile(f.PassFile, []byte(pass+"\n"), 0o600); err != nil {
 		return nil, err
@@ -129,11 +131,7 @@ func (b *Bench) measureProd(ctx context.Context, kind string, files *prodFiles, 
 	var sink *Discard
 	var err error
 	if full {
-		conf, cerr := files.ServerConfig()
-		if cerr != nil {
-			return fail(cerr)
-		}
-		sink, err = startDiscardTLS(conf)
+		sink, err = startDiscardTLS(files.ServerTLS())
 	} else {
 		sink, err = startDiscard()
 	}
@@ -311,11 +309,7 @@ func (b *Bench) probeProd(ctx context.Context, dir string, files *prodFiles) (st
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err
 	}
-	conf, err := files.ServerConfig()
-	if err != nil {
-		return "", err
-	}
-	capture, err := startCaptureTLS(conf)
+	capture, err := startCaptureTLS(files.ServerTLS())
 	if err != nil {
 		return "", err
 	}

@@ -11,24 +11,22 @@ import (
 
 	"github.com/BurntSushi/toml"
 	"github.com/emersion/go-smtp"
+
+	"smarthost/internal/testpki"
 )
 
 // The benchmark's CA issues a certificate that a client verifying
 // 127.0.0.1 accepts, and the TLS upstream serves it: a message sent over
 // implicit TLS arrives and is counted.
 func TestPKIAndTLSSink(t *testing.T) {
-	pki, err := makePKI(t.TempDir())
+	pki, err := testpki.NewIn(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if fi, err := os.Stat(pki.KeyFile); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Errorf("key file: %v, %v", fi.Mode(), err)
 	}
-	conf, err := pki.ServerConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sink, err := startDiscardTLS(conf)
+	sink, err := startDiscardTLS(pki.ServerTLS())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +85,7 @@ func TestProductionConfig(t *testing.T) {
 			KeyFile string `toml:"key_file"`
 		} `toml:"dkim"`
 	}
-	files := &prodFiles{PKI: PKI{CAFile: "/w/ca.pem", CertFile: "/w/tls.crt", KeyFile: "/w/tls.key"}, Hash: "$2a$10$x"}
+	files := &prodFiles{PKI: &testpki.PKI{CAFile: "/w/ca.pem", CertFile: "/w/tls.crt", KeyFile: "/w/tls.key"}, Hash: "$2a$10$x"}
 	text := productionConfig("/w", "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", 20, files, "/w/k.key")
 	md, err := toml.Decode(text, &c)
 	if err != nil {
@@ -111,7 +109,7 @@ func TestProductionConfig(t *testing.T) {
 }
 
 func TestLoadArgs(t *testing.T) {
-	files := &prodFiles{PKI: PKI{CAFile: "/w/ca.pem"}, PassFile: "/w/password"}
+	files := &prodFiles{PKI: &testpki.PKI{CAFile: "/w/ca.pem"}, PassFile: "/w/password"}
 	plain := strings.Join(loadArgs("127.0.0.1:1", Point{Size: 10 << 10, Sessions: 10}, false, files), " ")
 	for _, want := range []string{"-addr 127.0.0.1:1", "-c 10", "-size 10240", "-per-conn 1", "-json"} {
 		if !strings.Contains(plain, want) {

@@ -32,12 +32,23 @@ type PKI struct {
 	dir   string
 }
 
-// New creates a CA and a server certificate signed by it.
+// New creates a CA and a server certificate signed by it, in a temporary
+// directory of t's.
 func New(t testing.TB) *PKI {
 	t.Helper()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	p, err := NewIn(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
+	}
+	return p
+}
+
+// NewIn is New writing its files into dir, for a program that is not a
+// test (the benchmarks): ca.pem, server.crt and server.key.
+func NewIn(dir string) (*PKI, error) {
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          big.NewInt(1),
@@ -50,26 +61,38 @@ func New(t testing.TB) *PKI {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &caKey.PublicKey, caKey)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	caCert, err := x509.ParseCertificate(der)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	p := &PKI{CAPool: x509.NewCertPool(), CACert: caCert, caKey: caKey, dir: t.TempDir()}
+	p := &PKI{CAPool: x509.NewCertPool(), CACert: caCert, caKey: caKey, dir: dir}
 	p.CAPool.AddCert(caCert)
-	p.CAFile = p.write(t, "ca.pem", "CERTIFICATE", der)
-	p.Cert, p.CertFile, p.KeyFile = p.Issue(t, "server", "localhost")
-	return p
+	if p.CAFile, err = p.write("ca.pem", "CERTIFICATE", der); err != nil {
+		return nil, err
+	}
+	if p.Cert, p.CertFile, p.KeyFile, err = p.issue("server", "localhost"); err != nil {
+		return nil, err
+	}
+	return p, nil
 }
 
 // Issue signs a new server certificate for the given DNS name plus the
 // loopback addresses and writes it as name.crt and name.key.
 func (p *PKI) Issue(t testing.TB, name, dnsName string) (cert tls.Certificate, certFile, keyFile string) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	cert, certFile, keyFile, err := p.issue(name, dnsName)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return cert, certFile, keyFile
+}
+
+func (p *PKI) issue(name, dnsName string) (cert tls.Certificate, certFile, keyFile string, err error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return cert, "", "", err
 	}
 	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
 	tmpl := &x509.Certificate{
@@ -84,19 +107,20 @@ func (p *PKI) Issue(t testing.TB, name, dnsName string) (cert tls.Certificate, c
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.CACert, &key.PublicKey, p.caKey)
 	if err != nil {
-		t.Fatal(err)
+		return cert, "", "", err
 	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
-		t.Fatal(err)
+		return cert, "", "", err
 	}
-	certFile = p.write(t, name+".crt", "CERTIFICATE", der)
-	keyFile = p.write(t, name+".key", "PRIVATE KEY", keyDER)
+	if certFile, err = p.write(name+".crt", "CERTIFICATE", der); err != nil {
+		return cert, "", "", err
+	}
+	if keyFile, err = p.write(name+".key", "PRIVATE KEY", keyDER); err != nil {
+		return cert, "", "", err
+	}
 	cert, err = tls.LoadX509KeyPair(certFile, keyFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cert, certFile, keyFile
+	return cert, certFile, keyFile, err
 }
 
 // ServerTLS is a server configuration presenting the server certificate.
@@ -109,12 +133,8 @@ func (p *PKI) ClientTLS() *tls.Config {
 	return &tls.Config{RootCAs: p.CAPool, ServerName: "localhost", MinVersion: tls.VersionTLS12}
 }
 
-func (p *PKI) write(t testing.TB, name, typ string, der []byte) string {
-	t.Helper()
+func (p *PKI) write(name, typ string, der []byte) (string, error) {
 	path := filepath.Join(p.dir, name)
 	data := pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})
-	if err := os.WriteFile(path, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return path
+	return path, os.WriteFile(path, data, 0o600)
 }
