@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -159,37 +158,19 @@ func startPostfix(t *testing.T, master, relayAddr string, pki *testpki.PKI) (add
 	addr = l.Addr().String()
 	l.Close()
 	maillog = filepath.Join(dir, "maillog")
-	mainCF := fmt.Sprintf(`compatibility_level = 3.6
-queue_directory = %s
-data_directory = %s
-mail_owner = postfix
-setgid_group = postdrop
-# A null client of the application's domain: its own bounces come from
-# MAILER-DAEMON@example.com.
-myhostname = app1.example.com
-mydomain = example.com
-myorigin = $mydomain
-mydestination =
-local_transport = error:local delivery is disabled
-alias_maps =
-alias_database =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
+	// A null client of the application's domain: its own bounces come
+	// from MAILER-DAEMON@example.com. The relay's certificate is for
+	// localhost; the relayhost is an address.
+	mainCF := postfixtest.MainCF(dirs, dir, maillog, "app1.example.com", "example.com", relayHost, fmt.Sprintf(`myorigin = $mydomain
 smtpd_peername_lookup = no
-relayhost = %s
 smtp_sasl_auth_enable = yes
 smtp_sasl_password_maps = texthash:%s
 smtp_sasl_security_options = noanonymous
 smtp_tls_security_level = verify
-# The relay's certificate is for localhost; the relayhost is an address.
 smtp_tls_verify_cert_match = localhost
 smtp_tls_CAfile = %s
 smtp_tls_loglevel = 1
-maillog_file = %s
-maillog_file_prefixes = %s
-biff = no
-`, dirs.Queue, dirs.Data, relayHost, passwd, caFile, maillog, dir)
+`, passwd, caFile))
 	if err := postfixtest.WriteConfig(dirs.Etc, mainCF, postfixtest.MasterCF(addr)); err != nil {
 		t.Fatal(err)
 	}
@@ -198,11 +179,8 @@ biff = no
 		t.Fatal(err)
 	}
 	defer out.Close()
-	cmd := exec.Command(master, "-c", dirs.Etc, "-s")
+	cmd := postfixtest.Command(master, dirs)
 	cmd.Stdout, cmd.Stderr = out, out
-	// Not a process group of its own: master calls setsid(), which a
-	// group leader may not, and then leads a session of its own.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

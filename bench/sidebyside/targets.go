@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"syscall"
 	"time"
 
 	"smarthost/internal/postfixtest"
@@ -224,13 +223,8 @@ func (b *Bench) startPostfix(ctx context.Context, dir, upstream string, dkim boo
 	}
 	defer out.Close()
 	inst.Logs = append(inst.Logs, out.Name())
-	// -s: run in the foreground as our child (so its PID is ours to stop)
-	// and keep stdout; the daemons it forks are its children.
-	cmd := exec.Command(b.tools.Master, "-c", dirs.Etc, "-s")
+	cmd := postfixtest.Command(b.tools.Master, dirs)
 	cmd.Stdout, cmd.Stderr = out, out
-	// Not a process group of its own: master calls setsid(), which a
-	// group leader may not, and then leads a session of its own anyway.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	master, err := b.sup.Start("postfix master", cmd)
 	if err != nil {
 		return nil, err
@@ -243,41 +237,19 @@ func (b *Bench) startPostfix(ctx context.Context, dir, upstream string, dkim boo
 	return inst, nil
 }
 
-// postfixMainCF is the instance's main.cf: Postfix's defaults except for
-// what makes it a loopback relay to the sink.
+// postfixMainCF is the instance's main.cf: a null client relaying to the
+// sink, and OpenDKIM as its milter when milter is set.
 func postfixMainCF(queue, data, dir, maillog, upstream, milter string) string {
 	upHost, upPort, _ := net.SplitHostPort(upstream)
-	var b strings.Builder
-	fmt.Fprintf(&b, `# Private instance for the smarthost side-by-side benchmark.
-compatibility_level = 3.6
-queue_directory = %s
-data_directory = %s
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.bench.invalid
-mydomain = bench.invalid
-# Nothing is delivered locally: every recipient goes to the relayhost.
-mydestination =
-local_transport = error:local delivery is disabled
-alias_maps =
-alias_database =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relayhost = [%s]:%s
-# Logging as in a container (postlogd), so that the log costs what it
-# would in production and can be read afterwards.
-maillog_file = %s
-maillog_file_prefixes = %s
-biff = no
-# smarthost's default max_message_size, so that a 10 MB body is relayed
+	extra := `# smarthost's default max_message_size, so that a 10 MB body is relayed
 # by both (Postfix's default is 10240000 bytes).
 message_size_limit = 26214400
-`, queue, data, upHost, upPort, maillog, dir)
+`
 	if milter != "" {
-		fmt.Fprintf(&b, "smtpd_milters = %s\nmilter_default_action = tempfail\n", milter)
+		extra += fmt.Sprintf("smtpd_milters = %s\nmilter_default_action = tempfail\n", milter)
 	}
-	return b.String()
+	d := postfixtest.Dirs{Queue: queue, Data: data}
+	return postfixtest.MainCF(d, dir, maillog, "postfix.bench.invalid", "bench.invalid", "["+upHost+"]:"+upPort, extra)
 }
 
 // postfixProblem tells whether a maillog line reports trouble: a warning,

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -161,4 +162,43 @@ func Master(postconf string) (string, error) {
 		return "", fmt.Errorf("postfix master: %w", err)
 	}
 	return master, nil
+}
+
+// MainCF is a null client's main.cf: Postfix's defaults, except that
+// nothing is delivered locally and every recipient goes to relayhost, that
+// smtpd listens on 127.0.0.1 for 127.0.0.0/8, and that the log goes to
+// maillog (through postlogd, as in a container) with its lines prefixed by
+// dir. extra, more settings, follows.
+func MainCF(d Dirs, dir, maillog, myhostname, mydomain, relayhost, extra string) string {
+	return fmt.Sprintf(`compatibility_level = 3.6
+queue_directory = %s
+data_directory = %s
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = %s
+mydomain = %s
+# Nothing is delivered locally: every recipient goes to the relayhost.
+mydestination =
+local_transport = error:local delivery is disabled
+alias_maps =
+alias_database =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relayhost = %s
+maillog_file = %s
+maillog_file_prefixes = %s
+biff = no
+`, d.Queue, d.Data, myhostname, mydomain, relayhost, maillog, dir) + extra
+}
+
+// Command is master for the instance at d, in the foreground (-s) as the
+// caller's child, so that its PID is the caller's to stop; the daemons it
+// forks are its children.
+func Command(master string, d Dirs) *exec.Cmd {
+	cmd := exec.Command(master, "-c", d.Etc, "-s")
+	// Not a process group of its own: master calls setsid(), which a
+	// group leader may not, and then leads a session of its own anyway.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	return cmd
 }
